@@ -1,0 +1,188 @@
+"""``cxr-train fit``: train a classifier on an ImageFolder with the paper's augmentation.
+
+Best epoch by validation macro-F1; class imbalance via a weighted loss; mixed precision on CUDA;
+the same seed gives the same result on CPU (one process, fixed batch order and augmentation streams).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cxr.runtime.card import Card, InputSpec, Preprocessing, write_card
+from cxr.runtime.errors import CxrError
+from cxr.runtime.metrics import classification_report, format_report
+from cxr.train.augment import PaperAugment, evaluation_view
+from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_samples
+from cxr.train.models.adapter import GrayToNet
+from cxr.train.plots import plot_confusion, plot_curves
+from cxr.train.run import MODEL_FILE, SPLIT_FILE, build_net, check_image_size, net_mean_std
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    data: Path
+    out: Path
+    arch: str = "dpn92_se"
+    epochs: int = 10
+    image_size: int = 224
+    batch_size: int = 16
+    lr: float | None = None
+    seed: int = 0
+    val_split: float = 0.2
+    augment: bool = True
+    pretrained: bool = False
+    device: str = "auto"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CxrError("--device cuda: no CUDA GPU visible to PyTorch")
+    if name not in ("cpu", "cuda"):
+        raise CxrError(f"--device must be cpu, cuda or auto, got {name!r}")
+    return torch.device(name)
+
+
+def to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)[:, None]).to(device)
+
+
+def predict_probs(
+    net: nn.Module, adapter: GrayToNet, images: list[np.ndarray], device: torch.device, batch_size: int
+) -> np.ndarray:
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            logits = net(adapter(to_batch(images[start : start + batch_size], device)))
+            out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = len(labels) / (num_classes * np.maximum(counts, 1.0))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def fit(config: FitConfig) -> dict[str, Any]:
+    """Train, keep the best epoch, write the run folder; returns the metrics summary."""
+    if config.epochs < 1 or config.batch_size < 1:
+        raise CxrError("--epochs and --batch-size must be at least 1")
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    classes, samples = scan_image_folder(config.data)
+    train_samples, val_samples = split_samples(samples, config.val_split, config.seed)
+    net = build_net(config.arch, len(classes), config.pretrained)
+    check_image_size(net, config.image_size, config.arch)
+    train = load_images(train_samples, config.image_size, "loading train")
+    val = load_images(val_samples, config.image_size, "loading val")
+    if len(train.images) == 0 or len(val.images) == 0:
+        raise CxrError(f"{config.data}: no readable images left after skipping {len(train.skipped) + len(val.skipped)}")
+    mean, std = net_mean_std(net)
+    adapter = GrayToNet(mean, std).to(device)
+    net.to(device)
+    lr = config.lr or (3e-4 if config.pretrained else 1e-3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    steps = config.epochs * max(1, int(np.ceil(len(train.images) / config.batch_size)))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train.labels, len(classes)).to(device))
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    augment = PaperAugment(config.image_size) if config.augment else None
+    val_views = [evaluation_view(im, config.image_size) for im in val.images]
+    config.out.mkdir(parents=True, exist_ok=True)
+
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"val_macro_f1": -1.0}
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        rng = np.random.default_rng([config.seed, epoch])
+        order = rng.permutation(len(train.images))
+        net.train()
+        losses, seen, epoch_start = [], 0, time.perf_counter()
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch")
+        for start in bar:
+            idx = order[start : start + config.batch_size]
+            views = [augment(train.images[i], rng) if augment else evaluation_view(train.images[i], config.image_size)
+                     for i in idx]
+            pixels = to_batch(views, device)
+            target = torch.from_numpy(train.labels[idx]).to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(net(adapter(pixels)), target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            schedule.step()
+            losses.append(float(loss.detach()))
+            seen += len(idx)
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+        train_seconds = time.perf_counter() - epoch_start
+        probs = predict_probs(net, adapter, val_views, device, config.batch_size)
+        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs) + 1e-12), torch.from_numpy(val.labels)))
+        report = classification_report(val.labels, probs.argmax(1), classes)
+        row = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "val_loss": val_loss,
+            "val_accuracy": report["accuracy"],
+            "val_macro_f1": report["macro_f1"],
+            "train_images_per_s": seen / train_seconds,
+        }
+        history.append(row)
+        tqdm.write(f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
+                   f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)")
+        if report["macro_f1"] > best["val_macro_f1"]:
+            best = {**row, "report": report}
+            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, config.out / MODEL_FILE)
+    return _write_run(config, classes, train, val, history, best, mean, std, time.perf_counter() - started, device)
+
+
+def _write_run(
+    config: FitConfig, classes: tuple[str, ...], train: LoadedImages, val: LoadedImages,
+    history: list[dict[str, Any]], best: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...],
+    seconds: float, device: torch.device,
+) -> dict[str, Any]:
+    out = config.out
+    report = best["report"]
+    split = {"train": [s.rel for s in train.samples], "val": [s.rel for s in val.samples]}
+    (out / SPLIT_FILE).write_text(json.dumps(split, indent=1) + "\n")
+    skipped = train.skipped + val.skipped
+    metrics = {"best_epoch": best["epoch"], "val": report, "history": history,
+               "skipped": [{"file": f, "error": e} for f, e in skipped]}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion(report["confusion"], classes, out / "confusion.png", f"validation, epoch {best['epoch']}")
+    plot_curves(history, out / "curves.png")
+    training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+    training.update(
+        data=str(Path(config.data).resolve()), best_epoch=best["epoch"], n_train=len(train.images),
+        n_val=len(val.images), skipped=len(skipped), seconds=round(seconds, 1), device=str(device),
+        torch=torch.__version__,
+    )
+    card = Card(
+        classes=classes, arch=config.arch, input=InputSpec(size=config.image_size),
+        preprocessing=Preprocessing(mean=mean, std=std), training=training,
+        metrics={"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"],
+                 "val_covid_vs_rest": report.get("covid_vs_rest")},
+        provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "cxr-train fit"},
+    )
+    write_card(out, card)
+    print(format_report(report, f"best epoch {best['epoch']} (validation, {len(val.images)} images)"))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s); see metrics.json")
+    print(f"run written to {out}: {MODEL_FILE}, card.json, metrics.json, confusion.png, curves.png")
+    return metrics
