@@ -125,6 +125,19 @@ def write_card(folder: Path, card: Card, rehash: bool = True) -> Card:
     return card
 
 
+def record_files(folder: Path, card: Card, names: list[str]) -> Card:
+    """Add (or refresh) the sha256 of the files this stage just wrote; the others must still match.
+
+    Re-hashing everything would bless a tampered file, so existing entries are verified, not refreshed.
+    """
+    for name in card.files:
+        if name not in names:
+            verify_file(folder, card, name)
+    files = dict(card.files)
+    files.update({name: sha256_file(Path(folder) / name) for name in names})
+    return write_card(folder, card.replace(files=files), rehash=False)
+
+
 def hash_bundle_files(folder: Path) -> dict[str, str]:
     """sha256 of every regular, non-hidden file in the bundle except the card itself."""
     return {

@@ -38,7 +38,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         with open(path, "rb") as handle:
             head = handle.read(132)
     except IsADirectoryError:
-        raise CxrError(f"{path}: is a folder, not an image") from None
+        raise CxrError(f"{path}: folder contains no PNG, JPEG or DICOM images") from None
+    except FileNotFoundError:
+        raise CxrError(f"{path}: no such file (or a pattern that matched nothing)") from None
     except OSError as exc:
         raise CxrError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not head:

@@ -1,0 +1,1 @@
+"""Benchmarks: latency, throughput and LIME cost, with reports and plots."""

@@ -1,0 +1,144 @@
+"""``cxr-export``: run -> bundle (onnx), fp16 and int8 graphs, TensorRT engines, parity report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from cxr.runtime.cli_util import new_app, run_app
+
+app = new_app("Export a trained run to a model bundle: ONNX (fp32/fp16/int8), TensorRT engines, parity.")
+
+
+def _probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    from cxr.export.graphs import example_inputs
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (4, 1, size, size), dtype=np.uint8), np.full((2, 1, size, size), 255, np.uint8)]
+    explain = [{k: v.numpy() for k, v in example_inputs(size, 32, 4).items()}]
+    return [{"image": im} for im in images], explain
+
+
+@app.command()
+def onnx(
+    run: Path = typer.Argument(..., help="Run folder from 'cxr-train fit'."),
+    out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
+    opset: int = typer.Option(17, help="ONNX opset (13-21)."),
+) -> None:
+    """fp32 model.onnx (dynamic batch, uint8 pixels in) and the LIME explainer graph, checked against PyTorch."""
+    import cxr.train  # noqa: F401  (registers DPN-SE)
+    from cxr.export.onnx_export import export_onnx
+
+    export_onnx(run, out, opset)
+
+
+@app.command()
+def fp16(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
+    """Mixed-precision model.fp16.onnx / explain.fp16.onnx (fp32 I/O, overflow-prone nodes kept fp32)."""
+    from cxr.export.fp16 import convert_fp16
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.card import record_files
+
+    opened = Bundle.open(bundle)
+    image_feeds, explain_feeds = _probe_feeds(opened.card.input.size)
+    written, notes = [], {}
+    for graph, feeds in (("model", image_feeds), ("explain", explain_feeds)):
+        if opened.has(f"{graph}.onnx"):
+            notes[graph] = convert_fp16(opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds)
+            written.append(f"{graph}.fp16.onnx")
+    card = record_files(opened.folder, opened.card, written)
+    record_files(opened.folder, card.replace(provenance={**card.provenance, "fp16": notes}), [])
+    print(f"wrote {', '.join(written)} in {bundle}; kept in fp32: {notes['model']['fp32_nodes_overflow'] or 'no overflowing nodes'}")
+
+
+@app.command()
+def int8(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    calib: Path = typer.Option(..., "--calib", help="Folder of real images (any layout) for calibration."),
+    samples: int = typer.Option(64, help="Calibration images to use."),
+    seed: int = typer.Option(0, help="Which images are drawn."),
+) -> None:
+    """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images."""
+    from cxr.export.int8 import classifier_feeds, explainer_feeds, quantize_int8
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.card import record_files
+    from cxr.runtime.errors import CxrError
+    from cxr.runtime.inputs import expand_inputs
+    from cxr.runtime.preprocess import load_and_preprocess
+
+    opened = Bundle.open(bundle)
+    if samples < 1:
+        raise CxrError("--samples must be at least 1")
+    paths = expand_inputs([str(calib)])
+    rng = np.random.default_rng(seed)
+    images = []
+    for index in rng.permutation(len(paths)):
+        try:
+            images.append(load_and_preprocess(paths[index], opened.card.input.size))
+        except CxrError:
+            continue
+        if len(images) == samples:
+            break
+    if not images:
+        raise CxrError(f"{calib}: no readable calibration images")
+    notes = {"model": quantize_int8(opened.verified("model.onnx"), opened.folder / "model.int8.onnx", classifier_feeds(images))}
+    written = ["model.int8.onnx"]
+    if opened.has("explain.onnx"):
+        notes["explain"] = quantize_int8(opened.verified("explain.onnx"), opened.folder / "explain.int8.onnx",
+                                         explainer_feeds(images[:16], seed), percentile=False)
+        written.append("explain.int8.onnx")
+    card = record_files(opened.folder, opened.card, written)
+    record_files(opened.folder, card.replace(provenance={**card.provenance, "int8": {**notes, "images": len(images)}}), [])
+    print(f"wrote {', '.join(written)} in {bundle} (calibrated on {len(images)} images from {calib})")
+
+
+@app.command("build-engine")
+def build_engine(
+    bundle: Path = typer.Argument(..., help="Bundle folder (build on the target GPU)."),
+    precision: str = typer.Option("fp16", help="fp16, int8 or fp32: picks the matching ONNX graph."),
+    min_batch: int = typer.Option(1, help="Profile min batch."),
+    opt_batch: int = typer.Option(64, help="Profile opt batch (LIME batches)."),
+    max_batch: int = typer.Option(64, help="Profile max batch."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, reused and saved."),
+    workspace_gb: float = typer.Option(4.0, help="Builder workspace limit in GiB."),
+) -> None:
+    """Strongly typed TensorRT plans (classifier + explainer) with *.engine.json sidecars."""
+    from cxr.export.engine_build import Profile, build_engines
+    from cxr.runtime.bundle import check_precision
+
+    check_precision(precision)
+    build_engines(bundle, precision, Profile(min_batch, opt_batch, max_batch), timing_cache, workspace_gb)
+
+
+@app.command()
+def parity(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    data: Path = typer.Argument(..., help="Labelled ImageFolder."),
+    backends: str = typer.Option("onnx,fp16,int8,engine", help="Any of onnx, fp16, int8, engine."),
+    report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default BUNDLE/parity.json)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="PyTorch run folder (default: the card's source run)."),
+    fp32_max_dprob: float = typer.Option(1e-4, help="fp32: max |dprob|."),
+    fp16_agreement: float = typer.Option(0.995, help="fp16: min top-1 agreement."),
+    fp16_max_delta: float = typer.Option(0.5, help="fp16: max metric delta (points)."),
+    int8_agreement: float = typer.Option(0.98, help="int8: min top-1 agreement."),
+    int8_max_delta: float = typer.Option(1.0, help="int8: max metric delta (points)."),
+) -> int:
+    """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""
+    import cxr.train  # noqa: F401
+    from cxr.export.parity import Rule, run_parity
+
+    rules = {"fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob), "fp16": Rule(fp16_agreement, max_metric_delta_pt=fp16_max_delta),
+             "int8": Rule(int8_agreement, max_metric_delta_pt=int8_max_delta)}
+    results = run_parity(bundle, data, [b.strip() for b in backends.split(",") if b.strip()], rules, report, run)
+    return 0 if results["passed"] else 1
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

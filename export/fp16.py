@@ -1,0 +1,65 @@
+"""``cxr-export fp16``: mixed-precision graphs for strongly typed FP16 engines (TensorRT 11 has no FP16 flag).
+
+Inputs and outputs keep their types (uint8 in, fp32 out). Nodes whose fp32 activations on real-looking
+inputs come near the fp16 range, and numerically touchy ops (softmax, reductions), stay in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from cxr.runtime.errors import CxrError
+
+FP16_SAFE_MAX = 2.0**14  # a 4x margin under fp16's 65504
+ALWAYS_FP32_OPS = ["Cast", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "Exp", "Log", "Pow", "Resize", "Range", "Gather"]
+
+
+def overflowing_nodes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[str]:
+    """Names of nodes any of whose float outputs exceed FP16_SAFE_MAX on the given inputs (fp32 run)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    producers: dict[str, str] = {}
+    for node in probe.graph.node:
+        for output in node.output:
+            if output and output not in known:
+                producers[output] = node.name
+                probe.graph.output.add().name = output
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    flagged: set[str] = set()
+    for feed in feeds:
+        for name, value in zip(names, session.run(names, feed)):
+            if name in producers and np.issubdtype(np.asarray(value).dtype, np.floating):
+                if np.asarray(value).size and float(np.max(np.abs(value))) > FP16_SAFE_MAX:
+                    flagged.add(producers[name])
+    return sorted(flagged)
+
+
+def convert_fp16(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, object]:
+    """Write the mixed-precision graph; returns what was kept in fp32 (recorded in the card)."""
+    from onnxruntime.transformers import float16  # ORT's maintained copy of onnxconverter-common's converter
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(src))
+    for node_index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{node_index}"
+    kept = overflowing_nodes(model, feeds)
+    try:
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=ALWAYS_FP32_OPS, node_block_list=kept,
+            disable_shape_infer=False,
+        )
+    except Exception as exc:
+        raise CxrError(f"{src.name}: fp16 conversion failed: {str(exc).splitlines()[0][:200]}") from None
+    sorted_model = OnnxModel(converted)
+    sorted_model.topological_sort()  # the converter appends its Cast nodes at the end of the graph
+    onnx.save(sorted_model.model, str(dst))
+    onnx.checker.check_model(str(dst), full_check=True)
+    return {"fp32_ops": ALWAYS_FP32_OPS, "fp32_nodes_overflow": kept}

@@ -1,0 +1,120 @@
+"""``cxr-export onnx``: a training run -> model bundle with fp32 ``model.onnx`` and ``explain.onnx``.
+
+Each graph is accepted only after ``onnx.checker`` (full check) and an ONNX Runtime session that agrees
+with PyTorch on a few inputs. The card travels inside each graph's ``metadata_props`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from cxr.export.graphs import (
+    CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, EXPLAINER_INPUTS, EXPLAINER_OUTPUTS, Explainer, example_inputs,
+)
+from cxr.runtime.card import Card, write_card
+from cxr.runtime.errors import CxrError
+from cxr.train.run import load_run
+
+DEFAULT_OPSET = 17
+EXPORT_ATOL = 1e-4
+
+
+def card_metadata(card: Card) -> dict[str, str]:
+    return {
+        "cxr.classes": json.dumps(list(card.classes)),
+        "cxr.input": json.dumps(card.to_dict()["input"]),
+        "cxr.preprocessing": json.dumps(card.to_dict()["preprocessing"]),
+        "cxr.arch": card.arch,
+    }
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        prop = existing.get(key) or model.metadata_props.add()
+        prop.key, prop.value = key, value
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _torch_export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path, opset: int,
+                  input_names: tuple[str, ...], output_names: tuple[str, ...], dynamic: dict[str, dict[int, str]]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, tuple(inputs.values()), str(path), dynamo=False, opset_version=opset,
+            input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic,
+        )
+
+
+def check_graph(path: Path, module: torch.nn.Module, feeds: list[dict[str, torch.Tensor]], atol: float) -> float:
+    """Full ONNX check plus ORT-vs-PyTorch agreement; returns the max |difference| seen."""
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CxrError(f"{path.name}: ONNX checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for feed in feeds:
+            expected = module(*feed.values()).numpy()
+            got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
+            worst = max(worst, float(np.max(np.abs(expected - got))))
+    if worst > atol:
+        raise CxrError(f"{path.name}: ONNX Runtime disagrees with PyTorch (max |dprob| {worst:.2e} > {atol:.0e})")
+    return worst
+
+
+def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
+    """Write ``model.onnx``, ``explain.onnx`` and ``card.json`` into the bundle folder ``out``."""
+    card, model = load_run(run)
+    if not 13 <= opset <= 21:
+        raise CxrError(f"--opset must be between 13 and 21, got {opset}")
+    out = Path(out)
+    if out.resolve() == Path(run).resolve():
+        raise CxrError("--out must be a new folder, not the run folder")
+    out.mkdir(parents=True, exist_ok=True)
+    size = card.input.size
+    metadata = card_metadata(card)
+    gen = torch.Generator().manual_seed(0)
+    image_feeds = [{"image": torch.randint(0, 256, (b, 1, size, size), dtype=torch.uint8, generator=gen)} for b in (1, 3)]
+
+    classifier_path = out / "model.onnx"
+    _torch_export(model, image_feeds[0], classifier_path, opset, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS,
+                  {"image": {0: "batch"}, "probs": {0: "batch"}})
+    explainer = Explainer(model).eval()
+    explain_path = out / "explain.onnx"
+    _torch_export(explainer, example_inputs(size), explain_path, opset, EXPLAINER_INPUTS, EXPLAINER_OUTPUTS,
+                  {"z": {0: "batch", 1: "segments"}, "probs": {0: "batch"}})
+    for path in (classifier_path, explain_path):
+        graph = onnx.load(str(path))
+        set_metadata(graph, metadata)
+        onnx.save(graph, str(path))
+    diff_classifier = check_graph(classifier_path, model, image_feeds, EXPORT_ATOL)
+    diff_explainer = check_graph(explain_path, explainer, [example_inputs(size, 24, 5)], EXPORT_ATOL)
+    for extra in ("metrics.json", "confusion.png", "curves.png"):
+        if (Path(run) / extra).is_file():
+            shutil.copy2(Path(run) / extra, out / f"training_{extra}")
+    provenance = dict(card.provenance)
+    provenance.update(
+        exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source_run=str(Path(run).resolve()),
+        opset=opset, torch=torch.__version__, onnx=onnx.__version__,
+        export_check={"model.onnx": diff_classifier, "explain.onnx": diff_explainer},
+    )
+    card = write_card(out, card.replace(provenance=provenance))
+    print(f"wrote {classifier_path} and {explain_path} (ORT vs PyTorch max |dprob| "
+          f"{max(diff_classifier, diff_explainer):.1e}); card: {out / 'card.json'}")
+    return card

@@ -1,0 +1,146 @@
+"""``cxr-export parity``: does each deployed backend still give the validated PyTorch model's answers?
+
+Per backend: max / mean / p99 |dprob| against PyTorch, top-1 agreement, accuracy and per-class
+precision / recall / F1 with their deltas (COVID-19 recall called out), judged by per-precision rules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cxr.runtime.backends.select import open_classifier
+from cxr.runtime.bundle import Bundle, engine_name, onnx_name
+from cxr.runtime.card import write_card
+from cxr.runtime.errors import CxrError
+from cxr.runtime.metrics import classification_report
+from cxr.train.augment import evaluation_view
+from cxr.train.data import load_images, scan_image_folder
+from cxr.train.run import load_run
+
+PARITY_BACKENDS = ("onnx", "fp16", "int8", "engine")
+
+
+@dataclass(frozen=True)
+class Rule:
+    min_agreement: float
+    max_abs_dprob: float | None = None
+    max_metric_delta_pt: float | None = None
+
+
+DEFAULT_RULES = {
+    "fp32": Rule(min_agreement=1.0, max_abs_dprob=1e-4),
+    "fp16": Rule(min_agreement=0.995, max_metric_delta_pt=0.5),
+    "int8": Rule(min_agreement=0.98, max_metric_delta_pt=1.0),
+}
+
+
+def metric_deltas(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    """Differences in points (x100) of accuracy, macro-F1, COVID-vs-rest and every per-class metric."""
+    deltas = {"accuracy": other["accuracy"] - reference["accuracy"], "macro_f1": other["macro_f1"] - reference["macro_f1"]}
+    for name, values in reference["per_class"].items():
+        for key in ("precision", "recall", "f1"):
+            deltas[f"{name}.{key}"] = other["per_class"][name][key] - values[key]
+    for key, value in reference.get("covid_vs_rest", {}).items():
+        deltas[f"covid_vs_rest.{key}"] = other["covid_vs_rest"][key] - value
+    return {k: round(100 * v, 3) for k, v in deltas.items()}
+
+
+def compare(reference_probs: np.ndarray, probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
+            reference_report: dict[str, Any], rule: Rule) -> dict[str, Any]:
+    diff = np.abs(probs.astype(np.float64) - reference_probs.astype(np.float64))
+    report = classification_report(labels, probs.argmax(1), classes)
+    deltas = metric_deltas(reference_report, report)
+    result = {
+        "max_abs_dprob": float(diff.max()), "mean_abs_dprob": float(diff.mean()),
+        "p99_abs_dprob": float(np.quantile(diff, 0.99)),
+        "top1_agreement": float(np.mean(probs.argmax(1) == reference_probs.argmax(1))),
+        "metrics": report, "deltas_pt": deltas,
+        "covid_recall_delta_pt": deltas.get("covid_vs_rest.recall"), "rule": asdict(rule),
+    }
+    failures = []
+    if result["top1_agreement"] < rule.min_agreement:
+        failures.append(f"top-1 agreement {result['top1_agreement']:.2%} < {rule.min_agreement:.2%}")
+    if rule.max_abs_dprob is not None and result["max_abs_dprob"] > rule.max_abs_dprob:
+        failures.append(f"max |dprob| {result['max_abs_dprob']:.2e} > {rule.max_abs_dprob:.0e}")
+    if rule.max_metric_delta_pt is not None:
+        worst = max(deltas.items(), key=lambda kv: abs(kv[1]))
+        if abs(worst[1]) > rule.max_metric_delta_pt:
+            failures.append(f"{worst[0]} moved {worst[1]:+.2f} pt (> {rule.max_metric_delta_pt} pt)")
+    result["passed"] = not failures
+    result["failures"] = failures
+    return result
+
+
+def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
+    """(label, backend, precision) for every requested backend this bundle and machine can run."""
+    from cxr.runtime.backends.tensorrt import tensorrt_available
+
+    targets = []
+    for item in wanted:
+        if item not in PARITY_BACKENDS:
+            raise CxrError(f"--backends: unknown {item!r}; choose from {', '.join(PARITY_BACKENDS)}")
+        if item == "engine":
+            for precision in ("fp32", "fp16", "int8"):
+                if bundle.has(engine_name("model", precision)) and tensorrt_available():
+                    targets.append((f"engine-{precision}", "tensorrt", precision))
+            continue
+        precision = {"onnx": "fp32", "fp16": "fp16", "int8": "int8"}[item]
+        if bundle.has(onnx_name("model", precision)):
+            targets.append((item, "onnxruntime", precision))
+    return targets
+
+
+def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[str, Rule],
+               report_path: Path | None = None, run: Path | None = None, batch_size: int = 16) -> dict[str, Any]:
+    bundle = Bundle.open(bundle_dir)
+    source_run = Path(run or bundle.card.provenance.get("source_run", ""))
+    if not str(source_run) or not (source_run / "model.pt").is_file():
+        raise CxrError(f"parity needs the PyTorch run the bundle came from; pass --run (card says {source_run or 'nothing'})")
+    card, model = load_run(source_run)
+    classes, samples = scan_image_folder(data, bundle.card.classes)
+    loaded = load_images(samples, card.input.size, "loading")
+    if not loaded.images:
+        raise CxrError(f"{data}: no readable images")
+    pixels = np.stack([evaluation_view(im, card.input.size) for im in loaded.images])[:, None]
+    with torch.no_grad():
+        reference = np.concatenate([model(torch.from_numpy(pixels[i : i + batch_size])).numpy()
+                                    for i in range(0, len(pixels), batch_size)])
+    reference_report = classification_report(loaded.labels, reference.argmax(1), classes)
+    results: dict[str, Any] = {"data": str(data), "n": len(pixels), "pytorch": reference_report, "backends": {}}
+    targets = _targets(bundle, backends)
+    if not targets:
+        raise CxrError(f"none of --backends {','.join(backends)} can run here for {bundle_dir}")
+    for label, backend_name, precision in targets:
+        backend, _ = open_classifier(bundle, backend_name, precision)
+        with backend:
+            probs = backend.run_chunked(pixels)
+        results["backends"][label] = compare(reference, probs, loaded.labels, classes, reference_report, rules[precision])
+    results["passed"] = all(r["passed"] for r in results["backends"].values())
+    report_path = Path(report_path) if report_path else bundle.folder / "parity.json"
+    report_path.write_text(json.dumps(results, indent=2) + "\n")
+    summary = {label: {k: r[k] for k in ("passed", "top1_agreement", "max_abs_dprob", "covid_recall_delta_pt")}
+               for label, r in results["backends"].items()}
+    write_card(bundle.folder, bundle.card.replace(parity={"data": str(data), "n": len(pixels), "backends": summary}),
+               rehash=False)
+    print(format_parity(results))
+    print(f"report: {report_path}")
+    return results
+
+
+def format_parity(results: dict[str, Any]) -> str:
+    lines = [f"parity vs PyTorch on {results['n']} images (PyTorch accuracy {results['pytorch']['accuracy']:.3f})",
+             f"{'backend':<12}{'agree':>8}{'max|dp|':>10}{'mean|dp|':>10}{'acc':>7}{'dacc pt':>9}{'dCOVIDrec':>10}  result"]
+    for label, r in results["backends"].items():
+        covid = r["covid_recall_delta_pt"]
+        lines.append(
+            f"{label:<12}{r['top1_agreement']:>8.2%}{r['max_abs_dprob']:>10.2e}{r['mean_abs_dprob']:>10.2e}"
+            f"{r['metrics']['accuracy']:>7.3f}{r['deltas_pt']['accuracy']:>+9.2f}"
+            f"{'' if covid is None else f'{covid:+.2f}':>10}  {'PASS' if r['passed'] else 'FAIL: ' + '; '.join(r['failures'])}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""TensorRT engine backend (TensorRT 10.x and 11.x) with cuda-python buffers.
+
+``tensorrt`` and ``cuda`` are imported here only, when an engine is opened. Pinned host and device
+buffers are sized from the optimisation profile's max shapes; one stream; async copies around
+``execute_async_v3``; everything is freed by ``close()`` (context manager), not in ``__del__``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr.runtime.backends.base import Backend, BatchLimits, ExplainerBackend
+from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar
+from cxr.runtime.errors import CxrError
+
+
+def tensorrt_available() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None and importlib.util.find_spec("cuda") is not None
+
+
+def import_cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise CxrError("cuda-python is not installed (pip install 'cxr-edge[trt]')") from None
+    return cudart
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise CxrError("TensorRT is not installed (pip install 'cxr-edge[trt]' on a machine with an NVIDIA GPU)") from None
+    return trt
+
+
+def cuda_call(result: Any) -> Any:
+    """Unwrap cuda-python's ``(err, *values)`` tuples; raise with the error's name."""
+    cudart = import_cudart()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != int(cudart.cudaError_t.cudaSuccess):
+        name = cudart.cudaGetErrorName(err)[1]
+        raise RuntimeError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def device_facts() -> dict[str, str]:
+    """GPU name and compute capability of device 0, as the sidecar records them."""
+    cudart = import_cudart()
+    props = cuda_call(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu_name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+class TrtEngine:
+    """A deserialised plan with its buffers; ``infer`` copies only the inputs it is given."""
+
+    def __init__(self, plan: Path) -> None:
+        trt = import_tensorrt()
+        self.cudart = cudart = import_cudart()
+        facts = read_sidecar(plan)
+        check_sidecar(plan, facts, trt.__version__, device_facts()["compute_capability"])
+        self.facts = facts
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise CxrError(f"{plan}: TensorRT could not deserialise the plan; rebuild it with 'cxr-export build-engine'")
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda_call(cudart.cudaStreamCreate())
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}  # name -> (device ptr, nbytes, host view)
+        self.max_shapes: dict[str, tuple[int, ...]] = {}
+        for index in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(index)
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            (self.inputs if is_input else self.outputs).append(name)
+            if is_input:
+                self.max_shapes[name] = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
+                self.context.set_input_shape(name, self.max_shapes[name])
+        for name in self.inputs + self.outputs:
+            shape = self.max_shapes.get(name) or tuple(self.context.get_tensor_shape(name))
+            self._allocate(name, shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
+        self.max_batch = self.max_shapes[self.inputs[0]][0] if self.inputs else 1
+        self.min_batch = int(self.engine.get_tensor_profile_shape(self.inputs[-1], 0)[0][0]) if self.inputs else 1
+
+    def _allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        host_ptr = cuda_call(self.cudart.cudaMallocHost(nbytes))
+        device_ptr = cuda_call(self.cudart.cudaMalloc(nbytes))
+        raw = (ctypes.c_byte * nbytes).from_address(int(host_ptr))
+        host = np.frombuffer(raw, dtype=dtype)
+        self.buffers[name] = (int(device_ptr), nbytes, host)
+        self._host_ptrs = getattr(self, "_host_ptrs", []) + [host_ptr]
+        self.context.set_tensor_address(name, int(device_ptr))
+
+    def copy_input(self, name: str, array: np.ndarray) -> int:
+        """Stage one input in pinned memory and start its copy to the device; returns bytes sent."""
+        device, capacity, host = self.buffers[name]
+        array = np.ascontiguousarray(array, dtype=host.dtype)
+        if array.nbytes > capacity:
+            raise CxrError(f"input {name} of shape {array.shape} exceeds the engine profile max {self.max_shapes[name]}")
+        self.context.set_input_shape(name, array.shape)
+        host[: array.size] = array.ravel()
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        cuda_call(self.cudart.cudaMemcpyAsync(device, host.ctypes.data, array.nbytes, kind, self.stream))
+        return array.nbytes
+
+    def execute(self) -> dict[str, np.ndarray]:
+        if not self.context.execute_async_v3(self.stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed")
+        results = {}
+        kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in self.outputs:
+            device, _, host = self.buffers[name]
+            shape = tuple(self.context.get_tensor_shape(name))
+            count = int(np.prod(shape))
+            cuda_call(self.cudart.cudaMemcpyAsync(host.ctypes.data, device, count * host.itemsize, kind, self.stream))
+            results[name] = (host, shape, count)
+        cuda_call(self.cudart.cudaStreamSynchronize(self.stream))
+        return {name: host[:count].reshape(shape).copy() for name, (host, shape, count) in results.items()}
+
+    def close(self) -> None:
+        for device, _, _ in self.buffers.values():
+            self.cudart.cudaFree(device)
+        for host_ptr in getattr(self, "_host_ptrs", []):
+            self.cudart.cudaFreeHost(host_ptr)
+        self.buffers.clear()
+        self._host_ptrs = []
+        if getattr(self, "stream", None) is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.context = None
+        self.engine = None
+
+
+class TrtBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, plan: Path, precision: str) -> None:
+        self.engine = TrtEngine(plan)
+        self.precision = precision
+        self.limits = BatchLimits(self.engine.min_batch, self.engine.max_batch)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        count = len(batch)
+        if count < self.limits.min_batch:  # pad up to the profile's minimum
+            pad = np.repeat(batch[-1:], self.limits.min_batch - count, axis=0)
+            batch = np.concatenate([batch, pad])
+        self.engine.copy_input(self.engine.inputs[0], batch)
+        return self.engine.execute()[self.engine.outputs[0]][:count].astype(np.float32)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class TrtExplainer(ExplainerBackend):
+    name = "tensorrt"
+
+    def __init__(self, plan: Path, precision: str) -> None:
+        self.engine = TrtEngine(plan)
+        self.precision = precision
+        self.limits = BatchLimits(self.engine.min_batch, self.engine.max_batch)
+        self.max_segments = self.engine.max_shapes["z"][1]
+        self.bytes_sent = 0
+
+    def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
+        if int(segments.max()) + 1 > self.max_segments:
+            raise CxrError(f"{int(segments.max()) + 1} segments exceed the engine profile's {self.max_segments}")
+        size = image.shape[-2:]
+        self.bytes_sent += self.engine.copy_input("image", image.reshape(1, 1, *size))
+        self.bytes_sent += self.engine.copy_input("fill", fill.reshape(1, 1, *size))
+        self.bytes_sent += self.engine.copy_input("segments", segments.astype(np.int32))
+
+    def run(self, z: np.ndarray) -> np.ndarray:
+        count = len(z)
+        if count < self.limits.min_batch:
+            z = np.concatenate([z, np.repeat(z[-1:], self.limits.min_batch - count, axis=0)])
+        self.bytes_sent += self.engine.copy_input("z", z.astype(np.uint8))
+        return self.engine.execute()["probs"][:count].astype(np.float32)
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,90 @@
+"""Predict (and optionally explain) a stream of inputs in batches, one record per input, errors per input."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from cxr.runtime.backends.base import Backend, ExplainerBackend
+from cxr.runtime.bundle import Bundle
+from cxr.runtime.errors import CxrError
+from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
+from cxr.runtime.overlay import save_overlay
+from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, load_and_preprocess
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    batch_size: int = 16
+    top_k: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    explain: ExplainConfig | None = None
+    explain_dir: Path | None = None
+
+
+def _record(path: Path, backend: Backend, error: str | None = None) -> dict[str, Any]:
+    return {"path": str(path), "label": None, "probs": None, "backend": backend.name,
+            "precision": backend.precision, "error": error}
+
+
+def _overlay_name(path: Path, index: int) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:80]
+    return f"{index:05d}_{stem}.png"
+
+
+def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options: PredictOptions,
+                   explainer: ExplainerBackend | None = None) -> Iterator[dict[str, Any]]:
+    """Yields records in input order; memory holds one batch of images at a time."""
+    classes, size = bundle.card.classes, bundle.card.input.size
+    if options.batch_size < 1:
+        raise CxrError("--batch-size must be at least 1")
+    batch_size = min(options.batch_size, backend.limits.max_batch)
+    bar = tqdm(total=len(paths), unit="img", desc="explain" if explainer else "predict", disable=len(paths) < 2)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        records, images = [], []
+        for path in chunk:
+            record = _record(path, backend)
+            try:
+                images.append(load_and_preprocess(path, size, options.max_pixels))
+            except CxrError as exc:
+                record["error"] = str(exc)
+                images.append(None)
+            records.append(record)
+        good = [i for i, im in enumerate(images) if im is not None]
+        if good:
+            probs = backend.run(np.stack([images[i] for i in good])[:, None])
+            for i, row in zip(good, probs):
+                record = records[i]
+                record["label"] = classes[int(np.argmax(row))]
+                record["probs"] = {c: round(float(p), 6) for c, p in zip(classes, row)}
+                if options.top_k:
+                    order = np.argsort(-row)[: options.top_k]
+                    record["top_k"] = [[classes[j], round(float(row[j]), 6)] for j in order]
+                if explainer is not None and options.explain is not None:
+                    try:
+                        record["explanation"] = _explain(images[i], chunk[i], start + i, bundle, explainer, options)
+                    except CxrError as exc:
+                        record["error"] = f"explanation failed: {exc}"
+        for record in records:
+            bar.update(1)
+            yield record
+    bar.close()
+
+
+def _explain(image: np.ndarray, path: Path, index: int, bundle: Bundle, explainer: ExplainerBackend,
+             options: PredictOptions) -> dict[str, Any]:
+    config = options.explain
+    explanation = explain_image(image, explainer, config)
+    overlay = None
+    if options.explain_dir is not None:
+        target = options.explain_dir / _overlay_name(path, index)
+        class_name = bundle.card.classes[explanation.label]
+        overlay = str(save_overlay(target, image, explanation, class_name, config.num_features))
+    return explanation_record(explanation, bundle.card.classes, config, overlay)
