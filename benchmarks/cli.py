@@ -1,0 +1,87 @@
+"""``cxr-bench``: latency, LIME cost, reports, and the quick start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from cxr.runtime.cli_util import new_app, parse_int_list, run_app
+
+app = new_app("Benchmarks: per-image latency, throughput and LIME cost; reports; the quick start.")
+
+
+@app.command()
+def latency(
+    model: Path = typer.Option(..., "--model", help="Model bundle folder."),
+    backends: Optional[str] = typer.Option(None, help="Subset, e.g. pytorch,onnxruntime-fp16,tensorrt (default: all here)."),
+    batch_sizes: str = typer.Option("1,8,32,64", help="Batch sizes for throughput."),
+    warmup_s: float = typer.Option(1.0, help="Warm-up seconds per backend."),
+    duration_s: float = typer.Option(5.0, help="Measured seconds per backend."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for the JSON and PNG."),
+) -> None:
+    """p50/p95/p99 at batch 1 and img/s per batch size, PyTorch eager as the baseline."""
+    from cxr.bench.latency import run_latency
+
+    wanted = [b.strip() for b in backends.split(",")] if backends else None
+    run_latency(model, out, wanted, parse_int_list(batch_sizes, "--batch-sizes"), warmup_s, duration_s)
+
+
+@app.command()
+def lime(
+    model: Path = typer.Option(..., "--model", help="Model bundle folder."),
+    image: Optional[Path] = typer.Option(None, help="Image to explain (default: a generated phantom)."),
+    samples: int = typer.Option(1000, help="LIME samples."),
+    seed: int = typer.Option(0, help="Seed."),
+    segmenter: str = typer.Option("slic", help="slic or quickshift."),
+    sweep: str = typer.Option("250,500,1000", help="Sample counts timed for our explainer."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for lime.json and lime.png."),
+) -> None:
+    """Stock lime vs the in-graph explainer on ORT CPU: total, backend time, host overhead, bytes."""
+    from cxr.bench.lime_bench import run_lime_bench
+
+    run_lime_bench(model, out, image, samples, seed, segmenter, parse_int_list(sweep, "--sweep"))
+
+
+@app.command("all")
+def run_all(
+    model: Path = typer.Option(..., "--model", help="Model bundle folder."),
+    image: Optional[Path] = typer.Option(None, help="Image for the LIME benchmark."),
+    duration_s: float = typer.Option(5.0, help="Measured seconds per latency backend."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Output folder."),
+) -> None:
+    """Latency and LIME, one folder, one summary."""
+    from cxr.bench.latency import run_latency
+    from cxr.bench.lime_bench import run_lime_bench
+
+    run_latency(model, out, None, [1, 8, 32, 64], 1.0, duration_s)
+    run_lime_bench(model, out, image, 1000, 0, "slic", [250, 500, 1000])
+
+
+@app.command()
+def report(results: List[Path] = typer.Argument(..., help="latency_*.json files (e.g. CPU and GPU machine).")) -> None:
+    """A markdown table comparing result files, with ratios against the PyTorch baseline."""
+    from cxr.bench.report import markdown_report
+
+    print(markdown_report(results))
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("quickstart"), "--out", help="Folder for data, run, bundle and reports."),
+    arch: str = typer.Option("dpn_se_tiny", help="Architecture (small for CPU)."),
+    epochs: int = typer.Option(8, help="Epochs."),
+) -> int:
+    """The whole pipeline on generated phantoms: train, export, (engine), predict + LIME, parity, latency."""
+    from cxr.bench.quickstart import run_quickstart
+
+    return run_quickstart(out, arch, epochs)
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

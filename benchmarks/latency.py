@@ -1,0 +1,195 @@
+"""``cxr-bench latency``: per-image latency (p50/p95/p99 at batch 1) and throughput per batch size.
+
+Every backend and precision available here, plus PyTorch eager as the baseline, in one process and run.
+Host preprocessing (decode + resize + crop) is measured separately from model time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr.bench.environment import environment, slug
+from cxr.runtime.bundle import PRECISIONS, Bundle, engine_name, onnx_name
+from cxr.runtime.errors import CxrError
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+def _timed_runs(run: Runner, batch: np.ndarray, seconds: float, min_runs: int = 5) -> list[float]:
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < min_runs:
+        start = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(run: Runner, size: int, batch_sizes: list[int], warmup_s: float, duration_s: float) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    one = rng.integers(0, 256, (1, 1, size, size), dtype=np.uint8)
+    _timed_runs(run, one, warmup_s, 2)
+    single = np.array(_timed_runs(run, one, duration_s)) * 1000
+    result: dict[str, Any] = {"b1_ms": {"p50": float(np.percentile(single, 50)), "p95": float(np.percentile(single, 95)),
+                                        "p99": float(np.percentile(single, 99)), "runs": len(single)},
+                              "throughput_img_s": {}}
+    for batch_size in batch_sizes:
+        batch = rng.integers(0, 256, (batch_size, 1, size, size), dtype=np.uint8)
+        _timed_runs(run, batch, min(warmup_s, 0.5), 1)
+        times = _timed_runs(run, batch, duration_s / max(1, len(batch_sizes)), 2)
+        result["throughput_img_s"][str(batch_size)] = batch_size / float(np.median(times))
+    return result
+
+
+def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Callable[[], Any]]]:
+    """(name, precision, opener) for PyTorch eager, each ORT graph and each engine present here."""
+    from cxr.runtime.backends.tensorrt import tensorrt_available
+
+    found = []
+    source_run = Path(bundle.card.provenance.get("source_run", ""))
+    try:
+        import torch  # noqa: F401
+
+        if (source_run / "model.pt").is_file():
+            found.append(("pytorch", "fp32", lambda: _torch_runner(source_run)))
+    except ImportError:
+        pass
+    for precision in PRECISIONS:
+        if bundle.has(onnx_name("model", precision)):
+            found.append(("onnxruntime", precision, lambda p=precision: _ort_runner(bundle, p)))
+        if bundle.has(engine_name("model", precision)) and tensorrt_available():
+            found.append(("tensorrt", precision, lambda p=precision: _trt_runner(bundle, p)))
+    if wanted:
+        found = [f for f in found if f[0] in wanted or f"{f[0]}-{f[1]}" in wanted]
+    return found
+
+
+def _torch_runner(run: Path) -> tuple[Runner, Callable[[], None]]:
+    import torch
+
+    import cxr.train  # noqa: F401
+    from cxr.train.run import load_run
+
+    _, model = load_run(run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(batch).to(device))
+            return out.cpu().numpy()
+
+    return infer, lambda: None
+
+
+def _ort_runner(bundle: Bundle, precision: str) -> tuple[Runner, Callable[[], None]]:
+    from cxr.runtime.backends.onnxruntime import OrtBackend
+
+    backend = OrtBackend(bundle.onnx_path("model", precision), precision)
+    return backend.run, backend.close
+
+
+def _trt_runner(bundle: Bundle, precision: str) -> tuple[Runner, Callable[[], None]]:
+    from cxr.runtime.backends.tensorrt import TrtBackend
+
+    backend = TrtBackend(bundle.verified(engine_name("model", precision)), precision)
+    return backend.run, backend.close
+
+
+def preprocessing_ms(size: int, images: list[Path] | None = None, count: int = 20) -> float:
+    """Host decode + resize + crop per image, on real files when given, else on generated PNGs."""
+    import tempfile
+
+    import cv2
+
+    from cxr.runtime.preprocess import load_and_preprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if not images:
+            rng = np.random.default_rng(0)
+            images = []
+            for i in range(count):
+                path = Path(tmp) / f"{i}.png"
+                cv2.imwrite(str(path), rng.integers(0, 256, (1024, 1024), dtype=np.uint8))
+                images.append(path)
+        start = time.perf_counter()
+        for path in images[:count]:
+            load_and_preprocess(path, size)
+        return (time.perf_counter() - start) / len(images[:count]) * 1000
+
+
+def run_latency(bundle_dir: Path, out: Path, backends: list[str] | None, batch_sizes: list[int],
+                warmup_s: float, duration_s: float, images: list[Path] | None = None) -> dict[str, Any]:
+    bundle = Bundle.open(bundle_dir)
+    size = bundle.card.input.size
+    facts = environment()
+    results: dict[str, Any] = {"environment": facts, "arch": bundle.card.arch, "input_size": size,
+                               "batch_sizes": batch_sizes, "preprocess_ms_per_image": preprocessing_ms(size, images),
+                               "backends": {}}
+    targets = runners(bundle, backends)
+    if not targets:
+        raise CxrError("no backend to measure (check --backends)")
+    for name, precision, opener in targets:
+        run, close = opener()
+        try:
+            results["backends"][f"{name}-{precision}"] = measure(run, size, batch_sizes, warmup_s, duration_s)
+        finally:
+            close()
+        print(f"  {name}-{precision}: b1 p50 {results['backends'][f'{name}-{precision}']['b1_ms']['p50']:.2f} ms")
+    baseline = results["backends"].get("pytorch-fp32")
+    if baseline:
+        for entry in results["backends"].values():
+            entry["speedup_vs_pytorch_b1_p50"] = baseline["b1_ms"]["p50"] / entry["b1_ms"]["p50"]
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"latency_{bundle.card.arch}_{slug(facts)}"
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_latency(results, out / f"{name}.png")
+    print(format_latency(results))
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
+    return results
+
+
+def format_latency(results: dict[str, Any]) -> str:
+    sizes = results["batch_sizes"]
+    head = f"{'backend':<20}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'x torch':>9}" + "".join(f"{'b' + str(b) + ' img/s':>12}" for b in sizes)
+    lines = [f"{results['arch']} @ {results['input_size']} on {results['environment'].get('gpu') or results['environment']['cpu']}"
+             f" (host preprocessing {results['preprocess_ms_per_image']:.2f} ms/image, not included below)", head]
+    for name, r in results["backends"].items():
+        speed = r.get("speedup_vs_pytorch_b1_p50")
+        lines.append(f"{name:<20}{r['b1_ms']['p50']:>9.2f}{r['b1_ms']['p95']:>9.2f}{r['b1_ms']['p99']:>9.2f}"
+                     f"{'' if speed is None else f'{speed:.2f}':>9}"
+                     + "".join(f"{r['throughput_img_s'][str(b)]:>12.1f}" for b in sizes))
+    return "\n".join(lines)
+
+
+def plot_latency(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["backends"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = np.arange(len(names))
+    for offset, key in zip((-0.25, 0, 0.25), ("p50", "p95", "p99")):
+        left.bar(x + offset, [results["backends"][n]["b1_ms"][key] for n in names], width=0.25, label=key)
+    left.set_xticks(x, names, rotation=25, ha="right")
+    left.set_ylabel("ms per image (batch 1)")
+    left.legend()
+    for name in names:
+        series = results["backends"][name]["throughput_img_s"]
+        right.plot([int(b) for b in series], list(series.values()), marker="o", label=name)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("batch size")
+    right.set_ylabel("images / s")
+    right.legend(fontsize=8)
+    fig.suptitle(f"{results['arch']} @ {results['input_size']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,160 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.runtime.errors import CxrError
+from cxr.runtime.metrics import classification_report
+from cxr.train.augment import PaperAugment, evaluation_view
+from cxr.train.data import load_images, scan_image_folder, split_samples
+from cxr.train.synth import read_lesion_masks
+from tests.conftest import cli, one_line_error
+
+
+def test_augment_output_size_determinism_and_variety():
+    image = np.random.default_rng(0).integers(0, 256, (64, 90), dtype=np.uint8)
+    augment = PaperAugment(64)
+    a = augment(image, np.random.default_rng(7))
+    b = augment(image, np.random.default_rng(7))
+    c = augment(image, np.random.default_rng(8))
+    assert a.shape == (64, 64) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_no_augment_path_is_the_runtime_centre_crop():
+    image = np.arange(64 * 80, dtype=np.uint32).reshape(64, 80).astype(np.uint8)
+    view = evaluation_view(image, 64)
+    assert np.array_equal(view, image[:, 8:72])
+
+
+def test_phantoms_layout_masks_not_mistaken_for_data(phantoms):
+    classes, samples = scan_image_folder(phantoms)
+    assert classes == ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")
+    assert len(samples) == 4 * 48
+    assert all(s.path.suffix == ".png" for s in samples)
+    masks = read_lesion_masks(phantoms)
+    assert set(masks) == {s.rel for s in samples}
+    assert not any(masks[s.rel].any() for s in samples if s.label == classes.index("normal"))
+    assert all(masks[s.rel].any() for s in samples if s.label != classes.index("normal"))
+
+
+def test_split_keeps_patients_on_one_side_and_is_stratified(phantoms):
+    _, samples = scan_image_folder(phantoms)
+    train, val = split_samples(samples, 0.25, seed=3)
+    assert not {s.group for s in train} & {s.group for s in val}
+    assert len(train) + len(val) == len(samples)
+    counts = np.bincount([s.label for s in val], minlength=4)
+    assert counts.min() >= 8 and counts.max() <= 16
+    assert [s.rel for s in split_samples(samples, 0.25, seed=3)[1]] == [s.rel for s in val]
+
+
+def test_split_without_manifest_is_stratified(tmp_path):
+    from cxr.train.synth import write_phantoms
+
+    write_phantoms(tmp_path, 10, 32)
+    (tmp_path / "manifest.csv").unlink()
+    _, samples = scan_image_folder(tmp_path)
+    assert all(s.group == s.rel for s in samples)
+    _, val = split_samples(samples, 0.2, 0)
+    assert np.bincount([s.label for s in val]).tolist() == [2, 2, 2, 2]
+
+
+def test_metrics_match_hand_computed_values():
+    classes = ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")
+    y_true = [0, 0, 0, 1, 1, 2, 2, 3]
+    y_pred = [0, 0, 1, 1, 1, 2, 3, 3]
+    report = classification_report(y_true, y_pred, classes)
+    assert report["accuracy"] == pytest.approx(6 / 8)
+    assert report["per_class"]["covid19"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8), "support": 3}
+    assert report["per_class"]["normal"]["precision"] == pytest.approx(2 / 3)
+    assert report["per_class"]["pneumonia_viral"]["f1"] == pytest.approx(2 / 3)
+    assert report["covid_vs_rest"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8)}
+    assert report["confusion"][0] == [2, 1, 0, 0]
+    assert report["macro_f1"] == pytest.approx(np.mean([0.8, 0.8, 2 / 3, 2 / 3]))
+
+
+def test_fit_writes_the_run_and_learns_the_phantoms(trained_run):
+    for name in ("model.pt", "card.json", "metrics.json", "confusion.png", "curves.png", "split.json"):
+        assert (trained_run / name).is_file(), name
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["val"]["accuracy"] >= 0.85
+    card = json.loads((trained_run / "card.json").read_text())
+    assert card["arch"] == "dpn_se_tiny" and card["input"]["size"] == 64
+    state = torch.load(trained_run / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_evaluate_uses_validation_split_and_reports_shortcut_baseline(trained_run, phantoms, tmp_path):
+    out = tmp_path / "eval.json"
+    result = cli("cxr-train", "evaluate", str(trained_run), str(phantoms), "--out", str(out))
+    report = json.loads(out.read_text())
+    split = json.loads((trained_run / "split.json").read_text())
+    assert report["scope"].startswith("validation split")
+    assert report["model"]["n"] == len(split["val"])
+    assert "shortcut_baseline" in report and 0 <= report["shortcut_baseline"]["accuracy"] <= 1
+    assert "covid19 vs rest" in result.stdout and out.with_suffix(".png").is_file()
+
+
+def test_same_seed_same_result_on_cpu(phantoms, tmp_path):
+    from cxr.train.fit import FitConfig, fit
+
+    runs = []
+    for name in ("a", "b"):
+        fit(FitConfig(data=phantoms, out=tmp_path / name, arch="dpn_se_tiny", epochs=1, image_size=48, batch_size=32, seed=5))
+        runs.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    from cxr.train.synth import write_phantoms
+
+    write_phantoms(tmp_path, 3, 32)
+    (tmp_path / "normal" / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "covid19" / "empty.jpg").write_bytes(b"")
+    _, samples = scan_image_folder(tmp_path)
+    loaded = load_images(samples, 32)
+    assert len(loaded.images) == 12 and len(loaded.skipped) == 2
+
+
+@pytest.mark.parametrize("setup,message", [
+    ("missing", "does not exist"),
+    ("empty", "no class sub-folders"),
+    ("empty_class", "class folder has no images"),
+])
+def test_bad_data_folders_are_one_line_errors(tmp_path, setup, message):
+    data = tmp_path / "data"
+    if setup != "missing":
+        data.mkdir()
+    if setup == "empty_class":
+        (data / "a").mkdir()
+        (data / "b").mkdir()
+        (data / "a" / "x.png").write_bytes(b"")
+    result = cli("cxr-train", "fit", str(data), "--out", str(tmp_path / "run"), "--arch", "dpn_se_tiny", check=1)
+    assert message in one_line_error(result)
+
+
+def test_bad_arch_and_size_are_one_line_errors(phantoms, tmp_path):
+    result = cli("cxr-train", "fit", str(phantoms), "--out", str(tmp_path / "r"), "--arch", "resnet5O", check=1)
+    assert "unknown --arch" in one_line_error(result)
+    result = cli("cxr-train", "fit", str(phantoms), "--out", str(tmp_path / "r"), "--arch", "dpn_se_tiny",
+                 "--image-size", "20", check=1)
+    assert "too small" in one_line_error(result)
+
+
+def test_help_works_for_every_command():
+    for tool in ("cxr-train", "cxr-export", "cxr-run", "cxr-bench"):
+        assert "Usage" in cli(tool, "--help").stdout
+
+
+def test_real_dataset_layout_and_patient_ids(real_data):
+    classes, samples = scan_image_folder(real_data)
+    assert classes == ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")
+    assert len(samples) == 600
+    with open(real_data / "manifest.csv") as handle:
+        patients = {row["file"]: row["patient_id"] for row in csv.DictReader(handle)}
+    assert all(s.group == patients[s.rel] for s in samples)
+    train, val = split_samples(samples, 0.2, 0)
+    assert not {s.group for s in train} & {s.group for s in val}
