@@ -38,7 +38,7 @@ def stock_lime(image: np.ndarray, segments: np.ndarray, backend: OrtBackend, sam
     start = time.perf_counter()
     explanation = explainer.explain_instance(
         image.astype(np.float64), classifier_fn, top_labels=1, hide_color=None, num_samples=samples,
-        segmentation_fn=lambda _: segments, random_seed=seed, progress_bar=False,
+        segmentation_fn=lambda _: segments, random_seed=seed,
     )
     total = time.perf_counter() - start
     label = explanation.top_labels[0]

@@ -1,0 +1,27 @@
+import json
+
+from tests.conftest import cli
+
+
+def test_latency_and_report(bundle, tmp_path):
+    cli("cxr-bench", "latency", "--model", str(bundle), "--batch-sizes", "1,4", "--warmup-s", "0.1",
+        "--duration-s", "0.4", "--out", str(tmp_path))
+    results = list(tmp_path.glob("latency_*.json"))
+    assert len(results) == 1 and results[0].with_suffix(".png").is_file()
+    data = json.loads(results[0].read_text())
+    assert {"pytorch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"} <= set(data["backends"])
+    for entry in data["backends"].values():
+        assert entry["b1_ms"]["p50"] <= entry["b1_ms"]["p99"] and entry["throughput_img_s"]["4"] > 0
+    assert data["preprocess_ms_per_image"] > 0
+    report = cli("cxr-bench", "report", str(results[0])).stdout
+    assert "| onnxruntime-fp32 |" in report and "x |" in report
+
+
+def test_lime_benchmark_reports_the_split(bundle, tmp_path):
+    cli("cxr-bench", "lime", "--model", str(bundle), "--samples", "200", "--sweep", "100", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "lime.json").read_text())
+    assert (tmp_path / "lime.png").is_file()
+    for side in ("stock_lime", "ours"):
+        entry = data[side]
+        assert abs(entry["total_s"] - entry["backend_s"] - entry["host_overhead_s"]) < 1e-9
+    assert data["host_overhead_speedup"] > 1 and data["bytes_ratio_from_lime"] > 100

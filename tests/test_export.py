@@ -1,0 +1,163 @@
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import cxr.train  # noqa: F401
+from cxr.export.engine_build import Profile, network_flags, profile_shapes, sidecar_facts
+from cxr.export.onnx_export import read_metadata
+from cxr.runtime.card import read_card, record_files, sha256_file, verify_bundle
+from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar, write_sidecar
+from cxr.runtime.errors import CxrError
+from cxr.train.run import load_run
+from tests.conftest import cli, one_line_error
+
+
+def _ort(path, feed):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def test_bundle_graphs_pass_checker_and_match_pytorch(bundle, trained_run):
+    _, model = load_run(trained_run)
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 1, 64, 64), dtype=np.uint8)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(pixels)).numpy()
+    onnx.checker.check_model(str(bundle / "model.onnx"), full_check=True)
+    graph = onnx.load(str(bundle / "model.onnx"))
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert np.abs(_ort(bundle / "model.onnx", {"image": pixels}) - expected).max() < 1e-4
+    fp16 = _ort(bundle / "model.fp16.onnx", {"image": pixels})
+    assert fp16.dtype == np.float32 and np.abs(fp16 - expected).max() < 2e-2
+    assert (fp16.argmax(1) == expected.argmax(1)).all()
+
+
+def test_int8_graph_is_qdq_and_agrees(bundle, phantoms):
+    from cxr.runtime.preprocess import load_and_preprocess
+
+    graph = onnx.load(str(bundle / "model.int8.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    paths = sorted(phantoms.rglob("*.png"))[::2]
+    pixels = np.stack([load_and_preprocess(p, 64) for p in paths])[:, None]
+    reference = _ort(bundle / "model.onnx", {"image": pixels})
+    quantized = _ort(bundle / "model.int8.onnx", {"image": pixels})
+    assert np.mean(reference.argmax(1) == quantized.argmax(1)) >= 0.98
+
+
+def test_metadata_round_trip_and_card_hashes(bundle):
+    card = read_card(bundle)
+    metadata = read_metadata(bundle / "model.onnx")
+    assert json.loads(metadata["cxr.classes"]) == list(card.classes)
+    assert json.loads(metadata["cxr.input"])["size"] == card.input.size
+    assert json.loads(metadata["cxr.preprocessing"])["mean"] == list(card.preprocessing.mean)
+    for name in ("model.onnx", "explain.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        assert card.files[name] == sha256_file(bundle / name)
+    verify_bundle(bundle, card)
+
+
+def test_tampered_file_is_refused(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    with open(copy / "model.onnx", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(CxrError, match="sha256 does not match"):
+        verify_bundle(copy, read_card(copy))
+    result = cli("cxr-run", "predict", "--model", str(copy), str(copy / "card.json"), check=1)
+    assert "sha256 does not match" in one_line_error(result)
+    with pytest.raises(CxrError, match="sha256 does not match"):
+        record_files(copy, read_card(copy), ["model.fp16.onnx"])
+
+
+def test_parity_passes_then_fails_on_a_perturbed_bundle(bundle, phantoms, tmp_path):
+    report = tmp_path / "parity.json"
+    ok = cli("cxr-export", "parity", str(bundle), str(phantoms), "--backends", "onnx,fp16", "--report", str(report))
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["backends"]["onnx"]["top1_agreement"] == 1.0
+    assert "PASS" in ok.stdout
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    graph = onnx.load(str(broken / "model.onnx"))
+    for init in graph.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 4:
+            array = onnx.numpy_helper.to_array(init) * 1.5
+            init.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), init.name))
+    onnx.save(graph, str(broken / "model.onnx"))
+    record_files(broken, read_card(broken).replace(files={k: v for k, v in read_card(broken).files.items() if k != "model.onnx"}), ["model.onnx"])
+    failed = cli("cxr-export", "parity", str(broken), str(phantoms), "--backends", "onnx", "--report", str(tmp_path / "p2.json"), check=1)
+    assert "FAIL" in failed.stdout
+    assert json.loads((tmp_path / "p2.json").read_text())["passed"] is False
+
+
+def test_checkpoint_that_is_not_a_state_dict_is_refused(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    torch.save({"model": torch.nn.Linear(2, 2)}, run / "model.pt")  # a pickled module, not tensors
+    result = cli("cxr-export", "onnx", str(run), "--out", str(tmp_path / "b"), check=1)
+    assert "not a plain state dict" in one_line_error(result) or "not a state dict" in one_line_error(result)
+
+
+def test_missing_run_and_empty_calibration_folder(bundle, tmp_path):
+    assert "no card.json" in one_line_error(cli("cxr-export", "onnx", str(tmp_path), "--out", str(tmp_path / "b"), check=1))
+    empty = tmp_path / "calib"
+    empty.mkdir()
+    copy = tmp_path / "b2"
+    shutil.copytree(bundle, copy)
+    assert "no readable calibration images" in one_line_error(cli("cxr-export", "int8", str(copy), "--calib", str(empty), check=1))
+
+
+def test_build_engine_without_tensorrt_names_the_extra(bundle):
+    pytest.importorskip("cxr.runtime")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    result = cli("cxr-export", "build-engine", str(bundle), check=1)
+    assert "cxr-edge[trt]" in one_line_error(result)
+
+
+def test_profile_validation_is_a_one_line_error(bundle):
+    with pytest.raises(CxrError, match="min <= opt <= max"):
+        Profile(1, 64, 32)
+    result = cli("cxr-export", "build-engine", str(bundle), "--min-batch", "8", "--opt-batch", "4", check=1)
+    assert "min <= opt <= max" in one_line_error(result)
+
+
+def test_profile_shapes_for_classifier_and_explainer():
+    shapes = profile_shapes("model", 224, Profile(1, 32, 64))
+    assert shapes == {"image": ((1, 1, 224, 224), (32, 1, 224, 224), (64, 1, 224, 224))}
+    explain = profile_shapes("explain", 224, Profile(1, 64, 64), max_segments=200)
+    assert explain["z"] == ((1, 1), (64, 64), (64, 200))
+    assert explain["segments"] == ((224, 224),) * 3 and explain["fill"][2] == (1, 1, 224, 224)
+
+
+def test_network_flags_by_tensorrt_version():
+    assert network_flags("11.4.0", None) == 0  # strong typing always on, no flag in TRT 11
+    assert network_flags("10.13.2", 1) == 2  # 1 << STRONGLY_TYPED
+    with pytest.raises(CxrError, match="too old"):
+        network_flags("8.6.1", 1)
+
+
+def test_sidecar_contents_and_mismatch_messages(tmp_path):
+    onnx_file = tmp_path / "model.fp16.onnx"
+    onnx_file.write_bytes(b"graph")
+    plan = tmp_path / "model.fp16.engine"
+    plan.write_bytes(b"plan bytes")
+    facts = sidecar_facts("model", "fp16", onnx_file, profile_shapes("model", 64, Profile()), "10.13.2",
+                          {"gpu_name": "Orin", "compute_capability": "8.7"}, 12.0)
+    write_sidecar(plan, facts)
+    stored = read_sidecar(plan)
+    assert stored["source_onnx_sha256"] == sha256_file(onnx_file) and stored["plan_sha256"] == sha256_file(plan)
+    assert stored["profile"]["image"]["max"] == [64, 1, 64, 64] and stored["precision"] == "fp16"
+    check_sidecar(plan, stored, "10.13.2", "8.7")
+    with pytest.raises(CxrError, match="TensorRT 10.13.2.*rebuild"):
+        check_sidecar(plan, stored, "11.4.0", "8.7")
+    with pytest.raises(CxrError, match="compute capability 8.7.*rebuild"):
+        check_sidecar(plan, stored, "10.13.2", "9.0")
+    plan.write_bytes(b"other")
+    with pytest.raises(CxrError, match="tampered"):
+        check_sidecar(plan, stored, "10.13.2", "8.7")

@@ -1,0 +1,115 @@
+import json
+
+import numpy as np
+import pytest
+
+from cxr.runtime.backends.onnxruntime import OrtBackend, OrtExplainer
+from cxr.runtime.bundle import Bundle
+from cxr.runtime.explain import ExplainConfig, explain_image
+from cxr.runtime.preprocess import load_and_preprocess
+from cxr.runtime.segment import segment, segment_means
+from tests.conftest import cli
+
+
+@pytest.fixture(scope="module")
+def sessions(bundle):
+    opened = Bundle.open(bundle)
+    with OrtBackend(opened.onnx_path("model", "fp32"), "fp32") as classifier, \
+            OrtExplainer(opened.onnx_path("explain", "fp32"), "fp32") as explainer:
+        yield classifier, explainer
+
+
+def _image(phantoms, label="pneumonia_bacterial", index=0):
+    return load_and_preprocess(sorted((phantoms / label).glob("*.png"))[index], 64)
+
+
+def test_explainer_graph_composes_the_same_images_as_the_host(sessions, phantoms):
+    classifier, explainer = sessions
+    image = _image(phantoms)
+    segments = segment(image)
+    fill = segment_means(image, segments)
+    rows = np.random.default_rng(0).integers(0, 2, (6, segments.max() + 1), dtype=np.uint8)
+    explainer.set_image(image, fill, segments)
+    composed = np.where(rows[:, segments] == 1, image, fill)[:, None]
+    assert np.abs(explainer.run(rows) - classifier.run(composed)).max() < 1e-5
+
+
+def test_weights_match_stock_lime_on_the_same_rows(sessions, phantoms):
+    from lime.lime_image import LimeImageExplainer
+
+    classifier, explainer = sessions
+    image = _image(phantoms)
+    segments = segment(image)
+    samples, seed = 300, 4
+    stock = LimeImageExplainer(random_state=seed)
+    ref = stock.explain_instance(
+        image.astype(np.float64), lambda ims: classifier.run(np.round(ims[:, :, :, 0]).astype(np.uint8)[:, None]),
+        top_labels=1, hide_color=None, num_samples=samples, segmentation_fn=lambda _: segments, random_seed=seed,
+    )
+    rows = np.random.RandomState(seed).randint(0, 2, samples * (segments.max() + 1)).reshape(samples, -1).astype(np.uint8)
+    rows[0] = 1  # exactly the rows lime drew
+    ours = explain_image(image, explainer, ExplainConfig(samples=samples, seed=seed), rows=rows, segments=segments)
+    label = ref.top_labels[0]
+    assert ours.label == label
+    expected = dict(ref.local_exp[label])
+    assert set(expected) == set(ours.weights)
+    assert max(abs(expected[k] - ours.weights[k]) for k in expected) < 1e-4
+
+
+def test_same_seed_identical_different_seed_different(sessions, phantoms):
+    _, explainer = sessions
+    image = _image(phantoms, "covid19")
+    a = explain_image(image, explainer, ExplainConfig(samples=200, seed=1))
+    b = explain_image(image, explainer, ExplainConfig(samples=200, seed=1))
+    c = explain_image(image, explainer, ExplainConfig(samples=200, seed=2))
+    assert a.weights == b.weights
+    assert a.weights != c.weights
+
+
+def test_pointing_game_on_planted_lesions(sessions, phantoms):
+    """The top-3 positive segments overlap the planted lesion for >= 80 % of lesion images the model gets right."""
+    from cxr.runtime.preprocess import center_crop, resize_short_side
+    from cxr.train.synth import read_lesion_masks
+
+    _, explainer = sessions
+    masks = read_lesion_masks(phantoms)
+    hits = total = 0
+    for label in ("covid19", "pneumonia_bacterial", "pneumonia_viral"):
+        for path in sorted((phantoms / label).glob("*.png"))[:8]:
+            image = load_and_preprocess(path, 64)
+            mask = masks[f"{label}/{path.name}"].astype(np.uint8) * 255
+            mask = center_crop(resize_short_side(mask, 64), 64) > 127
+            explanation = explain_image(image, explainer, ExplainConfig(samples=1000, seed=0))
+            if explanation.label != ["covid19", "normal", "pneumonia_bacterial", "pneumonia_viral"].index(label):
+                continue
+            top = sorted(explanation.weights, key=lambda k: -explanation.weights[k])[:3]  # 3 most supportive segments
+            total += 1
+            hits += any((explanation.segments == k)[mask].any() for k in top if explanation.weights[k] > 0)
+    assert total >= 18
+    assert hits / total >= 0.8, (hits, total)
+
+
+def test_predict_explain_writes_overlay_and_record(bundle, phantoms, tmp_path):
+    image = sorted((phantoms / "covid19").glob("*.png"))[0]
+    result = cli("cxr-run", "predict", "--model", str(bundle), str(image), "--explain", "--samples", "200",
+                 "--explain-dir", str(tmp_path / "ov"), "--seed", "3")
+    record = json.loads(result.stdout.splitlines()[0])
+    explanation = record["explanation"]
+    assert explanation["seed"] == 3 and explanation["samples"] == 200 and explanation["label"] == record["label"]
+    assert {"segmentation_s", "model_s", "fit_s"} <= set(explanation["timing"])
+    assert len(explanation["weights"]) >= 10
+    import cv2
+
+    picture = cv2.imread(explanation["overlay"])
+    assert picture is not None and picture.shape[0] >= 400
+    red = (picture[:, :, 2].astype(int) - picture[:, :, 0]) > 60
+    assert red.any()
+
+
+def test_quickshift_segmenter_and_bad_segmenter(bundle, phantoms):
+    image = _image(phantoms)
+    assert segment(image, "quickshift").max() >= 1
+    from tests.conftest import one_line_error
+
+    result = cli("cxr-run", "predict", "--model", str(bundle), "x.png", "--explain", "--segmenter", "watershed", check=1)
+    assert "--segmenter" in one_line_error(result)
