@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-
 from cxr.runtime.cli_util import new_app, parse_int_list, run_app
 
 app = new_app("Benchmarks: per-image latency, throughput and LIME cost; reports; the quick start.")

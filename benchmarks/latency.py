@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from cxr.bench.environment import environment, slug
 from cxr.runtime.bundle import PRECISIONS, Bundle, engine_name, onnx_name
 from cxr.runtime.errors import CxrError
@@ -71,9 +70,8 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
 
 
 def _torch_runner(run: Path) -> tuple[Runner, Callable[[], None]]:
-    import torch
-
     import cxr.train  # noqa: F401
+    import torch
     from cxr.train.run import load_run
 
     _, model = load_run(run)
@@ -107,7 +105,6 @@ def preprocessing_ms(size: int, images: list[Path] | None = None, count: int = 2
     import tempfile
 
     import cv2
-
     from cxr.runtime.preprocess import load_and_preprocess
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from cxr.bench.environment import environment
 from cxr.runtime.backends.onnxruntime import OrtBackend, OrtExplainer
 from cxr.runtime.bundle import Bundle

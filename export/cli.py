@@ -7,7 +7,6 @@ from typing import Optional
 
 import numpy as np
 import typer
-
 from cxr.runtime.cli_util import new_app, run_app
 
 app = new_app("Export a trained run to a model bundle: ONNX (fp32/fp16/int8), TensorRT engines, parity.")

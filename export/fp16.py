@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-
 from cxr.runtime.errors import CxrError
 
 FP16_SAFE_MAX = 2.0**14  # a 4x margin under fp16's 65504

@@ -8,9 +8,8 @@ only ``z`` (batch x segments, uint8).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from cxr.train.models.adapter import Classifier
+from torch import nn
 
 CLASSIFIER_INPUTS = ("image",)
 CLASSIFIER_OUTPUTS = ("probs",)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
 from cxr.runtime.errors import CxrError
 from cxr.runtime.segment import segment, segment_means
 

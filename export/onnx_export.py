@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
 from cxr.export.graphs import (
-    CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS, EXPLAINER_INPUTS, EXPLAINER_OUTPUTS, Explainer, example_inputs,
+    CLASSIFIER_INPUTS,
+    CLASSIFIER_OUTPUTS,
+    EXPLAINER_INPUTS,
+    EXPLAINER_OUTPUTS,
+    Explainer,
+    example_inputs,
 )
 from cxr.runtime.card import Card, write_card
 from cxr.runtime.errors import CxrError

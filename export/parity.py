@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from cxr.runtime.backends.select import open_classifier
 from cxr.runtime.bundle import Bundle, engine_name, onnx_name
 from cxr.runtime.card import write_card

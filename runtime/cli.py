@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-
 from cxr.runtime.cli_util import new_app, run_app
 
 app = new_app("Run a cxr-edge model bundle on chest X-rays (PNG, JPEG, DICOM): predictions and LIME maps.")
@@ -36,12 +35,12 @@ def predict(
     """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if some failed."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
     from cxr.runtime.bundle import Bundle
+    from cxr.runtime.errors import CxrError
     from cxr.runtime.explain import ExplainConfig
     from cxr.runtime.inputs import expand_inputs
     from cxr.runtime.output import RecordWriter
     from cxr.runtime.predict import PredictOptions, predict_stream
     from cxr.runtime.segment import SEGMENTERS
-    from cxr.runtime.errors import CxrError
 
     if segmenter not in SEGMENTERS:
         raise CxrError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")

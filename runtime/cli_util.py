@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 import typer
-
 from cxr.runtime.errors import CxrError
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.errors import CxrError
 from cxr.runtime.segment import segment, segment_means

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
 from cxr.runtime.labels import COVID_CLASS
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
 def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:

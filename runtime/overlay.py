@@ -6,7 +6,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from cxr.runtime.explain import Explanation, top_segments
 
 DISPLAY_SIZE = 448

@@ -9,14 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
-
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.errors import CxrError
 from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
 from cxr.runtime.overlay import save_overlay
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, load_and_preprocess
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)

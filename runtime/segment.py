@@ -7,7 +7,6 @@ quickshift with lime's own defaults (kernel_size=4, max_dist=200, ratio=0.2) as 
 from __future__ import annotations
 
 import numpy as np
-
 from cxr.runtime.errors import CxrError
 
 SEGMENTERS = ("slic", "quickshift")

@@ -1,19 +1,19 @@
 import json
 import shutil
 
+import cxr.train  # noqa: F401
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
-import cxr.train  # noqa: F401
 from cxr.export.engine_build import Profile, network_flags, profile_shapes, sidecar_facts
 from cxr.export.onnx_export import read_metadata
 from cxr.runtime.card import read_card, record_files, sha256_file, verify_bundle
 from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar, write_sidecar
 from cxr.runtime.errors import CxrError
 from cxr.train.run import load_run
+
 from tests.conftest import cli, one_line_error
 
 

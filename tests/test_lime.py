@@ -2,12 +2,12 @@ import json
 
 import numpy as np
 import pytest
-
 from cxr.runtime.backends.onnxruntime import OrtBackend, OrtExplainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import ExplainConfig, explain_image
 from cxr.runtime.preprocess import load_and_preprocess
 from cxr.runtime.segment import segment, segment_means
+
 from tests.conftest import cli
 
 

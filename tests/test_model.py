@@ -1,8 +1,7 @@
+import cxr.train  # noqa: F401  (registers the DPN-SE family)
 import pytest
 import timm
 import torch
-
-import cxr.train  # noqa: F401  (registers the DPN-SE family)
 from cxr.runtime.errors import CxrError
 from cxr.train.models.dpn_se import ConvThenSE, se_blocks
 from cxr.train.run import build_net, check_arch, check_image_size

@@ -6,10 +6,10 @@ import sys
 import cv2
 import numpy as np
 import pytest
-
 from cxr.runtime.errors import CxrError
 from cxr.runtime.output import RecordWriter
 from cxr.runtime.preprocess import load_and_preprocess, read_image
+
 from tests.conftest import cli, one_line_error
 
 
@@ -176,7 +176,6 @@ def test_batches_stream_within_the_backend_limit(bundle, phantoms):
 
 def test_predictions_equal_the_export_stage_ort_outputs(bundle, phantoms):
     import onnxruntime as ort
-
     from cxr.runtime.backends.select import open_classifier
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.predict import PredictOptions, predict_stream

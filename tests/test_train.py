@@ -4,12 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report
 from cxr.train.augment import PaperAugment, evaluation_view
 from cxr.train.data import load_images, scan_image_folder, split_samples
 from cxr.train.synth import read_lesion_masks
+
 from tests.conftest import cli, one_line_error
 
 

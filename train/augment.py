@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-
 from cxr.runtime.preprocess import center_crop
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from cxr.runtime.cli_util import new_app, run_app
 
 app = new_app("Train and evaluate chest X-ray classifiers (DPN-SE and any timm architecture).")

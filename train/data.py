@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 from cxr.runtime.errors import CxrError
 from cxr.runtime.labels import CLASSES
 from cxr.runtime.preprocess import IMAGE_SUFFIXES, read_image, resize_short_side
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

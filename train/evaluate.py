@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
 from cxr.train.augment import evaluation_view

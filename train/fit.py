@@ -15,9 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
-
 from cxr.runtime.card import Card, InputSpec, Preprocessing, write_card
 from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
@@ -26,6 +23,8 @@ from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_s
 from cxr.train.models.adapter import GrayToNet
 from cxr.train.plots import plot_confusion, plot_curves
 from cxr.train.run import MODEL_FILE, SPLIT_FILE, build_net, check_image_size, net_mean_std
+from torch import nn
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,10 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
-
 from cxr.runtime.card import Card, read_card
 from cxr.runtime.errors import CxrError
 from cxr.train.models.adapter import Classifier, GrayToNet
+from torch import nn
 
 MODEL_FILE = "model.pt"
 SPLIT_FILE = "split.json"

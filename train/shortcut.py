@@ -11,7 +11,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-
 from cxr.runtime.metrics import classification_report
 from cxr.train.data import LoadedImages
 

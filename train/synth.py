@@ -13,10 +13,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
-
 from cxr.runtime.errors import CxrError
 from cxr.runtime.labels import CLASSES
+from tqdm import tqdm
 
 MASKS_FILE = "lesion_masks.npz"
 

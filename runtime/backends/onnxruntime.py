@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from cxr.runtime.backends.base import Backend, BatchLimits, ExplainerBackend
 from cxr.runtime.errors import CxrError
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from cxr.runtime.backends.base import Backend, BatchLimits, ExplainerBackend
 from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar
 from cxr.runtime.errors import CxrError
