@@ -194,3 +194,12 @@ def test_predictions_equal_the_export_stage_ort_outputs(bundle, phantoms):
 def test_info_lists_hashes_and_backends(bundle):
     result = cli("cxr-run", "info", "--model", str(bundle))
     assert "model.onnx" in result.stdout and " ok" in result.stdout and "fp16: onnxruntime" in result.stdout
+
+
+def test_engine_batches_are_padded_to_the_profile_minimum():
+    from cxr.runtime.backends.tensorrt import pad_to_min_batch
+
+    rows = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    padded = pad_to_min_batch(rows, 4)
+    assert padded.shape == (4, 3) and (padded[2:] == rows[-1]).all() and (padded[:2] == rows).all()
+    assert pad_to_min_batch(rows, 1) is rows

@@ -53,6 +53,13 @@ def cuda_call(result: Any) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+def pad_to_min_batch(rows: np.ndarray, minimum: int) -> np.ndarray:
+    """Repeat the last row until the batch reaches the engine profile's minimum batch."""
+    if len(rows) >= minimum:
+        return rows
+    return np.concatenate([rows, np.repeat(rows[-1:], minimum - len(rows), axis=0)])
+
+
 def device_facts() -> dict[str, str]:
     """GPU name and compute capability of device 0, as the sidecar records them."""
     cudart = import_cudart()
@@ -81,6 +88,7 @@ class TrtEngine:
         self.inputs: list[str] = []
         self.outputs: list[str] = []
         self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}  # name -> (device ptr, nbytes, host view)
+        self._host_ptrs: list[Any] = []
         self.max_shapes: dict[str, tuple[int, ...]] = {}
         for index in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(index)
@@ -102,7 +110,7 @@ class TrtEngine:
         raw = (ctypes.c_byte * nbytes).from_address(int(host_ptr))
         host = np.frombuffer(raw, dtype=dtype)
         self.buffers[name] = (int(device_ptr), nbytes, host)
-        self._host_ptrs = getattr(self, "_host_ptrs", []) + [host_ptr]
+        self._host_ptrs.append(host_ptr)
         self.context.set_tensor_address(name, int(device_ptr))
 
     def copy_input(self, name: str, array: np.ndarray) -> int:
@@ -134,7 +142,7 @@ class TrtEngine:
     def close(self) -> None:
         for device, _, _ in self.buffers.values():
             self.cudart.cudaFree(device)
-        for host_ptr in getattr(self, "_host_ptrs", []):
+        for host_ptr in self._host_ptrs:
             self.cudart.cudaFreeHost(host_ptr)
         self.buffers.clear()
         self._host_ptrs = []
@@ -155,10 +163,7 @@ class TrtBackend(Backend):
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         count = len(batch)
-        if count < self.limits.min_batch:  # pad up to the profile's minimum
-            pad = np.repeat(batch[-1:], self.limits.min_batch - count, axis=0)
-            batch = np.concatenate([batch, pad])
-        self.engine.copy_input(self.engine.inputs[0], batch)
+        self.engine.copy_input(self.engine.inputs[0], pad_to_min_batch(batch, self.limits.min_batch))
         return self.engine.execute()[self.engine.outputs[0]][:count].astype(np.float32)
 
     def close(self) -> None:
@@ -185,9 +190,7 @@ class TrtExplainer(ExplainerBackend):
 
     def run(self, z: np.ndarray) -> np.ndarray:
         count = len(z)
-        if count < self.limits.min_batch:
-            z = np.concatenate([z, np.repeat(z[-1:], self.limits.min_batch - count, axis=0)])
-        self.bytes_sent += self.engine.copy_input("z", z.astype(np.uint8))
+        self.bytes_sent += self.engine.copy_input("z", pad_to_min_batch(z, self.limits.min_batch).astype(np.uint8))
         return self.engine.execute()["probs"][:count].astype(np.float32)
 
     def close(self) -> None:
