@@ -100,9 +100,9 @@ class LoadedImages:
     skipped: list[tuple[str, str]]
 
 
-def load_images(samples: list[Sample], size: int, desc: str = "loading") -> LoadedImages:
+def load_images(samples: list[Sample], size: int, desc: str = "loading", disable: bool = False) -> LoadedImages:
     images, labels, shapes, kept, skipped = [], [], [], [], []
-    for sample in tqdm(samples, desc=desc, unit="img", leave=False, disable=len(samples) < 50):
+    for sample in tqdm(samples, desc=desc, unit="img", leave=False, disable=disable or len(samples) < 50):
         try:
             gray = read_image(sample.path)
         except CxrError as exc:

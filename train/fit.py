@@ -1,7 +1,9 @@
 """``cxr-train fit``: train a classifier on an ImageFolder with the paper's augmentation.
 
 Best epoch by validation macro-F1; class imbalance via a weighted loss; mixed precision on CUDA;
-the same seed gives the same result on CPU (one process, fixed batch order and augmentation streams).
+the same seed gives the same result on CPU (fixed batch order and augmentation streams per rank).
+Under ``torchrun --nproc-per-node N`` it trains with DistributedDataParallel: ``--batch-size`` is per
+process, a DistributedSampler shards each epoch, and rank 0 evaluates, logs and writes the run.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
 from cxr.train.augment import PaperAugment, evaluation_view
 from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_samples
+from cxr.train.distributed import DistContext, barrier, init_distributed, shutdown
 from cxr.train.models.adapter import GrayToNet
 from cxr.train.plots import plot_confusion, plot_curves
 from cxr.train.run import MODEL_FILE, SPLIT_FILE, build_net, check_image_size, net_mean_std
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -43,16 +48,6 @@ class FitConfig:
     augment: bool = True
     pretrained: bool = False
     device: str = "auto"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CxrError("--device cuda: no CUDA GPU visible to PyTorch")
-    if name not in ("cpu", "cuda"):
-        raise CxrError(f"--device must be cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
 
 
 def to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -77,43 +72,58 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def fit(config: FitConfig) -> dict[str, Any]:
-    """Train, keep the best epoch, write the run folder; returns the metrics summary."""
+def fit(config: FitConfig) -> dict[str, Any] | None:
+    """Train, keep the best epoch, write the run folder; returns the metrics summary (None on ranks > 0)."""
     if config.epochs < 1 or config.batch_size < 1:
         raise CxrError("--epochs and --batch-size must be at least 1")
-    device = pick_device(config.device)
+    ctx = init_distributed(config.device)
+    try:
+        return _fit(config, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
+    device, quiet = ctx.device, not ctx.is_main
     torch.manual_seed(config.seed)
     classes, samples = scan_image_folder(config.data)
     train_samples, val_samples = split_samples(samples, config.val_split, config.seed)
     net = build_net(config.arch, len(classes), config.pretrained)
     check_image_size(net, config.image_size, config.arch)
-    train = load_images(train_samples, config.image_size, "loading train")
-    val = load_images(val_samples, config.image_size, "loading val")
+    train = load_images(train_samples, config.image_size, "loading train", disable=quiet)
+    val = load_images(val_samples, config.image_size, "loading val", disable=quiet)
     if len(train.images) == 0 or len(val.images) == 0:
         raise CxrError(f"{config.data}: no readable images left after skipping {len(train.skipped) + len(val.skipped)}")
     mean, std = net_mean_std(net)
     adapter = GrayToNet(mean, std).to(device)
     net.to(device)
+    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.distributed else net
+    sampler = DistributedSampler(range(len(train.images)), num_replicas=ctx.world_size, rank=ctx.rank,
+                                 shuffle=True, seed=config.seed)
     lr = config.lr or (3e-4 if config.pretrained else 1e-3)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = config.epochs * max(1, int(np.ceil(len(train.images) / config.batch_size)))
+    steps = config.epochs * max(1, int(np.ceil(len(sampler) / config.batch_size)))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(train.labels, len(classes)).to(device))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     augment = PaperAugment(config.image_size) if config.augment else None
-    val_views = [evaluation_view(im, config.image_size) for im in val.images]
-    config.out.mkdir(parents=True, exist_ok=True)
+    val_views = [evaluation_view(im, config.image_size) for im in val.images] if ctx.is_main else []
+    if ctx.is_main:
+        config.out.mkdir(parents=True, exist_ok=True)
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_macro_f1": -1.0}
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
-        rng = np.random.default_rng([config.seed, epoch])
-        order = rng.permutation(len(train.images))
-        net.train()
+        sampler.set_epoch(epoch)
+        order = np.fromiter(sampler, dtype=np.int64)
+        rng = np.random.default_rng([config.seed, epoch, ctx.rank])
+        model.train()
         losses, seen, epoch_start = [], 0, time.perf_counter()
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch")
+        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
+                   disable=quiet)
         for start in bar:
             idx = order[start : start + config.batch_size]
             views = [augment(train.images[i], rng) if augment else evaluation_view(train.images[i], config.image_size)
@@ -121,7 +131,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
             pixels = to_batch(views, device)
             target = torch.from_numpy(train.labels[idx]).to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(net(adapter(pixels)), target)
+                loss = loss_fn(model(adapter(pixels)), target)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -131,30 +141,36 @@ def fit(config: FitConfig) -> dict[str, Any]:
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         train_seconds = time.perf_counter() - epoch_start
-        probs = predict_probs(net, adapter, val_views, device, config.batch_size)
-        val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs) + 1e-12), torch.from_numpy(val.labels)))
-        report = classification_report(val.labels, probs.argmax(1), classes)
-        row = {
-            "epoch": epoch,
-            "train_loss": float(np.mean(losses)),
-            "val_loss": val_loss,
-            "val_accuracy": report["accuracy"],
-            "val_macro_f1": report["macro_f1"],
-            "train_images_per_s": seen / train_seconds,
-        }
-        history.append(row)
-        tqdm.write(f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
-                   f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)")
-        if report["macro_f1"] > best["val_macro_f1"]:
-            best = {**row, "report": report}
-            torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, config.out / MODEL_FILE)
-    return _write_run(config, classes, train, val, history, best, mean, std, time.perf_counter() - started, device)
+        if ctx.is_main:
+            row, report = _validate(net, adapter, val_views, val, classes, config, device)
+            row.update(epoch=epoch, train_loss=float(np.mean(losses)),
+                       train_images_per_s=seen * ctx.world_size / train_seconds)
+            history.append(row)
+            tqdm.write(f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
+                       f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)")
+            if report["macro_f1"] > best["val_macro_f1"]:
+                best = {**row, "report": report}
+                torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, config.out / MODEL_FILE)
+        barrier(ctx)
+    if not ctx.is_main:
+        return None
+    return _write_run(config, classes, train, val, history, best, mean, std, time.perf_counter() - started, ctx)
+
+
+def _validate(net: nn.Module, adapter: GrayToNet, views: list[np.ndarray], val: LoadedImages,
+              classes: tuple[str, ...], config: FitConfig, device: torch.device) -> tuple[dict[str, Any], dict]:
+    """Rank 0 only, on the unwrapped module (DDP's forward would wait for the other ranks)."""
+    probs = predict_probs(net, adapter, views, device, config.batch_size)
+    val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs) + 1e-12), torch.from_numpy(val.labels)))
+    report = classification_report(val.labels, probs.argmax(1), classes)
+    row = {"val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
+    return row, report
 
 
 def _write_run(
     config: FitConfig, classes: tuple[str, ...], train: LoadedImages, val: LoadedImages,
     history: list[dict[str, Any]], best: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...],
-    seconds: float, device: torch.device,
+    seconds: float, ctx: DistContext,
 ) -> dict[str, Any]:
     out = config.out
     report = best["report"]
@@ -169,7 +185,8 @@ def _write_run(
     training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     training.update(
         data=str(Path(config.data).resolve()), best_epoch=best["epoch"], n_train=len(train.images),
-        n_val=len(val.images), skipped=len(skipped), seconds=round(seconds, 1), device=str(device),
+        n_val=len(val.images), skipped=len(skipped), seconds=round(seconds, 1), device=str(ctx.device),
+        world_size=ctx.world_size,
         torch=torch.__version__,
     )
     card = Card(
