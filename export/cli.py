@@ -1,4 +1,4 @@
-"""``cxr-export``: run -> bundle (onnx), fp16 and int8 graphs, TensorRT engines, parity report."""
+"""``cxr-export``: run -> bundle (onnx), fp16 and int8 graphs, TensorRT engines, parity report, Triton repository."""
 
 from __future__ import annotations
 
@@ -133,6 +133,46 @@ def parity(
              "int8": Rule(int8_agreement, max_metric_delta_pt=int8_max_delta)}
     results = run_parity(bundle, data, [b.strip() for b in backends.split(",") if b.strip()], rules, report, run)
     return 0 if results["passed"] else 1
+
+
+@app.command()
+def triton(
+    bundle: Path = typer.Argument(..., help="Bundle folder."),
+    out: Path = typer.Option(..., "--out", help="Model repository folder (created; the model folder is replaced)."),
+    precision: str = typer.Option("fp16", help="fp32, fp16 or int8: which engine / graph to serve."),
+    max_batch: int = typer.Option(64, help="Triton max_batch_size (must fit the engine profile)."),
+    format: str = typer.Option("auto", "--format", help="auto (plan if the bundle has one, else ONNX), tensorrt or onnx."),
+    kind: str = typer.Option("gpu", help="Instance kind: gpu or cpu (ONNX only)."),
+    instances: int = typer.Option(1, help="Model instances per device."),
+    max_queue_delay_us: int = typer.Option(2000, help="Dynamic batching: longest wait to form a batch."),
+    trt_accelerator: bool = typer.Option(False, "--trt-accelerator", help="ONNX on GPU: let ORT hand the graph to TensorRT."),
+    name: str = typer.Option("cxr", help="Model name in the repository."),
+) -> None:
+    """A Triton model repository (config.pbtxt, model file, labels, client preprocessing note), validated."""
+    from cxr.export.triton_repo import RepoOptions, export_repository
+    from cxr.runtime.bundle import Bundle
+
+    options = RepoOptions(precision, max_batch, format, kind, instances, max_queue_delay_us, trt_accelerator, name)
+    model_dir = export_repository(Bundle.open(bundle), out, options)
+    config = (model_dir / "config.pbtxt").read_text()
+    platform = config.split('platform: "')[1].split('"')[0]
+    print(f"wrote {model_dir} ({platform}, max_batch_size {max_batch}); serve with: "
+          f"tritonserver --model-repository {out}")
+
+
+@app.command("triton-check")
+def triton_check(
+    repo: Path = typer.Argument(..., help="Model repository folder."),
+    name: str = typer.Option("cxr", help="Model name in the repository."),
+) -> int:
+    """Check a model repository against its graph: names, dtypes, dims, batch limits, labels. Exit 1 on problems."""
+    from cxr.export.triton_repo import validate_repository
+
+    problems = validate_repository(repo, name)
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{repo / name}: " + (f"{len(problems)} problem(s)" if problems else "valid"))
+    return 1 if problems else 0
 
 
 def main() -> None:

@@ -1,0 +1,306 @@
+"""A Triton Inference Server model repository from a bundle: the TensorRT plan or the ONNX classifier.
+
+``config.pbtxt`` is built as Triton's own ``ModelConfig`` protobuf (from tritonclient) and written in
+text format; input/output names, dtypes and dims are read from the ONNX graph the model came from
+(a strongly typed plan keeps the graph's I/O types), and ``max_batch_size`` must fit the engine
+profile. ``validate_repository`` checks a repository (ours or hand-edited) against its graph.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
+from cxr.runtime.card import Card
+from cxr.runtime.engine_sidecar import read_sidecar, sidecar_path
+from cxr.runtime.errors import CxrError
+
+FORMATS = ("auto", "tensorrt", "onnx")
+KINDS = ("gpu", "cpu")
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnx": "onnxruntime_onnx"}
+MODEL_FILES = {"tensorrt": "model.plan", "onnx": "model.onnx"}
+LABELS_FILE = "labels.txt"
+CLIENT_NOTE = "CLIENTS.md"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output; ``dims`` excludes the batch axis (-1 = dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int, ...]
+    batched: bool
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    precision: str = "fp16"
+    max_batch: int = 64
+    format: str = "auto"
+    kind: str = "gpu"
+    instances: int = 1
+    max_queue_delay_us: int = 2000
+    trt_accelerator: bool = False
+    name: str = "cxr"
+
+
+def _model_config_pb2():
+    try:
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise CxrError("Triton export needs tritonclient: pip install 'cxr-edge[export]'") from None
+    return model_config_pb2
+
+
+def _text_format():
+    from google.protobuf import text_format
+
+    return text_format
+
+
+def graph_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX graph; the first axis is the batch when it is symbolic."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def spec(value) -> TensorSpec:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        batched = bool(dims) and dims[0] == -1
+        return TensorSpec(value.name, np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)),
+                          tuple(dims[1:] if batched else dims), batched)
+
+    inputs = [spec(v) for v in graph.input if v.name not in initializers]
+    return inputs, [spec(v) for v in graph.output]
+
+
+def triton_type(dtype: np.dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    name = np_to_triton_dtype(dtype)
+    if name is None:
+        raise CxrError(f"dtype {dtype} has no Triton equivalent")
+    return f"TYPE_{name}"
+
+
+def choose_format(bundle: Bundle, options: RepoOptions) -> str:
+    if options.format not in FORMATS:
+        raise CxrError(f"--format must be one of {', '.join(FORMATS)}, got {options.format!r}")
+    has_plan = bundle.has(engine_name("model", options.precision))
+    if options.format == "tensorrt" and not has_plan:
+        raise CxrError(f"--format tensorrt: no {engine_name('model', options.precision)} in {bundle.folder} "
+                       f"(build it on the serving GPU: 'cxr-export build-engine {bundle.folder} --precision {options.precision}')")
+    if options.format == "auto":
+        return "tensorrt" if has_plan else "onnx"
+    return options.format
+
+
+def _check_options(options: RepoOptions, fmt: str) -> None:
+    check_precision(options.precision)
+    if options.kind not in KINDS:
+        raise CxrError(f"--kind must be one of {', '.join(KINDS)}, got {options.kind!r}")
+    if options.max_batch < 1 or options.instances < 1 or options.max_queue_delay_us < 0:
+        raise CxrError("--max-batch and --instances must be at least 1, --max-queue-delay-us at least 0")
+    if fmt == "tensorrt" and options.kind == "cpu":
+        raise CxrError("a TensorRT plan runs only on a GPU: use --kind gpu or --format onnx")
+    if options.trt_accelerator and (fmt != "onnx" or options.kind != "gpu"):
+        raise CxrError("--trt-accelerator applies to the ONNX graph on a GPU (--format onnx --kind gpu)")
+    if not options.name.replace("_", "").replace("-", "").isalnum():
+        raise CxrError(f"--name must be letters, digits, '-' or '_', got {options.name!r}")
+
+
+def profile_max_batch(facts: dict) -> tuple[int, int]:
+    """(min, max) batch of the plan's profile for its ``image`` input."""
+    try:
+        shape = facts["profile"]["image"]
+        return int(shape["min"][0]), int(shape["max"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise CxrError("the engine sidecar has no profile for 'image'; rebuild with 'cxr-export build-engine'") from None
+
+
+def build_config(options: RepoOptions, fmt: str, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+    """Triton's ModelConfig: I/O from the graph, dynamic batching, instance group, optional TRT accelerator."""
+    mc = _model_config_pb2()
+    config = mc.ModelConfig(name=options.name, platform=PLATFORMS[fmt], max_batch_size=options.max_batch)
+    for spec in inputs:
+        config.input.add(name=spec.name, data_type=mc.DataType.Value(triton_type(spec.dtype)), dims=list(spec.dims))
+    for spec in outputs:
+        config.output.add(name=spec.name, data_type=mc.DataType.Value(triton_type(spec.dtype)), dims=list(spec.dims),
+                          label_filename=LABELS_FILE if spec.name == "probs" else "")
+    preferred = sorted({b for b in (4, 8, 16, 32, options.max_batch) if b <= options.max_batch})
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    kind = mc.ModelInstanceGroup.Kind.Value("KIND_GPU" if options.kind == "gpu" else "KIND_CPU")
+    config.instance_group.add(count=options.instances, kind=kind)
+    if options.trt_accelerator:
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator.parameters["precision_mode"] = "FP16" if options.precision == "fp16" else "FP32"
+        accelerator.parameters["max_workspace_size_bytes"] = str(1 << 30)
+    return config
+
+
+def client_note(card: Card, options: RepoOptions, fmt: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
+    size = card.input.size
+    io = "\n".join(f"- input `{s.name}`: {triton_type(s.dtype)} [batch, {', '.join(map(str, s.dims))}]" for s in inputs)
+    io += "\n" + "\n".join(f"- output `{s.name}`: {triton_type(s.dtype)} [batch, {', '.join(map(str, s.dims))}]"
+                           for s in outputs)
+    return f"""# {options.name}: cxr-edge {card.arch} ({fmt}, {options.precision})
+
+Classes, in output order: {', '.join(card.classes)} (also `{LABELS_FILE}`).
+
+{io}
+
+## Preprocessing the client must do
+The graph takes **uint8 grayscale pixels** and normalises them itself (x/255, ImageNet mean/std, grayscale
+repeated to 3 channels). Before sending, each image is:
+1. decoded to grayscale (DICOM: modality LUT/VOI window applied, MONOCHROME1 inverted), scaled to uint8;
+2. resized so its **short side is {size}** ({card.preprocessing.interpolation} interpolation);
+3. **centre-cropped to {size} x {size}**, sent as [1, {size}, {size}].
+
+`cxr-run predict --server URL --model BUNDLE` does exactly this with the same reader as local predict.
+Any other client: reproduce steps 1-3 or results will drift from the validated model.
+"""
+
+
+def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
+    """Write REPO/NAME/{config.pbtxt, 1/model.*, labels.txt, card.json, CLIENTS.md}; returns the model folder."""
+    fmt = choose_format(bundle, options)
+    _check_options(options, fmt)
+    source = bundle.onnx_path("model", options.precision) if fmt == "onnx" else None
+    if fmt == "tensorrt":
+        plan = bundle.verified(engine_name("model", options.precision))
+        facts = read_sidecar(plan)
+        low, high = profile_max_batch(facts)
+        if options.max_batch > high or low > 1:
+            raise CxrError(f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
+                           f"Triton needs 1..max_batch inside it (use --max-batch {high} or rebuild the engine)")
+        source = bundle.verified(facts.get("source_onnx") or onnx_name("model", options.precision))
+    inputs, outputs = graph_io(source)
+    config = build_config(options, fmt, inputs, outputs)
+    model_dir = out / options.name
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    (model_dir / "1").mkdir(parents=True)
+    if fmt == "tensorrt":
+        shutil.copyfile(plan, model_dir / "1" / MODEL_FILES[fmt])
+        shutil.copyfile(sidecar_path(plan), model_dir / "engine.json")
+    else:
+        shutil.copyfile(source, model_dir / "1" / MODEL_FILES[fmt])
+    (model_dir / "config.pbtxt").write_text(_text_format().MessageToString(config))
+    (model_dir / LABELS_FILE).write_text("\n".join(bundle.card.classes) + "\n")
+    (model_dir / "card.json").write_text(json.dumps(bundle.card.to_dict(), indent=2) + "\n")
+    (model_dir / CLIENT_NOTE).write_text(client_note(bundle.card, options, fmt, inputs, outputs))
+    problems = validate_repository(out, options.name)
+    if problems:
+        raise CxrError(f"{model_dir}: generated repository does not validate: {'; '.join(problems)}")
+    return model_dir
+
+
+def read_config(model_dir: Path):
+    """Parse config.pbtxt into Triton's ModelConfig; a one-line error when it is not valid text format."""
+    mc = _model_config_pb2()
+    path = model_dir / "config.pbtxt"
+    if not path.is_file():
+        raise CxrError(f"{model_dir}: no config.pbtxt")
+    try:
+        return _text_format().Parse(path.read_text(), mc.ModelConfig())
+    except _text_format().ParseError as exc:
+        raise CxrError(f"{path}: not a valid Triton model config ({exc})") from None
+
+
+def plan_io(plan: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """I/O of a TensorRT plan, read by TensorRT itself (only where TensorRT is installed)."""
+    from cxr.runtime.backends.tensorrt import import_tensorrt
+
+    trt = import_tensorrt()
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise CxrError(f"{plan}: TensorRT could not deserialize this plan (other TensorRT version or GPU?)")
+    inputs, outputs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dims = tuple(engine.get_tensor_shape(name))
+        spec = TensorSpec(name, np.dtype(trt.nptype(engine.get_tensor_dtype(name))), tuple(dims[1:]), dims[0] == -1)
+        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
+    return inputs, outputs
+
+
+def _compare(kind: str, declared, graph: list[TensorSpec], problems: list[str]) -> None:
+    mc = _model_config_pb2()
+    by_name = {spec.name: spec for spec in graph}
+    names = [t.name for t in declared]
+    if sorted(names) != sorted(by_name):
+        problems.append(f"{kind} names {names} differ from the graph's {sorted(by_name)}")
+    for tensor in declared:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            continue
+        declared_type = mc.DataType.Name(tensor.data_type)
+        if declared_type != triton_type(spec.dtype):
+            problems.append(f"{kind} {tensor.name}: {declared_type} but the graph has {triton_type(spec.dtype)}")
+        dims = tuple(tensor.dims)
+        fits = len(dims) == len(spec.dims) and all(g == -1 or g == d for d, g in zip(dims, spec.dims))
+        if not fits:
+            problems.append(f"{kind} {tensor.name}: dims {list(dims)} but the graph has {list(spec.dims)} (batch excluded)")
+
+
+def _model_file(model_dir: Path, platform: str) -> Path | None:
+    name = {v: MODEL_FILES[k] for k, v in PLATFORMS.items()}.get(platform)
+    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    if name is None or not versions:
+        return None
+    path = versions[-1] / name
+    return path if path.is_file() else None
+
+
+def validate_repository(repo: Path, name: str) -> list[str]:
+    """Problems that would make Triton refuse the model or serve wrong answers (empty list: valid)."""
+    model_dir = repo / name
+    if not model_dir.is_dir():
+        return [f"{repo}: no model folder {name!r}"]
+    try:
+        config = read_config(model_dir)
+    except CxrError as exc:
+        return [str(exc)]
+    problems: list[str] = []
+    if config.name and config.name != name:
+        problems.append(f"config name {config.name!r} differs from its folder {name!r}")
+    model_file = _model_file(model_dir, config.platform)
+    if model_file is None:
+        return problems + [f"no {MODEL_FILES.get('tensorrt' if config.platform == 'tensorrt_plan' else 'onnx')} "
+                           f"in a numeric version folder for platform {config.platform!r}"]
+    if config.platform == "onnxruntime_onnx":
+        inputs, outputs = graph_io(model_file)
+    else:
+        facts = json.loads((model_dir / "engine.json").read_text()) if (model_dir / "engine.json").is_file() else {}
+        if facts:
+            low, high = profile_max_batch(facts)
+            if config.max_batch_size > high or low > 1:
+                problems.append(f"max_batch_size {config.max_batch_size} outside the engine profile {low}..{high}")
+        from cxr.runtime.backends.tensorrt import tensorrt_available
+
+        if not tensorrt_available():
+            return problems  # names/dtypes of a plan can only be read by TensorRT
+        inputs, outputs = plan_io(model_file)
+    _compare("input", config.input, inputs, problems)
+    _compare("output", config.output, outputs, problems)
+    if config.max_batch_size > 0 and not all(s.batched for s in inputs + outputs):
+        problems.append("max_batch_size > 0 but the graph has a fixed first axis")
+    too_big = [b for b in config.dynamic_batching.preferred_batch_size if b > config.max_batch_size]
+    if too_big:
+        problems.append(f"preferred_batch_size {too_big} above max_batch_size {config.max_batch_size}")
+    for tensor in config.output:
+        labels = model_dir / tensor.label_filename if tensor.label_filename else None
+        if labels is not None:
+            count = len(labels.read_text().split()) if labels.is_file() else 0
+            if count != (tensor.dims[-1] if tensor.dims else 0):
+                problems.append(f"{tensor.label_filename}: {count} labels for {list(tensor.dims)} outputs")
+    return problems
