@@ -6,6 +6,7 @@ Every problem with a file is a one-line ``CxrError``, so a batch can record it a
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from cxr.runtime.errors import CxrError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard; a 4k x 4k DICOM is 16 MP
 MIN_SIDE = 16
+MAX_FILE_BYTES = 1 << 30  # an uncompressed 16-bit RGBA image at the pixel limit is 512 MB
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic"}
 
@@ -31,57 +33,63 @@ def sniff_format(head: bytes) -> str | None:
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a chest X-ray to a 2-D uint8 grayscale array (any size)."""
+    """Decode a chest X-ray file to a 2-D uint8 grayscale array (any size)."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
+        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
+            raise CxrError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB file, larger than any image accepted here")
+        data = path.read_bytes()
     except IsADirectoryError:
         raise CxrError(f"{path}: folder contains no PNG, JPEG or DICOM images") from None
     except FileNotFoundError:
         raise CxrError(f"{path}: no such file (or a pattern that matched nothing)") from None
     except OSError as exc:
         raise CxrError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not head:
-        raise CxrError(f"{path}: empty file (0 bytes)")
-    kind = sniff_format(head)
-    if kind is None and path.suffix.lower() in DICOM_SUFFIXES:
+    return decode_image(data, str(path), path.suffix, max_pixels)
+
+
+def decode_image(data: bytes, name: str, suffix: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded bytes (a file's or a request's) to 2-D uint8 grayscale; ``name`` prefixes errors."""
+    if not data:
+        raise CxrError(f"{name}: empty file (0 bytes)")
+    kind = sniff_format(data[:132])
+    if kind is None and suffix.lower() in DICOM_SUFFIXES:
         kind = "dicom"  # DICOM files without the 128-byte preamble still exist in the wild
     if kind == "dicom":
-        gray = _read_dicom(path, max_pixels)
+        gray = _read_dicom(data, name, max_pixels)
     elif kind in ("png", "jpeg"):
-        gray = _read_raster(path, kind, max_pixels)
+        gray = _read_raster(data, name, kind, max_pixels)
     else:
-        raise CxrError(f"{path}: not a PNG, JPEG or DICOM image")
+        raise CxrError(f"{name}: not a PNG, JPEG or DICOM image")
     if min(gray.shape) < MIN_SIDE:
-        raise CxrError(f"{path}: image is {gray.shape[1]}x{gray.shape[0]} px, smaller than {MIN_SIDE} px a side")
+        raise CxrError(f"{name}: image is {gray.shape[1]}x{gray.shape[0]} px, smaller than {MIN_SIDE} px a side")
     return gray
 
 
-def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise CxrError(
-            f"{path}: {width}x{height} px exceeds the pixel limit of {max_pixels:,} (raise --max-pixels if genuine)"
+            f"{name}: {width}x{height} px exceeds the pixel limit of {max_pixels:,} (raise --max-pixels if genuine)"
         )
 
 
-def _read_raster(path: Path, kind: str, max_pixels: int) -> np.ndarray:
+def _read_raster(data: bytes, name: str, kind: str, max_pixels: int) -> np.ndarray:
     from PIL import Image  # header-only read, so the size check happens before any decode
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
     except Exception as exc:  # PIL raises many types for broken headers
-        raise CxrError(f"{path}: corrupt {kind.upper()} header ({type(exc).__name__})") from None
-    _check_pixels(path, width, height, max_pixels)
-    data = np.fromfile(path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+        raise CxrError(f"{name}: corrupt {kind.upper()} header ({type(exc).__name__})") from None
+    _check_pixels(name, width, height, max_pixels)
+    encoded = np.frombuffer(data, dtype=np.uint8)
+    image = cv2.imdecode(encoded, cv2.IMREAD_UNCHANGED)
     if image is None or image.shape[0] != height or image.shape[1] != width:
-        raise CxrError(f"{path}: corrupt or truncated {kind.upper()} data")
-    if kind == "jpeg" and _jpeg_truncated(data):
-        raise CxrError(f"{path}: truncated JPEG (no end-of-image marker)")
+        raise CxrError(f"{name}: corrupt or truncated {kind.upper()} data")
+    if kind == "jpeg" and _jpeg_truncated(encoded):
+        raise CxrError(f"{name}: truncated JPEG (no end-of-image marker)")
     return to_uint8(to_gray(image))
 
 
@@ -115,12 +123,12 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
+def _read_dicom(data: bytes, path: str, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
         raise CxrError(f"{path}: corrupt DICOM ({type(exc).__name__})") from None
     if "PixelData" not in ds:
