@@ -20,8 +20,11 @@ def predict(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
     model: Path = typer.Option(..., "--model", help="Model bundle folder (from 'cxr-export onnx')."),
     backend: str = typer.Option("auto", help="auto (engine -> ORT GPU -> ORT CPU), tensorrt or onnxruntime."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8: which graph / engine."),
+    precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8: which graph / engine."),
     batch_size: int = typer.Option(16, help="Images per backend call (capped by the engine profile)."),
+    server: Optional[str] = typer.Option(None, "--server", help="Send to a 'cxr-run serve' server instead: http://HOST:PORT or grpc://HOST:PORT."),
+    server_model: str = typer.Option("cxr", help="Model name on the server."),
+    timeout: float = typer.Option(30.0, help="With --server: seconds to wait for each reply."),
     out: Optional[Path] = typer.Option(None, "--out", help="FILE.jsonl or FILE.csv (default: JSON lines on stdout)."),
     top_k: int = typer.Option(0, help="Also list the K most probable classes."),
     max_pixels: int = typer.Option(64_000_000, help="Refuse images larger than this (decompression bombs)."),
@@ -51,11 +54,14 @@ def predict(
     if explain and explain_dir is None:
         explain_dir = (out.parent if out else Path(".")) / "explanations"
     paths = expand_inputs(inputs)
-    classifier, reason = open_classifier(bundle, backend, precision)
+    if server is not None:
+        classifier, reason = _open_server(server, server_model, timeout, bundle, backend, precision, explain)
+    else:
+        classifier, reason = open_classifier(bundle, backend, precision or "fp32")
     failed = 0
     with classifier:
-        print(f"backend: {classifier.name} {precision} ({reason})", file=sys.stderr)
-        explainer = open_explainer(bundle, classifier.name, precision)[0] if explain else None
+        print(f"backend: {classifier.name} {classifier.precision} ({reason})", file=sys.stderr)
+        explainer = open_explainer(bundle, classifier.name, classifier.precision)[0] if explain else None
         try:
             options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir)
             with RecordWriter(out, bundle.card.classes) as writer:
@@ -69,6 +75,30 @@ def predict(
     print(summary + (f"; {failed} failed (see their 'error')" if failed else "") + (f"; wrote {out}" if out else ""),
           file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str, precision: Optional[str],
+                 explain: bool):
+    """The remote classifier, after checking the server runs this bundle's model; a down server is not fatal
+    (every file then gets the connection error, as a failed file does locally)."""
+    from cxr.runtime.backends.triton_client import TritonClientBackend, model_mismatch
+    from cxr.runtime.errors import CxrError
+
+    if explain:
+        raise CxrError("--explain runs on the local backend; drop --server to explain")
+    if backend != "auto":
+        raise CxrError("--backend is chosen by the server; drop it with --server")
+    remote = TritonClientBackend(url, model_name, timeout)
+    try:
+        served = remote.server_card()
+    except CxrError as exc:
+        return remote, f"not reachable: {exc}"
+    mismatch = model_mismatch(bundle.card, served)
+    if mismatch:
+        raise CxrError(f"server {url} serves another model than {bundle.folder} ({mismatch})")
+    if precision and precision != remote.precision:
+        raise CxrError(f"--precision {precision}: server {url} runs {remote.precision}")
+    return remote, f"server {url}, model {model_name}"
 
 
 @app.command()
@@ -97,6 +127,39 @@ def info(model: Path = typer.Option(..., "--model", help="Model bundle folder.")
         if bundle.has(engine_name("model", precision)):
             ways.append("tensorrt" if tensorrt_available() else "tensorrt engine present, TensorRT not installed")
         print(f"  {precision}: {'; '.join(ways) if ways else 'no graph (create it with cxr-export)'}")
+
+
+@app.command()
+def serve(
+    model: Path = typer.Option(..., "--model", help="Model bundle folder."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    http_port: int = typer.Option(8000, help="HTTP/REST port (KServe v2 protocol)."),
+    grpc_port: int = typer.Option(8001, help="gRPC port."),
+    metrics_port: int = typer.Option(8002, help="Prometheus metrics port (/metrics)."),
+    max_batch: int = typer.Option(64, help="Largest batch Triton's dynamic batcher forms."),
+    max_queue_delay_us: int = typer.Option(2000, help="Longest wait for more requests before running a batch."),
+    max_queue: int = typer.Option(0, help="Reject requests beyond this many queued (0: no limit)."),
+    instances: int = typer.Option(1, help="Model instances (each its own backend session)."),
+    backend: str = typer.Option("auto", help="auto (engine -> ORT GPU -> ORT CPU), tensorrt or onnxruntime."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
+    max_pixels: int = typer.Option(64_000_000, help="Refuse encoded images larger than this."),
+    name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),
+    log_file: Optional[Path] = typer.Option(None, help="Triton's log (default: cxr-triton-HTTP_PORT.log in the temp folder)."),
+) -> None:
+    """Serve the bundle through NVIDIA Triton Inference Server (PyTriton): dynamic batching, health, metrics."""
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.serve import ServeOptions, triton_log_file
+    from cxr.runtime.serve import serve as run_server
+
+    options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, max_queue,
+                           instances, backend, precision, max_pixels, name, log_file)
+
+    def ready(backend_line: str) -> None:
+        print(f"serving {name} on http://{host}:{http_port} (gRPC {host}:{grpc_port}, metrics "
+              f"http://{host}:{metrics_port}/metrics) with {backend_line}; Triton log: {triton_log_file(options)}; "
+              "Ctrl+C stops", file=sys.stderr, flush=True)
+
+    run_server(Bundle.open(model), options, ready)
 
 
 def main() -> None:

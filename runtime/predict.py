@@ -57,8 +57,13 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
                 images.append(None)
             records.append(record)
         good = [i for i, im in enumerate(images) if im is not None]
+        try:
+            probs = backend.run(np.stack([images[i] for i in good])[:, None]) if good else []
+        except CxrError as exc:  # a failed backend call (e.g. server down) fails this batch's files only
+            for i in good:
+                records[i]["error"] = str(exc)
+            probs, good = [], []
         if good:
-            probs = backend.run(np.stack([images[i] for i in good])[:, None])
             for i, row in zip(good, probs):
                 record = records[i]
                 record["label"] = classes[int(np.argmax(row))]

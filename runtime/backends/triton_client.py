@@ -1,0 +1,137 @@
+"""A classifier backend that sends preprocessed uint8 batches to ``cxr-run serve`` (or any Triton serving it).
+
+The client preprocesses with the same reader as local predict, so records and per-file errors match;
+every network or server failure is a one-line ``CxrError`` that the caller records per file.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+from cxr.runtime.backends.base import Backend, BatchLimits
+from cxr.runtime.card import Card
+from cxr.runtime.errors import CxrError
+
+SCHEMES = ("http", "grpc")
+CONSECUTIVE_FAILURES_TO_GIVE_UP = 3
+
+
+def parse_server_url(url: str) -> tuple[str, str]:
+    """``http://host:port``, ``grpc://host:port`` or ``host:port`` (HTTP) -> (scheme, host:port)."""
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    if parsed.scheme not in SCHEMES or not parsed.hostname or parsed.path not in ("", "/"):
+        raise CxrError(f"--server must look like http://HOST:PORT or grpc://HOST:PORT, got {url!r}")
+    try:
+        port = parsed.port or (8001 if parsed.scheme == "grpc" else 8000)
+    except ValueError:
+        raise CxrError(f"--server {url!r}: the port is not a number from 1 to 65535") from None
+    return parsed.scheme, f"{parsed.hostname}:{port}"
+
+
+def _reason(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    text = message() if callable(message) else str(exc)
+    text = " ".join((text or type(exc).__name__).split())
+    if isinstance(exc, (TimeoutError, OSError)) and not text:
+        text = type(exc).__name__
+    return text[:300]
+
+
+def model_mismatch(local: Card, served: dict[str, Any]) -> str | None:
+    """Why the server's model is not the local bundle's (None when the fp32 graph, classes and input agree).
+
+    The fp32 graph's hash names the trained model; engines or fp16 graphs added later do not change it.
+    """
+    card = served.get("card", {})
+    ours = json.loads(json.dumps(local.to_dict()))  # tuples -> lists, as the server's JSON has them
+    checks = {
+        "model.onnx sha256": (ours.get("files", {}).get("model.onnx"), card.get("files", {}).get("model.onnx")),
+        "classes": (ours.get("classes"), card.get("classes")),
+        "input": (ours.get("input"), card.get("input")),
+        "preprocessing": (ours.get("preprocessing"), card.get("preprocessing")),
+    }
+    differ = [name for name, (mine, theirs) in checks.items() if mine != theirs]
+    return f"{', '.join(differ)} differ" if differ else None
+
+
+class TritonClientBackend(Backend):
+    """``run(N x 1 x S x S uint8)`` over KServe v2 (HTTP or gRPC) against the NAME model of a cxr server."""
+
+    def __init__(self, url: str, model_name: str = "cxr", timeout_s: float = 30.0) -> None:
+        if timeout_s <= 0:
+            raise CxrError("--timeout must be more than 0 seconds")
+        self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
+        self.scheme, self.address = parse_server_url(url)
+        self.name, self.precision = "triton", ""
+        self.failures = 0
+        self._client: Any = None
+        self._module: Any = None
+
+    def _connect(self) -> tuple[Any, Any]:
+        if self._client is None:
+            try:
+                if self.scheme == "grpc":
+                    import tritonclient.grpc as module
+
+                    self._client = module.InferenceServerClient(self.address)
+                else:
+                    import tritonclient.http as module
+
+                    self._client = module.InferenceServerClient(
+                        self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+            except ImportError:
+                raise CxrError("--server needs tritonclient: pip install 'cxr-edge[serve]'") from None
+            self._module = module
+        return self._client, self._module
+
+    def _infer(self, model: str, name: str, data: np.ndarray, datatype: str, output: str) -> np.ndarray:
+        if self.failures >= CONSECUTIVE_FAILURES_TO_GIVE_UP:
+            raise CxrError(f"server {self.url}: gave up after {self.failures} failed requests in a row ({self.last_error})")
+        try:
+            client, module = self._connect()
+            request = module.InferInput(name, list(data.shape), datatype)
+            request.set_data_from_numpy(data)
+            extra = {"client_timeout": self.timeout_s} if self.scheme == "grpc" else {}
+            result = client.infer(model, [request], outputs=[module.InferRequestedOutput(output)], **extra)
+            values = result.as_numpy(output)
+        except CxrError:
+            raise
+        except Exception as exc:  # socket, gevent, grpc and Triton errors all mean "this request failed"
+            self.failures += 1
+            self.last_error = _reason(exc)
+            self.close()  # a fresh connection for the next try
+            raise CxrError(f"server {self.url}: {self.last_error}") from None
+        self.failures = 0
+        if values is None:
+            raise CxrError(f"server {self.url}: reply has no {output!r} output")
+        return values
+
+    def server_card(self) -> dict[str, Any]:
+        """The card and backend the server runs (from the NAME_card model)."""
+        reply = self._infer(f"{self.model_name}_card", "query", np.array([[b"card"]], dtype=object), "BYTES", "card")
+        try:
+            info = json.loads(bytes(reply.reshape(-1)[0]))
+        except (ValueError, TypeError):
+            raise CxrError(f"server {self.url}: {self.model_name}_card did not reply with JSON") from None
+        self.name = f"triton:{info.get('backend', '?')}"
+        self.precision = info.get("precision", "")
+        batch = int(info.get("max_batch", 64))
+        self.limits = BatchLimits(1, max(1, batch))
+        return info
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        probs = self._infer(self.model_name, "image", np.ascontiguousarray(batch, dtype=np.uint8), "UINT8", "probs")
+        if probs.shape[0] != batch.shape[0]:
+            raise CxrError(f"server {self.url}: {probs.shape[0]} results for {batch.shape[0]} images")
+        return probs.astype(np.float32)
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+            self._client = None

@@ -1,0 +1,177 @@
+"""``cxr-run serve``: the cxr runtime as a model inside NVIDIA Triton Inference Server (via PyTriton).
+
+Three models are bound (NAME defaults to ``cxr``):
+- ``NAME``: uint8 pixels [N, 1, S, S], preprocessed by the client as in CLIENTS.md -> ``probs`` [N, C].
+- ``NAME_encoded``: encoded PNG/JPEG/DICOM bytes [N, 1], decoded server-side with the same reader as
+  ``cxr-run predict`` -> ``probs`` [N, C] (NaN for a bad image) and ``error`` [N, 1] (empty when fine),
+  so one bad image never fails the other requests batched with it.
+- ``NAME_card``: the bundle card as JSON plus the serving backend, so clients can check they talk to
+  the model they validated.
+Triton does the rest: dynamic batching, queue limits, dtype/shape checks, health, ready and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cxr.runtime.backends.base import Backend
+from cxr.runtime.bundle import Bundle
+from cxr.runtime.card import sha256_file
+from cxr.runtime.errors import CxrError
+from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_batch: int = 64
+    max_queue_delay_us: int = 2000
+    max_queue: int = 0  # 0: unbounded; otherwise requests beyond it are rejected at once
+    instances: int = 1
+    backend: str = "auto"
+    precision: str = "fp32"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    name: str = "cxr"
+    log_file: Path | None = None  # Triton's own log; None: a file in the temp folder
+
+
+def card_reply(bundle: Bundle, backend: Backend, max_batch: int) -> dict:
+    return {"card": bundle.card.to_dict(), "card_sha256": sha256_file(bundle.folder / "card.json"),
+            "backend": backend.name, "precision": backend.precision, "max_batch": max_batch}
+
+
+def python_library_dir() -> str | None:
+    """This interpreter's libpython folder, when it has a shared libpython.
+
+    Triton's Python-backend stub links ``libpython3.X.so``; without help the loader finds the system's
+    copy, and a venv from another 3.X build (pyenv, conda, uv) then fails to load the model
+    (``RLock has no attribute _recursion_count``). Putting our own LIBDIR first makes them match.
+    """
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        return None
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    return libdir if libdir and soname and (Path(libdir) / soname).is_file() else None
+
+
+def prepare_stub_environment() -> None:
+    libdir = python_library_dir()
+    if libdir is None:
+        print(f"warning: {sys.executable} has no shared libpython; Triton's Python stub will use the system's "
+              f"libpython{sys.version_info.major}.{sys.version_info.minor}. If models fail to load, make the venv "
+              f"from the system Python (e.g. /usr/bin/python3.{sys.version_info.minor} -m venv .venv)",
+              file=sys.stderr)
+        return
+    current = os.environ.get("LD_LIBRARY_PATH", "")
+    if libdir not in current.split(":"):
+        os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+
+
+def _import_pytriton():
+    try:
+        import pytriton  # noqa: F401
+    except ImportError:
+        raise CxrError("serving needs PyTriton: pip install 'cxr-edge[serve]'") from None
+
+
+class ModelInstance:
+    """One Triton model instance: its own backend session, shared by the three bound models."""
+
+    def __init__(self, bundle: Bundle, options: ServeOptions) -> None:
+        from cxr.runtime.backends.select import open_classifier
+
+        self.bundle, self.options = bundle, options
+        self.backend, self.reason = open_classifier(bundle, options.backend, options.precision)
+        self.size = bundle.card.input.size
+
+    def pixels(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        return {"probs": self.backend.run_chunked(np.ascontiguousarray(image, dtype=np.uint8)).astype(np.float32)}
+
+    def encoded(self, data: np.ndarray) -> dict[str, np.ndarray]:
+        count = len(data)
+        probs = np.full((count, len(self.bundle.card.classes)), np.nan, dtype=np.float32)
+        errors = np.array([[b""] for _ in range(count)], dtype=object)
+        images, good = [], []
+        for i, item in enumerate(data.reshape(count, -1)[:, 0]):
+            try:
+                gray = decode_image(bytes(item), "request image", max_pixels=self.options.max_pixels)
+                images.append(preprocess(gray, self.size))
+                good.append(i)
+            except CxrError as exc:
+                errors[i, 0] = str(exc).encode()
+        if good:
+            probs[good] = self.backend.run_chunked(np.stack(images)[:, None])
+        return {"probs": probs, "error": errors}
+
+    def card(self, query: np.ndarray) -> dict[str, np.ndarray]:
+        reply = json.dumps(card_reply(self.bundle, self.backend, self.options.max_batch)).encode()
+        return {"card": np.array([[reply]] * len(query), dtype=object)}
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _batched(method: Callable) -> Callable:
+    from pytriton.decorators import batch
+
+    return batch(lambda **inputs: method(**inputs))
+
+
+def triton_log_file(options: ServeOptions) -> Path:
+    return options.log_file or Path(tempfile.gettempdir()) / f"cxr-triton-{options.http_port}.log"
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> None:
+    """Start Triton, bind the models, block until SIGINT/SIGTERM; every instance is closed on the way out."""
+    _import_pytriton()
+    if options.max_batch < 1 or options.instances < 1 or options.max_queue < 0 or options.max_queue_delay_us < 0:
+        raise CxrError("--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more")
+    prepare_stub_environment()
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    instances = [ModelInstance(bundle, options) for _ in range(options.instances)]
+    size, classes = bundle.card.input.size, len(bundle.card.classes)
+    policy = QueuePolicy(max_queue_size=options.max_queue) if options.max_queue else None
+    batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us, default_queue_policy=policy)
+    config = ModelConfig(max_batch_size=options.max_batch, batcher=batcher)
+    probs = Tensor(name="probs", dtype=np.float32, shape=(classes,))
+    triton_config = TritonConfig(http_address=options.host, http_port=options.http_port, grpc_address=options.host,
+                                 grpc_port=options.grpc_port, metrics_address=options.host,
+                                 metrics_port=options.metrics_port, exit_on_error=True,
+                                 log_file=triton_log_file(options))
+    try:
+        with Triton(config=triton_config) as triton:
+            triton.bind(model_name=options.name, infer_func=[_batched(i.pixels) for i in instances],
+                        inputs=[Tensor(name="image", dtype=np.uint8, shape=(1, size, size))], outputs=[probs],
+                        config=config, strict=True)
+            triton.bind(model_name=f"{options.name}_encoded", infer_func=[_batched(i.encoded) for i in instances],
+                        inputs=[Tensor(name="data", dtype=np.bytes_, shape=(1,))],
+                        outputs=[probs, Tensor(name="error", dtype=np.bytes_, shape=(1,))], config=config)
+            triton.bind(model_name=f"{options.name}_card", infer_func=_batched(instances[0].card),
+                        inputs=[Tensor(name="query", dtype=np.bytes_, shape=(1,))],
+                        outputs=[Tensor(name="card", dtype=np.bytes_, shape=(1,))],
+                        config=ModelConfig(max_batch_size=8))
+            triton.run()
+            signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl+C: Triton, proxies and shared memory go
+            if on_ready is not None:
+                on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
+            triton.serve()
+    finally:
+        for instance in instances:
+            instance.close()
