@@ -1,0 +1,234 @@
+"""``cxr-run serve`` (a real Triton server through PyTriton, on loopback) and ``cxr-run predict --server``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="serving extra not installed (pip install 'cxr-edge[serve]')")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from cxr.bench.server_process import ServerProcess, free_port  # noqa: E402
+from cxr.runtime.backends.onnxruntime import OrtBackend  # noqa: E402
+from cxr.runtime.preprocess import load_and_preprocess  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from tests.conftest import IMAGE_SIZE, cli, one_line_error  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    with ServerProcess(bundle, "--max-batch", "16") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def inputs(phantoms, tmp_path_factory) -> Path:
+    """Some phantoms plus the bad files local predict already handles: each must fail the same way remotely."""
+    folder = tmp_path_factory.mktemp("serve_inputs")
+    for path in sorted(phantoms.rglob("*.png"))[::12]:
+        (folder / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    (folder / "not_an_image.png").write_bytes(b"hello")
+    (folder / "empty.jpg").write_bytes(b"")
+    png = next(phantoms.rglob("*.png")).read_bytes()
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    return folder
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _without_backend(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("backend", "precision")} for r in records]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_predict_through_the_server_equals_local(server, bundle, inputs, tmp_path, scheme):
+    local = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), "--out", str(tmp_path / "local.jsonl"), check=2)
+    url = server.http_url if scheme == "http" else server.grpc_url
+    remote = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), "--server", url, "--batch-size", "5",
+                 "--out", str(tmp_path / "remote.jsonl"), check=2)
+    mine, theirs = _records(tmp_path / "local.jsonl"), _records(tmp_path / "remote.jsonl")
+    assert len(mine) == len(theirs) == len(list(inputs.iterdir()))
+    assert [r["error"] for r in mine] == [r["error"] for r in theirs]
+    assert sum(r["error"] is not None for r in theirs) == 3
+    for a, b in zip(mine, theirs):
+        assert a["path"] == b["path"] and a["label"] == b["label"]
+        if a["probs"]:
+            assert max(abs(a["probs"][c] - b["probs"][c]) for c in a["probs"]) <= 2e-6
+    assert {r["backend"] for r in theirs} == {"triton:onnxruntime"} and theirs[0]["precision"] == "fp32"
+    assert "3 failed" in local.stderr and "3 failed" in remote.stderr
+    metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
+    assert 'nv_inference_request_success{model="cxr"' in metrics
+
+
+def test_encoded_bytes_are_decoded_on_the_server_one_bad_image_fails_alone(server, bundle, phantoms):
+    good = sorted(phantoms.rglob("*.png"))[:2]
+    data = np.array([[good[0].read_bytes()], [b"GIF89a nonsense"], [good[1].read_bytes()]], dtype=object)
+    client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    request = httpclient.InferInput("data", list(data.shape), "BYTES")
+    request.set_data_from_numpy(data)
+    result = client.infer("cxr_encoded", [request])
+    probs, errors = result.as_numpy("probs"), result.as_numpy("error")
+    assert errors[1, 0].decode() == "request image: not a PNG, JPEG or DICOM image"
+    assert errors[0, 0] == errors[2, 0] == b"" and np.isnan(probs[1]).all()
+    pixels = np.stack([load_and_preprocess(p, IMAGE_SIZE) for p in good])[:, None]
+    with OrtBackend(bundle / "model.onnx", "fp32") as local:
+        np.testing.assert_allclose(probs[[0, 2]], local.run(pixels), atol=2e-6)
+
+
+def _good_request(client_module, size: int = IMAGE_SIZE, count: int = 2):
+    pixels = np.random.default_rng(0).integers(0, 256, (count, 1, size, size), dtype=np.uint8)
+    request = client_module.InferInput("image", list(pixels.shape), "UINT8")
+    request.set_data_from_numpy(pixels)
+    return [request]
+
+
+def _still_serving(server: ServerProcess) -> None:
+    assert server.is_ready()
+    client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    assert client.infer("cxr", _good_request(httpclient, count=1)).as_numpy("probs").shape == (1, 4)
+
+
+@pytest.mark.parametrize("shape, datatype, message", [
+    ((2, 1, IMAGE_SIZE, IMAGE_SIZE), "FP32", "expects 'uint8'"),
+    ((2, 1, 10, 10), "UINT8", "unexpected shape"),
+    ((2, IMAGE_SIZE, IMAGE_SIZE), "UINT8", "unexpected shape"),
+    ((40, 1, IMAGE_SIZE, IMAGE_SIZE), "UINT8", "batch-size must be <= 16"),
+])
+def test_malformed_tensors_are_refused_and_the_server_keeps_serving(server, shape, datatype, message):
+    client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+    request = httpclient.InferInput("image", list(shape), datatype)
+    request.set_data_from_numpy(np.zeros(shape, dtype=np.float32 if datatype == "FP32" else np.uint8))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("cxr", [request])
+    assert message in str(caught.value).lower()
+    _still_serving(server)
+
+
+def test_garbage_and_disconnecting_clients_do_not_hurt_the_server(server):
+    import urllib.error
+
+    garbage = urllib.request.Request(f"{server.http_url}/v2/models/cxr/infer", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(garbage, timeout=10)
+    assert caught.value.code in (400, 500) and "error" in json.loads(caught.value.read())
+    body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, IMAGE_SIZE, IMAGE_SIZE], "datatype": "UINT8",
+                                   "data": [0] * IMAGE_SIZE * IMAGE_SIZE}]}).encode()
+    for sent in (body[:100], body):  # hang up mid-body, and hang up before reading the reply
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
+            sock.sendall(b"POST /v2/models/cxr/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + sent)
+    time.sleep(0.5)
+    _still_serving(server)
+
+
+def test_missing_input_and_unknown_model_are_clear_errors(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
+    with pytest.raises(InferenceServerException, match="unknown model|not found"):
+        client.infer("nope", _good_request(grpcclient))
+    request = grpcclient.InferInput("wrong_name", [1, 1, IMAGE_SIZE, IMAGE_SIZE], "UINT8")
+    request.set_data_from_numpy(np.zeros((1, 1, IMAGE_SIZE, IMAGE_SIZE), np.uint8))
+    with pytest.raises(InferenceServerException, match="unexpected inference input|expected 1 inputs"):
+        client.infer("cxr", [request])
+    _still_serving(server)
+
+
+def test_burst_beyond_the_queue_is_rejected_then_stop_leaves_nothing_behind(bundle):
+    shm_before = set(os.listdir("/dev/shm"))
+    with ServerProcess(bundle, "--max-batch", "1", "--max-queue", "1", "--max-queue-delay-us", "0") as server:
+        address = server.grpc_url.removeprefix("grpc://")
+
+        def one(_: int) -> str:
+            client = grpcclient.InferenceServerClient(address)
+            try:
+                client.infer("cxr", _good_request(grpcclient, count=1))
+                return "ok"
+            except InferenceServerException as exc:
+                return str(exc)
+            finally:
+                client.close()
+
+        with ThreadPoolExecutor(32) as pool:
+            outcomes = list(pool.map(one, range(256)))
+        rejected = [o for o in outcomes if o != "ok"]
+        assert rejected and len(rejected) < len(outcomes), outcomes[:3]
+        assert all("exceeds maximum queue size" in o.lower() for o in rejected), rejected[:3]
+        _still_serving(server)
+        port = server.http_port
+    assert server.returncode == 0, server.tail()
+    leftovers = [line for line in os.popen("ps -eo args").read().splitlines() if f"--http-port={port}" in line]
+    assert leftovers == []
+    time.sleep(1)
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def test_server_down_gives_one_error_per_file_and_exit_2(bundle, inputs):
+    url = f"http://127.0.0.1:{free_port()}"
+    result = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), "--server", url, check=2)
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == len(list(inputs.iterdir())) and all(r["error"] for r in records)
+    down = [r for r in records if "Connection refused" in r["error"]]
+    assert len(down) == len(records) - 3 and all(r["error"].startswith(f"server {url}: ") for r in down)
+    assert "Traceback" not in result.stderr
+
+
+def test_server_timing_out_gives_one_error_per_file(bundle, inputs):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections, never answers
+    try:
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        result = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), "--server", url, "--timeout", "1",
+                     "--batch-size", "2", check=2)
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        timed_out = [r for r in records if r["error"] and r["error"].startswith(f"server {url}")]
+        assert len(timed_out) == len(records) - 3
+        assert any("timed out" in r["error"].lower() or "timeout" in r["error"].lower() for r in timed_out), timed_out[0]
+        assert time.monotonic() - started < 30  # gives up after 3 failures in a row instead of waiting per batch
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--server", "ftp://x:1"], "--server must look like http://HOST:PORT"),
+    (["--server", "http://localhost:99999"], "port is not a number"),
+    (["--server", "http://127.0.0.1:1", "--explain"], "--explain runs on the local backend"),
+    (["--server", "http://127.0.0.1:1", "--timeout", "0"], "--timeout must be more than 0"),
+])
+def test_bad_client_options_are_one_line_errors(bundle, inputs, args, message):
+    result = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), *args, check=1)
+    assert message in one_line_error(result)
+
+
+def test_server_for_another_model_is_refused(server, bundle, inputs, tmp_path):
+    import shutil
+
+    from cxr.runtime.card import read_card, write_card
+
+    other = tmp_path / "other"
+    shutil.copytree(bundle, other)
+    card = read_card(other)
+    write_card(other, card.replace(classes=tuple(reversed(card.classes))))
+    result = cli("cxr-run", "predict", str(inputs), "--model", str(other), "--server", server.http_url, check=1)
+    assert "serves another model" in one_line_error(result) and "classes" in one_line_error(result)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/bundle"], "not a folder"),
+    (["--max-batch", "0"], "--max-batch and --instances must be at least 1"),
+])
+def test_bad_serve_options_are_one_line_errors(bundle, args, message):
+    base = ["--model", str(bundle)] if args[0] != "--model" else []
+    result = cli("cxr-run", "serve", *base, *args, "--http-port", str(free_port()), check=1)
+    assert message in one_line_error(result)
