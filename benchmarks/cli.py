@@ -58,6 +58,29 @@ def run_all(
     run_lime_bench(model, out, image, 1000, 0, "slic", [250, 500, 1000])
 
 
+@app.command("serve-load")
+def serve_load(
+    model: Path = typer.Option(..., "--model", help="Model bundle folder."),
+    data: List[str] = typer.Argument(..., help="Images, folders or globs sent by the clients (e.g. the 600 dev images)."),
+    clients: int = typer.Option(8, help="Concurrent clients, one image per request."),
+    max_requests: int = typer.Option(2000, help="Stop after this many requests."),
+    max_seconds: float = typer.Option(120.0, help="... or after this many seconds."),
+    max_batch: int = typer.Option(64, help="Server: largest dynamic batch."),
+    max_queue_delay_us: int = typer.Option(2000, help="Server: longest wait to form a batch."),
+    instances: int = typer.Option(1, help="Server: model instances."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (server and local alike)."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for serve_load.json and .png."),
+) -> None:
+    """Loopback load test of 'cxr-run serve' vs local predict: throughput, p50/p95/p99, batch sizes formed, equality."""
+    from cxr.bench.serve_load import LoadOptions, run_serve_load
+    from cxr.runtime.errors import CxrError
+
+    if clients < 1 or max_requests < 1 or max_seconds <= 0:
+        raise CxrError("--clients and --max-requests must be at least 1, --max-seconds more than 0")
+    run_serve_load(model, data, out, LoadOptions(clients, max_requests, max_seconds, max_batch, max_queue_delay_us,
+                                                 instances, precision))
+
+
 @app.command()
 def report(results: List[Path] = typer.Argument(..., help="latency_*.json files (e.g. CPU and GPU machine).")) -> None:
     """A markdown table comparing result files, with ratios against the PyTorch baseline."""

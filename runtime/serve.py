@@ -143,7 +143,7 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
         raise CxrError("--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more")
     prepare_stub_environment()
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
-    from pytriton.triton import Triton, TritonConfig
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     instances = [ModelInstance(bundle, options) for _ in range(options.instances)]
     size, classes = bundle.card.input.size, len(bundle.card.classes)
@@ -156,7 +156,10 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
                                  metrics_port=options.metrics_port, exit_on_error=True,
                                  log_file=triton_log_file(options))
     try:
-        with Triton(config=triton_config) as triton:
+        # PyTriton guards admin endpoints with a per-run token; statistics (per-model counts and the batch
+        # sizes formed, as public as /metrics) stay readable so load tests and dashboards can see batching.
+        security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
+        with Triton(config=triton_config, security_config=security) as triton:
             triton.bind(model_name=options.name, infer_func=[_batched(i.pixels) for i in instances],
                         inputs=[Tensor(name="image", dtype=np.uint8, shape=(1, size, size))], outputs=[probs],
                         config=config, strict=True)

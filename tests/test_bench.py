@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from tests.conftest import cli
 
 
@@ -25,3 +27,19 @@ def test_lime_benchmark_reports_the_split(bundle, tmp_path):
         entry = data[side]
         assert abs(entry["total_s"] - entry["backend_s"] - entry["host_overhead_s"]) < 1e-9
     assert data["host_overhead_speedup"] > 1 and data["bytes_ratio_from_lime"] > 100
+
+
+def test_serve_load_reports_batching_and_equality_with_local(bundle, phantoms, tmp_path):
+    pytest.importorskip("pytriton", reason="serving extra not installed")
+    out = tmp_path / "load"
+    result = cli("cxr-bench", "serve-load", str(phantoms), "--model", str(bundle), "--clients", "4",
+                 "--max-requests", "120", "--max-seconds", "60", "--max-batch", "8", "--out", str(out))
+    report = json.loads((out / "serve_load.json").read_text())
+    server = report["server"]
+    assert server["requests"] == 120 and server["errors"] == 0
+    assert server["all_equal_local"] and server["max_abs_dprob_vs_local"] <= 1e-5
+    assert sum(int(size) * count for size, count in server["batch_sizes_formed"].items()) == 120
+    assert max(int(size) for size in server["batch_sizes_formed"]) <= 8
+    assert server["latency_ms"]["p50"] <= server["latency_ms"]["p99"]
+    assert report["local"]["images_per_s"] > 0 and report["images"] == len(list(phantoms.rglob("*.png")))
+    assert "batches formed" in result.stdout and (out / "serve_load.png").stat().st_size > 1000

@@ -169,7 +169,8 @@ def test_burst_beyond_the_queue_is_rejected_then_stop_leaves_nothing_behind(bund
     leftovers = [line for line in os.popen("ps -eo args").read().splitlines() if f"--http-port={port}" in line]
     assert leftovers == []
     time.sleep(1)
-    assert set(os.listdir("/dev/shm")) - shm_before == set()
+    ours = [name for name in set(os.listdir("/dev/shm")) - shm_before if str(server.process.pid) in name]
+    assert ours == []  # PyTriton's shared-memory segments carry the serving process id
 
 
 def test_server_down_gives_one_error_per_file_and_exit_2(bundle, inputs):

@@ -1,0 +1,207 @@
+"""Load test on loopback: N concurrent clients against ``cxr-run serve``, compared with local predict.
+
+Every request is one preprocessed image, as a bedside device sends it. Reported: throughput, latency
+percentiles, the batch sizes Triton's dynamic batcher formed (from its statistics extension), and
+whether every reply equals local predict for the same image. Bounded by a request count and a time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cxr.bench.environment import environment
+from cxr.bench.server_process import ServerProcess
+from cxr.runtime.backends.select import open_classifier
+from cxr.runtime.bundle import Bundle
+from cxr.runtime.errors import CxrError
+from cxr.runtime.inputs import expand_inputs
+from cxr.runtime.preprocess import load_and_preprocess
+from tqdm import tqdm
+
+MATCH_ATOL = 1e-5  # batch composition may change float summation order, nothing more
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    clients: int = 8
+    max_requests: int = 2000
+    max_seconds: float = 120.0
+    max_batch: int = 64
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    precision: str = "fp32"
+    local_batch: int = 16
+
+
+def load_pixels(data: list[str], size: int) -> tuple[list[str], np.ndarray]:
+    names, images = [], []
+    for path in tqdm(expand_inputs(data), desc="preprocessing", unit="img"):
+        try:
+            images.append(load_and_preprocess(path, size))
+            names.append(str(path))
+        except CxrError:
+            continue
+    if not images:
+        raise CxrError(f"no readable images in {', '.join(data)}")
+    return names, np.stack(images)[:, None]
+
+
+def local_predict(bundle: Bundle, pixels: np.ndarray, options: LoadOptions) -> tuple[np.ndarray, dict[str, Any]]:
+    """Local predict on the same backend choice as the server, batched as ``cxr-run predict`` batches."""
+    backend, reason = open_classifier(bundle, "auto", options.precision)
+    with backend:
+        backend.run(pixels[:1])  # warm-up
+        started = time.perf_counter()
+        probs = np.concatenate([backend.run_chunked(pixels[i : i + options.local_batch])
+                                for i in range(0, len(pixels), options.local_batch)])
+        seconds = time.perf_counter() - started
+        singles = []
+        for image in pixels[: min(len(pixels), 100)]:
+            t0 = time.perf_counter()
+            backend.run(image[None])
+            singles.append((time.perf_counter() - t0) * 1e3)
+    return probs, {"backend": f"{backend.name} {options.precision} ({reason})", "images_per_s": len(pixels) / seconds,
+                   "batch": options.local_batch, "b1_p50_ms": float(np.percentile(singles, 50)),
+                   "b1_p99_ms": float(np.percentile(singles, 99))}
+
+
+def batch_counts(address: str, model: str) -> dict[int, int]:
+    """Executions per batch size so far, from Triton's statistics extension."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(address)
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)
+    finally:
+        client.close()
+    counts: dict[int, int] = {}
+    for entry in stats.get("model_stats", []):
+        for row in entry.get("batch_stats", []):
+            counts[int(row["batch_size"])] = counts.get(int(row["batch_size"]), 0) + int(row["compute_infer"]["count"])
+    return counts
+
+
+def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, Any]:
+    """N threads, one gRPC client each, one image per request, until the request or time budget ends."""
+    import tritonclient.grpc as grpcclient
+
+    lock, issued = threading.Lock(), [0]
+    latencies: list[list[float]] = [[] for _ in range(options.clients)]
+    replies: dict[int, np.ndarray] = {}
+    errors: list[str] = []
+    deadline = time.monotonic() + options.max_seconds
+    bar = tqdm(total=options.max_requests, desc=f"{options.clients} clients", unit="req")
+
+    def client_loop(worker: int) -> None:
+        client = grpcclient.InferenceServerClient(address)
+        try:
+            while time.monotonic() < deadline:
+                with lock:
+                    if issued[0] >= options.max_requests:
+                        return
+                    index = issued[0]
+                    issued[0] += 1
+                image = pixels[index % len(pixels)][None]
+                request = grpcclient.InferInput("image", list(image.shape), "UINT8")
+                request.set_data_from_numpy(image)
+                t0 = time.perf_counter()
+                try:
+                    probs = client.infer("cxr", [request], client_timeout=60).as_numpy("probs")
+                except Exception as exc:  # recorded and counted, the run goes on
+                    with lock:
+                        errors.append(str(exc)[:200])
+                    continue
+                latencies[worker].append((time.perf_counter() - t0) * 1e3)
+                with lock:
+                    replies[index] = probs[0]
+                    bar.update(1)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=client_loop, args=(w,), daemon=True) for w in range(options.clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    bar.close()
+    flat = np.array([ms for per in latencies for ms in per]) if replies else np.zeros(1)
+    return {"requests": len(replies), "errors": len(errors), "error_examples": errors[:3], "seconds": seconds,
+            "requests_per_s": len(replies) / seconds,
+            "latency_ms": {f"p{p}": float(np.percentile(flat, p)) for p in (50, 95, 99)}, "replies": replies}
+
+
+def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOptions) -> dict[str, Any]:
+    bundle = Bundle.open(bundle_dir)
+    names, pixels = load_pixels(data, bundle.card.input.size)
+    local_probs, local = local_predict(bundle, pixels, options)
+    server_args = ["--max-batch", str(options.max_batch), "--max-queue-delay-us", str(options.max_queue_delay_us),
+                   "--instances", str(options.instances), "--precision", options.precision]
+    with ServerProcess(bundle_dir, *server_args) as server:
+        address = f"127.0.0.1:{server.grpc_port}"
+        drive(address, pixels[:4], LoadOptions(clients=2, max_requests=8, max_seconds=30))  # warm-up
+        before = batch_counts(address, "cxr")
+        load = drive(address, pixels, options)
+        after = batch_counts(address, "cxr")
+    formed = {size: after.get(size, 0) - before.get(size, 0) for size in sorted(after)}
+    formed = {size: count for size, count in formed.items() if count}
+    replies = load.pop("replies")
+    worst = max((float(np.max(np.abs(probs - local_probs[i % len(pixels)]))) for i, probs in replies.items()),
+                default=float("nan"))
+    mismatched = sum(float(np.max(np.abs(p - local_probs[i % len(pixels)]))) > MATCH_ATOL for i, p in replies.items())
+    executions = sum(formed.values())
+    results = {
+        "environment": environment(), "bundle": str(bundle_dir), "arch": bundle.card.arch,
+        "image_size": bundle.card.input.size, "images": len(names), "options": asdict(options), "local": local,
+        "server": {**load, "batch_sizes_formed": formed, "executions": executions,
+                   "mean_batch": (sum(s * c for s, c in formed.items()) / executions) if executions else 0.0,
+                   "max_abs_dprob_vs_local": worst, "mismatched_replies": mismatched,
+                   "all_equal_local": mismatched == 0 and load["errors"] == 0},
+        "ratio_server_vs_local_throughput": load["requests_per_s"] / local["images_per_s"],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot_serve_load(results, out / "serve_load.png")
+    print(format_serve_load(results))
+    return results
+
+
+def format_serve_load(r: dict[str, Any]) -> str:
+    s, local = r["server"], r["local"]
+    formed = ", ".join(f"{size}x{count}" for size, count in s["batch_sizes_formed"].items())
+    return (f"serve load: {r['arch']} @ {r['image_size']}, {r['images']} images, {r['options']['clients']} clients\n"
+            f"  server : {s['requests_per_s']:.1f} req/s  p50 {s['latency_ms']['p50']:.1f} ms  "
+            f"p95 {s['latency_ms']['p95']:.1f} ms  p99 {s['latency_ms']['p99']:.1f} ms  "
+            f"({s['requests']} requests, {s['errors']} errors)\n"
+            f"  local  : {local['images_per_s']:.1f} img/s at batch {local['batch']}  "
+            f"b1 p50 {local['b1_p50_ms']:.1f} ms  p99 {local['b1_p99_ms']:.1f} ms  [{local['backend']}]\n"
+            f"  ratio  : server/local throughput {r['ratio_server_vs_local_throughput']:.2f}\n"
+            f"  batches formed (size x count): {formed or 'none'}; mean {s['mean_batch']:.1f}\n"
+            f"  replies equal local predict: {s['all_equal_local']} (max |dprob| {s['max_abs_dprob_vs_local']:.1e}, "
+            f"{s['mismatched_replies']} mismatched)")
+
+
+def plot_serve_load(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    formed = r["server"]["batch_sizes_formed"]
+    left.bar([str(k) for k in formed], list(formed.values()), color="tab:blue")
+    left.set(xlabel="batch size formed by Triton", ylabel="executions", title="dynamic batching")
+    names = ["server", "local"]
+    values = [r["server"]["requests_per_s"], r["local"]["images_per_s"]]
+    right.bar(names, values, color=["tab:orange", "tab:gray"])
+    right.set(ylabel="images / s", title=f"throughput ({r['options']['clients']} clients)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
