@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -132,6 +133,20 @@ def triton_log_file(options: ServeOptions) -> Path:
     return options.log_file or Path(tempfile.gettempdir()) / f"cxr-triton-{options.http_port}.log"
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """A busy port would make Triton exit while PyTriton waits for it: say so before starting."""
+    for what, port in ports.items():
+        if not 0 < port < 65536:
+            raise CxrError(f"--{what} must be 1..65535, got {port}")
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise CxrError(f"--{what} {port} on {host}: {exc.strerror or exc} (another server running?)") from None
+    if len(set(ports.values())) != len(ports):
+        raise CxrError(f"the HTTP, gRPC and metrics ports must differ, got {sorted(ports.values())}")
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -141,7 +156,10 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
     _import_pytriton()
     if options.max_batch < 1 or options.instances < 1 or options.max_queue < 0 or options.max_queue_delay_us < 0:
         raise CxrError("--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more")
+    check_ports_free(options.host, {"http-port": options.http_port, "grpc-port": options.grpc_port,
+                                    "metrics-port": options.metrics_port})
     prepare_stub_environment()
+    from pytriton.exceptions import PyTritonError
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
@@ -175,6 +193,8 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
             if on_ready is not None:
                 on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
             triton.serve()
+    except PyTritonError as exc:
+        raise CxrError(f"Triton failed: {' '.join(str(exc).split())[:300]} (log: {triton_log_file(options)})") from None
     finally:
         for instance in instances:
             instance.close()

@@ -233,3 +233,15 @@ def test_bad_serve_options_are_one_line_errors(bundle, args, message):
     base = ["--model", str(bundle)] if args[0] != "--model" else []
     result = cli("cxr-run", "serve", *base, *args, "--http-port", str(free_port()), check=1)
     assert message in one_line_error(result)
+
+
+def test_busy_port_and_missing_engine_are_one_line_errors(bundle):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        result = cli("cxr-run", "serve", "--model", str(bundle), "--http-port", port, check=1)
+    assert f"--http-port {port} on 127.0.0.1" in one_line_error(result) and "in use" in one_line_error(result)
+    result = cli("cxr-run", "serve", "--model", str(bundle), "--backend", "tensorrt", "--http-port", str(free_port()),
+                 "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), check=1)
+    assert "--backend tensorrt" in one_line_error(result)
