@@ -20,18 +20,16 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    distributed: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """torchrun sets all three, even for one process (which then still runs DDP, as a 1-GPU dry run)."""
+    return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -60,7 +58,7 @@ def init_distributed(device_name: str, timeout_s: int = 1800) -> DistContext:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return DistContext(dist.get_rank(), dist.get_world_size(), device)
+    return DistContext(dist.get_rank(), dist.get_world_size(), device, distributed=True)
 
 
 def barrier(ctx: DistContext) -> None:
