@@ -149,14 +149,12 @@ def triton(
     name: str = typer.Option("cxr", help="Model name in the repository."),
 ) -> None:
     """A Triton model repository (config.pbtxt, model file, labels, client preprocessing note), validated."""
-    from cxr.export.triton_repo import RepoOptions, export_repository
+    from cxr.export.triton_repo import RepoOptions, export_repository, read_config
     from cxr.runtime.bundle import Bundle
 
     options = RepoOptions(precision, max_batch, format, kind, instances, max_queue_delay_us, trt_accelerator, name)
     model_dir = export_repository(Bundle.open(bundle), out, options)
-    config = (model_dir / "config.pbtxt").read_text()
-    platform = config.split('platform: "')[1].split('"')[0]
-    print(f"wrote {model_dir} ({platform}, max_batch_size {max_batch}); serve with: "
+    print(f"wrote {model_dir} ({read_config(model_dir).platform}, max_batch_size {max_batch}); serve with: "
           f"tritonserver --model-repository {out}")
 
 

@@ -185,22 +185,26 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
         source = bundle.verified(facts.get("source_onnx") or onnx_name("model", options.precision))
     inputs, outputs = graph_io(source)
     config = build_config(options, fmt, inputs, outputs)
-    model_dir = out / options.name
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    (model_dir / "1").mkdir(parents=True)
+    model_dir, staging = out / options.name, out / f".{options.name}.partial"
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "1").mkdir(parents=True)
     if fmt == "tensorrt":
-        shutil.copyfile(plan, model_dir / "1" / MODEL_FILES[fmt])
-        shutil.copyfile(sidecar_path(plan), model_dir / "engine.json")
+        shutil.copyfile(plan, staging / "1" / MODEL_FILES[fmt])
+        shutil.copyfile(sidecar_path(plan), staging / "engine.json")
     else:
-        shutil.copyfile(source, model_dir / "1" / MODEL_FILES[fmt])
-    (model_dir / "config.pbtxt").write_text(_text_format().MessageToString(config))
-    (model_dir / LABELS_FILE).write_text("\n".join(bundle.card.classes) + "\n")
-    (model_dir / "card.json").write_text(json.dumps(bundle.card.to_dict(), indent=2) + "\n")
-    (model_dir / CLIENT_NOTE).write_text(client_note(bundle.card, options, fmt, inputs, outputs))
-    problems = validate_repository(out, options.name)
+        shutil.copyfile(source, staging / "1" / MODEL_FILES[fmt])
+    (staging / "config.pbtxt").write_text(_text_format().MessageToString(config))
+    (staging / LABELS_FILE).write_text("\n".join(bundle.card.classes) + "\n")
+    (staging / "card.json").write_text(json.dumps(bundle.card.to_dict(), indent=2) + "\n")
+    (staging / CLIENT_NOTE).write_text(client_note(bundle.card, options, fmt, inputs, outputs))
+    problems = validate_repository(out, staging.name, expected_name=options.name)
     if problems:
+        shutil.rmtree(staging)
         raise CxrError(f"{model_dir}: generated repository does not validate: {'; '.join(problems)}")
+    if model_dir.exists():  # replaced only once the new one is complete and valid
+        shutil.rmtree(model_dir)
+    staging.rename(model_dir)
     return model_dir
 
 
@@ -261,7 +265,7 @@ def _model_file(model_dir: Path, platform: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def validate_repository(repo: Path, name: str) -> list[str]:
+def validate_repository(repo: Path, name: str, expected_name: str | None = None) -> list[str]:
     """Problems that would make Triton refuse the model or serve wrong answers (empty list: valid)."""
     model_dir = repo / name
     if not model_dir.is_dir():
@@ -271,8 +275,9 @@ def validate_repository(repo: Path, name: str) -> list[str]:
     except CxrError as exc:
         return [str(exc)]
     problems: list[str] = []
-    if config.name and config.name != name:
-        problems.append(f"config name {config.name!r} differs from its folder {name!r}")
+    expected_name = expected_name or name
+    if config.name and config.name != expected_name:
+        problems.append(f"config name {config.name!r} differs from its folder {expected_name!r}")
     model_file = _model_file(model_dir, config.platform)
     if model_file is None:
         return problems + [f"no {MODEL_FILES.get('tensorrt' if config.platform == 'tensorrt_plan' else 'onnx')} "

@@ -57,7 +57,8 @@ def init_distributed(device_name: str, timeout_s: int = 1800) -> DistContext:
     device = pick_device(device_name, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     return DistContext(dist.get_rank(), dist.get_world_size(), device, distributed=True)
 
 

@@ -66,7 +66,7 @@ class TritonClientBackend(Backend):
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.scheme, self.address = parse_server_url(url)
         self.name, self.precision = "triton", ""
-        self.failures = 0
+        self.failures, self.last_error = 0, ""
         self._client: Any = None
         self._module: Any = None
 
