@@ -26,7 +26,7 @@ from tests.conftest import IMAGE_SIZE, cli, one_line_error  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(bundle):
-    with ServerProcess(bundle, "--max-batch", "16") as running:
+    with ServerProcess(bundle, "--max-batch", "16", "--instances", "2") as running:
         yield running
 
 
