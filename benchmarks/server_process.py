@@ -94,4 +94,6 @@ class ServerProcess:
         return self.returncode
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if self.stop() == 0 and exc[0] is None:  # logs stay behind only when something went wrong
+            for path in (self.log, Path(f"{self.log}.triton")):
+                path.unlink(missing_ok=True)

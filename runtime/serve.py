@@ -151,6 +151,27 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
+STARTS = 3  # PyTriton 0.7 can lose a race between model instances at load time on a busy machine
+
+
+def _bind_models(triton, instances: list[ModelInstance], options: ServeOptions, size: int, classes: int) -> None:
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
+
+    policy = QueuePolicy(max_queue_size=options.max_queue) if options.max_queue else None
+    batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us, default_queue_policy=policy)
+    config = ModelConfig(max_batch_size=options.max_batch, batcher=batcher)
+    probs = Tensor(name="probs", dtype=np.float32, shape=(classes,))
+    triton.bind(model_name=options.name, infer_func=[_batched(i.pixels) for i in instances],
+                inputs=[Tensor(name="image", dtype=np.uint8, shape=(1, size, size))], outputs=[probs],
+                config=config, strict=True)
+    triton.bind(model_name=f"{options.name}_encoded", infer_func=[_batched(i.encoded) for i in instances],
+                inputs=[Tensor(name="data", dtype=np.bytes_, shape=(1,))],
+                outputs=[probs, Tensor(name="error", dtype=np.bytes_, shape=(1,))], config=config)
+    triton.bind(model_name=f"{options.name}_card", infer_func=_batched(instances[0].card),
+                inputs=[Tensor(name="query", dtype=np.bytes_, shape=(1,))],
+                outputs=[Tensor(name="card", dtype=np.bytes_, shape=(1,))], config=ModelConfig(max_batch_size=8))
+
+
 def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> None:
     """Start Triton, bind the models, block until SIGINT/SIGTERM; every instance is closed on the way out."""
     _import_pytriton()
@@ -160,41 +181,34 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
                                     "metrics-port": options.metrics_port})
     prepare_stub_environment()
     from pytriton.exceptions import PyTritonError
-    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+    from tritonclient.utils import InferenceServerException
 
     instances = [ModelInstance(bundle, options) for _ in range(options.instances)]
-    size, classes = bundle.card.input.size, len(bundle.card.classes)
-    policy = QueuePolicy(max_queue_size=options.max_queue) if options.max_queue else None
-    batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us, default_queue_policy=policy)
-    config = ModelConfig(max_batch_size=options.max_batch, batcher=batcher)
-    probs = Tensor(name="probs", dtype=np.float32, shape=(classes,))
     triton_config = TritonConfig(http_address=options.host, http_port=options.http_port, grpc_address=options.host,
                                  grpc_port=options.grpc_port, metrics_address=options.host,
                                  metrics_port=options.metrics_port, exit_on_error=True,
                                  log_file=triton_log_file(options))
+    # PyTriton guards admin endpoints with a per-run token; statistics (per-model counts and the batch sizes
+    # formed, as public as /metrics) stay readable so load tests and dashboards can see batching.
+    security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
     try:
-        # PyTriton guards admin endpoints with a per-run token; statistics (per-model counts and the batch
-        # sizes formed, as public as /metrics) stay readable so load tests and dashboards can see batching.
-        security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
-        with Triton(config=triton_config, security_config=security) as triton:
-            triton.bind(model_name=options.name, infer_func=[_batched(i.pixels) for i in instances],
-                        inputs=[Tensor(name="image", dtype=np.uint8, shape=(1, size, size))], outputs=[probs],
-                        config=config, strict=True)
-            triton.bind(model_name=f"{options.name}_encoded", infer_func=[_batched(i.encoded) for i in instances],
-                        inputs=[Tensor(name="data", dtype=np.bytes_, shape=(1,))],
-                        outputs=[probs, Tensor(name="error", dtype=np.bytes_, shape=(1,))], config=config)
-            triton.bind(model_name=f"{options.name}_card", infer_func=_batched(instances[0].card),
-                        inputs=[Tensor(name="query", dtype=np.bytes_, shape=(1,))],
-                        outputs=[Tensor(name="card", dtype=np.bytes_, shape=(1,))],
-                        config=ModelConfig(max_batch_size=8))
-            triton.run()
-            signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl+C: Triton, proxies and shared memory go
-            if on_ready is not None:
-                on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
-            triton.serve()
-    except PyTritonError as exc:
-        raise CxrError(f"Triton failed: {' '.join(str(exc).split())[:300]} (log: {triton_log_file(options)})") from None
+        for attempt in range(1, STARTS + 1):
+            try:
+                with Triton(config=triton_config, security_config=security) as triton:
+                    _bind_models(triton, instances, options, bundle.card.input.size, len(bundle.card.classes))
+                    triton.run()
+                    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl+C: Triton, proxies, shared memory
+                    if on_ready is not None:
+                        on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
+                    triton.serve()
+                return
+            except (PyTritonError, InferenceServerException) as exc:
+                reason = " ".join(str(exc).split())[:300]
+                if "load failed" not in reason or attempt == STARTS:
+                    raise CxrError(f"Triton failed: {reason} (log: {triton_log_file(options)})") from None
+                print(f"warning: a model failed to load ({reason[:120]}...); restarting Triton, "
+                      f"try {attempt + 1} of {STARTS}", file=sys.stderr, flush=True)
     finally:
         for instance in instances:
             instance.close()
