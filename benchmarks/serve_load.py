@@ -153,9 +153,9 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
     formed = {size: after.get(size, 0) - before.get(size, 0) for size in sorted(after)}
     formed = {size: count for size, count in formed.items() if count}
     replies = load.pop("replies")
-    worst = max((float(np.max(np.abs(probs - local_probs[i % len(pixels)]))) for i, probs in replies.items()),
-                default=float("nan"))
-    mismatched = sum(float(np.max(np.abs(p - local_probs[i % len(pixels)]))) > MATCH_ATOL for i, p in replies.items())
+    dprobs = [float(np.max(np.abs(probs - local_probs[i % len(pixels)]))) for i, probs in replies.items()]
+    worst = max(dprobs, default=float("nan"))
+    mismatched = sum(d > MATCH_ATOL for d in dprobs)
     executions = sum(formed.values())
     results = {
         "environment": environment(), "bundle": str(bundle_dir), "arch": bundle.card.arch,

@@ -36,8 +36,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     """Decode a chest X-ray file to a 2-D uint8 grayscale array (any size)."""
     path = Path(path)
     try:
-        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
-            raise CxrError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB file, larger than any image accepted here")
+        size = path.stat().st_size if path.is_file() else 0
+        if size > MAX_FILE_BYTES:
+            raise CxrError(f"{path}: {size / 2**30:.1f} GiB file, larger than any image accepted here")
         data = path.read_bytes()
     except IsADirectoryError:
         raise CxrError(f"{path}: folder contains no PNG, JPEG or DICOM images") from None

@@ -34,10 +34,8 @@ def parse_server_url(url: str) -> tuple[str, str]:
 def _reason(exc: BaseException) -> str:
     message = getattr(exc, "message", None)
     text = message() if callable(message) else str(exc)
-    text = " ".join((text or type(exc).__name__).split())
-    if isinstance(exc, (TimeoutError, OSError)) and not text:
-        text = type(exc).__name__
-    return text[:300]
+    text = " ".join((text or "").split())
+    return (text or type(exc).__name__)[:300]  # some socket timeouts carry no message
 
 
 def model_mismatch(local: Card, served: dict[str, Any]) -> str | None:
