@@ -60,7 +60,7 @@ def predict(
         classifier, reason = open_classifier(bundle, backend, precision or "fp32")
     failed = 0
     with classifier:
-        print(f"backend: {classifier.name} {classifier.precision} ({reason})", file=sys.stderr)
+        print(f"backend: {reason}", file=sys.stderr)
         explainer = open_explainer(bundle, classifier.name, classifier.precision)[0] if explain else None
         try:
             options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir)
@@ -103,11 +103,11 @@ def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str
 
 @app.command()
 def info(model: Path = typer.Option(..., "--model", help="Model bundle folder.")) -> None:
-    """The card, file hashes (checked), and which backends and precisions can run here."""
-    from cxr.runtime.backends.onnxruntime import available_providers
-    from cxr.runtime.backends.tensorrt import tensorrt_available
-    from cxr.runtime.bundle import PRECISIONS, Bundle, engine_name, onnx_name
+    """The card, file hashes (checked), and what actually runs each graph here (a one-image probe each)."""
+    from cxr.runtime.backends.select import open_classifier, open_explainer
+    from cxr.runtime.bundle import GRAPHS, PRECISIONS, Bundle, onnx_name
     from cxr.runtime.card import sha256_file
+    from cxr.runtime.errors import CxrError
 
     bundle = Bundle.open(model)
     card = bundle.card.to_dict()
@@ -118,15 +118,19 @@ def info(model: Path = typer.Option(..., "--model", help="Model bundle folder.")
         path = bundle.folder / name
         state = "missing" if not path.is_file() else ("ok" if sha256_file(path) == digest else "SHA MISMATCH")
         print(f"  {name:<28} {digest[:16]}  {state}")
-    print("\ncan run here:")
-    providers = ", ".join(available_providers())
+    print("\nruns here (--backend auto, one-image probe):")
+    openers = {"model": open_classifier, "explain": open_explainer}
     for precision in PRECISIONS:
-        ways = []
-        if bundle.has(onnx_name("model", precision)):
-            ways.append(f"onnxruntime ({providers})")
-        if bundle.has(engine_name("model", precision)):
-            ways.append("tensorrt" if tensorrt_available() else "tensorrt engine present, TensorRT not installed")
-        print(f"  {precision}: {'; '.join(ways) if ways else 'no graph (create it with cxr-export)'}")
+        for graph in GRAPHS:
+            if not bundle.has(onnx_name(graph, precision)):
+                print(f"  {precision} {graph:<8} no graph (create it with cxr-export)")
+                continue
+            try:
+                opened, reason = openers[graph](bundle, "auto", precision)
+                opened.close()
+            except CxrError as exc:
+                reason = f"cannot run: {exc}"
+            print(f"  {precision} {graph:<8} {reason}")
 
 
 @app.command()

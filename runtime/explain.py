@@ -69,6 +69,16 @@ def lime_fit(rows: np.ndarray, probs: np.ndarray, label: int, seed: int) -> tupl
     return {int(k): float(v) for k, v in pairs}, float(intercept), float(score)
 
 
+def warm_host(seed: int = 0) -> None:
+    """Run segmentation and lime's fit once on a toy problem, so their imports and first-call costs (about 1 s)
+    are paid when the explainer opens, not by the first patient's image."""
+    rng = np.random.default_rng(seed)
+    toy = rng.integers(0, 256, (32, 32), dtype=np.uint8)
+    segment(toy, "slic", 8, seed)
+    rows = sample_rows(rng, 20, 8)
+    lime_fit(rows, rng.random((20, 2)), 0, seed)
+
+
 def explain_image(image: np.ndarray, backend: ExplainerBackend, config: ExplainConfig,
                   rows: np.ndarray | None = None, segments: np.ndarray | None = None) -> Explanation:
     """Explain the top class of one preprocessed uint8 image (``rows``/``segments`` may be given, for tests)."""

@@ -45,9 +45,9 @@ def colour_bar(height: int, peak: float) -> np.ndarray:
         t = 1 - 2 * (y - top) / (bottom - top)  # +1 at the top, -1 at the bottom
         bar[y, 10:30] = np.clip((128 * (1 - t), 128 * (1 - abs(t)), 128 * (1 + t)), 0, 255)  # BGR
     font = cv2.FONT_HERSHEY_SIMPLEX
-    cv2.putText(bar, f"+{peak:.2f}", (34, top + 10), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(bar, f"+{peak:.2g}", (34, top + 10), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(bar, "0", (34, (top + bottom) // 2 + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(bar, f"-{peak:.2f}", (34, bottom), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(bar, f"-{peak:.2g}", (34, bottom), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(bar, "supports", (4, top - 10), font, 0.4, (0, 0, 200), 1, cv2.LINE_AA)
     cv2.putText(bar, "against", (4, bottom + 20), font, 0.4, (200, 0, 0), 1, cv2.LINE_AA)
     return bar

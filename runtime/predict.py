@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,9 @@ def _explain(image: np.ndarray, path: Path, index: int, bundle: Bundle, explaine
     explanation = explain_image(image, explainer, config)
     overlay = None
     if options.explain_dir is not None:
+        started = time.perf_counter()
         target = options.explain_dir / _overlay_name(path, index)
         class_name = bundle.card.classes[explanation.label]
         overlay = str(save_overlay(target, image, explanation, class_name, config.num_features))
+        explanation.timing["overlay_s"] = time.perf_counter() - started
     return explanation_record(explanation, bundle.card.classes, config, overlay)

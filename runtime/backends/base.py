@@ -1,4 +1,8 @@
-"""The backend interface: probabilities for a uint8 batch, and LIME batches for one image at a time."""
+"""The backend interface: probabilities for a uint8 batch, and LIME batches for one image at a time.
+
+Accelerators tune their kernels per input shape (cuDNN's algorithm search, TensorRT profiles, CUDA
+graphs), so the helpers here keep shapes fixed: a short batch is padded and the result sliced.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+Z_COLUMNS = 64  # explainer rows are padded to a multiple of this many segment columns (~50 SLIC segments fit)
+
 
 @dataclass(frozen=True)
 class BatchLimits:
@@ -14,11 +20,45 @@ class BatchLimits:
     max_batch: int = 64
 
 
+def pad_rows(batch: np.ndarray, rows: int) -> np.ndarray:
+    """Append copies of the last row until ``batch`` has ``rows`` rows (their results are sliced off)."""
+    if len(batch) >= rows:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], rows - len(batch), axis=0)])
+
+
+def bucket(count: int, limits: BatchLimits) -> int:
+    """The fixed batch size a call of ``count`` images runs at: the next power of two within the limits.
+
+    A handful of shapes (1, 2, 4, ... max) means a handful of algorithm searches, paid once each.
+    """
+    if count >= limits.max_batch:
+        return count
+    return min(limits.max_batch, max(limits.min_batch, 1 << (count - 1).bit_length()))
+
+
+def z_columns(segments: int) -> int:
+    """Width of the padded on/off rows: 64 for up to 64 segments, else the next multiple of 64."""
+    return max(Z_COLUMNS, -(-segments // Z_COLUMNS) * Z_COLUMNS)
+
+
+def pad_z(z: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """On/off rows as a fixed ``rows x columns`` uint8 block. Extra columns name no segment, so they change
+    nothing; extra rows (all off) are computed and sliced away."""
+    if z.shape[1] > columns or len(z) > rows:
+        raise ValueError(f"z of shape {z.shape} does not fit {rows} x {columns}")
+    block = np.zeros((rows, columns), dtype=np.uint8)
+    block[: len(z), : z.shape[1]] = z
+    return block
+
+
 class Backend(ABC):
     """Classifier: ``run(N x 1 x S x S uint8) -> N x classes float32``. Use as a context manager."""
 
     name: str = ""
     precision: str = ""
+    device: str = "cpu"  # where it runs: cpu, cuda, server (shown in reports)
+    provider: str = ""  # what runs it there, e.g. CUDAExecutionProvider, TensorRT 10.13
     limits: BatchLimits = BatchLimits()
 
     @abstractmethod
@@ -40,10 +80,15 @@ class Backend(ABC):
 
 
 class ExplainerBackend(ABC):
-    """LIME: ``set_image`` sends image, fill and segment map once; ``run(z)`` sends only on/off rows."""
+    """LIME: ``set_image`` sends image, fill and segment map once; ``run(z)`` sends only on/off rows.
+
+    ``run`` takes at most ``limits.max_batch`` rows and always executes that fixed batch (padded).
+    """
 
     name: str = ""
     precision: str = ""
+    device: str = "cpu"
+    provider: str = ""
     limits: BatchLimits = BatchLimits()
     bytes_sent: int = 0
 
@@ -52,6 +97,17 @@ class ExplainerBackend(ABC):
 
     @abstractmethod
     def run(self, z: np.ndarray) -> np.ndarray: ...
+
+    def warm_up(self, size: int, runs: int = 1) -> None:
+        """Full padded batches on a blank image, so per-shape tuning happens at open, not on the first patient."""
+        blank = np.zeros((size, size), dtype=np.uint8)
+        segments = (np.arange(size * size, dtype=np.int32).reshape(size, size) * 16 // (size * size)).astype(np.int32)
+        self.set_image(blank, blank, segments)
+        for _ in range(runs):
+            probs = self.run(np.ones((1, 16), dtype=np.uint8))
+        if not np.all(np.isfinite(probs)):
+            raise RuntimeError("the explainer returned non-finite probabilities on a blank image")
+        self.bytes_sent = 0
 
     def close(self) -> None:  # noqa: B027
         pass

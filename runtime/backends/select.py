@@ -1,14 +1,22 @@
-"""``--backend auto``: a matching TensorRT engine -> ONNX Runtime GPU providers -> ONNX Runtime CPU."""
+"""``--backend auto``: a matching TensorRT engine -> ONNX Runtime (CUDA, else CPU), each chosen only after it ran.
+
+Every candidate must answer a one-image probe before it is used; what was tried and why it was skipped is
+one line (the reason shown to the user), never an error block. A backend named explicitly gets no fallback.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
 from cxr.runtime.errors import CxrError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
+Opened = TypeVar("Opened", Backend, ExplainerBackend)
 
 
 def _engine_path(bundle: Bundle, graph: str, precision: str) -> Path | None:
@@ -16,46 +24,101 @@ def _engine_path(bundle: Bundle, graph: str, precision: str) -> Path | None:
     return bundle.verified(name) if bundle.has(name) else None
 
 
-def choose(bundle: Bundle, backend: str, precision: str, graph: str = "model") -> tuple[str, str]:
-    """Which backend to use and why (the reason is shown to the user)."""
-    from cxr.runtime.backends.onnxruntime import gpu_providers
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def describe(backend: Backend | ExplainerBackend) -> str:
+    """'onnxruntime fp16 on cuda (CUDAExecutionProvider)': what the user is told runs their images."""
+    where = f" on {backend.device}" + (f" ({backend.provider})" if backend.provider else "")
+    return f"{backend.name} {backend.precision}{where}"
+
+
+def _candidates(bundle: Bundle, backend: str, precision: str, graph: str,
+                open_trt: Callable[[Path], Opened], open_ort: Callable[[Path], Opened]
+                ) -> tuple[list[tuple[str, Callable[[], Opened]]], list[str]]:
+    """(name, opener) pairs to try in order, and the reasons others were not even tried."""
     from cxr.runtime.backends.tensorrt import tensorrt_available
 
     check_precision(precision)
     if backend not in BACKENDS:
         raise CxrError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    engine = _engine_path(bundle, graph, precision)
-    if backend == "tensorrt":
-        if not tensorrt_available():
-            raise CxrError("--backend tensorrt: TensorRT/cuda-python not installed (pip install 'cxr-edge[trt]')")
+    skipped: list[str] = []
+    found: list[tuple[str, Callable[[], Opened]]] = []
+    if backend in ("auto", "tensorrt"):
+        engine = _engine_path(bundle, graph, precision)
         if engine is None:
-            raise CxrError(f"--backend tensorrt: no {engine_name(graph, precision)} in {bundle.folder} "
-                           f"(build it on this machine: 'cxr-export build-engine {bundle.folder} --precision {precision}')")
-        return "tensorrt", f"engine {engine.name}"
-    if backend == "auto" and engine is not None and tensorrt_available():
-        return "tensorrt", f"matching engine {engine.name}"
-    gpu = gpu_providers()
-    where = f"GPU providers {', '.join(gpu)}" if gpu else "CPU"
-    return "onnxruntime", f"ONNX Runtime on {where}"
+            skipped.append(f"tensorrt: no {engine_name(graph, precision)} in the bundle")
+        elif not tensorrt_available():
+            skipped.append("tensorrt: TensorRT/cuda-python not installed (pip install 'cxr-edge[trt]')")
+        else:
+            found.append(("tensorrt", lambda: open_trt(engine)))
+        if backend == "tensorrt" and not found:
+            hint = (f"; build it on this machine: 'cxr-export build-engine {bundle.folder} --precision {precision}'"
+                    if engine is None else "")
+            raise CxrError(f"--backend {skipped[0]}{hint}")
+    if backend in ("auto", "onnxruntime"):
+        path = bundle.onnx_path(graph, precision)
+        found.append(("onnxruntime", lambda: open_ort(path)))
+    return found, skipped
 
 
-def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp32") -> tuple[Backend, str]:
-    kind, reason = choose(bundle, backend, precision, "model")
-    if kind == "tensorrt":
-        from cxr.runtime.backends.tensorrt import TrtBackend
+def _first_that_runs(candidates: list[tuple[str, Callable[[], Opened]]], skipped: list[str],
+                     probe: Callable[[Opened], None]) -> tuple[Opened, str]:
+    """Open and probe each candidate in turn; the first that answers wins. A single candidate's failure is fatal."""
+    for index, (name, opener) in enumerate(candidates):
+        opened = None
+        try:
+            opened = opener()
+            probe(opened)
+        except Exception as exc:  # any failure of a candidate means: try the next one
+            if opened is not None:
+                opened.close()
+            if isinstance(exc, CxrError) and len(candidates) == 1:
+                raise
+            skipped.append(f"{name}: {_one_line(exc)}")
+            if index == len(candidates) - 1:
+                raise CxrError(f"no backend could run this bundle ({'; '.join(skipped)})") from None
+            continue
+        reason = describe(opened) + (f"; skipped {'; '.join(skipped)}" if skipped else "")
+        return opened, reason
+    raise CxrError("no backend to try")
 
-        return TrtBackend(_engine_path(bundle, "model", precision), precision), reason
-    from cxr.runtime.backends.onnxruntime import OrtBackend
 
-    return OrtBackend(bundle.onnx_path("model", precision), precision), reason
+def probe_classifier(backend: Backend, size: int, classes: int) -> None:
+    """One blank image must give one finite row of ``classes`` probabilities."""
+    probs = backend.run(np.zeros((1, 1, size, size), dtype=np.uint8))
+    if probs.shape != (1, classes) or not np.all(np.isfinite(probs)):
+        raise CxrError(f"the probe gave {probs.shape} values (finite: {bool(np.all(np.isfinite(probs)))}), "
+                       f"expected 1 x {classes} finite probabilities")
+
+
+def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp32", tf32: bool = True
+                    ) -> tuple[Backend, str]:
+    """The first backend that runs a one-image probe, and the line that says what runs and what was skipped.
+
+    ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs).
+    """
+    from cxr.runtime.backends.onnxruntime import CudaOptions, OrtBackend
+    from cxr.runtime.backends.tensorrt import TrtBackend
+
+    candidates, skipped = _candidates(bundle, backend, precision, "model",
+                                      lambda plan: TrtBackend(plan, precision),
+                                      lambda path: OrtBackend(path, precision, cuda=CudaOptions(tf32=tf32)))
+    size, classes = bundle.card.input.size, len(bundle.card.classes)
+    return _first_that_runs(candidates, skipped, lambda opened: probe_classifier(opened, size, classes))
 
 
 def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32") -> tuple[ExplainerBackend, str]:
-    kind, reason = choose(bundle, backend, precision, "explain")
-    if kind == "tensorrt":
-        from cxr.runtime.backends.tensorrt import TrtExplainer
-
-        return TrtExplainer(_engine_path(bundle, "explain", precision), precision), reason
+    """The LIME explainer, warmed up (its fixed batch shape searched once) before the first image."""
     from cxr.runtime.backends.onnxruntime import OrtExplainer
+    from cxr.runtime.backends.tensorrt import TrtExplainer
+    from cxr.runtime.explain import warm_host
 
-    return OrtExplainer(bundle.onnx_path("explain", precision), precision), reason
+    candidates, skipped = _candidates(bundle, backend, precision, "explain",
+                                      lambda plan: TrtExplainer(plan, precision),
+                                      lambda path: OrtExplainer(path, precision))
+    size = bundle.card.input.size
+    explainer, reason = _first_that_runs(candidates, skipped, lambda opened: opened.warm_up(size))
+    warm_host()
+    return explainer, reason

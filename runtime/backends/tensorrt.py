@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cxr.runtime.backends.base import Backend, BatchLimits, ExplainerBackend
+from cxr.runtime.backends.base import (
+    Backend,
+    BatchLimits,
+    ExplainerBackend,
+    bucket,
+    pad_rows,
+    pad_z,
+    z_columns,
+)
 from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar
 from cxr.runtime.errors import CxrError
 
@@ -53,13 +61,6 @@ def cuda_call(result: Any) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def pad_to_min_batch(rows: np.ndarray, minimum: int) -> np.ndarray:
-    """Repeat the last row until the batch reaches the engine profile's minimum batch."""
-    if len(rows) >= minimum:
-        return rows
-    return np.concatenate([rows, np.repeat(rows[-1:], minimum - len(rows), axis=0)])
-
-
 def device_facts() -> dict[str, str]:
     """GPU name and compute capability of device 0, as the sidecar records them."""
     cudart = import_cudart()
@@ -68,58 +69,88 @@ def device_facts() -> dict[str, str]:
     return {"gpu_name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def check_call(ok: bool, what: str) -> None:
+    """TensorRT's setters answer False instead of raising; a False here would run on stale shapes or addresses."""
+    if not ok:
+        raise CxrError(f"TensorRT refused {what}")
+
+
 class TrtEngine:
-    """A deserialised plan with its buffers; ``infer`` copies only the inputs it is given."""
+    """A deserialised plan with its buffers; ``infer`` copies only the inputs it is given.
+
+    Everything allocated is released by ``close()`` (also when ``__init__`` fails halfway), after the stream
+    has finished with it.
+    """
 
     def __init__(self, plan: Path) -> None:
+        self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}  # name -> (device ptr, nbytes, host view)
+        self._host_ptrs: list[Any] = []
+        self.stream: Any = None
+        self.context: Any = None
+        self.engine: Any = None
+        self.cudart = import_cudart()
+        try:
+            self._open(plan)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, plan: Path) -> None:
         trt = import_tensorrt()
-        self.cudart = cudart = import_cudart()
+        cudart = self.cudart
         facts = read_sidecar(plan)
         check_sidecar(plan, facts, trt.__version__, device_facts()["compute_capability"])
         self.facts = facts
         self.trt = trt
+        self.version = trt.__version__
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise CxrError(f"{plan}: TensorRT could not deserialise the plan; rebuild it with 'cxr-export build-engine'")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise CxrError(f"{plan}: TensorRT could not create an execution context (GPU memory?)")
         self.stream = cuda_call(cudart.cudaStreamCreate())
         self.inputs: list[str] = []
         self.outputs: list[str] = []
-        self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}  # name -> (device ptr, nbytes, host view)
-        self._host_ptrs: list[Any] = []
-        self.max_shapes: dict[str, tuple[int, ...]] = {}
+        self.profiles: dict[str, tuple[tuple[int, ...], ...]] = {}  # input name -> (min, opt, max) shapes
         for index in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(index)
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(name)
             if is_input:
-                self.max_shapes[name] = tuple(self.engine.get_tensor_profile_shape(name, 0)[2])
-                self.context.set_input_shape(name, self.max_shapes[name])
+                self.profiles[name] = tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(name, 0))
+                self.set_shape(name, self.profiles[name][2])
         for name in self.inputs + self.outputs:
-            shape = self.max_shapes.get(name) or tuple(self.context.get_tensor_shape(name))
+            shape = self.profiles[name][2] if name in self.profiles else tuple(self.context.get_tensor_shape(name))
             self._allocate(name, shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
-        self.max_batch = self.max_shapes[self.inputs[0]][0] if self.inputs else 1
-        self.min_batch = int(self.engine.get_tensor_profile_shape(self.inputs[-1], 0)[0][0]) if self.inputs else 1
+
+    def batch_limits(self, name: str) -> BatchLimits:
+        """The batch range of one input's optimisation profile."""
+        low, _, high = self.profiles[name]
+        return BatchLimits(low[0], high[0])
+
+    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        check_call(self.context.set_input_shape(name, tuple(shape)), f"input shape {tuple(shape)} for {name}")
 
     def _allocate(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = max(1, int(np.prod(shape))) * dtype.itemsize
         host_ptr = cuda_call(self.cudart.cudaMallocHost(nbytes))
+        self._host_ptrs.append(host_ptr)
         device_ptr = cuda_call(self.cudart.cudaMalloc(nbytes))
         raw = (ctypes.c_byte * nbytes).from_address(int(host_ptr))
         host = np.frombuffer(raw, dtype=dtype)
         self.buffers[name] = (int(device_ptr), nbytes, host)
-        self._host_ptrs.append(host_ptr)
-        self.context.set_tensor_address(name, int(device_ptr))
+        check_call(self.context.set_tensor_address(name, int(device_ptr)), f"the device address of {name}")
 
     def copy_input(self, name: str, array: np.ndarray) -> int:
         """Stage one input in pinned memory and start its copy to the device; returns bytes sent."""
         device, capacity, host = self.buffers[name]
         array = np.ascontiguousarray(array, dtype=host.dtype)
         if array.nbytes > capacity:
-            raise CxrError(f"input {name} of shape {array.shape} exceeds the engine profile max {self.max_shapes[name]}")
-        self.context.set_input_shape(name, array.shape)
+            raise CxrError(f"input {name} of shape {array.shape} exceeds the engine profile max {self.profiles[name][2]}")
+        self.set_shape(name, array.shape)
         host[: array.size] = array.ravel()
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         cuda_call(self.cudart.cudaMemcpyAsync(device, host.ctypes.data, array.nbytes, kind, self.stream))
@@ -140,13 +171,16 @@ class TrtEngine:
         return {name: host[:count].reshape(shape).copy() for name, (host, shape, count) in results.items()}
 
     def close(self) -> None:
+        """Wait for the stream, then free every buffer; safe to call twice and after a failed ``__init__``."""
+        if self.stream is not None:
+            self.cudart.cudaStreamSynchronize(self.stream)
         for device, _, _ in self.buffers.values():
             self.cudart.cudaFree(device)
         for host_ptr in self._host_ptrs:
             self.cudart.cudaFreeHost(host_ptr)
         self.buffers.clear()
         self._host_ptrs = []
-        if getattr(self, "stream", None) is not None:
+        if self.stream is not None:
             self.cudart.cudaStreamDestroy(self.stream)
             self.stream = None
         self.context = None
@@ -154,16 +188,21 @@ class TrtEngine:
 
 
 class TrtBackend(Backend):
+    """Classifier engine; a short batch runs at a power-of-two bucket inside the profile."""
+
     name = "tensorrt"
+    device = "cuda"
 
     def __init__(self, plan: Path, precision: str) -> None:
         self.engine = TrtEngine(plan)
         self.precision = precision
-        self.limits = BatchLimits(self.engine.min_batch, self.engine.max_batch)
+        self.provider = f"TensorRT {self.engine.version}"
+        self.input_name = self.engine.inputs[0]
+        self.limits = self.engine.batch_limits(self.input_name)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         count = len(batch)
-        self.engine.copy_input(self.engine.inputs[0], pad_to_min_batch(batch, self.limits.min_batch))
+        self.engine.copy_input(self.input_name, pad_rows(batch, bucket(count, self.limits)))
         return self.engine.execute()[self.engine.outputs[0]][:count].astype(np.float32)
 
     def close(self) -> None:
@@ -171,26 +210,40 @@ class TrtBackend(Backend):
 
 
 class TrtExplainer(ExplainerBackend):
+    """Explainer engine. Its batch comes from the ``z`` profile (``image`` is fixed at 1); every call runs the
+    profile's max batch with ``z`` padded to a fixed width, so TensorRT sees one shape."""
+
     name = "tensorrt"
+    device = "cuda"
 
     def __init__(self, plan: Path, precision: str) -> None:
         self.engine = TrtEngine(plan)
         self.precision = precision
-        self.limits = BatchLimits(self.engine.min_batch, self.engine.max_batch)
-        self.max_segments = self.engine.max_shapes["z"][1]
+        self.provider = f"TensorRT {self.engine.version}"
+        self.limits = self.engine.batch_limits("z")
+        self.max_segments = self.engine.profiles["z"][2][1]
+        self.min_segments = self.engine.profiles["z"][0][1]
+        self.columns = 0
         self.bytes_sent = 0
 
     def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
-        if int(segments.max()) + 1 > self.max_segments:
-            raise CxrError(f"{int(segments.max()) + 1} segments exceed the engine profile's {self.max_segments}")
+        count = int(segments.max()) + 1
+        if count > self.max_segments:
+            raise CxrError(f"{count} segments exceed the engine profile's {self.max_segments}")
+        self.columns = max(self.min_segments, min(z_columns(count), self.max_segments))
         size = image.shape[-2:]
         self.bytes_sent += self.engine.copy_input("image", image.reshape(1, 1, *size))
         self.bytes_sent += self.engine.copy_input("fill", fill.reshape(1, 1, *size))
         self.bytes_sent += self.engine.copy_input("segments", segments.astype(np.int32))
 
     def run(self, z: np.ndarray) -> np.ndarray:
+        if not self.columns:
+            raise RuntimeError("set_image() must come before run()")
         count = len(z)
-        self.bytes_sent += self.engine.copy_input("z", pad_to_min_batch(z, self.limits.min_batch).astype(np.uint8))
+        if count > self.limits.max_batch:
+            raise ValueError(f"{count} rows exceed the engine's batch {self.limits.max_batch}")
+        block = pad_z(np.asarray(z, dtype=np.uint8), self.limits.max_batch, self.columns)
+        self.bytes_sent += self.engine.copy_input("z", block)
         return self.engine.execute()["probs"][:count].astype(np.float32)
 
     def close(self) -> None:
