@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,18 +102,30 @@ class LoadedImages:
     skipped: list[tuple[str, str]]
 
 
+def _decode(sample: Sample, size: int) -> tuple[np.ndarray | None, tuple[int, int] | str]:
+    """One file at short side ``size`` with its original shape, or None and the reason it is unreadable."""
+    try:
+        gray = read_image(sample.path)
+    except CxrError as exc:
+        return None, str(exc)
+    return resize_short_side(gray, size), gray.shape[:2]
+
+
 def load_images(samples: list[Sample], size: int, desc: str = "loading", disable: bool = False) -> LoadedImages:
+    """Decode in threads (OpenCV and pydicom's decoders release the GIL); order follows ``samples``."""
     images, labels, shapes, kept, skipped = [], [], [], [], []
-    for sample in tqdm(samples, desc=desc, unit="img", leave=False, disable=disable or len(samples) < 50):
-        try:
-            gray = read_image(sample.path)
-        except CxrError as exc:
-            skipped.append((sample.rel, str(exc)))
-            continue
-        images.append(resize_short_side(gray, size))
-        labels.append(sample.label)
-        shapes.append(gray.shape[:2])
-        kept.append(sample)
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = pool.map(lambda sample: _decode(sample, size), samples)
+        for sample, (image, info) in tqdm(zip(samples, decoded), total=len(samples), desc=desc, unit="img",
+                                          leave=False, disable=disable or len(samples) < 50):
+            if image is None:
+                skipped.append((sample.rel, info))
+                continue
+            images.append(image)
+            labels.append(sample.label)
+            shapes.append(info)
+            kept.append(sample)
     if skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0][1])
     return LoadedImages(images, np.array(labels, dtype=np.int64), shapes, kept, skipped)
