@@ -30,17 +30,30 @@ def latency(
 @app.command()
 def lime(
     model: Path = typer.Option(..., "--model", help="Model bundle folder."),
-    image: Optional[Path] = typer.Option(None, help="Image to explain (default: a generated phantom)."),
+    images: List[str] = typer.Argument(None, help="Images, folders or globs to explain (default: a generated phantom)."),
+    count: int = typer.Option(10, help="Explain at most this many of the images (the first is the cold start)."),
     samples: int = typer.Option(1000, help="LIME samples."),
     seed: int = typer.Option(0, help="Seed."),
     segmenter: str = typer.Option("slic", help="slic or quickshift."),
-    sweep: str = typer.Option("250,500,1000", help="Sample counts timed for our explainer."),
+    sweep: str = typer.Option("250,500,1000", help="Sample counts timed for our explainer (first image)."),
+    precision: str = typer.Option("fp32", help="Comma-separated precisions of our explainer, e.g. fp16,fp32."),
+    backend: str = typer.Option("auto", help="auto, tensorrt or onnxruntime (ours, and stock lime's classifier)."),
+    peer: str = typer.Option("stock", help="Comma-separated peers: stock (lime), captum (Captum Lime on PyTorch), none."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for lime.json and lime.png."),
 ) -> None:
-    """Stock lime vs the in-graph explainer on ORT CPU: total, backend time, host overhead, bytes."""
+    """Seconds per explanation (first image and steady state) for ours per precision, against lime and Captum."""
     from cxr.bench.lime_bench import run_lime_bench
+    from cxr.runtime.bundle import check_precision
+    from cxr.runtime.errors import CxrError
+    from cxr.runtime.inputs import expand_inputs
 
-    run_lime_bench(model, out, image, samples, seed, segmenter, parse_int_list(sweep, "--sweep"))
+    if count < 1:
+        raise CxrError("--count must be at least 1")
+    precisions = tuple(check_precision(p.strip()) for p in precision.split(",") if p.strip())
+    peers = tuple(p.strip() for p in peer.split(",") if p.strip() and p.strip() != "none")
+    paths = expand_inputs(images)[:count] if images else []
+    run_lime_bench(model, out, paths, samples, seed, segmenter, parse_int_list(sweep, "--sweep"), precisions,
+                   backend, peers)
 
 
 @app.command("all")
@@ -55,7 +68,7 @@ def run_all(
     from cxr.bench.lime_bench import run_lime_bench
 
     run_latency(model, out, None, [1, 8, 32, 64], 1.0, duration_s)
-    run_lime_bench(model, out, image, 1000, 0, "slic", [250, 500, 1000])
+    run_lime_bench(model, out, [image] if image else [], 1000, 0, "slic", [250, 500, 1000])
 
 
 @app.command("serve-load")

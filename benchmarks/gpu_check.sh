@@ -1,49 +1,61 @@
 #!/usr/bin/env bash
-# GPU check (<= 8 min): tests marked gpu/tensorrt, a torchrun (DDP, NCCL) fit of dpn92_se on CUDA, then
-# latency and LIME on a dpn92_se bundle at 224. Installs nothing from the network: wheels missing on the
-# machine (lime, pydicom) may be carried in gpu_wheels/. Where TensorRT is missing it measures ONNX Runtime
-# and PyTorch (CUDA) and says what it skipped.  Usage: bash benchmarks/gpu_check.sh OUT_DIR [PYTHON]
+# GPU check, end to end on one NVIDIA GPU (about 6 min on an H100): train dpn92_se on real chest X-rays with CUDA,
+# export fp32/fp16, parity on the GPU, LIME (ours fp16/fp32 vs Captum and stock lime), predict --explain over 40
+# real images, latency (ORT-CUDA vs PyTorch eager / torch.compile), the GPU tests, then summary.json.
+# Installs nothing from the network: onnxruntime-gpu and missing wheels come as in ../shared/gpu/README.md.
+# Each step has its own time limit; a failed step is logged in steps.txt and the rest still run.
+# Usage: bash benchmarks/gpu_check.sh OUT_DIR DATA_DIR [EPOCHS=6] [PYTHON=python3]
 set -uo pipefail
-OUT=${1:?usage: gpu_check.sh OUT_DIR [PYTHON]}
-PY=${2:-python3}
+OUT=$(realpath -m "${1:?usage: gpu_check.sh OUT_DIR DATA_DIR [EPOCHS] [PYTHON]}")
+DATA=$(realpath "${2:?usage: gpu_check.sh OUT_DIR DATA_DIR [EPOCHS] [PYTHON]}")
+EPOCHS=${3:-6}
+PY=${4:-python3}
+ARCH=${ARCH:-dpn92_se} SIZE=${SIZE:-224} DEVICE=${DEVICE:-cuda}  # ARCH=dpn_se_tiny SIZE=64 DEVICE=cpu: a dry run
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-if [ -d gpu_wheels ]; then "$PY" -m pip install -q --no-deps --no-index gpu_wheels/*.whl; fi
-"$PY" -c "import cxr.train" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/gpu.txt"
-"$PY" -c "import tensorrt" 2>/dev/null && echo "TensorRT: present" || echo "TensorRT: missing -> engine build, engine latency and engine parity skipped"
-timeout 180 "$PY" -m pytest -q -m "gpu or tensorrt" tests 2>&1 | tee "$OUT/gpu_tests.txt"
-# DDP on CUDA through torchrun (NCCL; one process per visible GPU), AMP, dpn92_se at 224 on phantoms.
-GPUS=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))")
-"$PY" -m cxr.train.cli synth "$OUT/phantoms" --per-class 64 --size 256 > /dev/null
-timeout 300 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$GPUS" -m cxr.train.cli fit "$OUT/phantoms" \
-  --arch dpn92_se --image-size 224 --epochs 3 --batch-size 32 --device cuda --out "$OUT/run-ddp" 2>&1 \
-  | grep -v "it/s\|batch/s" | tee "$OUT/fit_cuda.txt"
-timeout 300 "$PY" - "$OUT" <<'PY'
-import sys, time
+export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+
+step() {  # step NAME SECONDS CMD...: run with a limit, log to NAME.log, record rc and seconds in steps.txt
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  "$PY" -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+  "$PY" -c "import tensorrt" 2>/dev/null && echo "TensorRT: present" || echo "TensorRT: missing (engine build, engine latency and engine parity skipped)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+step fit 240 "$PY" -m cxr.train.cli fit "$DATA" --arch "$ARCH" --image-size "$SIZE" --epochs "$EPOCHS" --batch-size 32 \
+  --device "$DEVICE" --out "$OUT/run"
+step export 240 bash -c "'$PY' -m cxr.export.cli onnx '$OUT/run' --out '$OUT/bundle' && '$PY' -m cxr.export.cli fp16 '$OUT/bundle'"
+# the run's patient-disjoint validation images, as a class-folder tree of links (parity, LIME and predict use them)
+"$PY" - "$OUT/run" "$DATA" "$OUT/val" <<'PYCODE'
+import json, os, sys
 from pathlib import Path
-import numpy as np, torch
-import cxr.train
-from cxr.runtime.card import Card, InputSpec, Preprocessing, write_card
-from cxr.train.run import build_net, net_mean_std
-out = Path(sys.argv[1]); run = out / "run-dpn92se"; run.mkdir(parents=True, exist_ok=True)
-torch.manual_seed(0)
-net = build_net("dpn92_se", 4)
-torch.save(net.state_dict(), run / "model.pt")
-mean, std = net_mean_std(net)
-write_card(run, Card(arch="dpn92_se", input=InputSpec(size=224), preprocessing=Preprocessing(mean=mean, std=std),
-                     training={"note": "random init for latency"}))
-from cxr.export.onnx_export import export_onnx
-from cxr.export.cli import fp16
-bundle = out / "bundle-dpn92se"
-export_onnx(run, bundle); fp16(bundle)
-from cxr.runtime.backends.tensorrt import tensorrt_available
-if tensorrt_available():
-    from cxr.export.engine_build import build_engines
-    build_engines(bundle, "fp16", timing_cache=out / "timing.cache")
-from cxr.bench.latency import run_latency
-from cxr.bench.lime_bench import run_lime_bench
-run_latency(bundle, out, ["pytorch", "onnxruntime-fp32"], [1, 8, 32], 1.0, 3.0)  # ORT fp16 on CPU is emulated
-run_lime_bench(bundle, out, None, 1000, 0, "slic", [250, 500, 1000])
-PY
+run, data, val = map(Path, sys.argv[1:])
+for rel in json.loads((run / "split.json").read_text())["val"]:
+    (val / rel).parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(data / rel, val / rel)
+PYCODE
+find -L "$OUT/val" -type f | sort | shuf -n 40 --random-source=<(yes) > "$OUT/explain40.txt"  # 40 real images, all classes
+
+step parity 180 "$PY" -m cxr.export.cli parity "$OUT/bundle" "$OUT/val" --backends onnx,fp16 --report "$OUT/parity_gpu.json"
+step lime 240 "$PY" -m cxr.bench.cli lime --model "$OUT/bundle" $(head -n 11 "$OUT/explain40.txt") --count 11 \
+  --precision fp16,fp32 --peer captum,stock --out "$OUT"
+step predict_explain 200 "$PY" -m cxr.runtime.cli predict --model "$OUT/bundle" $(cat "$OUT/explain40.txt") \
+  --precision fp16 --explain --explain-dir "$OUT/overlays" --out "$OUT/predict_explain_fp16.jsonl"
+step explain_variants 120 "$PY" -m cxr.bench.explain_variants "$OUT/bundle" "$OUT" $(head -n 6 "$OUT/explain40.txt")
+step latency 200 "$PY" -m cxr.bench.cli latency --model "$OUT/bundle" --batch-sizes 64 --warmup-s 1 --duration-s 3 \
+  --backends pytorch-fp32,pytorch-fp16,onnxruntime-fp32,onnxruntime-fp16 --out "$OUT"
+step latency_compile 200 "$PY" -m cxr.bench.cli latency --model "$OUT/bundle" --batch-sizes 64 --warmup-s 1 \
+  --duration-s 3 --backends torch-compile-fp16 --out "$OUT/compile"
+step info 120 "$PY" -m cxr.runtime.cli info --model "$OUT/bundle"
+step gpu_tests 240 "$PY" -m pytest -q -m "gpu or tensorrt" -p no:cacheprovider tests
+step summary 60 "$PY" -m cxr.bench.gpu_summary "$OUT"
 echo "results in $OUT"

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from cxr.bench.environment import environment, slug
+from cxr.bench.torch_reference import torch_runner
 from cxr.runtime.bundle import PRECISIONS, Bundle, engine_name, onnx_name
 from cxr.runtime.errors import CxrError
 
@@ -47,16 +48,20 @@ def measure(run: Runner, size: int, batch_sizes: list[int], warmup_s: float, dur
 
 
 def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Callable[[], Any]]]:
-    """(name, precision, opener) for PyTorch eager, each ORT graph and each engine present here."""
+    """(name, precision, opener) for PyTorch (eager fp32; on CUDA also eager and compiled fp16 channels-last),
+    each ORT graph and each engine present here."""
     from cxr.runtime.backends.tensorrt import tensorrt_available
 
     found = []
-    source_run = Path(bundle.card.provenance.get("source_run", ""))
+    run = Path(bundle.card.provenance.get("source_run", ""))
     try:
-        import torch  # noqa: F401
+        import torch
 
-        if (source_run / "model.pt").is_file():
-            found.append(("pytorch", "fp32", lambda: _torch_runner(source_run)))
+        if (run / "model.pt").is_file():
+            found.append(("pytorch", "fp32", lambda: (torch_runner(run), lambda: None)))
+            if torch.cuda.is_available():
+                found.append(("pytorch", "fp16", lambda: (torch_runner(run, half=True), lambda: None)))
+                found.append(("torch-compile", "fp16", lambda: (torch_runner(run, half=True, compiled=True), lambda: None)))
     except ImportError:
         pass
     for precision in PRECISIONS:
@@ -69,27 +74,10 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
     return found
 
 
-def _torch_runner(run: Path) -> tuple[Runner, Callable[[], None]]:
-    import cxr.train  # noqa: F401
-    import torch
-    from cxr.train.run import load_run
-
-    _, model = load_run(run)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-
-    def infer(batch: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = model(torch.from_numpy(batch).to(device))
-            return out.cpu().numpy()
-
-    return infer, lambda: None
-
-
 def _ort_runner(bundle: Bundle, precision: str) -> tuple[Runner, Callable[[], None]]:
     from cxr.runtime.backends.onnxruntime import OrtBackend
 
-    backend = OrtBackend(bundle.onnx_path("model", precision), precision)
+    backend = OrtBackend(bundle.onnx_path("model", precision), precision, max_batch=1024)
     return backend.run, backend.close
 
 

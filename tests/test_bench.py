@@ -19,14 +19,29 @@ def test_latency_and_report(bundle, tmp_path):
     assert "| onnxruntime-fp32 |" in report and "x |" in report
 
 
-def test_lime_benchmark_reports_the_split(bundle, tmp_path):
-    cli("cxr-bench", "lime", "--model", str(bundle), "--samples", "200", "--sweep", "100", "--out", str(tmp_path))
+def test_lime_benchmark_times_ours_per_precision_against_both_peers(bundle, phantoms, tmp_path):
+    pytest.importorskip("captum", reason="captum not installed (pip install 'cxr-edge[bench]')")
+    images = sorted((phantoms / "covid19").glob("*.png"))[:3]
+    result = cli("cxr-bench", "lime", "--model", str(bundle), *map(str, images), "--samples", "200", "--sweep", "100",
+                 "--precision", "fp32,fp16", "--peer", "stock,captum", "--out", str(tmp_path))
     data = json.loads((tmp_path / "lime.json").read_text())
-    assert (tmp_path / "lime.png").is_file()
-    for side in ("stock_lime", "ours"):
-        entry = data[side]
-        assert abs(entry["total_s"] - entry["backend_s"] - entry["host_overhead_s"]) < 1e-9
-    assert data["host_overhead_speedup"] > 1 and data["bytes_ratio_from_lime"] > 100
+    assert (tmp_path / "lime.png").stat().st_size > 1000 and data["images"] == 3
+    for precision in ("fp32", "fp16"):
+        ours = data["ours"][precision]
+        assert len(ours["per_image_s"]) == 3 and ours["first_image_s"] > ours["open_s"] > 0
+        assert ours["backend"].startswith(f"onnxruntime {precision} on cpu")
+        assert ours["first"]["timing"]["model_s"] < ours["first"]["total_s"]
+    assert data["captum"]["device"] == "cpu" and len(data["captum"]["per_image_s"]) == 3
+    assert data["speedup_vs_captum"]["fp32"] > 0 and "ours vs captum" in result.stdout
+    # lime hands its classifier float64 RGB images; ours sends only the 0/1 rows (padded to 64 columns)
+    assert data["bytes_ratio_from_lime"] > 100 and data["host_overhead_speedup"] > 1
+
+
+def test_lime_benchmark_refuses_an_unknown_peer(bundle, tmp_path):
+    from tests.conftest import one_line_error
+
+    result = cli("cxr-bench", "lime", "--model", str(bundle), "--peer", "shap", "--out", str(tmp_path), check=1)
+    assert "unknown shap" in one_line_error(result)
 
 
 def test_serve_load_reports_batching_and_equality_with_local(bundle, phantoms, tmp_path):

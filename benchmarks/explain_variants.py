@@ -1,0 +1,55 @@
+"""``python -m cxr.bench.explain_variants BUNDLE OUT IMAGE...``: the explainer's GPU settings, measured side by side.
+
+Batch size and convolution layout (NCHW / NHWC) of the ONNX Runtime CUDA explainer, per precision, on the same
+images in one process: the evidence behind the defaults in ``runtime/backends/onnxruntime.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cxr.runtime.backends.onnxruntime import CudaOptions, OrtExplainer
+from cxr.runtime.bundle import Bundle
+from cxr.runtime.explain import ExplainConfig, explain_image, warm_host
+from cxr.runtime.preprocess import load_and_preprocess
+
+VARIANTS = [("fp16", 128, False), ("fp16", 128, True), ("fp16", 256, False), ("fp16", 256, True),
+            ("fp32", 256, False), ("fp32", 256, True)]
+
+
+def measure(bundle: Bundle, precision: str, batch: int, nhwc: bool, images: list[np.ndarray]) -> dict[str, Any]:
+    started = time.perf_counter()
+    with OrtExplainer(bundle.onnx_path("explain", precision), precision, max_batch=batch,
+                      cuda=CudaOptions(nhwc=nhwc, cuda_graph=True)) as explainer:
+        explainer.warm_up(bundle.card.input.size)
+        open_s = time.perf_counter() - started
+        times = []
+        for image in images:
+            start = time.perf_counter()
+            explain_image(image, explainer, ExplainConfig())
+            times.append(time.perf_counter() - start)
+        return {"precision": precision, "batch": batch, "nhwc": explainer.cuda.nhwc, "asked_nhwc": nhwc,
+                "cuda_graph": explainer.cuda_graph, "device": explainer.device, "open_s": open_s,
+                "first_s": times[0], "steady_s_per_image": float(np.mean(times[1:] or times))}
+
+
+def main() -> None:
+    bundle_dir, out, *paths = sys.argv[1:]
+    bundle = Bundle.open(bundle_dir)
+    images = [load_and_preprocess(Path(p), bundle.card.input.size) for p in paths]
+    warm_host()
+    rows = [measure(bundle, *variant, images) for variant in VARIANTS]
+    for r in rows:
+        print(f"{r['precision']} batch {r['batch']:>3} {'NHWC' if r['nhwc'] else 'NCHW'} graph {r['cuda_graph']!s:<5} "
+              f"open {r['open_s']:.2f} s  first {r['first_s']:.3f} s  steady {r['steady_s_per_image']:.3f} s/img")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "explain_variants.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
