@@ -87,6 +87,16 @@ def batch_counts(address: str, model: str) -> dict[int, int]:
     return counts
 
 
+def settled_counts(address: str, model: str, images: int, timeout_s: float = 5.0) -> dict[int, int]:
+    """Batch counts once they account for ``images`` images: Triton records an execution after its reply leaves."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = batch_counts(address, model)
+        if sum(size * count for size, count in counts.items()) >= images or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
 def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, Any]:
     """N threads, one gRPC client each, one image per request, until the request or time budget ends."""
     import tritonclient.grpc as grpcclient
@@ -146,10 +156,11 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
                    "--instances", str(options.instances), "--precision", options.precision]
     with ServerProcess(bundle_dir, *server_args) as server:
         address = f"127.0.0.1:{server.grpc_port}"
-        drive(address, pixels[:4], LoadOptions(clients=2, max_requests=8, max_seconds=30))  # warm-up
-        before = batch_counts(address, "cxr")
+        warm = drive(address, pixels[:4], LoadOptions(clients=2, max_requests=8, max_seconds=30))
+        before = settled_counts(address, "cxr", warm["requests"])
         load = drive(address, pixels, options)
-        after = batch_counts(address, "cxr")
+        images = sum(size * count for size, count in before.items()) + load["requests"]
+        after = settled_counts(address, "cxr", images)
     formed = {size: after.get(size, 0) - before.get(size, 0) for size in sorted(after)}
     formed = {size: count for size, count in formed.items() if count}
     replies = load.pop("replies")
