@@ -17,7 +17,7 @@ def step(title: str) -> None:
 
 
 def run_quickstart(out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: int = 96, per_class: int = 60) -> int:
-    import cxr.train  # noqa: F401
+    import cxr.train.models  # noqa: F401
     from cxr.bench.latency import run_latency
     from cxr.export.cli import fp16
     from cxr.export.onnx_export import export_onnx

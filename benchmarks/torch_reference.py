@@ -25,7 +25,7 @@ def torch_forward(run: Path, half: bool = False, compiled: bool = False):
 
     Half precision casts after the adapter (which keeps its fp32 normalisation), as the fp16 graph does.
     """
-    import cxr.train  # noqa: F401  (registers the DPN-SE family with timm)
+    import cxr.train.models  # noqa: F401  (registers the DPN-SE family with timm)
     import torch
     from cxr.train.run import load_run
 

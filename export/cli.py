@@ -28,7 +28,7 @@ def onnx(
     opset: int = typer.Option(17, help="ONNX opset (13-21)."),
 ) -> None:
     """fp32 model.onnx (dynamic batch, uint8 pixels in) and the LIME explainer graph, checked against PyTorch."""
-    import cxr.train  # noqa: F401  (registers DPN-SE)
+    import cxr.train.models  # noqa: F401  (registers DPN-SE)
     from cxr.export.onnx_export import export_onnx
 
     export_onnx(run, out, opset)
@@ -64,13 +64,13 @@ def int8(
     from cxr.export.int8 import classifier_feeds, explainer_feeds, quantize_int8
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import record_files
-    from cxr.runtime.errors import CxrError
+    from cxr.runtime.errors import CxrError, CxrUsageError
     from cxr.runtime.inputs import expand_inputs
     from cxr.runtime.preprocess import load_and_preprocess
 
     opened = Bundle.open(bundle)
     if samples < 1:
-        raise CxrError("--samples must be at least 1")
+        raise CxrUsageError("--samples must be at least 1")
     paths = expand_inputs([str(calib)])
     rng = np.random.default_rng(seed)
     images = []
@@ -126,7 +126,7 @@ def parity(
     int8_max_delta: float = typer.Option(1.0, help="int8: max metric delta (points)."),
 ) -> int:
     """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""
-    import cxr.train  # noqa: F401
+    import cxr.train.models  # noqa: F401
     from cxr.export.parity import Rule, run_parity
 
     rules = {"fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob), "fp16": Rule(fp16_agreement, max_metric_delta_pt=fp16_max_delta),

@@ -3,3 +3,7 @@
 
 class CxrError(Exception):
     """A problem the user can fix: a bad file, a bad bundle, a missing backend, a bad option."""
+
+
+class CxrUsageError(CxrError):
+    """A bad option value found by our own checks: shown like click's usage errors (one line, exit 2)."""

@@ -1,7 +1,7 @@
 import json
 import shutil
 
-import cxr.train  # noqa: F401
+import cxr.train.models  # noqa: F401
 import numpy as np
 import onnx
 import onnxruntime as ort

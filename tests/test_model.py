@@ -1,4 +1,4 @@
-import cxr.train  # noqa: F401  (registers the DPN-SE family)
+import cxr.train.models  # noqa: F401  (registers the DPN-SE family)
 import pytest
 import timm
 import torch

@@ -43,12 +43,14 @@ def fit(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
     """Train a model; writes model.pt, card.json, metrics.json, confusion.png, curves.png."""
-    from cxr.train.fit import FitConfig
+    from cxr.train.config import FitConfig
+
+    config = FitConfig(data=data, out=out, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
+                       lr=lr, seed=seed, val_split=val_split, augment=not no_augment, pretrained=pretrained,
+                       device=device)  # checked here, before torch is imported
     from cxr.train.fit import fit as run_fit
 
-    run_fit(FitConfig(data=data, out=out, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                      lr=lr, seed=seed, val_split=val_split, augment=not no_augment, pretrained=pretrained,
-                      device=device))
+    run_fit(config)
 
 
 @app.command()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from cxr.runtime.card import Card, InputSpec, Preprocessing, write_card
 from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
 from cxr.train.augment import PaperAugment, evaluation_view
+from cxr.train.config import FitConfig
 from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_samples
 from cxr.train.distributed import DistContext, barrier, init_distributed, shutdown
 from cxr.train.models.adapter import GrayToNet
@@ -32,22 +33,6 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    data: Path
-    out: Path
-    arch: str = "dpn92_se"
-    epochs: int = 10
-    image_size: int = 224
-    batch_size: int = 16
-    lr: float | None = None
-    seed: int = 0
-    val_split: float = 0.2
-    augment: bool = True
-    pretrained: bool = False
-    device: str = "auto"
 
 
 def to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -74,8 +59,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 
 def fit(config: FitConfig) -> dict[str, Any] | None:
     """Train, keep the best epoch, write the run folder; returns the metrics summary (None on ranks > 0)."""
-    if config.epochs < 1 or config.batch_size < 1:
-        raise CxrError("--epochs and --batch-size must be at least 1")
     ctx = init_distributed(config.device)
     try:
         return _fit(config, ctx)
