@@ -44,11 +44,11 @@ def lime(
     """Seconds per explanation (first image and steady state) for ours per precision, against lime and Captum."""
     from cxr.bench.lime_bench import run_lime_bench
     from cxr.runtime.bundle import check_precision
-    from cxr.runtime.errors import CxrError
+    from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.inputs import expand_inputs
 
     if count < 1:
-        raise CxrError("--count must be at least 1")
+        raise CxrUsageError("--count must be at least 1")
     precisions = tuple(check_precision(p.strip()) for p in precision.split(",") if p.strip())
     peers = tuple(p.strip() for p in peer.split(",") if p.strip() and p.strip() != "none")
     paths = expand_inputs(images)[:count] if images else []
@@ -86,10 +86,10 @@ def serve_load(
 ) -> None:
     """Loopback load test of 'cxr-run serve' vs local predict: throughput, p50/p95/p99, batch sizes formed, equality."""
     from cxr.bench.serve_load import LoadOptions, run_serve_load
-    from cxr.runtime.errors import CxrError
+    from cxr.runtime.errors import CxrUsageError
 
     if clients < 1 or max_requests < 1 or max_seconds <= 0:
-        raise CxrError("--clients and --max-requests must be at least 1, --max-seconds more than 0")
+        raise CxrUsageError("--clients and --max-requests must be at least 1, --max-seconds more than 0")
     run_serve_load(model, data, out, LoadOptions(clients, max_requests, max_seconds, max_batch, max_queue_delay_us,
                                                  instances, precision))
 

@@ -18,7 +18,7 @@ from cxr.bench.environment import environment
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.backends.select import describe, open_classifier, open_explainer
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.explain import KERNEL_WIDTH, ExplainConfig, explain_image
 from cxr.runtime.segment import segment, segment_means
 
@@ -138,7 +138,7 @@ def run_lime_bench(bundle_dir: Path, out: Path, image_paths: list[Path], samples
                    peers: tuple[str, ...] = ("stock",)) -> dict[str, Any]:
     unknown = sorted(set(peers) - set(PEERS))
     if unknown:
-        raise CxrError(f"--peer: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
+        raise CxrUsageError(f"--peer: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)}")
     bundle = Bundle.open(bundle_dir)
     images = load_images(bundle, image_paths, seed)
     results: dict[str, Any] = {

@@ -24,7 +24,7 @@ from cxr.export.graphs import (
     example_inputs,
 )
 from cxr.runtime.card import Card, write_card
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.train.run import load_run
 
 DEFAULT_OPSET = 17
@@ -86,10 +86,10 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
     """Write ``model.onnx``, ``explain.onnx`` and ``card.json`` into the bundle folder ``out``."""
     card, model = load_run(run)
     if not 13 <= opset <= 21:
-        raise CxrError(f"--opset must be between 13 and 21, got {opset}")
+        raise CxrUsageError(f"--opset must be between 13 and 21, got {opset}")
     out = Path(out)
     if out.resolve() == Path(run).resolve():
-        raise CxrError("--out must be a new folder, not the run folder")
+        raise CxrUsageError("--out must be a new folder, not the run folder")
     out.mkdir(parents=True, exist_ok=True)
     size = card.input.size
     metadata = card_metadata(card)

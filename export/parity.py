@@ -16,7 +16,7 @@ import torch
 from cxr.runtime.backends.select import describe, open_classifier
 from cxr.runtime.bundle import Bundle, engine_name, onnx_name
 from cxr.runtime.card import write_card
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.metrics import classification_report
 from cxr.train.augment import evaluation_view
 from cxr.train.data import load_images, scan_image_folder
@@ -85,7 +85,7 @@ def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
     targets = []
     for item in wanted:
         if item not in PARITY_BACKENDS:
-            raise CxrError(f"--backends: unknown {item!r}; choose from {', '.join(PARITY_BACKENDS)}")
+            raise CxrUsageError(f"--backends: unknown {item!r}; choose from {', '.join(PARITY_BACKENDS)}")
         if item == "engine":
             for precision in ("fp32", "fp16", "int8"):
                 if bundle.has(engine_name("model", precision)) and tensorrt_available():

@@ -17,7 +17,7 @@ import numpy as np
 from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
 from cxr.runtime.card import Card
 from cxr.runtime.engine_sidecar import read_sidecar, sidecar_path
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 
 FORMATS = ("auto", "tensorrt", "onnx")
 KINDS = ("gpu", "cpu")
@@ -93,7 +93,7 @@ def triton_type(dtype: np.dtype) -> str:
 
 def choose_format(bundle: Bundle, options: RepoOptions) -> str:
     if options.format not in FORMATS:
-        raise CxrError(f"--format must be one of {', '.join(FORMATS)}, got {options.format!r}")
+        raise CxrUsageError(f"--format must be one of {', '.join(FORMATS)}, got {options.format!r}")
     has_plan = bundle.has(engine_name("model", options.precision))
     if options.format == "tensorrt" and not has_plan:
         raise CxrError(f"--format tensorrt: no {engine_name('model', options.precision)} in {bundle.folder} "
@@ -106,15 +106,15 @@ def choose_format(bundle: Bundle, options: RepoOptions) -> str:
 def _check_options(options: RepoOptions, fmt: str) -> None:
     check_precision(options.precision)
     if options.kind not in KINDS:
-        raise CxrError(f"--kind must be one of {', '.join(KINDS)}, got {options.kind!r}")
+        raise CxrUsageError(f"--kind must be one of {', '.join(KINDS)}, got {options.kind!r}")
     if options.max_batch < 1 or options.instances < 1 or options.max_queue_delay_us < 0:
-        raise CxrError("--max-batch and --instances must be at least 1, --max-queue-delay-us at least 0")
+        raise CxrUsageError("--max-batch and --instances must be at least 1, --max-queue-delay-us at least 0")
     if fmt == "tensorrt" and options.kind == "cpu":
         raise CxrError("a TensorRT plan runs only on a GPU: use --kind gpu or --format onnx")
     if options.trt_accelerator and (fmt != "onnx" or options.kind != "gpu"):
-        raise CxrError("--trt-accelerator applies to the ONNX graph on a GPU (--format onnx --kind gpu)")
+        raise CxrUsageError("--trt-accelerator applies to the ONNX graph on a GPU (--format onnx --kind gpu)")
     if not options.name.replace("_", "").replace("-", "").isalnum():
-        raise CxrError(f"--name must be letters, digits, '-' or '_', got {options.name!r}")
+        raise CxrUsageError(f"--name must be letters, digits, '-' or '_', got {options.name!r}")
 
 
 def profile_max_batch(facts: dict) -> tuple[int, int]:
@@ -180,7 +180,7 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
         facts = read_sidecar(plan)
         low, high = profile_max_batch(facts)
         if options.max_batch > high or low > 1:
-            raise CxrError(f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
+            raise CxrUsageError(f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
                            f"Triton needs 1..max_batch inside it (use --max-batch {high} or rebuild the engine)")
         source = bundle.verified(facts.get("source_onnx") or onnx_name("model", options.precision))
     inputs, outputs = graph_io(source)

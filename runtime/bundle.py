@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr.runtime.card import Card, read_card, verify_file
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 GRAPHS = ("model", "explain")  # classifier, LIME explainer
@@ -14,7 +14,7 @@ GRAPHS = ("model", "explain")  # classifier, LIME explainer
 
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
-        raise CxrError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise CxrUsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return precision
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +18,7 @@ EXIT_OK, EXIT_FATAL, EXIT_SOME_FAILED = 0, 1, 2
 
 @app.command()
 def predict(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
+    inputs: List[str] = typer.Argument(..., help="Image files, folders (searched recursively, files judged by content) or globs."),
     model: Path = typer.Option(..., "--model", help="Model bundle folder (from 'cxr-export onnx')."),
     backend: str = typer.Option("auto", help="auto (engine -> ORT GPU -> ORT CPU), tensorrt or onnxruntime."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8: which graph / engine."),
@@ -34,47 +35,62 @@ def predict(
     segmenter: str = typer.Option("slic", help="slic (default) or quickshift (the paper's)."),
     num_features: int = typer.Option(8, help="Segments painted in the overlay."),
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
+    strict: bool = typer.Option(False, "--strict", help="Fail inputs with a warning (not a CR/DX radiograph, colour, "
+                                "near-binary, under 64 px) instead of predicting them."),
 ) -> int:
     """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if some failed."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
     from cxr.runtime.bundle import Bundle
-    from cxr.runtime.errors import CxrError
+    from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.explain import ExplainConfig
-    from cxr.runtime.inputs import expand_inputs
+    from cxr.runtime.inputs import discover, not_images_line
     from cxr.runtime.output import RecordWriter
     from cxr.runtime.predict import PredictOptions, predict_stream
     from cxr.runtime.segment import SEGMENTERS
 
     if segmenter not in SEGMENTERS:
-        raise CxrError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")
+        raise CxrUsageError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")
     if top_k < 0:
-        raise CxrError("--top-k must be 0 or more")
+        raise CxrUsageError("--top-k must be 0 or more")
     bundle = Bundle.open(model)
     explain_config = ExplainConfig(samples, segmenter, num_features, seed) if explain else None
     if explain and explain_dir is None:
         explain_dir = (out.parent if out else Path(".")) / "explanations"
-    paths = expand_inputs(inputs)
+    found = discover(inputs)
+    paths = found.inputs
     if server is not None:
         classifier, reason = _open_server(server, server_model, timeout, bundle, backend, precision, explain)
     else:
         classifier, reason = open_classifier(bundle, backend, precision or "fp32")
-    failed = 0
+    failed, warned, shown = 0, 0, set()
     with classifier:
         print(f"backend: {reason}", file=sys.stderr)
         explainer = open_explainer(bundle, classifier.name, classifier.precision)[0] if explain else None
         try:
-            options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir)
+            options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir, strict)
             with RecordWriter(out, bundle.card.classes) as writer:
-                for record in predict_stream(paths, bundle, classifier, options, explainer):
+                for record in predict_stream(paths, bundle, classifier, options, explainer, found.errors):
                     failed += record["error"] is not None
+                    warned += bool(record["warnings"]) and record["error"] is None
+                    _warn_once(record, shown)
                     writer.write(record)
         finally:
             if explainer is not None:
                 explainer.close()
-    summary = f"{len(paths) - failed} of {len(paths)} inputs predicted"
-    print(summary + (f"; {failed} failed (see their 'error')" if failed else "") + (f"; wrote {out}" if out else ""),
-          file=sys.stderr)
+    parts = [f"{len(paths) - failed} predicted", f"{warned} of them with warnings (see their 'warnings')" if warned else "",
+             f"{failed} failed (see their 'error')" if failed else "",
+             not_images_line(found.not_images) if found.not_images else "", f"wrote {out}" if out else ""]
+    print("; ".join(p for p in parts if p), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _warn_once(record: dict, shown: set[str]) -> None:
+    """Each kind of warning once per run on stderr (the records carry every one)."""
+    for text in record.get("warnings") or []:
+        kind = re.sub(r"[\d.]+", "N", text)
+        if kind not in shown:
+            shown.add(kind)
+            print(f"warning: {record['path']}: {text} (shown once; every record lists its warnings)", file=sys.stderr)
 
 
 def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str, precision: Optional[str],
@@ -82,12 +98,12 @@ def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str
     """The remote classifier, after checking the server runs this bundle's model; a down server is not fatal
     (every file then gets the connection error, as a failed file does locally)."""
     from cxr.runtime.backends.triton_client import TritonClientBackend, model_mismatch
-    from cxr.runtime.errors import CxrError
+    from cxr.runtime.errors import CxrError, CxrUsageError
 
     if explain:
-        raise CxrError("--explain runs on the local backend; drop --server to explain")
+        raise CxrUsageError("--explain runs on the local backend; drop --server to explain")
     if backend != "auto":
-        raise CxrError("--backend is chosen by the server; drop it with --server")
+        raise CxrUsageError("--backend is chosen by the server; drop it with --server")
     remote = TritonClientBackend(url, model_name, timeout)
     try:
         served = remote.server_card()
@@ -97,7 +113,7 @@ def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str
     if mismatch:
         raise CxrError(f"server {url} serves another model than {bundle.folder} ({mismatch})")
     if precision and precision != remote.precision:
-        raise CxrError(f"--precision {precision}: server {url} runs {remote.precision}")
+        raise CxrUsageError(f"--precision {precision}: server {url} runs {remote.precision}")
     return remote, f"server {url}, model {model_name}"
 
 

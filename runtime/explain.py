@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from cxr.runtime.backends.base import ExplainerBackend
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrUsageError
 from cxr.runtime.segment import segment, segment_means
 
 KERNEL_WIDTH = 0.25
@@ -31,9 +31,9 @@ class ExplainConfig:
 
     def __post_init__(self) -> None:
         if self.samples < 10:
-            raise CxrError(f"--samples must be at least 10, got {self.samples}")
+            raise CxrUsageError(f"--samples must be at least 10, got {self.samples}")
         if self.num_features < 1:
-            raise CxrError(f"--num-features must be at least 1, got {self.num_features}")
+            raise CxrUsageError(f"--num-features must be at least 1, got {self.num_features}")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TextIO
 
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrUsageError
 
 
 class RecordWriter:
@@ -27,14 +27,14 @@ class RecordWriter:
             return
         suffix = target.suffix.lower()
         if suffix not in (".jsonl", ".json", ".csv"):
-            raise CxrError(f"--out must end in .jsonl or .csv, got {target.name}")
+            raise CxrUsageError(f"--out must end in .jsonl or .csv, got {target.name}")
         self.format = "csv" if suffix == ".csv" else "jsonl"
         if not target.parent.exists():
-            raise CxrError(f"--out: folder {target.parent} does not exist")
+            raise CxrUsageError(f"--out: folder {target.parent} does not exist")
         fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         self.handle = os.fdopen(fd, "w", newline="")
         if self.format == "csv":
-            fields = ["path", "label", "backend", "precision", "error"] + [f"prob_{c}" for c in classes]
+            fields = ["path", "label", "backend", "precision", "error", "warnings"] + [f"prob_{c}" for c in classes]
             fields += ["explained_label", "overlay"]
             self._csv = csv.DictWriter(self.handle, fieldnames=fields, extrasaction="ignore")
             self._csv.writeheader()
@@ -42,6 +42,7 @@ class RecordWriter:
     def write(self, record: dict[str, Any]) -> None:
         if self._csv is not None:
             row = {k: record.get(k) for k in ("path", "label", "backend", "precision", "error")}
+            row["warnings"] = "; ".join(record.get("warnings") or [])
             row.update({f"prob_{c}": (record["probs"] or {}).get(c) if record.get("probs") else None for c in self.classes})
             explanation = record.get("explanation") or {}
             row.update(explained_label=explanation.get("label"), overlay=explanation.get("overlay"))

@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
 from cxr.runtime.overlay import save_overlay
-from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, load_and_preprocess
+from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess
 from tqdm import tqdm
 
 
@@ -26,11 +26,12 @@ class PredictOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     explain: ExplainConfig | None = None
     explain_dir: Path | None = None
+    strict: bool = False  # a warning (not a radiograph? colour? tiny?) fails the input instead
 
 
 def _record(path: Path, backend: Backend, error: str | None = None) -> dict[str, Any]:
     return {"path": str(path), "label": None, "probs": None, "backend": backend.name,
-            "precision": backend.precision, "error": error}
+            "precision": backend.precision, "error": error, "warnings": []}
 
 
 def _overlay_name(path: Path, index: int) -> str:
@@ -39,11 +40,14 @@ def _overlay_name(path: Path, index: int) -> str:
 
 
 def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options: PredictOptions,
-                   explainer: ExplainerBackend | None = None) -> Iterator[dict[str, Any]]:
-    """Yields records in input order; memory holds one batch of images at a time."""
+                   explainer: ExplainerBackend | None = None, known_errors: dict[Path, str] | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs that
+    failed before reading (a broken link, an unreadable folder) and the reason each gets in its record."""
+    known_errors = known_errors or {}
     classes, size = bundle.card.classes, bundle.card.input.size
     if options.batch_size < 1:
-        raise CxrError("--batch-size must be at least 1")
+        raise CxrUsageError("--batch-size must be at least 1")
     batch_size = min(options.batch_size, backend.limits.max_batch)
     bar = tqdm(total=len(paths), unit="img", desc="explain" if explainer else "predict", disable=len(paths) < 2)
     for start in range(0, len(paths), batch_size):
@@ -52,9 +56,15 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
         for path in chunk:
             record = _record(path, backend)
             try:
-                images.append(load_and_preprocess(path, size, options.max_pixels))
+                if path in known_errors:
+                    raise CxrError(known_errors[path])
+                decoded = load_image(path, options.max_pixels)
+                record["warnings"] = list(decoded.warnings)
+                if decoded.warnings and options.strict:
+                    raise CxrError(f"{path}: {'; '.join(decoded.warnings)} (--strict)")
+                images.append(preprocess(decoded.gray, size))
             except CxrError as exc:
-                record["error"] = str(exc)
+                record["error"] = " ".join(str(exc).split())
                 images.append(None)
             records.append(record)
         good = [i for i, im in enumerate(images) if im is not None]

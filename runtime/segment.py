@@ -7,7 +7,7 @@ quickshift with lime's own defaults (kernel_size=4, max_dist=200, ratio=0.2) as 
 from __future__ import annotations
 
 import numpy as np
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrUsageError
 
 SEGMENTERS = ("slic", "quickshift")
 
@@ -23,7 +23,7 @@ def segment(image: np.ndarray, method: str = "slic", n_segments: int = 50, seed:
         rgb = np.repeat(image[:, :, None], 3, axis=2).astype(np.float64) / 255.0
         labels = quickshift(rgb, kernel_size=4, max_dist=200, ratio=0.2, rng=seed)
     else:
-        raise CxrError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {method!r}")
+        raise CxrUsageError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {method!r}")
     _, consecutive = np.unique(labels, return_inverse=True)
     return consecutive.reshape(image.shape).astype(np.int32)
 

@@ -27,7 +27,7 @@ import numpy as np
 from cxr.runtime.backends.base import Backend
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import sha256_file
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
 
 
@@ -137,7 +137,7 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
     """A busy port would make Triton exit while PyTriton waits for it: say so before starting."""
     for what, port in ports.items():
         if not 0 < port < 65536:
-            raise CxrError(f"--{what} must be 1..65535, got {port}")
+            raise CxrUsageError(f"--{what} must be 1..65535, got {port}")
         with socket.socket() as probe:
             try:
                 probe.bind((host, port))
@@ -176,7 +176,7 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
     """Start Triton, bind the models, block until SIGINT/SIGTERM; every instance is closed on the way out."""
     _import_pytriton()
     if options.max_batch < 1 or options.instances < 1 or options.max_queue < 0 or options.max_queue_delay_us < 0:
-        raise CxrError("--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more")
+        raise CxrUsageError("--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more")
     check_ports_free(options.host, {"http-port": options.http_port, "grpc-port": options.grpc_port,
                                     "metrics-port": options.metrics_port})
     prepare_stub_environment()

@@ -40,7 +40,7 @@ def test_lime_benchmark_times_ours_per_precision_against_both_peers(bundle, phan
 def test_lime_benchmark_refuses_an_unknown_peer(bundle, tmp_path):
     from tests.conftest import one_line_error
 
-    result = cli("cxr-bench", "lime", "--model", str(bundle), "--peer", "shap", "--out", str(tmp_path), check=1)
+    result = cli("cxr-bench", "lime", "--model", str(bundle), "--peer", "shap", "--out", str(tmp_path), check=2)
     assert "unknown shap" in one_line_error(result)
 
 

@@ -111,5 +111,5 @@ def test_quickshift_segmenter_and_bad_segmenter(bundle, phantoms):
     assert segment(image, "quickshift").max() >= 1
     from tests.conftest import one_line_error
 
-    result = cli("cxr-run", "predict", "--model", str(bundle), "x.png", "--explain", "--segmenter", "watershed", check=1)
+    result = cli("cxr-run", "predict", "--model", str(bundle), "x.png", "--explain", "--segmenter", "watershed", check=2)
     assert "--segmenter" in one_line_error(result)

@@ -86,7 +86,7 @@ def test_dicom_monochrome1_rescale_and_window(tmp_path, gradient):
 
 @pytest.mark.parametrize("maker,message", [
     (lambda p: p.write_bytes(b""), "empty file"),
-    (lambda p: p.write_text("just text, not pixels"), "not a PNG, JPEG or DICOM"),
+    (lambda p: p.write_text("just text, not pixels"), "not an image"),
     (lambda p: p.write_bytes(cv2.imencode(".png", np.full((64, 64), 9, np.uint8))[1].tobytes()[:60]), "corrupt"),
     (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40), "corrupt"),
     (lambda p: cv2.imwrite(str(p), np.zeros((1, 1), np.uint8)), "smaller than"),
@@ -108,12 +108,11 @@ def test_truncated_jpeg_and_pixel_limit(tmp_path):
         read_image(tmp_path / "big.png", max_pixels=50_000)
 
 
-def test_dicom_without_pixels_or_with_colour_is_refused(tmp_path, gradient):
+def test_dicom_without_pixels_is_refused_and_colour_is_converted(tmp_path, gradient):
     raw = gradient.astype(np.uint8)
     with pytest.raises(CxrError, match="no pixel data"):
         read_image(_dicom(tmp_path / "a.dcm", raw, with_pixels=False))
-    with pytest.raises(CxrError, match="RGB is not supported"):
-        read_image(_dicom(tmp_path / "b.dcm", np.dstack([raw] * 3), "RGB"))
+    assert np.abs(read_image(_dicom(tmp_path / "b.dcm", np.dstack([raw] * 3), "RGB")).astype(int) - raw).max() <= 1
     (tmp_path / "c.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00garbage")
     with pytest.raises(CxrError):
         read_image(tmp_path / "c.dcm")
@@ -133,7 +132,7 @@ def test_predict_records_exit_codes_and_schema(bundle, phantoms, tmp_path):
         assert record["error"] is None and record["backend"] == "onnxruntime" and record["precision"] == "fp32"
         assert abs(sum(record["probs"].values()) - 1) < 1e-4 and len(record["top_k"]) == 2
         assert record["label"] == max(record["probs"], key=record["probs"].get)
-    assert "not a PNG" in records[3]["error"] and "no PNG, JPEG or DICOM" in records[4]["error"]
+    assert "not an image" in records[3]["error"] and "folder contains no files" in records[4]["error"]
     assert records[3]["label"] is None
     ok = cli("cxr-run", "predict", "--model", str(bundle), str(good[0]))
     assert json.loads(ok.stdout.splitlines()[0])["path"] == str(good[0])

@@ -79,7 +79,7 @@ def test_encoded_bytes_are_decoded_on_the_server_one_bad_image_fails_alone(serve
     request.set_data_from_numpy(data)
     result = client.infer("cxr_encoded", [request])
     probs, errors = result.as_numpy("probs"), result.as_numpy("error")
-    assert errors[1, 0].decode() == "request image: not a PNG, JPEG or DICOM image"
+    assert errors[1, 0].decode() == "request image: corrupt GIF header (UnidentifiedImageError)"
     assert errors[0, 0] == errors[2, 0] == b"" and np.isnan(probs[1]).all()
     pixels = np.stack([load_and_preprocess(p, IMAGE_SIZE) for p in good])[:, None]
     with OrtBackend(bundle / "model.onnx", "fp32") as local:
@@ -208,7 +208,7 @@ def test_server_timing_out_gives_one_error_per_file(bundle, inputs):
     (["--server", "http://127.0.0.1:1", "--timeout", "0"], "--timeout must be more than 0"),
 ])
 def test_bad_client_options_are_one_line_errors(bundle, inputs, args, message):
-    result = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), *args, check=1)
+    result = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), *args, check=2)  # usage: exit 2
     assert message in one_line_error(result)
 
 
@@ -225,13 +225,13 @@ def test_server_for_another_model_is_refused(server, bundle, inputs, tmp_path):
     assert "serves another model" in one_line_error(result) and "classes" in one_line_error(result)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "/no/such/bundle"], "not a folder"),
-    (["--max-batch", "0"], "--max-batch and --instances must be at least 1"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--model", "/no/such/bundle"], "not a folder", 1),
+    (["--max-batch", "0"], "--max-batch and --instances must be at least 1", 2),
 ])
-def test_bad_serve_options_are_one_line_errors(bundle, args, message):
+def test_bad_serve_options_are_one_line_errors(bundle, args, message, code):
     base = ["--model", str(bundle)] if args[0] != "--model" else []
-    result = cli("cxr-run", "serve", *base, *args, "--http-port", str(free_port()), check=1)
+    result = cli("cxr-run", "serve", *base, *args, "--http-port", str(free_port()), check=code)
     assert message in one_line_error(result)
 
 

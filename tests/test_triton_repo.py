@@ -74,7 +74,7 @@ def _bundle_with_plan(bundle: Path, tmp_path: Path, max_batch: int) -> Path:
 def test_plan_repository_uses_the_engine_profile(bundle, tmp_path):
     with_plan = _bundle_with_plan(bundle, tmp_path, max_batch=16)
     repo = tmp_path / "repo"
-    error = one_line_error(cli("cxr-export", "triton", str(with_plan), "--out", str(repo), check=1))
+    error = one_line_error(cli("cxr-export", "triton", str(with_plan), "--out", str(repo), check=2))
     assert "engine profile covers batches 1..16" in error and "--max-batch 16" in error
     cli("cxr-export", "triton", str(with_plan), "--out", str(repo), "--max-batch", "16")
     config = read_config(repo / "cxr")
@@ -88,16 +88,16 @@ def test_plan_repository_uses_the_engine_profile(bundle, tmp_path):
     assert any("outside the engine profile 1..16" in p for p in validate_repository(repo, "cxr"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "tensorrt"], "no model.fp16.engine"),
-    (["--kind", "tpu"], "--kind must be one of gpu, cpu"),
-    (["--trt-accelerator", "--kind", "cpu"], "--trt-accelerator applies to the ONNX graph on a GPU"),
-    (["--max-batch", "0"], "--max-batch and --instances must be at least 1"),
-    (["--precision", "fp8"], "--precision must be one of"),
-    (["--name", "../evil"], "--name must be letters"),
+@pytest.mark.parametrize("args, message, code", [
+    (["--format", "tensorrt"], "no model.fp16.engine", 1),  # the bundle lacks it: not a usage error
+    (["--kind", "tpu"], "--kind must be one of gpu, cpu", 2),
+    (["--trt-accelerator", "--kind", "cpu"], "--trt-accelerator applies to the ONNX graph on a GPU", 2),
+    (["--max-batch", "0"], "--max-batch and --instances must be at least 1", 2),
+    (["--precision", "fp8"], "--precision must be one of", 2),
+    (["--name", "../evil"], "--name must be letters", 2),
 ])
-def test_bad_triton_options_are_one_line_errors(bundle, tmp_path, args, message):
-    result = cli("cxr-export", "triton", str(bundle), "--out", str(tmp_path / "repo"), *args, check=1)
+def test_bad_triton_options_are_one_line_errors(bundle, tmp_path, args, message, code):
+    result = cli("cxr-export", "triton", str(bundle), "--out", str(tmp_path / "repo"), *args, check=code)
     assert message in one_line_error(result)
 
 

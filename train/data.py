@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.labels import CLASSES
 from cxr.runtime.preprocess import IMAGE_SUFFIXES, read_image, resize_short_side
 from tqdm import tqdm
@@ -80,7 +80,7 @@ def split_samples(
     from sklearn.model_selection import StratifiedGroupKFold
 
     if not 0.0 < val_split < 1.0:
-        raise CxrError(f"--val-split must be between 0 and 1, got {val_split}")
+        raise CxrUsageError(f"--val-split must be between 0 and 1, got {val_split}")
     labels = np.array([s.label for s in samples])
     groups = np.array([s.group for s in samples])
     n_splits = max(2, round(1.0 / val_split))

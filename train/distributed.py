@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ def launched_by_torchrun() -> bool:
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto``: this process's GPU when CUDA is visible, else the CPU."""
     if name not in ("cpu", "cuda", "auto"):
-        raise CxrError(f"--device must be cpu, cuda or auto, got {name!r}")
+        raise CxrUsageError(f"--device must be cpu, cuda or auto, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise CxrError("--device cuda: no CUDA GPU visible to PyTorch")
     if name == "cpu" or not torch.cuda.is_available():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from cxr.runtime.card import Card, read_card
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.train.models.adapter import Classifier, GrayToNet
 from torch import nn
 
@@ -54,14 +54,14 @@ def net_mean_std(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def check_image_size(net: nn.Module, size: int, arch: str) -> None:
     """One forward pass at the requested size, so a too-small image fails now, in one line."""
     if size < MIN_IMAGE_SIZE:
-        raise CxrError(f"--image-size {size} is too small (at least {MIN_IMAGE_SIZE} px)")
+        raise CxrUsageError(f"--image-size {size} is too small (at least {MIN_IMAGE_SIZE} px)")
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad():
             net(torch.zeros(1, 3, size, size))
     except RuntimeError as exc:
-        raise CxrError(f"--image-size {size} is too small for {arch}: {str(exc).splitlines()[0][:160]}") from None
+        raise CxrUsageError(f"--image-size {size} is too small for {arch}: {str(exc).splitlines()[0][:160]}") from None
     finally:
         net.train(was_training)
 

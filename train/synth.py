@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.labels import CLASSES
 from tqdm import tqdm
 
@@ -74,9 +74,9 @@ def make_phantom(rng: np.random.Generator, size: int, label: str) -> tuple[np.nd
 def write_phantoms(out: Path, per_class: int, size: int, seed: int = 0) -> dict[str, int]:
     """Write an ImageFolder of phantoms, ``manifest.csv`` (two images per synthetic patient) and the masks."""
     if per_class < 1:
-        raise CxrError(f"--per-class must be at least 1, got {per_class}")
+        raise CxrUsageError(f"--per-class must be at least 1, got {per_class}")
     if size < 32:
-        raise CxrError(f"--size must be at least 32 px, got {size}")
+        raise CxrUsageError(f"--size must be at least 32 px, got {size}")
     out = Path(out)
     rng = np.random.default_rng(seed)
     masks: dict[str, np.ndarray] = {}

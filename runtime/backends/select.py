@@ -13,7 +13,7 @@ from typing import TypeVar
 import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 Opened = TypeVar("Opened", Backend, ExplainerBackend)
@@ -42,7 +42,7 @@ def _candidates(bundle: Bundle, backend: str, precision: str, graph: str,
 
     check_precision(precision)
     if backend not in BACKENDS:
-        raise CxrError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise CxrUsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     skipped: list[str] = []
     found: list[tuple[str, Callable[[], Opened]]] = []
     if backend in ("auto", "tensorrt"):

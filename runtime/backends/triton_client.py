@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import numpy as np
 from cxr.runtime.backends.base import Backend, BatchLimits
 from cxr.runtime.card import Card
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, CxrUsageError
 
 SCHEMES = ("http", "grpc")
 CONSECUTIVE_FAILURES_TO_GIVE_UP = 3
@@ -23,11 +23,11 @@ def parse_server_url(url: str) -> tuple[str, str]:
     """``http://host:port``, ``grpc://host:port`` or ``host:port`` (HTTP) -> (scheme, host:port)."""
     parsed = urlparse(url if "://" in url else f"http://{url}")
     if parsed.scheme not in SCHEMES or not parsed.hostname or parsed.path not in ("", "/"):
-        raise CxrError(f"--server must look like http://HOST:PORT or grpc://HOST:PORT, got {url!r}")
+        raise CxrUsageError(f"--server must look like http://HOST:PORT or grpc://HOST:PORT, got {url!r}")
     try:
         port = parsed.port or (8001 if parsed.scheme == "grpc" else 8000)
     except ValueError:
-        raise CxrError(f"--server {url!r}: the port is not a number from 1 to 65535") from None
+        raise CxrUsageError(f"--server {url!r}: the port is not a number from 1 to 65535") from None
     return parsed.scheme, f"{parsed.hostname}:{port}"
 
 
@@ -60,7 +60,7 @@ class TritonClientBackend(Backend):
 
     def __init__(self, url: str, model_name: str = "cxr", timeout_s: float = 30.0) -> None:
         if timeout_s <= 0:
-            raise CxrError("--timeout must be more than 0 seconds")
+            raise CxrUsageError("--timeout must be more than 0 seconds")
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.scheme, self.address = parse_server_url(url)
         self.name, self.precision = "triton", ""
