@@ -21,6 +21,13 @@ def _probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str,
     return [{"image": im} for im in images], explain
 
 
+def print_digest(bundle: Path) -> None:
+    """The bundle digest after a stage rewrote the card: what 'cxr-run ... --expect-digest' pins."""
+    from cxr.runtime.card import read_card_and_digest
+
+    print(f"bundle digest: {read_card_and_digest(bundle)[1]}")
+
+
 @app.command()
 def onnx(
     run: Path = typer.Argument(..., help="Run folder from 'cxr-train fit'."),
@@ -32,6 +39,7 @@ def onnx(
     from cxr.export.onnx_export import export_onnx
 
     export_onnx(run, out, opset)
+    print_digest(out)
 
 
 @app.command()
@@ -51,6 +59,7 @@ def fp16(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     card = record_files(opened.folder, opened.card, written)
     record_files(opened.folder, card.replace(provenance={**card.provenance, "fp16": notes}), [])
     print(f"wrote {', '.join(written)} in {bundle}; kept in fp32: {notes['model']['fp32_nodes_overflow'] or 'no overflowing nodes'}")
+    print_digest(bundle)
 
 
 @app.command()
@@ -92,6 +101,7 @@ def int8(
     card = record_files(opened.folder, opened.card, written)
     record_files(opened.folder, card.replace(provenance={**card.provenance, "int8": {**notes, "images": len(images)}}), [])
     print(f"wrote {', '.join(written)} in {bundle} (calibrated on {len(images)} images from {calib})")
+    print_digest(bundle)
 
 
 @app.command("build-engine")
@@ -110,6 +120,7 @@ def build_engine(
 
     check_precision(precision)
     build_engines(bundle, precision, Profile(min_batch, opt_batch, max_batch), timing_cache, workspace_gb)
+    print_digest(bundle)
 
 
 @app.command()
@@ -132,6 +143,7 @@ def parity(
     rules = {"fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob), "fp16": Rule(fp16_agreement, max_metric_delta_pt=fp16_max_delta),
              "int8": Rule(int8_agreement, max_metric_delta_pt=int8_max_delta)}
     results = run_parity(bundle, data, [b.strip() for b in backends.split(",") if b.strip()], rules, report, run)
+    print_digest(bundle)
     return 0 if results["passed"] else 1
 
 
@@ -147,12 +159,13 @@ def triton(
     max_queue_delay_us: int = typer.Option(2000, help="Dynamic batching: longest wait to form a batch."),
     trt_accelerator: bool = typer.Option(False, "--trt-accelerator", help="ONNX on GPU: let ORT hand the graph to TensorRT."),
     name: str = typer.Option("cxr", help="Model name in the repository."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder of that name not written by cxr-export."),
 ) -> None:
     """A Triton model repository (config.pbtxt, model file, labels, client preprocessing note), validated."""
     from cxr.export.triton_repo import RepoOptions, export_repository, read_config
     from cxr.runtime.bundle import Bundle
 
-    options = RepoOptions(precision, max_batch, format, kind, instances, max_queue_delay_us, trt_accelerator, name)
+    options = RepoOptions(precision, max_batch, format, kind, instances, max_queue_delay_us, trt_accelerator, name, force)
     model_dir = export_repository(Bundle.open(bundle), out, options)
     print(f"wrote {model_dir} ({read_config(model_dir).platform}, max_batch_size {max_batch}); serve with: "
           f"tritonserver --model-repository {out}")

@@ -15,6 +15,7 @@ from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
 from cxr.runtime.card import record_files, sha256_file
 from cxr.runtime.engine_sidecar import write_sidecar
 from cxr.runtime.errors import CxrError
+from cxr.runtime.safe_io import atomic_write
 
 MAX_SEGMENTS = 256  # LIME explainer profile: up to this many superpixels
 
@@ -106,7 +107,7 @@ def build_plan(onnx_path: Path, shapes: Shapes, workspace_gb: float, timing_cach
     if plan is None:
         raise CxrError(f"{onnx_path.name}: TensorRT failed to build an engine (see the log above)")
     if timing_cache:
-        timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(plan), trt.__version__
 
 
@@ -131,7 +132,7 @@ def build_engines(bundle_dir: Path, precision: str = "fp16", profile: Profile = 
         started = time.perf_counter()
         plan, version = build_plan(source, shapes, workspace_gb, timing_cache)
         target = bundle.folder / engine_name(graph, precision)
-        target.write_bytes(plan)
+        atomic_write(target, bytes(plan))
         facts = write_sidecar(target, sidecar_facts(graph, precision, source, shapes, version, device_facts(),
                                                     time.perf_counter() - started))
         written += [target.name, f"{target.name}.json"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from cxr.runtime.errors import CxrError
+from cxr.runtime.safe_io import atomic_output
 
 FP16_SAFE_MAX = 2.0**14  # a 4x margin under fp16's 65504
 ALWAYS_FP32_OPS = ["Cast", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "Exp", "Log", "Pow", "Resize", "Range", "Gather"]
@@ -59,6 +60,7 @@ def convert_fp16(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> di
         raise CxrError(f"{src.name}: fp16 conversion failed: {str(exc).splitlines()[0][:200]}") from None
     sorted_model = OnnxModel(converted)
     sorted_model.topological_sort()  # the converter appends its Cast nodes at the end of the graph
-    onnx.save(sorted_model.model, str(dst))
+    with atomic_output(dst) as tmp:
+        onnx.save(sorted_model.model, str(tmp))
     onnx.checker.check_model(str(dst), full_check=True)
     return {"fp32_ops": ALWAYS_FP32_OPS, "fp32_nodes_overflow": kept}

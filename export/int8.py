@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 from cxr.runtime.errors import CxrError
+from cxr.runtime.safe_io import atomic_output
 from cxr.runtime.segment import segment, segment_means
 
 
@@ -53,11 +54,12 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], perc
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        quantize_static(
-            str(prepared), str(dst), FeedReader(feeds), quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-            calibrate_method=CalibrationMethod.Percentile if percentile else CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+        with atomic_output(dst) as output:
+            quantize_static(
+                str(prepared), str(output), FeedReader(feeds), quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                calibrate_method=CalibrationMethod.Percentile if percentile else CalibrationMethod.MinMax,
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            )
     return {"format": "QDQ", "activations": "int8 symmetric", "weights": "int8 per-channel symmetric",
             "calibration": "percentile 99.999" if percentile else "min-max", "calibration_batches": len(feeds)}

@@ -6,7 +6,6 @@ with PyTorch on a few inputs. The card travels inside each graph's ``metadata_pr
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import warnings
@@ -23,8 +22,9 @@ from cxr.export.graphs import (
     Explainer,
     example_inputs,
 )
-from cxr.runtime.card import Card, write_card
+from cxr.runtime.card import Card, graph_metadata, write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.safe_io import atomic_output
 from cxr.train.run import load_run
 
 DEFAULT_OPSET = 17
@@ -32,12 +32,7 @@ EXPORT_ATOL = 1e-4
 
 
 def card_metadata(card: Card) -> dict[str, str]:
-    return {
-        "cxr.classes": json.dumps(list(card.classes)),
-        "cxr.input": json.dumps(card.to_dict()["input"]),
-        "cxr.preprocessing": json.dumps(card.to_dict()["preprocessing"]),
-        "cxr.arch": card.arch,
-    }
+    return graph_metadata(card)
 
 
 def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
@@ -106,7 +101,8 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
     for path in (classifier_path, explain_path):
         graph = onnx.load(str(path))
         set_metadata(graph, metadata)
-        onnx.save(graph, str(path))
+        with atomic_output(path) as tmp:
+            onnx.save(graph, str(tmp))
     diff_classifier = check_graph(classifier_path, model, image_feeds, EXPORT_ATOL)
     diff_explainer = check_graph(explain_path, explainer, [example_inputs(size, 24, 5)], EXPORT_ATOL)
     for extra in ("metrics.json", "confusion.png", "curves.png"):

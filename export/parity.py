@@ -18,6 +18,7 @@ from cxr.runtime.bundle import Bundle, engine_name, onnx_name
 from cxr.runtime.card import write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.metrics import classification_report
+from cxr.runtime.safe_io import atomic_write
 from cxr.train.augment import evaluation_view
 from cxr.train.data import load_images, scan_image_folder
 from cxr.train.run import load_run
@@ -126,7 +127,7 @@ def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[st
         results["backends"][label].update(device=backend.device, runs_on=runs_on)
     results["passed"] = all(r["passed"] for r in results["backends"].values())
     report_path = Path(report_path) if report_path else bundle.folder / "parity.json"
-    report_path.write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write(report_path, json.dumps(results, indent=2) + "\n")
     summary = {label: {k: r[k] for k in ("passed", "top1_agreement", "max_abs_dprob", "covid_recall_delta_pt", "runs_on")}
                for label, r in results["backends"].items()}
     write_card(bundle.folder, bundle.card.replace(parity={"data": str(data), "n": len(pixels), "backends": summary}),

@@ -8,6 +8,7 @@ profile. ``validate_repository`` checks a repository (ours or hand-edited) again
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ PLATFORMS = {"tensorrt": "tensorrt_plan", "onnx": "onnxruntime_onnx"}
 MODEL_FILES = {"tensorrt": "model.plan", "onnx": "model.onnx"}
 LABELS_FILE = "labels.txt"
 CLIENT_NOTE = "CLIENTS.md"
+MARKER = ".cxr-edge-model"  # proves a model folder was written here, so it may be replaced
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class RepoOptions:
     max_queue_delay_us: int = 2000
     trt_accelerator: bool = False
     name: str = "cxr"
+    force: bool = False  # replace an existing folder of that name that cxr-export did not write
 
 
 def _model_config_pb2():
@@ -176,8 +179,11 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
     _check_options(options, fmt)
     source = bundle.onnx_path("model", options.precision) if fmt == "onnx" else None
     if fmt == "tensorrt":
-        plan = bundle.verified(engine_name("model", options.precision))
+        plan = bundle.folder / engine_name("model", options.precision)
+        plan_bytes = bundle.verified_bytes(plan.name)
         facts = read_sidecar(plan)
+        if hashlib.sha256(plan_bytes).hexdigest() != facts.get("plan_sha256"):
+            raise CxrError(f"{plan}: sha256 does not match its sidecar {sidecar_path(plan).name}; rebuild the engine")
         low, high = profile_max_batch(facts)
         if options.max_batch > high or low > 1:
             raise CxrUsageError(f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
@@ -186,11 +192,16 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
     inputs, outputs = graph_io(source)
     config = build_config(options, fmt, inputs, outputs)
     model_dir, staging = out / options.name, out / f".{options.name}.partial"
-    if staging.exists():
+    if (model_dir.exists() or model_dir.is_symlink()) and not options.force and not (model_dir / MARKER).is_file():
+        raise CxrError(f"{model_dir}: exists and is not a model folder written by cxr-export (no {MARKER}); "
+                       "choose another --name or --out, or pass --force to replace it")
+    if staging.is_symlink():
+        staging.unlink()
+    elif staging.exists():
         shutil.rmtree(staging)
     (staging / "1").mkdir(parents=True)
     if fmt == "tensorrt":
-        shutil.copyfile(plan, staging / "1" / MODEL_FILES[fmt])
+        (staging / "1" / MODEL_FILES[fmt]).write_bytes(plan_bytes)  # the bytes that were checked, not the path again
         shutil.copyfile(sidecar_path(plan), staging / "engine.json")
     else:
         shutil.copyfile(source, staging / "1" / MODEL_FILES[fmt])
@@ -198,11 +209,14 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
     (staging / LABELS_FILE).write_text("\n".join(bundle.card.classes) + "\n")
     (staging / "card.json").write_text(json.dumps(bundle.card.to_dict(), indent=2) + "\n")
     (staging / CLIENT_NOTE).write_text(client_note(bundle.card, options, fmt, inputs, outputs))
+    (staging / MARKER).write_text("written by cxr-export triton; replaced by the next export of this name\n")
     problems = validate_repository(out, staging.name, expected_name=options.name)
     if problems:
         shutil.rmtree(staging)
         raise CxrError(f"{model_dir}: generated repository does not validate: {'; '.join(problems)}")
-    if model_dir.exists():  # replaced only once the new one is complete and valid
+    if model_dir.is_symlink() or model_dir.is_file():  # replaced only once the new one is complete and valid
+        model_dir.unlink()
+    elif model_dir.exists():
         shutil.rmtree(model_dir)
     staging.rename(model_dir)
     return model_dir

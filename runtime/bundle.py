@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.runtime.card import Card, read_card, verify_file
+from cxr.runtime.card import Card, read_card_and_digest, verified_bytes, verify_file
 from cxr.runtime.errors import CxrError, CxrUsageError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -32,14 +32,18 @@ def engine_name(graph: str, precision: str) -> str:
 class Bundle:
     folder: Path
     card: Card
+    digest: str = ""  # sha256 of card.json as read (see card_digest): what --expect-digest pins
 
     @classmethod
-    def open(cls, folder: str | Path) -> Bundle:
+    def open(cls, folder: str | Path, expect_digest: str | None = None) -> Bundle:
         folder = Path(folder)
-        card = read_card(folder)
+        card, digest = read_card_and_digest(folder)
+        if expect_digest is not None and expect_digest.strip().lower() != digest:
+            raise CxrError(f"{folder}: bundle digest is {digest}, not the expected {expect_digest.strip()[:80]}; "
+                           "refused (a changed card or a different bundle)")
         if not any(name.endswith(".onnx") for name in card.files):
             raise CxrError(f"{folder}: no ONNX graph in this bundle (run 'cxr-export onnx RUN --out {folder}')")
-        return cls(folder, card)
+        return cls(folder, card, digest)
 
     def has(self, name: str) -> bool:
         return name in self.card.files and (self.folder / name).is_file()
@@ -47,6 +51,10 @@ class Bundle:
     def verified(self, name: str) -> Path:
         """Path of a bundle file after its sha256 matched the card (tampered files refuse to load)."""
         return verify_file(self.folder, self.card, name)
+
+    def verified_bytes(self, name: str) -> bytes:
+        """A bundle file's bytes, read once and checked against the card: load these, never the path again."""
+        return verified_bytes(self.folder, self.card, name)
 
     def onnx_path(self, graph: str, precision: str) -> Path:
         name = onnx_name(graph, precision)

@@ -9,15 +9,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cxr.runtime.errors import CxrError
 from cxr.runtime.labels import CLASSES
+from cxr.runtime.safe_io import atomic_write, refuse_links
 
 CARD_NAME = "card.json"
 FORMAT_VERSION = 1
+MAX_BUNDLE_FILE = 4 << 30  # dpn131_se fp32 is ~0.3 GB; an ONNX graph over 2 GB needs external data, refused
+MAX_CARD_BYTES = 1 << 20  # a real card is a few kB; a 200 MB one is an attack on memory
+MIN_INPUT, MAX_INPUT, MAX_CLASSES = 32, 4096, 64
+SAFE_TEXT = re.compile(r"[^\x00-\x1f\x7f/\\]{1,64}")  # printable, no path separators
+SAFE_FILE = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # no separators, no control characters: never outside the bundle
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,10 @@ class Card:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Card:
+        if not isinstance(data.get("classes"), list):
+            raise CxrError("card.json is not a valid model card: classes must be a list of names")
         try:
-            return cls(
+            card = cls(
                 classes=tuple(data["classes"]),
                 arch=str(data.get("arch", "")),
                 input=InputSpec(**data.get("input", {})),
@@ -77,6 +86,31 @@ class Card:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CxrError(f"card.json is not a valid model card: {exc}") from None
+        if card.format_version > FORMAT_VERSION or card.format_version < 1:
+            raise CxrError(f"card.json format_version {card.format_version}: this cxr-edge reads version "
+                           f"{FORMAT_VERSION} (upgrade cxr-edge, or re-export the bundle)")
+        problem = card.problem()
+        if problem:
+            raise CxrError(f"card.json is not a valid model card: {problem}")
+        return card
+
+    def problem(self) -> str | None:
+        """What makes this card unusable or unsafe (None when it is fine): checked on every read."""
+        size = self.input.size
+        if type(size) is not int or not MIN_INPUT <= size <= MAX_INPUT:
+            return f"input.size must be a whole number of pixels from {MIN_INPUT} to {MAX_INPUT}, got {size!r}"
+        if self.input.channels != 1 or self.input.dtype != "uint8":
+            return f"input must be 1 channel of uint8, got {self.input.channels} x {self.input.dtype!r}"
+        names = self.classes
+        if not 2 <= len(names) <= MAX_CLASSES or len(set(names)) != len(names) or not all(
+                isinstance(c, str) and SAFE_TEXT.fullmatch(c) for c in names):
+            return f"classes must be 2 to {MAX_CLASSES} distinct printable names of at most 64 characters"
+        for name, digest in self.files.items():
+            if not isinstance(name, str) or not SAFE_FILE.fullmatch(name) or name in (".", ".."):
+                return f"files may only name plain files inside the bundle, got {str(name)[:60]!r}"
+            if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                return f"files[{name!r}] is not a sha256 digest"
+        return None
 
     def replace(self, **changes: Any) -> Card:
         return dataclasses.replace(self, **changes)
@@ -98,20 +132,64 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+LOCAL_KEYS = {"training": ("data", "out"), "provenance": ("source_run",)}  # paths on the machine that trained it
+
+
+def public_dict(card: Card) -> dict[str, Any]:
+    """The card as a server shows it to any client: without local paths (training data, run folder)."""
+    data = card.to_dict()
+    for section, keys in LOCAL_KEYS.items():
+        data[section] = {k: v for k, v in data[section].items() if k not in keys}
+    return data
+
+
+def graph_metadata(card: Card) -> dict[str, str]:
+    """What every exported graph carries in its metadata_props: the card's meaning (classes, input, preprocessing)."""
+    data = card.to_dict()
+    return {"cxr.classes": json.dumps(list(card.classes)), "cxr.input": json.dumps(data["input"]),
+            "cxr.preprocessing": json.dumps(data["preprocessing"]), "cxr.arch": card.arch}
+
+
+def metadata_mismatch(card: Card, graph: dict[str, str]) -> str | None:
+    """Which of the card's classes/input/preprocessing differ from what the graph was exported with (or None)."""
+    wanted = graph_metadata(card)
+    for key in ("cxr.classes", "cxr.input", "cxr.preprocessing"):
+        if key in graph and json.loads(graph[key]) != json.loads(wanted[key]):
+            return f"card.json {key.split('.')[1]} {wanted[key]} but the graph was exported with {graph[key]}"
+    return None
+
+
 def read_card(folder: Path) -> Card:
     """Read ``folder/card.json``; one-line CxrError when it is missing or malformed."""
+    return read_card_and_digest(folder)[0]
+
+
+def card_digest(data: bytes) -> str:
+    """The bundle digest: sha256 of card.json's bytes. The card lists the sha256 of every file, and every file is
+    checked against it before use, so pinning this digest pins the whole bundle."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def read_card_and_digest(folder: Path) -> tuple[Card, str]:
+    """The card and the digest of the very bytes it was parsed from."""
     path = Path(folder) / CARD_NAME
     if not Path(folder).is_dir():
         raise CxrError(f"{folder}: not a folder (expected a run or model bundle folder)")
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         raise CxrError(f"{folder}: no {CARD_NAME} (is this a run or model bundle folder?)")
+    refuse_links(Path(folder))
+    if path.stat().st_size > MAX_CARD_BYTES:
+        raise CxrError(f"{path}: {path.stat().st_size:,} bytes, more than a model card can be ({MAX_CARD_BYTES:,})")
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+        data = json.loads(raw.decode())
+    except RecursionError:
+        raise CxrError(f"{path}: unreadable card (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CxrError(f"{path}: unreadable card ({exc})") from None
+        raise CxrError(f"{path}: unreadable card ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(data, dict):
         raise CxrError(f"{path}: card must be a JSON object")
-    return Card.from_dict(data)
+    return Card.from_dict(data), card_digest(raw)
 
 
 def write_card(folder: Path, card: Card, rehash: bool = True) -> Card:
@@ -119,9 +197,8 @@ def write_card(folder: Path, card: Card, rehash: bool = True) -> Card:
     folder = Path(folder)
     if rehash:
         card = card.replace(files=hash_bundle_files(folder))
-    tmp = folder / f".{CARD_NAME}.tmp"
-    tmp.write_text(json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
-    tmp.replace(folder / CARD_NAME)
+    refuse_links(folder)
+    atomic_write(folder / CARD_NAME, json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
     return card
 
 
@@ -158,6 +235,23 @@ def verify_file(folder: Path, card: Card, name: str) -> Path:
     if sha256_file(path) != expected:
         raise CxrError(f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle")
     return path
+
+
+def verified_bytes(folder: Path, card: Card, name: str) -> bytes:
+    """A bundle file's bytes, read once and checked against the card: the caller loads exactly what was hashed
+    (opening the path again would let a file swapped in between be loaded)."""
+    path = Path(folder) / name
+    expected = card.files.get(name)
+    if expected is None:
+        raise CxrError(f"{path}: not listed in card.json (was it added by hand?)")
+    if not path.is_file() or path.is_symlink():
+        raise CxrError(f"{path}: missing from the bundle")
+    if path.stat().st_size > MAX_BUNDLE_FILE:
+        raise CxrError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB, larger than any model file here")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CxrError(f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle")
+    return data
 
 
 def verify_bundle(folder: Path, card: Card) -> None:

@@ -37,6 +37,7 @@ def predict(
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
     strict: bool = typer.Option(False, "--strict", help="Fail inputs with a warning (not a CR/DX radiograph, colour, "
                                 "near-binary, under 64 px) instead of predicting them."),
+    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
 ) -> int:
     """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if some failed."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
@@ -52,7 +53,7 @@ def predict(
         raise CxrUsageError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")
     if top_k < 0:
         raise CxrUsageError("--top-k must be 0 or more")
-    bundle = Bundle.open(model)
+    bundle = Bundle.open(model, expect_digest)
     explain_config = ExplainConfig(samples, segmenter, num_features, seed) if explain else None
     if explain and explain_dir is None:
         explain_dir = (out.parent if out else Path(".")) / "explanations"
@@ -118,21 +119,27 @@ def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str
 
 
 @app.command()
-def info(model: Path = typer.Option(..., "--model", help="Model bundle folder.")) -> None:
+def info(
+    model: Path = typer.Option(..., "--model", help="Model bundle folder."),
+    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
+) -> int:
     """The card, file hashes (checked), and what actually runs each graph here (a one-image probe each)."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
     from cxr.runtime.bundle import GRAPHS, PRECISIONS, Bundle, onnx_name
     from cxr.runtime.card import sha256_file
     from cxr.runtime.errors import CxrError
 
-    bundle = Bundle.open(model)
+    bundle = Bundle.open(model, expect_digest)
     card = bundle.card.to_dict()
     files = card.pop("files")
     print(json.dumps(card, indent=2))
+    print(f"\ndigest: {bundle.digest}  (pin it: --expect-digest {bundle.digest})")
     print("\nfiles:")
-    for name, digest in files.items():
+    bad = 0
+    for name, digest in files.items():  # names are plain file names: the card refuses anything else
         path = bundle.folder / name
         state = "missing" if not path.is_file() else ("ok" if sha256_file(path) == digest else "SHA MISMATCH")
+        bad += state != "ok"
         print(f"  {name:<28} {digest[:16]}  {state}")
     print("\nruns here (--backend auto, one-image probe):")
     openers = {"model": open_classifier, "explain": open_explainer}
@@ -147,6 +154,10 @@ def info(model: Path = typer.Option(..., "--model", help="Model bundle folder.")
             except CxrError as exc:
                 reason = f"cannot run: {exc}"
             print(f"  {precision} {graph:<8} {reason}")
+    if bad:
+        print(f"error: {bad} bundle file(s) missing or changed since export: do not use this bundle", file=sys.stderr)
+        return EXIT_FATAL
+    return EXIT_OK
 
 
 @app.command()
@@ -165,6 +176,7 @@ def serve(
     max_pixels: int = typer.Option(64_000_000, help="Refuse encoded images larger than this."),
     name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),
     log_file: Optional[Path] = typer.Option(None, help="Triton's log (default: cxr-triton-HTTP_PORT.log in the temp folder)."),
+    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
 ) -> None:
     """Serve the bundle through NVIDIA Triton Inference Server (PyTriton): dynamic batching, health, metrics."""
     from cxr.runtime.bundle import Bundle
@@ -179,7 +191,7 @@ def serve(
               f"http://{host}:{metrics_port}/metrics) with {backend_line}; Triton log: {triton_log_file(options)}; "
               "Ctrl+C stops", file=sys.stderr, flush=True)
 
-    run_server(Bundle.open(model), options, ready)
+    run_server(Bundle.open(model, expect_digest), options, ready)
 
 
 def main() -> None:

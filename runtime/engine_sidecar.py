@@ -6,12 +6,14 @@ version or compute capability differs from this machine is refused with a rebuil
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from cxr.runtime.card import sha256_file
 from cxr.runtime.errors import CxrError
+from cxr.runtime.safe_io import atomic_write
 
 
 def sidecar_path(plan: Path) -> Path:
@@ -20,7 +22,7 @@ def sidecar_path(plan: Path) -> Path:
 
 def write_sidecar(plan: Path, facts: dict[str, Any]) -> dict[str, Any]:
     facts = dict(facts, plan=plan.name, plan_sha256=sha256_file(plan))
-    sidecar_path(plan).write_text(json.dumps(facts, indent=2) + "\n")
+    atomic_write(sidecar_path(plan), json.dumps(facts, indent=2) + "\n")
     return facts
 
 
@@ -34,10 +36,13 @@ def read_sidecar(plan: Path) -> dict[str, Any]:
         raise CxrError(f"{path}: unreadable sidecar ({exc})") from None
 
 
-def check_sidecar(plan: Path, facts: dict[str, Any], trt_version: str, compute_capability: str) -> None:
-    """Refuse a plan that was changed, or built for another TensorRT or GPU architecture."""
+def check_sidecar(plan: Path, facts: dict[str, Any], trt_version: str, compute_capability: str,
+                  data: bytes | None = None) -> None:
+    """Refuse a plan that was changed, or built for another TensorRT or GPU architecture. ``data``: the plan's
+    bytes as they will be deserialised (hashed here instead of the file, which could change in between)."""
     rebuild = f"rebuild it on this machine with 'cxr-export build-engine {plan.parent} --precision {facts.get('precision', 'fp16')}'"
-    if sha256_file(plan) != facts.get("plan_sha256"):
+    digest = sha256_file(plan) if data is None else hashlib.sha256(data).hexdigest()
+    if digest != facts.get("plan_sha256"):
         raise CxrError(f"{plan}: sha256 does not match its sidecar (file changed or tampered); {rebuild}")
     if facts.get("trt_version") != trt_version:
         raise CxrError(f"{plan}: built with TensorRT {facts.get('trt_version')}, this machine has {trt_version}; {rebuild}")

@@ -77,6 +77,10 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
         if good:
             for i, row in zip(good, probs):
                 record = records[i]
+                if not np.all(np.isfinite(row)):
+                    record["error"] = (f"{chunk[i]}: the model returned non-finite probabilities "
+                                       "(damaged or tampered weights?); no label given")
+                    continue
                 record["label"] = classes[int(np.argmax(row))]
                 record["probs"] = {c: round(float(p), 6) for c, p in zip(classes, row)}
                 if options.top_k:

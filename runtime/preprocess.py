@@ -217,6 +217,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
+DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: zlib over the whole dataset
 RADIOGRAPH_SOP_CLASSES = {  # CR, DX (presentation and processing), digitised film (secondary capture)
     "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
     "1.2.840.10008.5.1.4.1.1.7",
@@ -239,6 +240,7 @@ def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
+    _check_inflated_size(data, path, max_pixels)
     try:
         with warnings.catch_warnings():  # pydicom's multi-line UserWarnings: the problems that matter raise
             warnings.simplefilter("ignore")
@@ -251,8 +253,10 @@ def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np
     if photometric not in ("MONOCHROME1", "MONOCHROME2") and photometric not in COLOUR_PHOTOMETRICS:
         raise CxrError(f"{path}: DICOM PhotometricInterpretation {photometric or 'is missing'}: not an image this "
                        "runtime reads (MONOCHROME1/2, RGB, YBR)")
-    _check_pixels(path, _dicom_int(ds, "Columns", path), _dicom_int(ds, "Rows", path), max_pixels)
-    frames = _dicom_int(ds, "NumberOfFrames", path, 1)
+    columns, rows = _dicom_int(ds, "Columns", path), _dicom_int(ds, "Rows", path)
+    frames = max(1, _dicom_int(ds, "NumberOfFrames", path, 1))
+    _check_pixels(path, columns, rows * frames, max_pixels)  # every frame is decoded: all count
+    _check_pixel_data_length(ds, path, rows * columns * frames)
     _dicom_warnings(ds, notes)
     try:
         with warnings.catch_warnings():
@@ -275,6 +279,49 @@ def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np
     if photometric == "MONOCHROME1":  # high values are dark: invert so bone is bright as in MONOCHROME2
         values = values.max() + values.min() - values
     return to_uint8(values)
+
+
+def _max_decoded_bytes(max_pixels: int) -> int:
+    """The most memory one admitted image may need: 16-bit, 3 samples, at the pixel limit, plus 1 MB of header."""
+    return max_pixels * 2 * 3 + (1 << 20)
+
+
+def _check_inflated_size(data: bytes, path: str, max_pixels: int) -> None:
+    """A deflated dataset is inflated here first under a hard cap (pydicom would inflate it whole): a 2 MB file
+    must not become gigabytes in memory."""
+    import zlib
+
+    if DEFLATED_SYNTAX not in data[:4096]:
+        return
+    import pydicom
+
+    stream = io.BytesIO(data)
+    try:
+        pydicom.filereader.read_preamble(stream, force=True)
+        pydicom.filereader._read_file_meta_info(stream)
+    except Exception as exc:
+        raise CxrError(f"{path}: corrupt DICOM file meta ({type(exc).__name__})") from None
+    cap = _max_decoded_bytes(max_pixels)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(data[stream.tell():], cap + 1)
+    except zlib.error as exc:
+        raise CxrError(f"{path}: corrupt deflated DICOM ({exc})") from None
+    if len(inflated) > cap or inflater.unconsumed_tail:
+        raise CxrError(f"{path}: deflated DICOM inflates to more than {cap:,} bytes, beyond what the pixel limit "
+                       f"of {max_pixels:,} admits (raise --max-pixels if genuine)")
+
+
+def _check_pixel_data_length(ds: object, path: str, pixels: int) -> None:
+    """Uncompressed pixel data may not be much longer than Rows x Columns x frames x samples x bytes declare."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and getattr(syntax, "is_compressed", False):
+        return
+    expected = pixels * max(1, _dicom_int(ds, "SamplesPerPixel", path, 1)) * max(1, _dicom_int(ds, "BitsAllocated", path, 8)) // 8
+    actual = len(ds.PixelData)
+    if actual > 2 * expected + 4096:
+        raise CxrError(f"{path}: DICOM pixel data is {actual:,} bytes, its header declares {expected:,} "
+                       "(Rows x Columns x frames x samples x bits); refused")
 
 
 def _dicom_warnings(ds: object, notes: list[str]) -> None:

@@ -20,6 +20,7 @@ import torch
 from cxr.runtime.card import Card, InputSpec, Preprocessing, write_card
 from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
+from cxr.runtime.safe_io import atomic_output, atomic_write
 from cxr.train.augment import PaperAugment, evaluation_view
 from cxr.train.config import FitConfig
 from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_samples
@@ -133,7 +134,8 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                        f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)")
             if report["macro_f1"] > best["val_macro_f1"]:
                 best = {**row, "report": report}
-                torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, config.out / MODEL_FILE)
+                with atomic_output(config.out / MODEL_FILE) as tmp:
+                    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
         barrier(ctx)
     if not ctx.is_main:
         return None
@@ -158,11 +160,11 @@ def _write_run(
     out = config.out
     report = best["report"]
     split = {"train": [s.rel for s in train.samples], "val": [s.rel for s in val.samples]}
-    (out / SPLIT_FILE).write_text(json.dumps(split, indent=1) + "\n")
+    atomic_write(out / SPLIT_FILE, json.dumps(split, indent=1) + "\n")
     skipped = train.skipped + val.skipped
     metrics = {"best_epoch": best["epoch"], "val": report, "history": history,
                "skipped": [{"file": f, "error": e} for f, e in skipped]}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     plot_confusion(report["confusion"], classes, out / "confusion.png", f"validation, epoch {best['epoch']}")
     plot_curves(history, out / "curves.png")
     training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}

@@ -59,6 +59,7 @@ class Backend(ABC):
     precision: str = ""
     device: str = "cpu"  # where it runs: cpu, cuda, server (shown in reports)
     provider: str = ""  # what runs it there, e.g. CUDAExecutionProvider, TensorRT 10.13
+    metadata: dict[str, str] = {}  # the graph's cxr.* metadata (classes, input, preprocessing), where it has one
     limits: BatchLimits = BatchLimits()
 
     @abstractmethod
@@ -89,6 +90,7 @@ class ExplainerBackend(ABC):
     precision: str = ""
     device: str = "cpu"
     provider: str = ""
+    metadata: dict[str, str] = {}
     limits: BatchLimits = BatchLimits()
     bytes_sent: int = 0
 

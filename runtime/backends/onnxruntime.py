@@ -83,7 +83,7 @@ class CudaOptions:
         return options
 
 
-def _create(path: Path, providers: list[str], threads: int, cuda: CudaOptions) -> Any:
+def _create(path: Path, providers: list[str], threads: int, cuda: CudaOptions, data: bytes | None = None) -> Any:
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # cuDNN's "no execution plan" lines while it searches: noise, not errors
@@ -93,23 +93,25 @@ def _create(path: Path, providers: list[str], threads: int, cuda: CudaOptions) -
         options.intra_op_num_threads = threads
     chosen = [(p, cuda.provider_options() if p == CUDA_EP else {}) for p in providers]
     # enable_fallback=0: no silent retry on the CPU behind an "EP Error" block; failures are ours to handle
-    return ort.InferenceSession(str(path), options, providers=chosen, enable_fallback=0)
+    return ort.InferenceSession(str(path) if data is None else data, options, providers=chosen, enable_fallback=0)
 
 
 def open_session(path: Path, providers: list[str] | None = None, threads: int = 0,
-                 cuda: CudaOptions = CudaOptions()) -> tuple[Any, CudaOptions]:
+                 cuda: CudaOptions = CudaOptions(), data: bytes | None = None) -> tuple[Any, CudaOptions]:
     """An InferenceSession on the best usable providers, and the CUDA options it really got. If the CUDA EP
     refuses NHWC or a CUDA graph for this graph, it is opened again without them; a CUDA EP that cannot start
-    at all is one warning line."""
+    at all is one warning line. ``data``: the graph's verified bytes (then ``path`` only names it); a graph that
+    needs external data files cannot load from bytes, which is how such graphs are refused."""
     wanted = providers or available_providers()
     try:
-        session = _create(path, wanted, threads, cuda)
+        session = _create(path, wanted, threads, cuda, data)
     except Exception as exc:
         plain = CudaOptions(tf32=cuda.tf32, nhwc=False, cuda_graph=False)
         if CUDA_EP not in wanted or cuda == plain:
-            raise CxrError(f"{path}: ONNX Runtime cannot load it: {one_line(exc)}") from None
+            external = " (graphs with external data files are refused)" if "external" in str(exc).lower() else ""
+            raise CxrError(f"{path}: ONNX Runtime cannot load it{external}: {one_line(exc)}") from None
         log.info("%s: CUDA EP refused %s (%s); opening it without", path.name, cuda, one_line(exc))
-        return open_session(path, wanted, threads, plain)
+        return open_session(path, wanted, threads, plain, data)
     if CUDA_EP in wanted and CUDA_EP not in session.get_providers():
         log.warning("%s: %s", path.name, CUDA_FIX)
     return session, cuda
@@ -132,9 +134,10 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, path: Path, precision: str, providers: list[str] | None = None, max_batch: int = 64,
-                 cuda: CudaOptions = CudaOptions()) -> None:
-        self.session, self.cuda = open_session(path, providers, cuda=cuda)
+                 cuda: CudaOptions = CudaOptions(), data: bytes | None = None) -> None:
+        self.session, self.cuda = open_session(path, providers, cuda=cuda, data=data)
         self.precision = precision
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.providers = self.session.get_providers()
         self.device, self.provider = session_device(self.session)
         self.input_name = self.session.get_inputs()[0].name
@@ -158,10 +161,12 @@ class OrtExplainer(ExplainerBackend):
     name = "onnxruntime"
 
     def __init__(self, path: Path, precision: str, providers: list[str] | None = None, max_batch: int | None = None,
-                 cuda: CudaOptions = CudaOptions(cuda_graph=True)) -> None:
+                 cuda: CudaOptions = CudaOptions(cuda_graph=True), data: bytes | None = None) -> None:
         self.path = path
+        self.data = data
         self.precision = precision
-        self.session, self.cuda = open_session(path, providers, cuda=cuda)
+        self.session, self.cuda = open_session(path, providers, cuda=cuda, data=data)
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.providers = self.session.get_providers()
         self.device, self.provider = session_device(self.session)
         self.cuda_graph = self.cuda.cuda_graph and self.device == "cuda"
@@ -235,7 +240,8 @@ class OrtExplainer(ExplainerBackend):
     def _drop_graph(self, why: str) -> None:
         """Reopen the session without a CUDA graph (its buffers are rebound on the next run)."""
         log.info("%s: CUDA graph off (%s)", self.path.name, why)
-        self.session, self.cuda = open_session(self.path, self.providers, cuda=replace(self.cuda, cuda_graph=False))
+        self.session, self.cuda = open_session(self.path, self.providers, cuda=replace(self.cuda, cuda_graph=False),
+                                               data=self.data)
         self.cuda_graph = False
         self._values = {k: v for k, v in self._values.items() if k != "probs"}
         self._binding = None

@@ -13,6 +13,7 @@ from typing import TypeVar
 import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
+from cxr.runtime.card import Card, metadata_mismatch
 from cxr.runtime.errors import CxrError, CxrUsageError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -21,7 +22,7 @@ Opened = TypeVar("Opened", Backend, ExplainerBackend)
 
 def _engine_path(bundle: Bundle, graph: str, precision: str) -> Path | None:
     name = engine_name(graph, precision)
-    return bundle.verified(name) if bundle.has(name) else None
+    return bundle.folder / name if bundle.has(name) else None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -35,7 +36,7 @@ def describe(backend: Backend | ExplainerBackend) -> str:
 
 
 def _candidates(bundle: Bundle, backend: str, precision: str, graph: str,
-                open_trt: Callable[[Path], Opened], open_ort: Callable[[Path], Opened]
+                open_trt: Callable[[Path, bytes], Opened], open_ort: Callable[[Path, bytes], Opened]
                 ) -> tuple[list[tuple[str, Callable[[], Opened]]], list[str]]:
     """(name, opener) pairs to try in order, and the reasons others were not even tried."""
     from cxr.runtime.backends.tensorrt import tensorrt_available
@@ -52,14 +53,14 @@ def _candidates(bundle: Bundle, backend: str, precision: str, graph: str,
         elif not tensorrt_available():
             skipped.append("tensorrt: TensorRT/cuda-python not installed (pip install 'cxr-edge[trt]')")
         else:
-            found.append(("tensorrt", lambda: open_trt(engine)))
+            found.append(("tensorrt", lambda: open_trt(engine, bundle.verified_bytes(engine.name))))
         if backend == "tensorrt" and not found:
             hint = (f"; build it on this machine: 'cxr-export build-engine {bundle.folder} --precision {precision}'"
                     if engine is None else "")
             raise CxrError(f"--backend {skipped[0]}{hint}")
     if backend in ("auto", "onnxruntime"):
-        path = bundle.onnx_path(graph, precision)
-        found.append(("onnxruntime", lambda: open_ort(path)))
+        path = bundle.onnx_path(graph, precision)  # checks it is there and listed; loaded below from verified bytes
+        found.append(("onnxruntime", lambda: open_ort(path, bundle.verified_bytes(path.name))))
     return found, skipped
 
 
@@ -85,6 +86,14 @@ def _first_that_runs(candidates: list[tuple[str, Callable[[], Opened]]], skipped
     raise CxrError("no backend to try")
 
 
+def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
+    """The card's classes, input and preprocessing must be the ones the graph was exported with: an edited card
+    (classes reordered or renamed) would pass every hash check and mislabel every image."""
+    mismatch = metadata_mismatch(card, backend.metadata)
+    if mismatch:
+        raise CxrError(f"refused: {mismatch} (card.json was edited after export)")
+
+
 def probe_classifier(backend: Backend, size: int, classes: int) -> None:
     """One blank image must give one finite row of ``classes`` probabilities."""
     probs = backend.run(np.zeros((1, 1, size, size), dtype=np.uint8))
@@ -103,10 +112,16 @@ def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp3
     from cxr.runtime.backends.tensorrt import TrtBackend
 
     candidates, skipped = _candidates(bundle, backend, precision, "model",
-                                      lambda plan: TrtBackend(plan, precision),
-                                      lambda path: OrtBackend(path, precision, cuda=CudaOptions(tf32=tf32)))
+                                      lambda plan, data: TrtBackend(plan, precision, data),
+                                      lambda path, data: OrtBackend(path, precision, cuda=CudaOptions(tf32=tf32),
+                                                                    data=data))
     size, classes = bundle.card.input.size, len(bundle.card.classes)
-    return _first_that_runs(candidates, skipped, lambda opened: probe_classifier(opened, size, classes))
+
+    def probe(opened: Backend) -> None:
+        check_meaning(opened, bundle.card)
+        probe_classifier(opened, size, classes)
+
+    return _first_that_runs(candidates, skipped, probe)
 
 
 def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32") -> tuple[ExplainerBackend, str]:
@@ -116,9 +131,14 @@ def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32
     from cxr.runtime.explain import warm_host
 
     candidates, skipped = _candidates(bundle, backend, precision, "explain",
-                                      lambda plan: TrtExplainer(plan, precision),
-                                      lambda path: OrtExplainer(path, precision))
+                                      lambda plan, data: TrtExplainer(plan, precision, data),
+                                      lambda path, data: OrtExplainer(path, precision, data=data))
     size = bundle.card.input.size
-    explainer, reason = _first_that_runs(candidates, skipped, lambda opened: opened.warm_up(size))
+
+    def probe(opened: ExplainerBackend) -> None:
+        check_meaning(opened, bundle.card)
+        opened.warm_up(size)
+
+    explainer, reason = _first_that_runs(candidates, skipped, probe)
     warm_host()
     return explainer, reason

@@ -82,7 +82,7 @@ class TrtEngine:
     has finished with it.
     """
 
-    def __init__(self, plan: Path) -> None:
+    def __init__(self, plan: Path, data: bytes | None = None) -> None:
         self.buffers: dict[str, tuple[int, int, np.ndarray]] = {}  # name -> (device ptr, nbytes, host view)
         self._host_ptrs: list[Any] = []
         self.stream: Any = None
@@ -90,22 +90,22 @@ class TrtEngine:
         self.engine: Any = None
         self.cudart = import_cudart()
         try:
-            self._open(plan)
+            self._open(plan, plan.read_bytes() if data is None else data)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, plan: Path) -> None:
+    def _open(self, plan: Path, data: bytes) -> None:
         trt = import_tensorrt()
         cudart = self.cudart
         facts = read_sidecar(plan)
-        check_sidecar(plan, facts, trt.__version__, device_facts()["compute_capability"])
+        check_sidecar(plan, facts, trt.__version__, device_facts()["compute_capability"], data)
         self.facts = facts
         self.trt = trt
         self.version = trt.__version__
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        self.engine = self.runtime.deserialize_cuda_engine(data)  # the very bytes whose hash was checked
         if self.engine is None:
             raise CxrError(f"{plan}: TensorRT could not deserialise the plan; rebuild it with 'cxr-export build-engine'")
         self.context = self.engine.create_execution_context()
@@ -193,8 +193,8 @@ class TrtBackend(Backend):
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, plan: Path, precision: str) -> None:
-        self.engine = TrtEngine(plan)
+    def __init__(self, plan: Path, precision: str, data: bytes | None = None) -> None:
+        self.engine = TrtEngine(plan, data)
         self.precision = precision
         self.provider = f"TensorRT {self.engine.version}"
         self.input_name = self.engine.inputs[0]
@@ -216,8 +216,8 @@ class TrtExplainer(ExplainerBackend):
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, plan: Path, precision: str) -> None:
-        self.engine = TrtEngine(plan)
+    def __init__(self, plan: Path, precision: str, data: bytes | None = None) -> None:
+        self.engine = TrtEngine(plan, data)
         self.precision = precision
         self.provider = f"TensorRT {self.engine.version}"
         self.limits = self.engine.batch_limits("z")

@@ -1,0 +1,50 @@
+"""Writes that never follow a link, and folders that may not contain one.
+
+A bundle is copied between machines and may come from anyone: a symlink planted in it (as ``card.json``'s
+temporary file, or as a graph the next stage writes) would make an export write outside the bundle. So every
+file is written to a fresh temporary file in the target folder (``mkstemp``: O_CREAT|O_EXCL, never an
+existing path) and renamed over the target (``os.replace`` replaces a link, it does not write through it),
+and a run or bundle folder that holds a symlink is refused by every command.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cxr.runtime.errors import CxrError
+
+
+def refuse_links(folder: Path) -> None:
+    """One-line error naming the symlinks directly inside ``folder`` (a bundle holds plain files only)."""
+    links = sorted(p.name for p in Path(folder).iterdir() if p.is_symlink())
+    if links:
+        shown = ", ".join(repr(name) for name in links[:3]) + (", ..." if len(links) > 3 else "")
+        raise CxrError(f"{folder}: refused, it contains symbolic link(s) {shown} (a bundle holds plain files only)")
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A fresh, exclusive temporary path beside ``path`` for writers that take a file name; renamed over
+    ``path`` when the block ends without error, removed otherwise."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a fresh temporary file and a rename (a link at ``path`` is replaced)."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
