@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 from cxr.runtime.backends.base import Backend
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.card import sha256_file
+from cxr.runtime.card import public_dict, sha256_file
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
+from cxr.runtime.serve_guard import GuardedFront, GuardLimits
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ServeOptions:
 
 
 def card_reply(bundle: Bundle, backend: Backend, max_batch: int) -> dict:
-    return {"card": bundle.card.to_dict(), "card_sha256": sha256_file(bundle.folder / "card.json"),
+    return {"card": public_dict(bundle.card), "card_sha256": sha256_file(bundle.folder / "card.json"),
             "backend": backend.name, "precision": backend.precision, "max_batch": max_batch}
 
 
@@ -139,6 +140,7 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
         if not 0 < port < 65536:
             raise CxrUsageError(f"--{what} must be 1..65535, got {port}")
         with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is free
             try:
                 probe.bind((host, port))
             except OSError as exc:
@@ -147,7 +149,17 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
         raise CxrError(f"the HTTP, gRPC and metrics ports must differ, got {sorted(ports.values())}")
 
 
+STOP_REQUESTED = {"value": False}  # set by Ctrl+C / SIGTERM: a serve() that returns without it means Triton died
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _interrupt(*_: object) -> None:
+    STOP_REQUESTED["value"] = True
     raise KeyboardInterrupt
 
 
@@ -185,7 +197,11 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
     from tritonclient.utils import InferenceServerException
 
     instances = [ModelInstance(bundle, options) for _ in range(options.instances)]
-    triton_config = TritonConfig(http_address=options.host, http_port=options.http_port, grpc_address=options.host,
+    inner_port = free_loopback_port()  # Triton's own HTTP, reached only through the guarded front
+    size = bundle.card.input.size
+    limits = GuardLimits(max_request_bytes=max(64 << 20, 8 * options.max_batch * size * size),
+                         max_elements=options.max_batch * size * size)
+    triton_config = TritonConfig(http_address="127.0.0.1", http_port=inner_port, grpc_address=options.host,
                                  grpc_port=options.grpc_port, metrics_address=options.host,
                                  metrics_port=options.metrics_port, exit_on_error=True,
                                  log_file=triton_log_file(options))
@@ -198,10 +214,15 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
                 with Triton(config=triton_config, security_config=security) as triton:
                     _bind_models(triton, instances, options, bundle.card.input.size, len(bundle.card.classes))
                     triton.run()
+                    STOP_REQUESTED["value"] = False
                     signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl+C: Triton, proxies, shared memory
-                    if on_ready is not None:
-                        on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
-                    triton.serve()
+                    signal.signal(signal.SIGINT, _interrupt)
+                    with GuardedFront(options.host, options.http_port, inner_port, limits):
+                        if on_ready is not None:
+                            on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
+                        triton.serve()  # returns on Ctrl+C/SIGTERM, and also when tritonserver dies
+                if not STOP_REQUESTED["value"]:
+                    raise CxrError(f"tritonserver stopped by itself (crashed?); see {triton_log_file(options)}")
                 return
             except (PyTritonError, InferenceServerException) as exc:
                 reason = " ".join(str(exc).split())[:300]
