@@ -131,17 +131,19 @@ def parity(
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default BUNDLE/parity.json)."),
     run: Optional[Path] = typer.Option(None, "--run", help="PyTorch run folder (default: the card's source run)."),
     fp32_max_dprob: float = typer.Option(1e-4, help="fp32: max |dprob|."),
-    fp16_agreement: float = typer.Option(0.995, help="fp16: min top-1 agreement."),
-    fp16_max_delta: float = typer.Option(0.5, help="fp16: max metric delta (points)."),
-    int8_agreement: float = typer.Option(0.98, help="int8: min top-1 agreement."),
-    int8_max_delta: float = typer.Option(1.0, help="int8: max metric delta (points)."),
+    fp16_agreement: float = typer.Option(0.995, help="fp16: the agreement the flip rate is tested against."),
+    int8_agreement: float = typer.Option(0.98, help="int8: the agreement the flip rate is tested against."),
+    alpha: float = typer.Option(0.05, help="fp16/int8: significance of the flip-rate and per-class McNemar tests."),
 ) -> int:
     """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""
     import cxr.train.models  # noqa: F401
     from cxr.export.parity import Rule, run_parity
+    from cxr.runtime.errors import CxrUsageError
 
-    rules = {"fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob), "fp16": Rule(fp16_agreement, max_metric_delta_pt=fp16_max_delta),
-             "int8": Rule(int8_agreement, max_metric_delta_pt=int8_max_delta)}
+    if not 0 < alpha < 1:
+        raise CxrUsageError(f"--alpha must be between 0 and 1, got {alpha}")
+    rules = {"fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob), "fp16": Rule(fp16_agreement, alpha=alpha),
+             "int8": Rule(int8_agreement, alpha=alpha)}
     results = run_parity(bundle, data, [b.strip() for b in backends.split(",") if b.strip()], rules, report, run)
     print_digest(bundle)
     return 0 if results["passed"] else 1

@@ -1,0 +1,46 @@
+"""Parity rules that know their sample size: one flip is not a failure, a real shift is."""
+
+import numpy as np
+from cxr.export.parity import DEFAULT_RULES, compare
+from cxr.runtime.labels import CLASSES
+from cxr.runtime.metrics import classification_report
+
+
+def _paired(changes: list[tuple[int, int, int]], per_class: int = 150):
+    """Reference predictions all right; then (true class, predicted instead, count) changes for the backend."""
+    labels = np.repeat(np.arange(4), per_class)
+    reference = np.eye(4, dtype=np.float32)[labels] * 0.9 + 0.025
+    other = reference.copy()
+    for true, wrong, count in changes:
+        rows = np.flatnonzero(labels == true)[:count]
+        other[rows] = np.eye(4, dtype=np.float32)[wrong] * 0.9 + 0.025
+    return labels, reference, other
+
+
+def _judge(changes):
+    labels, reference, other = _paired(changes)
+    ref_report = classification_report(labels, reference.argmax(1), CLASSES)
+    return compare(reference, other, labels, CLASSES, ref_report, DEFAULT_RULES["fp16"])
+
+
+def test_one_flip_in_a_class_of_150_passes_and_is_reported():
+    result = _judge([(3, 2, 1)])
+    assert result["passed"], result["failures"]
+    assert result["flips"] == 1 and result["n"] == 600
+    viral = result["classes"]["pneumonia_viral"]
+    assert (viral["n"], viral["flips"], viral["lost"], viral["gained"]) == (150, 1, 1, 0)
+    assert result["deltas_pt"]["pneumonia_viral.recall"] < -0.5  # the old fixed 0.5-pt rule would have failed it
+
+
+def test_a_real_shift_in_one_class_fails_by_mcnemar():
+    result = _judge([(0, 1, 9)])  # nine COVID-19 films lost
+    assert not result["passed"]
+    assert any(f.startswith("covid19 recall shifted (9 lost, 0 gained of 150") for f in result["failures"])
+    assert result["covid_recall_delta_pt"] == -6.0
+
+
+def test_many_small_flips_fail_the_flip_rate_test():
+    result = _judge([(0, 1, 3), (1, 0, 3), (2, 3, 3), (3, 2, 3)])  # 12 of 600 = 2 %, none alone significant
+    assert not result["passed"]
+    assert any("12 of 600 predictions changed" in f for f in result["failures"])
+    assert all(shift["mcnemar_p"] > 0.05 for shift in result["classes"].values())
