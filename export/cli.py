@@ -47,7 +47,7 @@ def fp16(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     """Mixed-precision model.fp16.onnx / explain.fp16.onnx (fp32 I/O, overflow-prone nodes kept fp32)."""
     from cxr.export.fp16 import convert_fp16
     from cxr.runtime.bundle import Bundle
-    from cxr.runtime.card import record_files
+    from cxr.runtime.card import forget_parity, record_files
 
     opened = Bundle.open(bundle)
     image_feeds, explain_feeds = _probe_feeds(opened.card.input.size)
@@ -57,7 +57,7 @@ def fp16(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
             notes[graph] = convert_fp16(opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds)
             written.append(f"{graph}.fp16.onnx")
     card = record_files(opened.folder, opened.card, written)
-    record_files(opened.folder, card.replace(provenance={**card.provenance, "fp16": notes}), [])
+    record_files(opened.folder, forget_parity(card.replace(provenance={**card.provenance, "fp16": notes}), ["fp16"]), [])
     print(f"wrote {', '.join(written)} in {bundle}; kept in fp32: {notes['model']['fp32_nodes_overflow'] or 'no overflowing nodes'}")
     print_digest(bundle)
 
@@ -72,7 +72,7 @@ def int8(
     """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images."""
     from cxr.export.int8 import classifier_feeds, explainer_feeds, quantize_int8
     from cxr.runtime.bundle import Bundle
-    from cxr.runtime.card import record_files
+    from cxr.runtime.card import forget_parity, record_files
     from cxr.runtime.errors import CxrError, CxrUsageError
     from cxr.runtime.inputs import expand_inputs
     from cxr.runtime.preprocess import load_and_preprocess
@@ -99,7 +99,8 @@ def int8(
                                          explainer_feeds(images[:16], seed), percentile=False)
         written.append("explain.int8.onnx")
     card = record_files(opened.folder, opened.card, written)
-    record_files(opened.folder, card.replace(provenance={**card.provenance, "int8": {**notes, "images": len(images)}}), [])
+    record_files(opened.folder, forget_parity(card.replace(provenance={**card.provenance, "int8": {**notes, "images": len(images)}}),
+                                              ["int8"]), [])
     print(f"wrote {', '.join(written)} in {bundle} (calibrated on {len(images)} images from {calib})")
     print_digest(bundle)
 

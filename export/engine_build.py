@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
-from cxr.runtime.card import record_files, sha256_file
+from cxr.runtime.card import forget_parity, record_files, sha256_file
 from cxr.runtime.engine_sidecar import write_sidecar
 from cxr.runtime.errors import CxrError
 from cxr.runtime.safe_io import atomic_write
@@ -138,6 +138,6 @@ def build_engines(bundle_dir: Path, precision: str = "fp16", profile: Profile = 
         written += [target.name, f"{target.name}.json"]
         results.append(facts)
         print(f"built {target} ({len(plan) / 1e6:.1f} MB, TensorRT {version}, {facts['gpu_name']})")
-    record_files(bundle.folder, bundle.card, written)
+    record_files(bundle.folder, forget_parity(bundle.card, [f"engine-{precision}"]), written)
     return results
 

@@ -178,8 +178,9 @@ def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[st
     summary = {label: {k: r[k] for k in ("passed", "n", "flips", "top1_agreement", "max_abs_dprob",
                                         "covid_recall_delta_pt", "runs_on")}
                for label, r in results["backends"].items()}
-    write_card(bundle.folder, bundle.card.replace(parity={"data": str(data), "n": len(pixels), "backends": summary}),
-               rehash=False)
+    earlier = bundle.card.parity.get("backends", {})  # results of backends not run now are kept
+    write_card(bundle.folder, bundle.card.replace(parity={"data": str(data), "n": len(pixels),
+                                                          "backends": {**earlier, **summary}}), rehash=False)
     print(format_parity(results))
     print(f"report: {report_path}")
     return results

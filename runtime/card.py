@@ -143,6 +143,28 @@ def public_dict(card: Card) -> dict[str, Any]:
     return data
 
 
+PARITY_LABELS = {"fp32": "onnx", "fp16": "fp16", "int8": "int8"}  # parity report label of each ONNX precision
+
+
+def parity_label(precision: str, engine: bool) -> str:
+    return f"engine-{precision}" if engine else PARITY_LABELS[precision]
+
+
+def parity_state(card: Card, precision: str, engine: bool = False) -> str:
+    """'passed', 'failed' or 'not run' for the graph (or engine) of ``precision``. The fp32 ONNX graph is
+    checked against PyTorch when it is exported, so it counts as passed until a parity run says otherwise."""
+    result = card.parity.get("backends", {}).get(parity_label(precision, engine))
+    if result is not None:
+        return "passed" if result.get("passed") else "failed"
+    return "passed" if precision == "fp32" and not engine else "not run"
+
+
+def forget_parity(card: Card, labels: list[str]) -> Card:
+    """A graph written anew has not passed parity yet, whatever its predecessor did."""
+    backends = {k: v for k, v in card.parity.get("backends", {}).items() if k not in labels}
+    return card.replace(parity={**card.parity, "backends": backends})
+
+
 def graph_metadata(card: Card) -> dict[str, str]:
     """What every exported graph carries in its metadata_props: the card's meaning (classes, input, preprocessing)."""
     data = card.to_dict()

@@ -38,9 +38,10 @@ def predict(
     strict: bool = typer.Option(False, "--strict", help="Fail inputs with a warning (not a CR/DX radiograph, colour, "
                                 "near-binary, under 64 px) instead of predicting them."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
+    allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated", help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'."),
 ) -> int:
     """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if some failed."""
-    from cxr.runtime.backends.select import open_classifier, open_explainer
+    from cxr.runtime.backends.select import check_validated, open_classifier, open_explainer
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.explain import ExplainConfig
@@ -66,6 +67,9 @@ def predict(
     failed, warned, shown = 0, 0, set()
     with classifier:
         print(f"backend: {reason}", file=sys.stderr)
+        caution = check_validated(bundle, classifier, allow_unvalidated) if server is None else None
+        if caution:
+            print(f"warning: {caution}", file=sys.stderr)
         explainer = open_explainer(bundle, classifier.name, classifier.precision)[0] if explain else None
         try:
             options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir, strict)
@@ -126,7 +130,7 @@ def info(
     """The card, file hashes (checked), and what actually runs each graph here (a one-image probe each)."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
     from cxr.runtime.bundle import GRAPHS, PRECISIONS, Bundle, onnx_name
-    from cxr.runtime.card import sha256_file
+    from cxr.runtime.card import parity_state, sha256_file
     from cxr.runtime.errors import CxrError
 
     bundle = Bundle.open(model, expect_digest)
@@ -150,10 +154,11 @@ def info(
                 continue
             try:
                 opened, reason = openers[graph](bundle, "auto", precision)
+                state = parity_state(bundle.card, precision, opened.name == "tensorrt")
                 opened.close()
             except CxrError as exc:
-                reason = f"cannot run: {exc}"
-            print(f"  {precision} {graph:<8} {reason}")
+                reason, state = f"cannot run: {exc}", "-"
+            print(f"  {precision} {graph:<8} parity {state:<8} {reason}")
     if bad:
         print(f"error: {bad} bundle file(s) missing or changed since export: do not use this bundle", file=sys.stderr)
         return EXIT_FATAL
@@ -176,6 +181,7 @@ def serve(
     max_pixels: int = typer.Option(64_000_000, help="Refuse encoded images larger than this."),
     name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),
     log_file: Optional[Path] = typer.Option(None, help="Triton's log (default: cxr-triton-HTTP_PORT.log in the temp folder)."),
+    allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated", help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
 ) -> None:
     """Serve the bundle through NVIDIA Triton Inference Server (PyTriton): dynamic batching, health, metrics."""
@@ -184,7 +190,7 @@ def serve(
     from cxr.runtime.serve import serve as run_server
 
     options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, max_queue,
-                           instances, backend, precision, max_pixels, name, log_file)
+                           instances, backend, precision, max_pixels, name, log_file, allow_unvalidated)
 
     def ready(backend_line: str) -> None:
         print(f"serving {name} on http://{host}:{http_port} (gRPC {host}:{grpc_port}, metrics "

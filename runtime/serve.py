@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from cxr.runtime.backends.base import Backend
+from cxr.runtime.backends.select import check_validated
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import public_dict, sha256_file
 from cxr.runtime.errors import CxrError, CxrUsageError
@@ -47,6 +48,7 @@ class ServeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     name: str = "cxr"
     log_file: Path | None = None  # Triton's own log; None: a file in the temp folder
+    allow_unvalidated: bool = False  # serve an fp16/int8 graph or engine that failed or never ran parity
 
 
 def card_reply(bundle: Bundle, backend: Backend, max_batch: int) -> dict:
@@ -197,6 +199,14 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
     from tritonclient.utils import InferenceServerException
 
     instances = [ModelInstance(bundle, options) for _ in range(options.instances)]
+    try:
+        caution = check_validated(bundle, instances[0].backend, options.allow_unvalidated)
+    except CxrError:
+        for instance in instances:
+            instance.close()
+        raise
+    if caution:
+        print(f"warning: {caution}", file=sys.stderr, flush=True)
     inner_port = free_loopback_port()  # Triton's own HTTP, reached only through the guarded front
     size = bundle.card.input.size
     limits = GuardLimits(max_request_bytes=max(64 << 20, 8 * options.max_batch * size * size),

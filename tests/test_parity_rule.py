@@ -44,3 +44,22 @@ def test_many_small_flips_fail_the_flip_rate_test():
     assert not result["passed"]
     assert any("12 of 600 predictions changed" in f for f in result["failures"])
     assert all(shift["mcnemar_p"] > 0.05 for shift in result["classes"].values())
+
+
+def test_unvalidated_graphs_are_refused_until_parity_passes(bundle, phantoms, tmp_path):
+    import shutil
+
+    from tests.conftest import cli, one_line_error
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    image = str(sorted((phantoms / "normal").glob("*.png"))[0])
+    line = one_line_error(cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "int8", check=1))
+    assert "int8 graph has never run parity" in line and "--allow-unvalidated" in line
+    info = cli("cxr-run", "info", "--model", str(copy)).stdout
+    assert "fp32 model    parity passed" in info and "int8 model    parity not run" in info
+    cli("cxr-export", "parity", str(copy), str(phantoms), "--backends", "fp16", "--report", str(tmp_path / "p.json"))
+    cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "fp16")  # passed: no flag needed
+    cli("cxr-export", "fp16", str(copy))  # a new fp16 graph has not passed anything yet
+    assert "fp16 graph has never run parity" in one_line_error(
+        cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "fp16", check=1))

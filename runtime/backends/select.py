@@ -13,7 +13,7 @@ from typing import TypeVar
 import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
-from cxr.runtime.card import Card, metadata_mismatch
+from cxr.runtime.card import Card, metadata_mismatch, parity_state
 from cxr.runtime.errors import CxrError, CxrUsageError
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
@@ -92,6 +92,21 @@ def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
     mismatch = metadata_mismatch(card, backend.metadata)
     if mismatch:
         raise CxrError(f"refused: {mismatch} (card.json was edited after export)")
+
+
+def check_validated(bundle: Bundle, backend: Backend, allow_unvalidated: bool) -> str | None:
+    """Refuse a graph or engine that failed parity or never ran it, unless allowed; returns the warning to show
+    when allowed. (The fp32 ONNX graph counts as validated: export compares it with PyTorch.)"""
+    engine = backend.name == "tensorrt"
+    state = parity_state(bundle.card, backend.precision, engine)
+    if state == "passed" or backend.name not in ("tensorrt", "onnxruntime"):
+        return None
+    what = f"the {backend.precision} {'engine' if engine else 'graph'}"
+    line = (f"{what} {'FAILED parity' if state == 'failed' else 'has never run parity'} against the PyTorch model "
+            f"(run 'cxr-export parity {bundle.folder} DATA')")
+    if not allow_unvalidated:
+        raise CxrError(f"{line}; refused (--allow-unvalidated to use it anyway)")
+    return f"{line}; used anyway (--allow-unvalidated)"
 
 
 def probe_classifier(backend: Backend, size: int, classes: int) -> None:
