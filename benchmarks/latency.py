@@ -64,9 +64,13 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
                 found.append(("torch-compile", "fp16", lambda: (torch_runner(run, half=True, compiled=True), lambda: None)))
     except ImportError:
         pass
+    from cxr.runtime.backends.openvino import openvino_available
+
     for precision in PRECISIONS:
         if bundle.has(onnx_name("model", precision)):
             found.append(("onnxruntime", precision, lambda p=precision: _ort_runner(bundle, p)))
+            if openvino_available():
+                found.append(("openvino", precision, lambda p=precision: _ov_runner(bundle, p)))
         if bundle.has(engine_name("model", precision)) and tensorrt_available():
             found.append(("tensorrt", precision, lambda p=precision: _trt_runner(bundle, p)))
     if wanted:
@@ -78,6 +82,14 @@ def _ort_runner(bundle: Bundle, precision: str) -> tuple[Runner, Callable[[], No
     from cxr.runtime.backends.onnxruntime import OrtBackend
 
     backend = OrtBackend(bundle.onnx_path("model", precision), precision, max_batch=1024)
+    return backend.run, backend.close
+
+
+def _ov_runner(bundle: Bundle, precision: str) -> tuple[Runner, Callable[[], None]]:
+    from cxr.runtime.backends.openvino import OvBackend
+
+    path = bundle.onnx_path("model", precision)
+    backend = OvBackend(path, precision, bundle.verified_bytes(path.name), max_batch=1024)
     return backend.run, backend.close
 
 

@@ -23,7 +23,7 @@ from cxr.train.augment import evaluation_view
 from cxr.train.data import load_images, scan_image_folder
 from cxr.train.run import load_run
 
-PARITY_BACKENDS = ("onnx", "fp16", "int8", "engine")
+PARITY_BACKENDS = ("onnx", "fp16", "int8", "engine", "openvino")
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,13 @@ def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
             for precision in ("fp32", "fp16", "int8"):
                 if bundle.has(engine_name("model", precision)) and tensorrt_available():
                     targets.append((f"engine-{precision}", "tensorrt", precision))
+            continue
+        if item == "openvino":  # each ONNX graph, run by OpenVINO instead of ONNX Runtime
+            from cxr.runtime.backends.openvino import openvino_available
+
+            if openvino_available():
+                targets += [(f"openvino-{p}", "openvino", p) for p in ("fp32", "fp16", "int8")
+                            if bundle.has(onnx_name("model", p))]
             continue
         precision = {"onnx": "fp32", "fp16": "fp16", "int8": "int8"}[item]
         if bundle.has(onnx_name("model", precision)):

@@ -20,7 +20,7 @@ EXIT_OK, EXIT_FATAL, EXIT_SOME_FAILED = 0, 1, 2
 def predict(
     inputs: List[str] = typer.Argument(..., help="Image files, folders (searched recursively, files judged by content) or globs."),
     model: Path = typer.Option(..., "--model", help="Model bundle folder (from 'cxr-export onnx')."),
-    backend: str = typer.Option("auto", help="auto (engine -> ORT GPU -> ORT CPU), tensorrt or onnxruntime."),
+    backend: str = typer.Option("auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."),
     precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8: which graph / engine."),
     batch_size: int = typer.Option(16, help="Images per backend call (capped by the engine profile)."),
     server: Optional[str] = typer.Option(None, "--server", help="Send to a 'cxr-run serve' server instead: http://HOST:PORT or grpc://HOST:PORT."),
@@ -31,7 +31,8 @@ def predict(
     max_pixels: int = typer.Option(64_000_000, help="Refuse images larger than this (decompression bombs)."),
     explain: bool = typer.Option(False, "--explain", help="Add a LIME explanation and an overlay PNG per image."),
     explain_dir: Optional[Path] = typer.Option(None, help="Where overlay PNGs go (default: explanations/ beside --out, or ./explanations)."),
-    samples: int = typer.Option(1000, help="LIME samples per image."),
+    samples: str = typer.Option("1000", help="LIME samples per image, or 'auto': sample in rounds until the map is settled."),
+    max_samples: int = typer.Option(1000, help="With --samples auto: the most samples drawn."),
     segmenter: str = typer.Option("slic", help="slic (default) or quickshift (the paper's)."),
     num_features: int = typer.Option(8, help="Segments painted in the overlay."),
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
@@ -44,7 +45,6 @@ def predict(
     from cxr.runtime.backends.select import check_validated, open_classifier, open_explainer
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.errors import CxrUsageError
-    from cxr.runtime.explain import ExplainConfig
     from cxr.runtime.inputs import discover, not_images_line
     from cxr.runtime.output import RecordWriter
     from cxr.runtime.predict import PredictOptions, predict_stream
@@ -55,7 +55,7 @@ def predict(
     if top_k < 0:
         raise CxrUsageError("--top-k must be 0 or more")
     bundle = Bundle.open(model, expect_digest)
-    explain_config = ExplainConfig(samples, segmenter, num_features, seed) if explain else None
+    explain_config = explain_options(samples, max_samples, segmenter, num_features, seed) if explain else None
     if explain and explain_dir is None:
         explain_dir = (out.parent if out else Path(".")) / "explanations"
     found = discover(inputs)
@@ -87,6 +87,18 @@ def predict(
              not_images_line(found.not_images) if found.not_images else "", f"wrote {out}" if out else ""]
     print("; ".join(p for p in parts if p), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def explain_options(samples: str, max_samples: int, segmenter: str, num_features: int, seed: int):
+    """--samples N (a fixed budget) or --samples auto (rounds until settled, at most --max-samples)."""
+    from cxr.runtime.errors import CxrUsageError
+    from cxr.runtime.explain import ExplainConfig
+
+    if samples.strip().lower() == "auto":
+        return ExplainConfig(max_samples, segmenter, num_features, seed, adaptive=True)
+    if not samples.strip().isdigit():
+        raise CxrUsageError(f"--samples must be a whole number or 'auto', got {samples!r}")
+    return ExplainConfig(int(samples), segmenter, num_features, seed)
 
 
 def _warn_once(record: dict, shown: set[str]) -> None:
@@ -176,7 +188,7 @@ def serve(
     max_queue_delay_us: int = typer.Option(2000, help="Longest wait for more requests before running a batch."),
     max_queue: int = typer.Option(0, help="Reject requests beyond this many queued (0: no limit)."),
     instances: int = typer.Option(1, help="Model instances (each its own backend session)."),
-    backend: str = typer.Option("auto", help="auto (engine -> ORT GPU -> ORT CPU), tensorrt or onnxruntime."),
+    backend: str = typer.Option("auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
     max_pixels: int = typer.Option(64_000_000, help="Refuse encoded images larger than this."),
     name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),

@@ -7,6 +7,7 @@ one line (the reason shown to the user), never an error block. A backend named e
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,7 +17,7 @@ from cxr.runtime.bundle import Bundle, check_precision, engine_name
 from cxr.runtime.card import Card, metadata_mismatch, parity_state
 from cxr.runtime.errors import CxrError, CxrUsageError
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino")
 Opened = TypeVar("Opened", Backend, ExplainerBackend)
 
 
@@ -35,10 +36,22 @@ def describe(backend: Backend | ExplainerBackend) -> str:
     return f"{backend.name} {backend.precision}{where}"
 
 
-def _candidates(bundle: Bundle, backend: str, precision: str, graph: str,
-                open_trt: Callable[[Path, bytes], Opened], open_ort: Callable[[Path, bytes], Opened]
+@dataclass(frozen=True)
+class Openers:
+    """How to open each backend kind for one graph: (path, verified bytes[, ORT providers]) -> backend."""
+
+    tensorrt: Callable[[Path, bytes], Opened]
+    onnxruntime: Callable[[Path, bytes, list[str] | None], Opened]
+    openvino: Callable[[Path, bytes], Opened]
+
+
+def _candidates(bundle: Bundle, backend: str, precision: str, graph: str, open_: Openers
                 ) -> tuple[list[tuple[str, Callable[[], Opened]]], list[str]]:
-    """(name, opener) pairs to try in order, and the reasons others were not even tried."""
+    """(name, opener) pairs to try in order, and the reasons others were not even tried.
+
+    auto: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO (CPU) -> ONNX Runtime CPU."""
+    from cxr.runtime.backends.onnxruntime import CPU_EP, gpu_providers
+    from cxr.runtime.backends.openvino import openvino_available
     from cxr.runtime.backends.tensorrt import tensorrt_available
 
     check_precision(precision)
@@ -53,15 +66,37 @@ def _candidates(bundle: Bundle, backend: str, precision: str, graph: str,
         elif not tensorrt_available():
             skipped.append("tensorrt: TensorRT/cuda-python not installed (pip install 'cxr-edge[trt]')")
         else:
-            found.append(("tensorrt", lambda: open_trt(engine, bundle.verified_bytes(engine.name))))
+            found.append(("tensorrt", lambda: open_.tensorrt(engine, bundle.verified_bytes(engine.name))))
         if backend == "tensorrt" and not found:
             hint = (f"; build it on this machine: 'cxr-export build-engine {bundle.folder} --precision {precision}'"
                     if engine is None else "")
             raise CxrError(f"--backend {skipped[0]}{hint}")
-    if backend in ("auto", "onnxruntime"):
-        path = bundle.onnx_path(graph, precision)  # checks it is there and listed; loaded below from verified bytes
-        found.append(("onnxruntime", lambda: open_ort(path, bundle.verified_bytes(path.name))))
+    if backend == "tensorrt":
+        return found, skipped
+    path = bundle.onnx_path(graph, precision)  # checks it is there and listed; loaded below from verified bytes
+    data = lambda: bundle.verified_bytes(path.name)  # noqa: E731  (read when, and each time, a candidate opens)
+    if backend == "onnxruntime":
+        found.append(("onnxruntime", lambda: open_.onnxruntime(path, data(), None)))
+        return found, skipped
+    if backend == "auto" and gpu_providers():
+        found.append(("onnxruntime-cuda", lambda: _on_gpu(open_.onnxruntime(path, data(), gpu_providers() + [CPU_EP]))))
+    if openvino_available():
+        found.append(("openvino", lambda: open_.openvino(path, data())))
+    elif backend == "openvino":
+        raise CxrError("--backend openvino: OpenVINO is not installed (pip install 'cxr-edge[openvino]')")
+    else:
+        skipped.append("openvino: not installed (pip install 'cxr-edge[openvino]')")
+    if backend == "auto":
+        found.append(("onnxruntime", lambda: open_.onnxruntime(path, data(), [CPU_EP])))
     return found, skipped
+
+
+def _on_gpu(opened: Opened) -> Opened:
+    """An ONNX Runtime session asked for CUDA that came up on the CPU only is not the CUDA candidate."""
+    if opened.device != "cuda":
+        opened.close()
+        raise CxrError("the CUDA EP could not start (see the warning above)")
+    return opened
 
 
 def _first_that_runs(candidates: list[tuple[str, Callable[[], Opened]]], skipped: list[str],
@@ -99,7 +134,7 @@ def check_validated(bundle: Bundle, backend: Backend, allow_unvalidated: bool) -
     when allowed. (The fp32 ONNX graph counts as validated: export compares it with PyTorch.)"""
     engine = backend.name == "tensorrt"
     state = parity_state(bundle.card, backend.precision, engine)
-    if state == "passed" or backend.name not in ("tensorrt", "onnxruntime"):
+    if state == "passed" or backend.name not in ("tensorrt", "onnxruntime", "openvino"):
         return None
     what = f"the {backend.precision} {'engine' if engine else 'graph'}"
     line = (f"{what} {'FAILED parity' if state == 'failed' else 'has never run parity'} against the PyTorch model "
@@ -124,12 +159,15 @@ def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp3
     ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs).
     """
     from cxr.runtime.backends.onnxruntime import CudaOptions, OrtBackend
+    from cxr.runtime.backends.openvino import OvBackend
     from cxr.runtime.backends.tensorrt import TrtBackend
 
-    candidates, skipped = _candidates(bundle, backend, precision, "model",
-                                      lambda plan, data: TrtBackend(plan, precision, data),
-                                      lambda path, data: OrtBackend(path, precision, cuda=CudaOptions(tf32=tf32),
-                                                                    data=data))
+    openers = Openers(
+        tensorrt=lambda plan, data: TrtBackend(plan, precision, data),
+        onnxruntime=lambda path, data, providers: OrtBackend(path, precision, providers,
+                                                             cuda=CudaOptions(tf32=tf32), data=data),
+        openvino=lambda path, data: OvBackend(path, precision, data))
+    candidates, skipped = _candidates(bundle, backend, precision, "model", openers)
     size, classes = bundle.card.input.size, len(bundle.card.classes)
 
     def probe(opened: Backend) -> None:
@@ -142,12 +180,15 @@ def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp3
 def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32") -> tuple[ExplainerBackend, str]:
     """The LIME explainer, warmed up (its fixed batch shape searched once) before the first image."""
     from cxr.runtime.backends.onnxruntime import OrtExplainer
+    from cxr.runtime.backends.openvino import OvExplainer
     from cxr.runtime.backends.tensorrt import TrtExplainer
     from cxr.runtime.explain import warm_host
 
-    candidates, skipped = _candidates(bundle, backend, precision, "explain",
-                                      lambda plan, data: TrtExplainer(plan, precision, data),
-                                      lambda path, data: OrtExplainer(path, precision, data=data))
+    openers = Openers(
+        tensorrt=lambda plan, data: TrtExplainer(plan, precision, data),
+        onnxruntime=lambda path, data, providers: OrtExplainer(path, precision, providers, data=data),
+        openvino=lambda path, data: OvExplainer(path, precision, data))
+    candidates, skipped = _candidates(bundle, backend, precision, "explain", openers)
     size = bundle.card.input.size
 
     def probe(opened: ExplainerBackend) -> None:
