@@ -39,6 +39,8 @@ def lime(
     precision: str = typer.Option("fp32", help="Comma-separated precisions of our explainer, e.g. fp16,fp32."),
     backend: str = typer.Option("auto", help="auto, tensorrt or onnxruntime (ours, and stock lime's classifier)."),
     peer: str = typer.Option("stock", help="Comma-separated peers: stock (lime), captum (Captum Lime on PyTorch), none."),
+    fidelity: bool = typer.Option(False, "--fidelity", help="Instead: --samples auto against the --samples budget "
+                                  "(top-5 overlap, rank correlation, deletion curve, compute saved)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for lime.json and lime.png."),
 ) -> None:
     """Seconds per explanation (first image and steady state) for ours per precision, against lime and Captum."""
@@ -52,6 +54,11 @@ def lime(
     precisions = tuple(check_precision(p.strip()) for p in precision.split(",") if p.strip())
     peers = tuple(p.strip() for p in peer.split(",") if p.strip() and p.strip() != "none")
     paths = expand_inputs(images)[:count] if images else []
+    if fidelity:
+        from cxr.bench.lime_fidelity import run_fidelity
+
+        run_fidelity(model, out, paths, samples, seed, backend)
+        return
     run_lime_bench(model, out, paths, samples, seed, segmenter, parse_int_list(sweep, "--sweep"), precisions,
                    backend, peers)
 

@@ -16,6 +16,7 @@ import numpy as np
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.errors import CxrUsageError
 from cxr.runtime.segment import segment, segment_means
+from cxr.runtime.settle import Settling
 
 KERNEL_WIDTH = 0.25
 ALL_FEATURES = 100000  # lime's default num_features: every segment gets a weight
@@ -23,15 +24,20 @@ ALL_FEATURES = 100000  # lime's default num_features: every segment gets a weigh
 
 @dataclass(frozen=True)
 class ExplainConfig:
-    samples: int = 1000
+    samples: int = 1000  # fixed budget; with adaptive=True the most samples drawn (--max-samples)
     segmenter: str = "slic"
     num_features: int = 8  # segments painted in the overlay
     seed: int = 0
     n_segments: int = 50
+    adaptive: bool = False  # --samples auto: stop when the map is settled (runtime/settle.py)
+    min_samples: int = 200  # first check
+    round_size: int = 100  # samples between checks
 
     def __post_init__(self) -> None:
         if self.samples < 10:
             raise CxrUsageError(f"--samples must be at least 10, got {self.samples}")
+        if self.adaptive and self.samples < self.min_samples:
+            raise CxrUsageError(f"--max-samples must be at least {self.min_samples}, got {self.samples}")
         if self.num_features < 1:
             raise CxrUsageError(f"--num-features must be at least 1, got {self.num_features}")
 
@@ -46,6 +52,8 @@ class Explanation:
     probs: np.ndarray  # probabilities of the unperturbed image (row 0)
     timing: dict[str, float]
     bytes_sent: int
+    samples: int = 0  # samples the fit used
+    stopped: str = ""  # why sampling stopped
 
 
 def sample_rows(rng: np.random.Generator, samples: int, segments: int) -> np.ndarray:
@@ -93,21 +101,39 @@ def explain_image(image: np.ndarray, backend: ExplainerBackend, config: ExplainC
     bytes_before = backend.bytes_sent
     backend.set_image(image, fill, segments)
     step = backend.limits.max_batch
-    model_seconds, outputs = 0.0, []
-    for start in range(0, len(rows), step):
+    settling = Settling(config.num_features, config.seed) if config.adaptive else None
+    next_check, stopped = config.min_samples, f"fixed budget of {len(rows)} samples"
+    model_seconds, check_seconds, outputs, done_rows = 0.0, 0.0, [], 0
+    while done_rows < len(rows):
         call = time.perf_counter()
-        outputs.append(backend.run(rows[start : start + step]))
+        outputs.append(backend.run(rows[done_rows : done_rows + step]))
         model_seconds += time.perf_counter() - call
+        done_rows += len(outputs[-1])
+        if settling is not None and done_rows >= min(next_check, len(rows)):
+            checked = time.perf_counter()
+            probs = np.concatenate(outputs)
+            label = int(np.argmax(probs[0]))
+            fitted = lime_fit(rows[:done_rows], probs, label, config.seed)[0]
+            settled = settling.check(fitted, rows[:done_rows], probs, label)
+            check_seconds += time.perf_counter() - checked
+            if settled:
+                stopped = settling.reason(done_rows)
+                break
+            next_check += config.round_size
+            stopped = f"cap of {len(rows)} samples reached before the map settled"
+    rows = rows[:done_rows]
     probs = np.concatenate(outputs)
     modelled = time.perf_counter()
     label = int(np.argmax(probs[0]))
     weights, intercept, score = lime_fit(rows, probs, label, config.seed)
     done = time.perf_counter()
     timing = {
-        "segmentation_s": segmented - started, "sampling_s": sampled - segmented,
-        "model_s": model_seconds, "model_loop_s": modelled - sampled, "fit_s": done - modelled, "total_s": done - started,
+        "segmentation_s": segmented - started, "sampling_s": sampled - segmented, "model_s": model_seconds,
+        "settle_checks_s": check_seconds, "model_loop_s": modelled - sampled, "fit_s": done - modelled,
+        "total_s": done - started,
     }
-    return Explanation(label, weights, intercept, score, segments, probs[0], timing, backend.bytes_sent - bytes_before)
+    return Explanation(label, weights, intercept, score, segments, probs[0], timing, backend.bytes_sent - bytes_before,
+                       len(rows), stopped)
 
 
 def top_segments(weights: dict[int, float], count: int) -> list[int]:
@@ -121,7 +147,9 @@ def explanation_record(explanation: Explanation, classes: tuple[str, ...], confi
         "weights": {str(k): round(v, 6) for k, v in sorted(explanation.weights.items())},
         "overlay": overlay,
         "seed": config.seed,
-        "samples": config.samples,
+        "samples": explanation.samples,
+        "max_samples" if config.adaptive else "budget": config.samples,
+        "stopped": explanation.stopped,
         "segmenter": config.segmenter,
         "score": round(explanation.score, 4),
         "timing": {k: round(v, 4) for k, v in explanation.timing.items()},

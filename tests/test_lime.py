@@ -113,3 +113,27 @@ def test_quickshift_segmenter_and_bad_segmenter(bundle, phantoms):
 
     result = cli("cxr-run", "predict", "--model", str(bundle), "x.png", "--explain", "--segmenter", "watershed", check=2)
     assert "--segmenter" in one_line_error(result)
+
+
+def test_adaptive_lime_stops_when_settled_and_is_reproducible(sessions, phantoms):
+    _, explainer = sessions
+    image = _image(phantoms)
+    config = ExplainConfig(samples=1000, seed=3, adaptive=True)
+    first = explain_image(image, explainer, config)
+    again = explain_image(image, explainer, config)
+    assert first.weights == again.weights and first.samples == again.samples  # same seed, same map
+    assert config.min_samples <= first.samples <= 1000
+    assert first.stopped.startswith("settled at") or first.stopped.startswith("cap of 1000")
+    fixed = explain_image(image, explainer, ExplainConfig(samples=first.samples, seed=3))
+    assert fixed.weights == first.weights  # auto's rows are a prefix of the same seeded draw
+
+
+def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_path):
+    images = sorted((phantoms / "covid19").glob("*.png"))[:2]
+    result = cli("cxr-bench", "lime", "--model", str(bundle), *map(str, images), "--fidelity", "--samples", "400",
+                 "--out", str(tmp_path))
+    data = json.loads((tmp_path / "lime_fidelity.json").read_text())
+    assert data["images"] == 2 and 0 <= data["mean_top5_overlap"] <= 1 and data["ort_cpu_fixed_seconds"] > 0
+    for row in data["per_image"]:
+        assert len(row["curves"]["fixed"]) == 11 and row["samples_auto"] <= 400
+    assert "top-5 overlap" in result.stdout and (tmp_path / "lime_fidelity.png").stat().st_size > 1000

@@ -1,0 +1,152 @@
+"""``cxr-bench lime --fidelity``: does ``--samples auto`` keep the 1000-sample map, and what does it save?
+
+Per real image, on the backend ``auto`` picks (OpenVINO on a CPU box), the fixed-budget map is the reference:
+- top-5 overlap: shared segments among the five strongest |weights|, out of 5;
+- rank correlation (Spearman) of all segment weights;
+- deletion curve: the class probability as the map's most supporting segments are removed one by one (the
+  fill image shows through); a faithful map drops it fast, so a lower area under the curve is better;
+- samples and seconds used, and the same against the fixed budget on ONNX Runtime CPU (the issue's baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cxr.bench.environment import environment
+from cxr.bench.lime_bench import load_images
+from cxr.runtime.backends.base import ExplainerBackend
+from cxr.runtime.backends.select import open_explainer
+from cxr.runtime.bundle import Bundle
+from cxr.runtime.explain import ExplainConfig, Explanation, explain_image, top_segments
+from cxr.runtime.segment import segment_means
+
+DELETION_STEPS = 10
+
+
+def deletion_curve(explanation: Explanation, image: np.ndarray, backend: ExplainerBackend) -> list[float]:
+    """Probability of the explained class with the 0, 1, ..., DELETION_STEPS strongest supporting segments off."""
+    segments = explanation.segments
+    count = int(segments.max()) + 1
+    order = [s for s in sorted(explanation.weights, key=lambda k: -explanation.weights[k])][:DELETION_STEPS]
+    rows = np.ones((len(order) + 1, count), dtype=np.uint8)
+    for step, segment in enumerate(order, start=1):
+        rows[step:, segment] = 0
+    backend.set_image(image, segment_means(image, segments), segments)
+    return [float(p) for p in backend.run(rows)[:, explanation.label]]
+
+
+def compare_maps(reference: Explanation, adaptive: Explanation) -> dict[str, float]:
+    from scipy.stats import spearmanr
+
+    top_ref, top_auto = set(top_segments(reference.weights, 5)), set(top_segments(adaptive.weights, 5))
+    keys = sorted(reference.weights)
+    rho = spearmanr([reference.weights[k] for k in keys], [adaptive.weights.get(k, 0.0) for k in keys]).statistic
+    return {"top5_overlap": len(top_ref & top_auto) / 5, "spearman": float(rho)}
+
+
+def run_fidelity(bundle_dir: Path, out: Path, image_paths: list[Path], budget: int, seed: int,
+                 backend: str = "auto", baseline_images: int = 5) -> dict[str, Any]:
+    bundle = Bundle.open(bundle_dir)
+    images = load_images(bundle, image_paths, seed)
+    fixed_config = ExplainConfig(samples=budget, seed=seed)
+    auto_config = ExplainConfig(samples=budget, seed=seed, adaptive=True)
+    rows = []
+    explainer, reason = open_explainer(bundle, backend, "fp32")
+    with explainer:
+        for index, image in enumerate(images):
+            started = time.perf_counter()
+            reference = explain_image(image, explainer, fixed_config)
+            fixed_s = time.perf_counter() - started
+            started = time.perf_counter()
+            adaptive = explain_image(image, explainer, auto_config)
+            auto_s = time.perf_counter() - started
+            curves = {"fixed": deletion_curve(reference, image, explainer), "auto": deletion_curve(adaptive, image, explainer)}
+            rows.append({"image": str(image_paths[index]) if image_paths else "phantom", "label": reference.label,
+                         "same_label": adaptive.label == reference.label, **compare_maps(reference, adaptive),
+                         "deletion_auc_fixed": float(np.mean(curves["fixed"])),
+                         "deletion_auc_auto": float(np.mean(curves["auto"])), "curves": curves,
+                         "samples_auto": adaptive.samples, "stopped": adaptive.stopped,
+                         "seconds_fixed": fixed_s, "seconds_auto": auto_s})
+            print(f"  {index + 1}/{len(images)}: top-5 overlap {rows[-1]['top5_overlap']:.1f}, "
+                  f"{adaptive.samples} samples, {auto_s:.2f} s vs {fixed_s:.2f} s", flush=True)
+    baseline = ort_cpu_baseline(bundle, images[:baseline_images], fixed_config)
+    summary = {
+        "environment": environment(), "arch": bundle.card.arch, "input_size": bundle.card.input.size,
+        "images": len(rows), "budget": budget, "runs_on": reason.split(";")[0],
+        "mean_top5_overlap": float(np.mean([r["top5_overlap"] for r in rows])),
+        "mean_spearman": float(np.mean([r["spearman"] for r in rows])),
+        "mean_deletion_auc_fixed": float(np.mean([r["deletion_auc_fixed"] for r in rows])),
+        "mean_deletion_auc_auto": float(np.mean([r["deletion_auc_auto"] for r in rows])),
+        "mean_samples_auto": float(np.mean([r["samples_auto"] for r in rows])),
+        "mean_seconds_fixed": float(np.mean([r["seconds_fixed"] for r in rows])),
+        "mean_seconds_auto": float(np.mean([r["seconds_auto"] for r in rows])),
+        "ort_cpu_fixed_seconds": baseline,
+        "per_image": rows,
+    }
+    summary["auto_vs_fixed_time"] = summary["mean_seconds_auto"] / summary["mean_seconds_fixed"]
+    summary["auto_vs_ort_cpu_fixed_time"] = summary["mean_seconds_auto"] / baseline if baseline else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lime_fidelity.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot_fidelity(summary, out / "lime_fidelity.png")
+    print(format_fidelity(summary))
+    print(f"wrote {out / 'lime_fidelity.json'} and {out / 'lime_fidelity.png'}")
+    return summary
+
+
+def ort_cpu_baseline(bundle: Bundle, images: list[np.ndarray], config: ExplainConfig) -> float | None:
+    """Mean seconds of the fixed-budget explanation on ONNX Runtime CPU (the issue's baseline)."""
+    from cxr.runtime.backends.onnxruntime import CPU_EP, OrtExplainer
+
+    path = bundle.onnx_path("explain", "fp32")
+    with OrtExplainer(path, "fp32", [CPU_EP], data=bundle.verified_bytes(path.name)) as explainer:
+        explainer.warm_up(bundle.card.input.size)
+        times = []
+        for image in images:
+            started = time.perf_counter()
+            explain_image(image, explainer, config)
+            times.append(time.perf_counter() - started)
+    return float(np.mean(times)) if times else None
+
+
+def format_fidelity(s: dict[str, Any]) -> str:
+    base = s["auto_vs_ort_cpu_fixed_time"]
+    return "\n".join([
+        f"--samples auto vs {s['budget']} samples, {s['arch']} @ {s['input_size']}, {s['images']} images, {s['runs_on']}",
+        f"top-5 overlap {s['mean_top5_overlap']:.1%}, Spearman {s['mean_spearman']:.3f}, deletion AUC "
+        f"{s['mean_deletion_auc_auto']:.3f} (auto) vs {s['mean_deletion_auc_fixed']:.3f} (fixed; lower is better)",
+        f"samples {s['mean_samples_auto']:.0f} of {s['budget']}; seconds {s['mean_seconds_auto']:.3f} vs "
+        f"{s['mean_seconds_fixed']:.3f} ({s['auto_vs_fixed_time']:.2f}x)"
+        + (f"; vs {s['budget']} samples on ONNX Runtime CPU {s['ort_cpu_fixed_seconds']:.3f} s ({base:.2f}x)" if base else ""),
+    ])
+
+
+def plot_fidelity(s: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = np.arange(DELETION_STEPS + 1)
+    for key, colour in (("fixed", "tab:blue"), ("auto", "tab:orange")):
+        curves = [r["curves"][key] for r in s["per_image"]]
+        width = min(len(c) for c in curves)
+        left.plot(steps[:width], np.mean([c[:width] for c in curves], axis=0), marker="o", color=colour,
+                  label=f"{key} (AUC {s[f'mean_deletion_auc_{key}']:.3f})")
+    left.set_xlabel("strongest supporting segments removed")
+    left.set_ylabel("probability of the explained class")
+    left.set_title("deletion curve (mean): lower = more faithful")
+    left.legend()
+    right.scatter([r["samples_auto"] for r in s["per_image"]], [r["top5_overlap"] for r in s["per_image"]], alpha=0.6)
+    right.set_xlabel("samples used by --samples auto")
+    right.set_ylabel("top-5 overlap with the fixed map")
+    right.set_ylim(-0.05, 1.05)
+    right.set_title(f"{s['images']} images: mean overlap {s['mean_top5_overlap']:.0%}, "
+                    f"{s['mean_samples_auto']:.0f} samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

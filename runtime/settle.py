@@ -1,0 +1,72 @@
+"""When is a LIME explanation settled? The stopping rule of ``--samples auto``.
+
+After each round of samples lime's ridge is refitted. The explanation is settled when
+
+1. the top-k segments (k = the segments the overlay paints) and their signs are the same in three
+   consecutive fits, i.e. unchanged over the last two rounds: more samples would not change the picture; and
+2. their weights are well determined: a bootstrap over the samples so far (20 resamples, the same kernel
+   weights and ridge as lime) moves no top-k weight by more than SPREAD_BOUND of the largest weight.
+
+Rule 1 alone can be fooled by a lucky streak when weights are nearly tied; rule 2 alone says nothing about
+the ranking a clinician looks at. The bound (0.15) was chosen so that, on real chest X-rays, the settled map
+keeps its top segments against the 1000-sample map (``cxr-bench lime --fidelity`` measures exactly that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SPREAD_BOUND = 0.15
+BOOTSTRAP = 20
+STABLE_FITS = 3
+
+
+@dataclass
+class Settling:
+    """The running state of one adaptive explanation."""
+
+    top_k: int
+    seed: int
+    history: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
+    spread: float | None = None
+
+    def check(self, weights: dict[int, float], rows: np.ndarray, probs: np.ndarray, label: int) -> bool:
+        """Record one refit; True once both rules hold."""
+        from cxr.runtime.explain import top_segments
+
+        top = top_segments(weights, self.top_k)
+        self.history.append(tuple(sorted((s, int(np.sign(weights[s]))) for s in top)))
+        if len(self.history) < STABLE_FITS or len(set(self.history[-STABLE_FITS:])) != 1:
+            return False
+        self.spread = bootstrap_spread(rows, probs[:, label], top, self.seed)
+        return self.spread < SPREAD_BOUND
+
+    def reason(self, samples: int) -> str:
+        return (f"settled at {samples} samples: top-{self.top_k} segments and signs unchanged over the last "
+                f"{STABLE_FITS - 1} rounds, bootstrap spread {self.spread:.3f} < {SPREAD_BOUND}")
+
+
+def kernel_weights(rows: np.ndarray) -> np.ndarray:
+    """lime's sample weights: sqrt(exp(-d^2 / 0.25^2)) of the cosine distance to row 0 (the whole image)."""
+    from cxr.runtime.explain import KERNEL_WIDTH
+    from sklearn.metrics import pairwise_distances
+
+    distances = pairwise_distances(rows, rows[0:1], metric="cosine").ravel()
+    return np.sqrt(np.exp(-(distances**2) / KERNEL_WIDTH**2))
+
+
+def bootstrap_spread(rows: np.ndarray, target: np.ndarray, top: list[int], seed: int) -> float:
+    """Largest bootstrap std of a top segment's ridge weight, relative to the largest |weight| of the full fit."""
+    from sklearn.linear_model import Ridge
+
+    x, weights = rows.astype(np.float64), kernel_weights(rows)
+    full = Ridge(alpha=1.0).fit(x, target, sample_weight=weights).coef_
+    scale = float(np.max(np.abs(full[top]))) or 1.0
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(BOOTSTRAP):
+        pick = rng.integers(0, len(rows), len(rows))
+        draws.append(Ridge(alpha=1.0).fit(x[pick], target[pick], sample_weight=weights[pick]).coef_[top])
+    return float(np.max(np.std(draws, axis=0)) / scale)
