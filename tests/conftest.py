@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "cxr4-dev"
 IMAGE_SIZE = 64
+# What --backend auto runs on a CPU box: OpenVINO where installed (the [openvino] extra), else ONNX Runtime.
+AUTO_CPU_BACKEND = "openvino" if importlib.util.find_spec("openvino") else "onnxruntime"
 
 
 def cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:

@@ -11,6 +11,7 @@ from cxr.runtime.backends import tensorrt as trt_backend
 from cxr.runtime.backends.base import BatchLimits, bucket, pad_rows, pad_z, z_columns
 from cxr.runtime.errors import CxrError
 
+from tests.conftest import AUTO_CPU_BACKEND
 from tests.fake_tensorrt import FakeCudart, FakeEngine, explainer_profiles, fake_trt
 
 
@@ -121,7 +122,7 @@ def test_auto_falls_back_when_the_engine_cannot_run_and_says_why_in_one_line(bun
     monkeypatch.setattr(trt_backend, "import_cudart", lambda: (_ for _ in ()).throw(CxrError("no CUDA driver")))
     backend, reason = select.open_classifier(Bundle.open(copy), "auto", "fp32")
     with backend:
-        assert backend.name == "onnxruntime"
+        assert backend.name == AUTO_CPU_BACKEND
     assert "\n" not in reason and "skipped tensorrt: no CUDA driver" in reason
     with pytest.raises(CxrError, match="no CUDA driver"):  # named explicitly: no fallback
         select.open_classifier(Bundle.open(copy), "tensorrt", "fp32")

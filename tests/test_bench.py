@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import AUTO_CPU_BACKEND, cli
 
 
 def test_latency_and_report(bundle, tmp_path):
@@ -29,7 +29,7 @@ def test_lime_benchmark_times_ours_per_precision_against_both_peers(bundle, phan
     for precision in ("fp32", "fp16"):
         ours = data["ours"][precision]
         assert len(ours["per_image_s"]) == 3 and ours["first_image_s"] > ours["open_s"] > 0
-        assert ours["backend"].startswith(f"onnxruntime {precision} on cpu")
+        assert ours["backend"].startswith(f"{AUTO_CPU_BACKEND} {precision} on cpu")
         assert ours["first"]["timing"]["model_s"] < ours["first"]["total_s"]
     assert data["captum"]["device"] == "cpu" and len(data["captum"]["per_image_s"]) == 3
     assert data["speedup_vs_captum"]["fp32"] > 0 and "ours vs captum" in result.stdout

@@ -10,7 +10,7 @@ from cxr.runtime.errors import CxrError
 from cxr.runtime.output import RecordWriter
 from cxr.runtime.preprocess import load_and_preprocess, read_image
 
-from tests.conftest import cli, one_line_error
+from tests.conftest import AUTO_CPU_BACKEND, cli, one_line_error
 
 
 def test_runtime_imports_without_torch():
@@ -129,7 +129,7 @@ def test_predict_records_exit_codes_and_schema(bundle, phantoms, tmp_path):
     assert len(records) == 5 and "2 failed" in result.stderr
     for record in records[:3]:
         assert set(record) >= {"path", "label", "probs", "backend", "precision", "error"}
-        assert record["error"] is None and record["backend"] == "onnxruntime" and record["precision"] == "fp32"
+        assert record["error"] is None and record["backend"] == AUTO_CPU_BACKEND and record["precision"] == "fp32"
         assert abs(sum(record["probs"].values()) - 1) < 1e-4 and len(record["top_k"]) == 2
         assert record["label"] == max(record["probs"], key=record["probs"].get)
     assert "not an image" in records[3]["error"] and "folder contains no files" in records[4]["error"]
@@ -184,7 +184,7 @@ def test_predictions_equal_the_export_stage_ort_outputs(bundle, phantoms):
     paths = sorted(phantoms.rglob("*.png"))[:6]
     opened = Bundle.open(bundle)
     backend, reason = open_classifier(opened, "auto", "fp32")
-    assert reason.startswith("onnxruntime fp32 on cpu (CPUExecutionProvider)") and "skipped tensorrt" in reason
+    assert reason.startswith(f"{AUTO_CPU_BACKEND} fp32 on cpu (") and "skipped tensorrt" in reason
     records = list(predict_stream(paths, opened, backend, PredictOptions()))
     pixels = np.stack([load_and_preprocess(p, 64) for p in paths])[:, None]
     expected = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": pixels})[0]
@@ -195,6 +195,6 @@ def test_predictions_equal_the_export_stage_ort_outputs(bundle, phantoms):
 def test_info_lists_hashes_and_backends(bundle):
     result = cli("cxr-run", "info", "--model", str(bundle))
     assert "model.onnx" in result.stdout and " ok" in result.stdout
-    assert "fp16 model    onnxruntime fp16 on cpu (CPUExecutionProvider)" in result.stdout
-    assert "int8 explain  onnxruntime int8 on cpu" in result.stdout
+    assert f"fp16 model    parity not run  {AUTO_CPU_BACKEND} fp16 on cpu (" in result.stdout
+    assert f"int8 explain  parity not run  {AUTO_CPU_BACKEND} int8 on cpu" in result.stdout
     assert "Traceback" not in result.stderr and "EP Error" not in result.stdout + result.stderr

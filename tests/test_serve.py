@@ -22,7 +22,7 @@ from cxr.runtime.backends.onnxruntime import OrtBackend  # noqa: E402
 from cxr.runtime.preprocess import load_and_preprocess  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from tests.conftest import IMAGE_SIZE, cli, one_line_error  # noqa: E402
+from tests.conftest import AUTO_CPU_BACKEND, IMAGE_SIZE, cli, one_line_error  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_predict_through_the_server_equals_local(server, bundle, inputs, tmp_pat
         assert a["path"] == b["path"] and a["label"] == b["label"]
         if a["probs"]:
             assert max(abs(a["probs"][c] - b["probs"][c]) for c in a["probs"]) <= 2e-6
-    assert {r["backend"] for r in theirs} == {"triton:onnxruntime"} and theirs[0]["precision"] == "fp32"
+    assert {r["backend"] for r in theirs} == {f"triton:{AUTO_CPU_BACKEND}"} and theirs[0]["precision"] == "fp32"
     assert "3 failed" in local.stderr and "3 failed" in remote.stderr
     metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     assert 'nv_inference_request_success{model="cxr"' in metrics
