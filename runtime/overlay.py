@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from cxr.runtime.explain import Explanation, top_segments
+from cxr.runtime.safe_io import atomic_write
 
 DISPLAY_SIZE = 448
 BAR_WIDTH = 90
@@ -56,7 +57,8 @@ def colour_bar(height: int, peak: float) -> np.ndarray:
 def save_overlay(path: Path, image: np.ndarray, explanation: Explanation, class_name: str, num_features: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     picture = render_overlay(image, explanation, class_name, num_features)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    cv2.imwrite(str(tmp), picture)
-    tmp.replace(path)
+    ok, encoded = cv2.imencode(".png", picture)
+    if not ok:
+        raise RuntimeError(f"could not encode the overlay for {path}")
+    atomic_write(path, encoded.tobytes())
     return path

@@ -231,3 +231,22 @@ def test_a_deflate_bomb_is_refused_before_it_inflates(tmp_path):
     fine = tmp_path / "fine.dcm"
     _dataset(64, 64, 64 * 64, DeflatedExplicitVRLittleEndian).save_as(fine, enforce_file_format=True)
     assert read_image(fine).shape == (64, 64)
+
+
+def test_a_deflate_bomb_costs_no_memory(tmp_path):
+    """The bomb is refused while inflating under the cap: the process's peak memory barely moves."""
+    import subprocess
+    import sys
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    bomb = tmp_path / "bomb.dcm"
+    _dataset(64, 64, 64 << 20, DeflatedExplicitVRLittleEndian).save_as(bomb, enforce_file_format=True)
+    code = ("import resource, pydicom\nfrom cxr.runtime.preprocess import read_image\nfrom cxr.runtime.errors import CxrError\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            f"try:\n    read_image({str(bomb)!r}, max_pixels=1_000_000)\nexcept CxrError as exc:\n    print(exc)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    message, grown_mb = result.stdout.strip().splitlines()
+    assert "inflates to more than" in message
+    assert int(grown_mb) < 4 * 7  # under 4x the largest admitted image (1 MP x 16 bit x 3 samples = 6 MB)

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from cxr.runtime.safe_io import atomic_output
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "") -> None:
@@ -25,7 +26,8 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     ax.set_title(title or "confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:  # never through a link planted in the run folder
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -42,5 +44,6 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     right.set_xlabel("epoch")
     right.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_output(path) as tmp:  # never through a link planted in the run folder
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
