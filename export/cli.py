@@ -29,6 +29,31 @@ def print_digest(bundle: Path) -> None:
 
 
 @app.command()
+def keygen(out: Path = typer.Argument(..., help="Key name: writes OUT.key (private, mode 600) and OUT.pub.")) -> None:
+    """A new Ed25519 key pair for 'cxr-export sign' and 'cxr-run --trusted-key'."""
+    from cxr.runtime.signing import generate_key
+
+    private, public = Path(f"{out}.key"), Path(f"{out}.pub")
+    generate_key(private, public)
+    print(f"wrote {private} (keep it secret) and {public} (give it to the bedside machines)")
+
+
+@app.command()
+def sign(
+    bundle: Path = typer.Argument(..., help="Bundle folder, after its last export stage (any later stage voids it)."),
+    key: Path = typer.Option(..., "--key", help="Ed25519 private key (PEM), e.g. from 'cxr-export keygen'."),
+) -> None:
+    """Sign the bundle's card (which hashes every file) so 'cxr-run --trusted-key' can vouch for it."""
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.signing import sign_card
+
+    Bundle.open(bundle)  # a valid bundle only: links, card and graphs checked
+    target = sign_card(bundle, key)
+    print(f"signed {bundle / 'card.json'} -> {target.name}")
+    print_digest(bundle)
+
+
+@app.command()
 def onnx(
     run: Path = typer.Argument(..., help="Run folder from 'cxr-train fit'."),
     out: Path = typer.Option(..., "--out", help="Bundle folder to write."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr.runtime.card import Card, read_card_and_digest, verified_bytes, verify_file
+from cxr.runtime.card import Card, card_digest, read_card_bytes, verified_bytes, verify_file
 from cxr.runtime.errors import CxrError, CxrUsageError
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -35,9 +35,15 @@ class Bundle:
     digest: str = ""  # sha256 of card.json as read (see card_digest): what --expect-digest pins
 
     @classmethod
-    def open(cls, folder: str | Path, expect_digest: str | None = None) -> Bundle:
+    def open(cls, folder: str | Path, expect_digest: str | None = None, trusted_key: Path | None = None) -> Bundle:
+        """Read the card; with ``expect_digest`` or ``trusted_key``, refuse unless the card's very bytes match."""
         folder = Path(folder)
-        card, digest = read_card_and_digest(folder)
+        card, raw = read_card_bytes(folder)
+        digest = card_digest(raw)
+        if trusted_key is not None:
+            from cxr.runtime.signing import verify_card
+
+            verify_card(folder, raw, trusted_key)
         if expect_digest is not None and expect_digest.strip().lower() != digest:
             raise CxrError(f"{folder}: bundle digest is {digest}, not the expected {expect_digest.strip()[:80]}; "
                            "refused (a changed card or a different bundle)")

@@ -194,6 +194,12 @@ def card_digest(data: bytes) -> str:
 
 def read_card_and_digest(folder: Path) -> tuple[Card, str]:
     """The card and the digest of the very bytes it was parsed from."""
+    card, raw = read_card_bytes(folder)
+    return card, card_digest(raw)
+
+
+def read_card_bytes(folder: Path) -> tuple[Card, bytes]:
+    """The card and the very bytes it was parsed from (what a digest or a signature is checked against)."""
     path = Path(folder) / CARD_NAME
     if not Path(folder).is_dir():
         raise CxrError(f"{folder}: not a folder (expected a run or model bundle folder)")
@@ -211,7 +217,7 @@ def read_card_and_digest(folder: Path) -> tuple[Card, str]:
         raise CxrError(f"{path}: unreadable card ({' '.join(str(exc).split())[:120]})") from None
     if not isinstance(data, dict):
         raise CxrError(f"{path}: card must be a JSON object")
-    return Card.from_dict(data), card_digest(raw)
+    return Card.from_dict(data), raw
 
 
 def write_card(folder: Path, card: Card, rehash: bool = True) -> Card:

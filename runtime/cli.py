@@ -39,6 +39,7 @@ def predict(
     strict: bool = typer.Option(False, "--strict", help="Fail inputs with a warning (not a CR/DX radiograph, colour, "
                                 "near-binary, under 64 px) instead of predicting them."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
+    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign)."),
     allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated", help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'."),
 ) -> int:
     """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if some failed."""
@@ -54,7 +55,7 @@ def predict(
         raise CxrUsageError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")
     if top_k < 0:
         raise CxrUsageError("--top-k must be 0 or more")
-    bundle = Bundle.open(model, expect_digest)
+    bundle = Bundle.open(model, expect_digest, trusted_key)
     explain_config = explain_options(samples, max_samples, segmenter, num_features, seed) if explain else None
     if explain and explain_dir is None:
         explain_dir = (out.parent if out else Path(".")) / "explanations"
@@ -138,6 +139,7 @@ def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str
 def info(
     model: Path = typer.Option(..., "--model", help="Model bundle folder."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
+    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign)."),
 ) -> int:
     """The card, file hashes (checked), and what actually runs each graph here (a one-image probe each)."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
@@ -145,7 +147,7 @@ def info(
     from cxr.runtime.card import parity_state, sha256_file
     from cxr.runtime.errors import CxrError
 
-    bundle = Bundle.open(model, expect_digest)
+    bundle = Bundle.open(model, expect_digest, trusted_key)
     card = bundle.card.to_dict()
     files = card.pop("files")
     print(json.dumps(card, indent=2))
@@ -195,6 +197,7 @@ def serve(
     log_file: Optional[Path] = typer.Option(None, help="Triton's log (default: cxr-triton-HTTP_PORT.log in the temp folder)."),
     allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated", help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'."),
     expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
+    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign)."),
 ) -> None:
     """Serve the bundle through NVIDIA Triton Inference Server (PyTriton): dynamic batching, health, metrics."""
     from cxr.runtime.bundle import Bundle
@@ -209,7 +212,7 @@ def serve(
               f"http://{host}:{metrics_port}/metrics) with {backend_line}; Triton log: {triton_log_file(options)}; "
               "Ctrl+C stops", file=sys.stderr, flush=True)
 
-    run_server(Bundle.open(model, expect_digest), options, ready)
+    run_server(Bundle.open(model, expect_digest, trusted_key), options, ready)
 
 
 def main() -> None:

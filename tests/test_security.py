@@ -250,3 +250,27 @@ def test_a_deflate_bomb_costs_no_memory(tmp_path):
     message, grown_mb = result.stdout.strip().splitlines()
     assert "inflates to more than" in message
     assert int(grown_mb) < 4 * 7  # under 4x the largest admitted image (1 MP x 16 bit x 3 samples = 6 MB)
+
+
+def test_a_signed_bundle_is_trusted_and_any_change_or_other_key_is_refused(bundle, phantoms, tmp_path):
+    pytest.importorskip("cryptography", reason="signing needs the [sign] extra")
+    from cxr.runtime.card import read_card, write_card
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    image = str(sorted((phantoms / "covid19").glob("*.png"))[0])
+    cli("cxr-export", "keygen", str(tmp_path / "site"))
+    cli("cxr-export", "keygen", str(tmp_path / "other"))
+    assert (tmp_path / "site.key").stat().st_mode & 0o077 == 0
+    unsigned = one_line_error(cli("cxr-run", "info", "--model", str(copy), "--trusted-key", str(tmp_path / "site.pub"),
+                                  check=1))
+    assert "not signed" in unsigned
+    cli("cxr-export", "sign", str(copy), "--key", str(tmp_path / "site.key"))
+    cli("cxr-run", "predict", "--model", str(copy), image, "--trusted-key", str(tmp_path / "site.pub"))
+    other = one_line_error(cli("cxr-run", "predict", "--model", str(copy), image, "--trusted-key",
+                               str(tmp_path / "other.pub"), check=1))
+    assert "not signed by" in other
+    write_card(copy, read_card(copy).replace(metrics={"accuracy": 0.99}), rehash=False)
+    changed = one_line_error(cli("cxr-run", "predict", "--model", str(copy), image, "--trusted-key",
+                                 str(tmp_path / "site.pub"), check=1))
+    assert "changed since signing" in changed
