@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, one_line
 from cxr.runtime.labels import CLASSES
 from cxr.runtime.safe_io import atomic_write, refuse_links
 
@@ -214,7 +214,7 @@ def read_card_bytes(folder: Path) -> tuple[Card, bytes]:
     except RecursionError:
         raise CxrError(f"{path}: unreadable card (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CxrError(f"{path}: unreadable card ({' '.join(str(exc).split())[:120]})") from None
+        raise CxrError(f"{path}: unreadable card ({one_line(exc, 120)})") from None
     if not isinstance(data, dict):
         raise CxrError(f"{path}: card must be a JSON object")
     return Card.from_dict(data), raw

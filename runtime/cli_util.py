@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 import typer
-from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 
 
 def _click_modules() -> list[Any]:
@@ -49,10 +49,6 @@ def new_app(help_text: str) -> typer.Typer:
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
-
-
-def one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def usage_line(exc: Exception) -> str:

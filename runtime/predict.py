@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
 from cxr.runtime.overlay import save_overlay
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess
@@ -64,7 +64,7 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
                     raise CxrError(f"{path}: {'; '.join(decoded.warnings)} (--strict)")
                 images.append(preprocess(decoded.gray, size))
             except CxrError as exc:
-                record["error"] = " ".join(str(exc).split())
+                record["error"] = one_line(exc)
                 images.append(None)
             records.append(record)
         good = [i for i, im in enumerate(images) if im is not None]

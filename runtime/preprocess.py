@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, one_line
 
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard; a 4k x 4k DICOM is 16 MP
 MIN_SIDE = 16
@@ -246,7 +246,7 @@ def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:
-        raise CxrError(f"{path}: corrupt DICOM ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
+        raise CxrError(f"{path}: corrupt DICOM ({type(exc).__name__}: {one_line(exc, 120)})") from None
     if "PixelData" not in ds:
         raise CxrError(f"{path}: DICOM has no pixel data (a report, plan or directory, not an image)")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
@@ -338,7 +338,7 @@ def _decode_failure(ds: object, exc: Exception) -> str:
     """Why the pixel data could not be decoded, cause first: a missing decoder names the extra that has it."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     name = getattr(syntax, "name", None) or str(syntax or "unknown")
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     tried = "raised by all available plugins" in text  # decoders exist and each refused these bytes
     if syntax is not None and getattr(syntax, "is_compressed", False) and not tried and "plugin" in text.lower():
         return f"no decoder here for DICOM transfer syntax {name}: pip install 'cxr-edge[dicom]'"

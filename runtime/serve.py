@@ -28,7 +28,7 @@ from cxr.runtime.backends.base import Backend
 from cxr.runtime.backends.select import check_validated
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import public_dict, sha256_file
-from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
 from cxr.runtime.serve_guard import GuardedFront, GuardLimits
 
@@ -235,7 +235,7 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
                     raise CxrError(f"tritonserver stopped by itself (crashed?); see {triton_log_file(options)}")
                 return
             except (PyTritonError, InferenceServerException) as exc:
-                reason = " ".join(str(exc).split())[:300]
+                reason = one_line(exc, 300)
                 if "load failed" not in reason or attempt == STARTS:
                     raise CxrError(f"Triton failed: {reason} (log: {triton_log_file(options)})") from None
                 print(f"warning: a model failed to load ({reason[:120]}...); restarting Triton, "

@@ -135,7 +135,7 @@ def test_auto_refuses_a_backend_whose_probe_gives_nonsense(bundle, monkeypatch):
 
     monkeypatch.setattr(OrtBackend, "run", lambda self, batch: np.full((len(batch), 4), np.nan, dtype=np.float32))
     with pytest.raises(CxrError, match="finite"):
-        select.open_classifier(Bundle.open(bundle), "auto", "fp32")
+        select.open_classifier(Bundle.open(bundle), "onnxruntime", "fp32")
 
 
 def test_tensorrt_ep_is_not_asked_for_where_libnvinfer_cannot_load(monkeypatch):

@@ -24,7 +24,7 @@ from cxr.runtime.backends.base import (
     pad_z,
     z_columns,
 )
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +109,12 @@ def open_session(path: Path, providers: list[str] | None = None, threads: int = 
         plain = CudaOptions(tf32=cuda.tf32, nhwc=False, cuda_graph=False)
         if CUDA_EP not in wanted or cuda == plain:
             external = " (graphs with external data files are refused)" if "external" in str(exc).lower() else ""
-            raise CxrError(f"{path}: ONNX Runtime cannot load it{external}: {one_line(exc)}") from None
+            raise CxrError(f"{path}: ONNX Runtime cannot load it{external}: {one_line(exc, 200)}") from None
         log.info("%s: CUDA EP refused %s (%s); opening it without", path.name, cuda, one_line(exc))
         return open_session(path, wanted, threads, plain, data)
     if CUDA_EP in wanted and CUDA_EP not in session.get_providers():
         log.warning("%s: %s", path.name, CUDA_FIX)
     return session, cuda
-
-
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's text with whitespace collapsed, cut to ``limit`` characters."""
-    return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
 def session_device(session: Any) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from cxr.runtime.backends.base import (
     pad_z,
     z_columns,
 )
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, one_line
 from cxr.runtime.onnx_meta import onnx_metadata
 
 DEVICE = "CPU"
@@ -51,7 +51,7 @@ class _Compiled:
         try:
             self.model = self.core.read_model(data)
         except Exception as exc:
-            raise CxrError(f"{path}: OpenVINO cannot read it: {' '.join(str(exc).split())[:200]}") from None
+            raise CxrError(f"{path}: OpenVINO cannot read it: {one_line(exc, 200)}") from None
         self.metadata = onnx_metadata(data)
         self.path = path
         self._requests: dict[tuple, Any] = {}
@@ -65,7 +65,7 @@ class _Compiled:
                 compiled = self.core.compile_model(model, DEVICE)
             except Exception as exc:
                 raise CxrError(f"{self.path}: OpenVINO cannot compile it for {shapes}: "
-                               f"{' '.join(str(exc).split())[:160]}") from None
+                               f"{one_line(exc, 160)}") from None
             self._requests[key] = compiled.create_infer_request()
         return self._requests[key]
 

@@ -1,4 +1,5 @@
-"""``--backend auto``: a matching TensorRT engine -> ONNX Runtime (CUDA, else CPU), each chosen only after it ran.
+"""``--backend auto``: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO -> ONNX Runtime CPU, each chosen only after
+it ran.
 
 Every candidate must answer a one-image probe before it is used; what was tried and why it was skipped is
 one line (the reason shown to the user), never an error block. A backend named explicitly gets no fallback.
@@ -15,7 +16,7 @@ import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
 from cxr.runtime.card import Card, metadata_mismatch, parity_state
-from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino")
 Opened = TypeVar("Opened", Backend, ExplainerBackend)
@@ -24,10 +25,6 @@ Opened = TypeVar("Opened", Backend, ExplainerBackend)
 def _engine_path(bundle: Bundle, graph: str, precision: str) -> Path | None:
     name = engine_name(graph, precision)
     return bundle.folder / name if bundle.has(name) else None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def describe(backend: Backend | ExplainerBackend) -> str:
@@ -112,7 +109,7 @@ def _first_that_runs(candidates: list[tuple[str, Callable[[], Opened]]], skipped
                 opened.close()
             if isinstance(exc, CxrError) and len(candidates) == 1:
                 raise
-            skipped.append(f"{name}: {_one_line(exc)}")
+            skipped.append(f"{name}: {one_line(exc, 200)}")
             if index == len(candidates) - 1:
                 raise CxrError(f"no backend could run this bundle ({'; '.join(skipped)})") from None
             continue
