@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxr.runtime.errors import CxrError, one_line
+from cxr.runtime.errors import BundleRefused, CxrError, one_line
 from cxr.runtime.labels import CLASSES
 from cxr.runtime.safe_io import atomic_write, refuse_links
 
@@ -278,7 +278,7 @@ def verified_bytes(folder: Path, card: Card, name: str) -> bytes:
         raise CxrError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB, larger than any model file here")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != expected:
-        raise CxrError(f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle")
+        raise BundleRefused(f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle")
     return data
 
 

@@ -14,3 +14,7 @@ class CxrError(Exception):
 
 class CxrUsageError(CxrError):
     """A bad option value found by our own checks: shown like click's usage errors (one line, exit 2)."""
+
+
+class BundleRefused(CxrError):
+    """The bundle itself is untrustworthy (a file changed, a card that contradicts its graph): no backend may try it."""

@@ -16,7 +16,7 @@ import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
 from cxr.runtime.card import Card, metadata_mismatch, parity_state
-from cxr.runtime.errors import CxrError, CxrUsageError, one_line
+from cxr.runtime.errors import BundleRefused, CxrError, CxrUsageError, one_line
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino")
 Opened = TypeVar("Opened", Backend, ExplainerBackend)
@@ -107,8 +107,8 @@ def _first_that_runs(candidates: list[tuple[str, Callable[[], Opened]]], skipped
         except Exception as exc:  # any failure of a candidate means: try the next one
             if opened is not None:
                 opened.close()
-            if isinstance(exc, CxrError) and len(candidates) == 1:
-                raise
+            if isinstance(exc, BundleRefused) or (isinstance(exc, CxrError) and len(candidates) == 1):
+                raise  # a bad bundle is refused as such, not "tried" on every backend
             skipped.append(f"{name}: {one_line(exc, 200)}")
             if index == len(candidates) - 1:
                 raise CxrError(f"no backend could run this bundle ({'; '.join(skipped)})") from None
@@ -123,7 +123,7 @@ def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
     (classes reordered or renamed) would pass every hash check and mislabel every image."""
     mismatch = metadata_mismatch(card, backend.metadata)
     if mismatch:
-        raise CxrError(f"refused: {mismatch} (card.json was edited after export)")
+        raise BundleRefused(f"refused: {mismatch} (card.json was edited after export)")
 
 
 def check_validated(bundle: Bundle, backend: Backend, allow_unvalidated: bool) -> str | None:
