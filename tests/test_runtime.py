@@ -23,14 +23,17 @@ def test_runtime_imports_without_torch():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None, with_pixels=True):
+def _dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, window=None, with_pixels=True,
+           syntax=None, pixel_data=None):
+    """A DX DICOM of ``pixels``; ``syntax`` (default explicit VR little endian) and raw ``pixel_data`` bytes
+    that need not match the declared size can be given (tests of hostile files)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -47,7 +50,7 @@ def _dicom(path, pixels, photometric="MONOCHROME2", slope=1.0, intercept=0.0, wi
     if window:
         ds.WindowCenter, ds.WindowWidth = window
     if with_pixels:
-        ds.PixelData = pixels.tobytes()
+        ds.PixelData = pixels.tobytes() if pixel_data is None else pixel_data
     ds.save_as(path, enforce_file_format=True)
     return path
 

@@ -197,22 +197,13 @@ def test_a_pinned_digest_refuses_any_other_bundle(bundle, phantoms, tmp_path):
     assert "not the expected" in line and digest in line
 
 
-def _dataset(rows, columns, pixel_bytes, syntax):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import generate_uid
+def _dataset(path, pixel_bytes, syntax):
+    """A 64 x 64 8-bit DX DICOM whose pixel data is ``pixel_bytes`` zero bytes, whatever the header declares."""
+    import numpy as np
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "DX", rows, columns, 1
-    ds.PhotometricInterpretation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = "MONOCHROME2", 8, 8, 7
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(pixel_bytes)
-    return ds
+    from tests.test_runtime import _dicom
+
+    return _dicom(path, np.zeros((64, 64), np.uint8), syntax=syntax, pixel_data=bytes(pixel_bytes))
 
 
 def test_a_deflate_bomb_is_refused_before_it_inflates(tmp_path):
@@ -220,16 +211,16 @@ def test_a_deflate_bomb_is_refused_before_it_inflates(tmp_path):
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
     bomb = tmp_path / "bomb.dcm"
-    _dataset(64, 64, 32 << 20, DeflatedExplicitVRLittleEndian).save_as(bomb, enforce_file_format=True)
+    _dataset(bomb, 32 << 20, DeflatedExplicitVRLittleEndian)
     assert bomb.stat().st_size < 100_000  # 32 MB of zeros deflate to a few dozen kB
     with pytest.raises(CxrError, match="inflates to more than"):
         read_image(bomb, max_pixels=10_000)  # admits ~1 MB inflated
     padded = tmp_path / "padded.dcm"
-    _dataset(64, 64, 1 << 20, ExplicitVRLittleEndian).save_as(padded, enforce_file_format=True)
+    _dataset(padded, 1 << 20, ExplicitVRLittleEndian)
     with pytest.raises(CxrError, match="header declares 4,096"):
         read_image(padded)
     fine = tmp_path / "fine.dcm"
-    _dataset(64, 64, 64 * 64, DeflatedExplicitVRLittleEndian).save_as(fine, enforce_file_format=True)
+    _dataset(fine, 64 * 64, DeflatedExplicitVRLittleEndian)
     assert read_image(fine).shape == (64, 64)
 
 
@@ -241,7 +232,7 @@ def test_a_deflate_bomb_costs_no_memory(tmp_path):
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     bomb = tmp_path / "bomb.dcm"
-    _dataset(64, 64, 64 << 20, DeflatedExplicitVRLittleEndian).save_as(bomb, enforce_file_format=True)
+    _dataset(bomb, 64 << 20, DeflatedExplicitVRLittleEndian)
     code = ("import resource, pydicom\nfrom cxr.runtime.preprocess import read_image\nfrom cxr.runtime.errors import CxrError\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"try:\n    read_image({str(bomb)!r}, max_pixels=1_000_000)\nexcept CxrError as exc:\n    print(exc)\n"

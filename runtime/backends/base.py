@@ -52,6 +52,14 @@ def pad_z(z: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return block
 
 
+def image_feeds(image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-image explainer inputs as every explainer graph takes them: 1x1xHxW uint8 twice, HxW int32."""
+    size = image.shape[-2:]
+    return {"image": np.ascontiguousarray(image.reshape(1, 1, *size), dtype=np.uint8),
+            "fill": np.ascontiguousarray(fill.reshape(1, 1, *size), dtype=np.uint8),
+            "segments": np.ascontiguousarray(segments, dtype=np.int32)}
+
+
 class Backend(ABC):
     """Classifier: ``run(N x 1 x S x S uint8) -> N x classes float32``. Use as a context manager."""
 
@@ -93,12 +101,23 @@ class ExplainerBackend(ABC):
     metadata: dict[str, str] = {}
     limits: BatchLimits = BatchLimits()
     bytes_sent: int = 0
+    columns: int = 0  # width of the padded on/off rows for the current image (0: set_image not called yet)
 
     @abstractmethod
     def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None: ...
 
     @abstractmethod
     def run(self, z: np.ndarray) -> np.ndarray: ...
+
+    def fixed_block(self, z: np.ndarray) -> np.ndarray:
+        """``z`` as the one fixed ``max_batch x columns`` block every call runs (counted in ``bytes_sent``)."""
+        if not self.columns:
+            raise RuntimeError("set_image() must come before run()")
+        if len(z) > self.limits.max_batch:
+            raise ValueError(f"{len(z)} rows exceed the explainer batch {self.limits.max_batch}")
+        block = pad_z(np.asarray(z, dtype=np.uint8), self.limits.max_batch, self.columns)
+        self.bytes_sent += block.nbytes
+        return block
 
     def warm_up(self, size: int, runs: int = 1) -> None:
         """Full padded batches on a blank image, so per-shape tuning happens at open, not on the first patient."""

@@ -20,8 +20,8 @@ from cxr.runtime.backends.base import (
     BatchLimits,
     ExplainerBackend,
     bucket,
+    image_feeds,
     pad_rows,
-    pad_z,
     z_columns,
 )
 from cxr.runtime.errors import CxrError, one_line
@@ -170,7 +170,6 @@ class OrtExplainer(ExplainerBackend):
         self.bytes_sent = 0
         self._values: dict[str, Any] = {}
         self._binding: Any = None
-        self._columns = 0
 
     def _value(self, name: str, array: np.ndarray) -> Any:
         """Copy ``array`` into the named device buffer, (re)allocating and binding it only when its shape changes."""
@@ -207,30 +206,18 @@ class OrtExplainer(ExplainerBackend):
         self._binding = binding
 
     def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
-        size = image.shape[-2:]
-        feeds = {
-            "image": np.ascontiguousarray(image.reshape(1, 1, *size), dtype=np.uint8),
-            "fill": np.ascontiguousarray(fill.reshape(1, 1, *size), dtype=np.uint8),
-            "segments": np.ascontiguousarray(segments, dtype=np.int32),
-        }
+        feeds = image_feeds(image, fill, segments)
         for name, array in feeds.items():
             self._value(name, array)
-        self._columns = z_columns(int(segments.max()) + 1)
+        self.columns = z_columns(int(segments.max()) + 1)
         self.bytes_sent += sum(v.nbytes for v in feeds.values())
 
     def run(self, z: np.ndarray) -> np.ndarray:
-        if "image" not in self._values:
-            raise RuntimeError("set_image() must come before run()")
-        count = len(z)
-        if count > self.limits.max_batch:
-            raise ValueError(f"{count} rows exceed the explainer batch {self.limits.max_batch}")
-        block = pad_z(np.asarray(z, dtype=np.uint8), self.limits.max_batch, self._columns)
-        self._value("z", block)
+        self._value("z", self.fixed_block(z))
         self._bind()
-        self.bytes_sent += block.nbytes
         self.session.run_with_iobinding(self._binding)
         self._binding.synchronize_outputs()
-        return self._values["probs"].numpy()[:count].copy()  # on CPU numpy() is a view of the reused buffer
+        return self._values["probs"].numpy()[: len(z)].copy()  # on CPU numpy() is a view of the reused buffer
 
     def _drop_graph(self, why: str) -> None:
         """Reopen the session without a CUDA graph (its buffers are rebound on the next run)."""

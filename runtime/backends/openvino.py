@@ -18,8 +18,8 @@ from cxr.runtime.backends.base import (
     BatchLimits,
     ExplainerBackend,
     bucket,
+    image_feeds,
     pad_rows,
-    pad_z,
     z_columns,
 )
 from cxr.runtime.errors import CxrError, one_line
@@ -108,24 +108,11 @@ class OvExplainer(ExplainerBackend):
         self.limits = BatchLimits(1, max_batch)
         self.bytes_sent = 0
         self._feeds: dict[str, np.ndarray] = {}
-        self._columns = 0
 
     def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
-        size = image.shape[-2:]
-        self._feeds = {
-            "image": np.ascontiguousarray(image.reshape(1, 1, *size), dtype=np.uint8),
-            "fill": np.ascontiguousarray(fill.reshape(1, 1, *size), dtype=np.uint8),
-            "segments": np.ascontiguousarray(segments, dtype=np.int32),
-        }
-        self._columns = z_columns(int(segments.max()) + 1)
+        self._feeds = image_feeds(image, fill, segments)
+        self.columns = z_columns(int(segments.max()) + 1)
         self.bytes_sent += sum(v.nbytes for v in self._feeds.values())
 
     def run(self, z: np.ndarray) -> np.ndarray:
-        if not self._feeds:
-            raise RuntimeError("set_image() must come before run()")
-        count = len(z)
-        if count > self.limits.max_batch:
-            raise ValueError(f"{count} rows exceed the explainer batch {self.limits.max_batch}")
-        block = pad_z(np.asarray(z, dtype=np.uint8), self.limits.max_batch, self._columns)
-        self.bytes_sent += block.nbytes
-        return self.graph.run({**self._feeds, "z": block})[:count]
+        return self.graph.run({**self._feeds, "z": self.fixed_block(z)})[: len(z)]

@@ -18,8 +18,8 @@ from cxr.runtime.backends.base import (
     BatchLimits,
     ExplainerBackend,
     bucket,
+    image_feeds,
     pad_rows,
-    pad_z,
     z_columns,
 )
 from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar
@@ -223,7 +223,6 @@ class TrtExplainer(ExplainerBackend):
         self.limits = self.engine.batch_limits("z")
         self.max_segments = self.engine.profiles["z"][2][1]
         self.min_segments = self.engine.profiles["z"][0][1]
-        self.columns = 0
         self.bytes_sent = 0
 
     def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
@@ -231,20 +230,12 @@ class TrtExplainer(ExplainerBackend):
         if count > self.max_segments:
             raise CxrError(f"{count} segments exceed the engine profile's {self.max_segments}")
         self.columns = max(self.min_segments, min(z_columns(count), self.max_segments))
-        size = image.shape[-2:]
-        self.bytes_sent += self.engine.copy_input("image", image.reshape(1, 1, *size))
-        self.bytes_sent += self.engine.copy_input("fill", fill.reshape(1, 1, *size))
-        self.bytes_sent += self.engine.copy_input("segments", segments.astype(np.int32))
+        for name, array in image_feeds(image, fill, segments).items():
+            self.bytes_sent += self.engine.copy_input(name, array)
 
     def run(self, z: np.ndarray) -> np.ndarray:
-        if not self.columns:
-            raise RuntimeError("set_image() must come before run()")
-        count = len(z)
-        if count > self.limits.max_batch:
-            raise ValueError(f"{count} rows exceed the engine's batch {self.limits.max_batch}")
-        block = pad_z(np.asarray(z, dtype=np.uint8), self.limits.max_batch, self.columns)
-        self.bytes_sent += self.engine.copy_input("z", block)
-        return self.engine.execute()["probs"][:count].astype(np.float32)
+        self.engine.copy_input("z", self.fixed_block(z))
+        return self.engine.execute()["probs"][: len(z)].astype(np.float32)
 
     def close(self) -> None:
         self.engine.close()
