@@ -92,41 +92,25 @@ def int8(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     calib: Path = typer.Option(..., "--calib", help="Folder of real images (any layout) for calibration."),
     samples: int = typer.Option(64, help="Calibration images to use."),
+    check: int = typer.Option(64, help="Further held-out images that choose the calibration and the layers kept "
+                                       "in float (0: no choosing, first --calibration method, nothing kept)."),
+    calibration: str = typer.Option("minmax,percentile", help="Methods to try, best held-out agreement wins: "
+                                    "minmax, percentile, entropy (histogram methods see 16 images)."),
+    agreement: float = typer.Option(0.98, help="Top-1 agreement with fp32 the sensitivity sweep aims for."),
     seed: int = typer.Option(0, help="Which images are drawn."),
 ) -> None:
-    """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images."""
-    from cxr.export.int8 import classifier_feeds, explainer_feeds, quantize_int8
-    from cxr.runtime.bundle import Bundle
-    from cxr.runtime.card import forget_parity, record_files
-    from cxr.runtime.errors import CxrError, CxrUsageError
-    from cxr.runtime.inputs import expand_inputs
-    from cxr.runtime.preprocess import load_and_preprocess
+    """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images, checked on held-out ones."""
+    from cxr.export.int8 import export_int8
 
-    opened = Bundle.open(bundle)
-    if samples < 1:
-        raise CxrUsageError("--samples must be at least 1")
-    paths = expand_inputs([str(calib)])
-    rng = np.random.default_rng(seed)
-    images = []
-    for index in rng.permutation(len(paths)):
-        try:
-            images.append(load_and_preprocess(paths[index], opened.card.input.size))
-        except CxrError:
-            continue
-        if len(images) == samples:
-            break
-    if not images:
-        raise CxrError(f"{calib}: no readable calibration images")
-    notes = {"model": quantize_int8(opened.verified("model.onnx"), opened.folder / "model.int8.onnx", classifier_feeds(images))}
-    written = ["model.int8.onnx"]
-    if opened.has("explain.onnx"):
-        notes["explain"] = quantize_int8(opened.verified("explain.onnx"), opened.folder / "explain.int8.onnx",
-                                         explainer_feeds(images[:16], seed), percentile=False)
-        written.append("explain.int8.onnx")
-    card = record_files(opened.folder, opened.card, written)
-    record_files(opened.folder, forget_parity(card.replace(provenance={**card.provenance, "int8": {**notes, "images": len(images)}}),
-                                              ["int8"]), [])
-    print(f"wrote {', '.join(written)} in {bundle} (calibrated on {len(images)} images from {calib})")
+    methods = tuple(m.strip() for m in calibration.split(",") if m.strip())
+    report = export_int8(bundle, calib, samples, check, seed, methods, agreement)
+    model = report.notes["model"]
+    kept = ", ".join(model["kept_in_float"]) or "none"
+    held = f", held-out agreement {model['held_out_agreement']:.3f}" if "held_out_agreement" in model else ""
+    print(f"wrote {', '.join(report.written)} in {bundle} ({model['calibration']} calibration{held}; "
+          f"kept in float: {kept})")
+    for line in report.lines:
+        print(line)
     print_digest(bundle)
 
 

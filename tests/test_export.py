@@ -162,3 +162,44 @@ def test_sidecar_contents_and_mismatch_messages(tmp_path):
     plan.write_bytes(b"other")
     with pytest.raises(CxrError, match="tampered"):
         check_sidecar(plan, stored, "10.13.2", "8.7")
+
+
+def test_int8_choice_is_measured_and_recorded(bundle):
+    notes = read_card(bundle).provenance["int8"]["model"]
+    trials = notes["trials"]
+    assert [t["method"] for t in trials[:2]] == ["minmax", "percentile"]
+    best = max(t["agreement"] for t in trials)
+    assert notes["held_out_agreement"] == round(best, 4) and notes["calibration"] in ("minmax", "percentile")
+    speed = read_card(bundle).provenance["int8"]["speed_onnxruntime_cpu"]
+    assert speed["ratio"] == round(speed["int8_b1_p50_ms"] / speed["fp32_b1_p50_ms"], 2)
+
+
+def test_sensitivity_sweep_keeps_the_worst_nodes_in_float(bundle, phantoms, tmp_path):
+    from cxr.export.int8 import classifier_feeds, draw_images, quantize_int8
+    from cxr.export.int8_tune import EXCLUDE_STEPS, nodes_touching, tune
+
+    images = draw_images(phantoms, 64, 48, seed=5)
+    result = tune(bundle / "model.onnx", tmp_path / "swept.onnx", classifier_feeds(images[:16]),
+                  classifier_feeds(images[16:]), ("minmax",), 1.01, quantize_int8, log=lambda line: None)
+    scores = [sqnr for _, sqnr in result.sensitivity]
+    assert scores == sorted(scores) and len(scores) > 32
+    assert len(result.trials) == 1 + len(EXCLUDE_STEPS)  # an unreachable target walks every step
+    counts = [len(t.excluded) for t in result.trials[1:]]
+    assert counts == sorted(counts) and counts[0] >= 1
+    worst = next(name for name, _ in result.sensitivity if not name.endswith("weight"))
+    kept = tmp_path / "kept.onnx"
+    quantize_int8(bundle / "model.onnx", kept, classifier_feeds(images[:16]), "minmax",
+                  nodes_touching(bundle / "model.onnx", [worst]))
+    graph = onnx.load(str(kept)).graph
+    assert any(worst in node.input for node in graph.node)  # consumed as float, not through Q/DQ
+    assert not any(node.input[0] == worst for node in graph.node if node.op_type == "QuantizeLinear")
+    assert (tmp_path / "swept.onnx").is_file()
+
+
+def test_int8_speed_verdict_is_one_line_only_when_int8_does_not_pay():
+    from cxr.export.int8 import speed_verdict
+
+    slow = {"fp32_b1_p50_ms": 10.0, "int8_b1_p50_ms": 24.4, "ratio": 2.44, "cpu_int8": "no VNNI/AMX int8 instructions"}
+    line = speed_verdict(slow)
+    assert line is not None and "\n" not in line and "24.4 ms vs fp32 10.0 ms" in line and "VNNI" in line
+    assert speed_verdict({**slow, "int8_b1_p50_ms": 6.0, "ratio": 0.6}) is None

@@ -1,0 +1,158 @@
+"""INT8 chosen by measurement: the calibration method, the layers kept in float, and whether int8 is faster here.
+
+Every decision is taken on images the calibration did not see (``check`` feeds), against the fp32 graph:
+1. each calibration method is calibrated once (its ranges cached) and scored by top-1 agreement;
+2. a per-layer sensitivity sweep ranks tensors by their local quantisation noise (activations and weights:
+   ONNX Runtime's ``qdq_loss_debug``, SQNR before vs after each tensor's own Q/DQ pair), then keeps the worst
+   1, 2, 4, ... tensors in float (their producer and consumer nodes excluded) until the agreement target is met,
+   re-quantised from the cached ranges, so no second calibration;
+3. b1 latency of fp32 vs int8 on this CPU, so the command can say in one line when int8 does not pay here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cxr.runtime.safe_io import atomic_write
+
+METHODS = ("minmax", "percentile", "entropy")
+EXCLUDE_STEPS = (1, 2, 4, 8, 16, 32)
+FASTER_RATIO = 0.7  # int8 b1 p50 must be at most this share of fp32 to be called worth having
+
+
+@dataclass
+class Trial:
+    """One quantised graph: how it was made and how well it agrees with fp32 on the check images."""
+
+    method: str
+    excluded: list[str]
+    agreement: float
+    max_abs_dprob: float
+
+
+@dataclass
+class TuneResult:
+    method: str
+    excluded: list[str]
+    agreement: float
+    trials: list[Trial] = field(default_factory=list)
+    sensitivity: list[tuple[str, float]] = field(default_factory=list)
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def predict(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    """Probabilities of one graph over all feeds (CPU, so every trial is judged the same way)."""
+    session = _session(path)
+    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+
+
+def score(path: Path, reference: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(top-1 agreement with the fp32 reference, max |Δprob|)."""
+    probs = predict(path, feeds)
+    return float(np.mean(probs.argmax(1) == reference.argmax(1))), float(np.abs(probs - reference).max())
+
+
+def tensor_sensitivity(float_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+    """Quantised tensors (activations and weights), worst first, by the SQNR (dB) of their own Q/DQ pair."""
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_signal_to_quantization_noice_ratio,
+        compute_weight_error,
+        create_activation_matching,
+        create_weight_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        augmented = Path(tmp) / "augmented.onnx"
+        modify_model_output_intermediate_tensors(str(qdq_path), str(augmented))
+        activations = collect_activations(str(augmented), iter(feeds))
+    # compute_activation_error() insists on float-model activations; the local error needs only pre/post Q/DQ
+    sqnr = {name: float(compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"]))
+            for name, match in create_activation_matching(activations).items()}
+    del activations
+    sqnr.update({name: float(err) for name, err in
+                 compute_weight_error(create_weight_matching(str(float_path), str(qdq_path))).items()})
+    return sorted(((name, round(value, 2)) for name, value in sqnr.items() if np.isfinite(value)),
+                  key=lambda item: item[1])
+
+
+def nodes_touching(float_path: Path, tensors: list[str]) -> list[str]:
+    """The nodes to exclude so these tensors stay float: ORT quantises a tensor for its producer and its consumers."""
+    import onnx
+
+    wanted = set(tensors)
+    graph = onnx.load(str(float_path), load_external_data=False).graph
+    return [node.name for node in graph.node
+            if node.name and wanted.intersection(list(node.input) + list(node.output))]
+
+
+def tune(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], check: list[dict[str, np.ndarray]],
+         methods: tuple[str, ...], target: float, quantize: Any, log: Any = print) -> TuneResult:
+    """Pick the calibration method, then the fewest float-kept nodes reaching ``target`` agreement; writes ``dst``.
+
+    ``quantize(src, dst, feeds, method, exclude, cache)`` makes one graph (``cxr.export.int8.quantize_int8``).
+    """
+    reference = predict(src, check)
+    trials: list[Trial] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        caches = {m: Path(tmp) / f"{m}.ranges.json" for m in methods}
+        candidates = {m: Path(tmp) / f"{m}.onnx" for m in methods}
+        for method in methods:
+            quantize(src, candidates[method], calib, method, [], caches[method])
+            trials.append(Trial(method, [], *score(candidates[method], reference, check)))
+            log(f"  {method}: agreement {trials[-1].agreement:.3f} on {len(reference)} held-out images")
+        best = max(trials, key=lambda t: (t.agreement, -t.max_abs_dprob))
+        chosen = candidates[best.method]
+        result = TuneResult(best.method, [], best.agreement, trials)
+        if best.agreement < target:
+            result.sensitivity = tensor_sensitivity(src, chosen, check[:2])
+            for count in EXCLUDE_STEPS[: int(np.searchsorted(EXCLUDE_STEPS, len(result.sensitivity), "right"))]:
+                excluded = nodes_touching(src, [name for name, _ in result.sensitivity[:count]])
+                trial_path = Path(tmp) / f"exclude{count}.onnx"
+                quantize(src, trial_path, calib, best.method, excluded, caches[best.method])
+                trial = Trial(best.method, excluded, *score(trial_path, reference, check))
+                trials.append(trial)
+                log(f"  {best.method}, {count} most sensitive tensor(s) kept in float ({len(excluded)} nodes): "
+                    f"agreement {trial.agreement:.3f}")
+                if trial.agreement > result.agreement:
+                    result.excluded, result.agreement, chosen = excluded, trial.agreement, trial_path
+                if trial.agreement >= target:
+                    break
+        atomic_write(dst, chosen.read_bytes())
+    return result
+
+
+def b1_p50_ms(path: Path, feed: dict[str, np.ndarray], runs: int = 15) -> float:
+    """Median single-image latency on ONNX Runtime CPU after two warm-up runs."""
+    session = _session(path)
+    for _ in range(2):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return round(1000 * float(np.median(times)), 2)
+
+
+def cpu_int8_features() -> str:
+    """The CPU's int8 dot-product support, which decides whether int8 convolutions can beat fp32."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    found = [flag for flag in ("avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
+    return ", ".join(found) if found else "no VNNI/AMX int8 instructions"
