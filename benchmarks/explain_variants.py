@@ -41,7 +41,7 @@ def measure(bundle: Bundle, precision: str, batch: int, nhwc: bool, images: list
 def main() -> None:
     bundle_dir, out, *paths = sys.argv[1:]
     bundle = Bundle.open(bundle_dir)
-    images = [load_and_preprocess(Path(p), bundle.card.input.size) for p in paths]
+    images = [load_and_preprocess(Path(p), bundle.card.input.size, pre=bundle.card.preprocessing) for p in paths]
     warm_host()
     rows = [measure(bundle, *variant, images) for variant in VARIANTS]
     for r in rows:

@@ -100,8 +100,9 @@ def _trt_runner(bundle: Bundle, precision: str) -> tuple[Runner, Callable[[], No
     return backend.run, backend.close
 
 
-def preprocessing_ms(size: int, images: list[Path] | None = None, count: int = 20) -> float:
-    """Host decode + resize + crop per image, on real files when given, else on generated PNGs."""
+def preprocessing_ms(size: int, images: list[Path] | None = None, count: int = 20, pre: Any = None) -> float:
+    """Host decode + the card's steps (suppression, resize, crop) per image, on real files when given, else on
+    generated PNGs."""
     import tempfile
 
     import cv2
@@ -117,7 +118,7 @@ def preprocessing_ms(size: int, images: list[Path] | None = None, count: int = 2
                 images.append(path)
         start = time.perf_counter()
         for path in images[:count]:
-            load_and_preprocess(path, size)
+            load_and_preprocess(path, size, pre=pre)
         return (time.perf_counter() - start) / len(images[:count]) * 1000
 
 
@@ -127,7 +128,7 @@ def run_latency(bundle_dir: Path, out: Path, backends: list[str] | None, batch_s
     size = bundle.card.input.size
     facts = environment()
     results: dict[str, Any] = {"environment": facts, "arch": bundle.card.arch, "input_size": size,
-                               "batch_sizes": batch_sizes, "preprocess_ms_per_image": preprocessing_ms(size, images),
+                               "batch_sizes": batch_sizes, "preprocess_ms_per_image": preprocessing_ms(size, images, pre=bundle.card.preprocessing),
                                "backends": {}}
     targets = runners(bundle, backends)
     if not targets:

@@ -127,7 +127,7 @@ def load_images(bundle: Bundle, paths: list[Path], seed: int) -> list[np.ndarray
 
     size = bundle.card.input.size
     if paths:
-        return [load_and_preprocess(path, size) for path in paths]
+        return [load_and_preprocess(path, size, pre=bundle.card.preprocessing) for path in paths]
     from cxr.train.synth import make_phantom
 
     return [make_phantom(np.random.default_rng(seed), size, "pneumonia_bacterial")[0]]

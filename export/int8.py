@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from cxr.runtime.card import Preprocessing
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.safe_io import atomic_output
 from cxr.runtime.segment import segment, segment_means
@@ -107,7 +108,7 @@ class Int8Report:
     lines: list[str] = field(default_factory=list)
 
 
-def draw_images(folder: Path, size: int, count: int, seed: int) -> list[np.ndarray]:
+def draw_images(folder: Path, size: int, count: int, seed: int, pre: Preprocessing | None = None) -> list[np.ndarray]:
     """Up to ``count`` readable images from ``folder`` in a seeded random order (unreadable files skipped)."""
     from cxr.runtime.inputs import expand_inputs
     from cxr.runtime.preprocess import load_and_preprocess
@@ -116,7 +117,7 @@ def draw_images(folder: Path, size: int, count: int, seed: int) -> list[np.ndarr
     images: list[np.ndarray] = []
     for index in np.random.default_rng(seed).permutation(len(paths)):
         try:
-            images.append(load_and_preprocess(paths[index], size))
+            images.append(load_and_preprocess(paths[index], size, pre=pre))
         except CxrError:
             continue
         if len(images) == count:
@@ -139,7 +140,7 @@ def export_int8(bundle_dir: Path, calib: Path, samples: int = 64, check: int = 6
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise CxrUsageError(f"--calibration: {', '.join(unknown) or 'empty'} is not one of {', '.join(METHODS)}")
-    images = draw_images(calib, opened.card.input.size, samples + check, seed)
+    images = draw_images(calib, opened.card.input.size, samples + check, seed, opened.card.preprocessing)
     if not images:
         raise CxrError(f"{calib}: no readable calibration images")
     calib_images, check_images = images[:samples], images[samples:]

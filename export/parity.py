@@ -160,10 +160,10 @@ def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[st
         raise CxrError(f"parity needs the PyTorch run the bundle came from; pass --run (card says {source_run or 'nothing'})")
     card, model = load_run(source_run)
     classes, samples = scan_image_folder(data, bundle.card.classes)
-    loaded = load_images(samples, card.input.size, "loading")
+    loaded = load_images(samples, card.input.size, "loading", pre=bundle.card.preprocessing)
     if not loaded.images:
         raise CxrError(f"{data}: no readable images")
-    pixels = np.stack([evaluation_view(im, card.input.size) for im in loaded.images])[:, None]
+    pixels = np.stack([evaluation_view(im, card.input.size, bundle.card.preprocessing) for im in loaded.images])[:, None]
     with torch.no_grad():
         reference = np.concatenate([model(torch.from_numpy(pixels[i : i + batch_size])).numpy()
                                     for i in range(0, len(pixels), batch_size)])

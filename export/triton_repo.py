@@ -165,12 +165,29 @@ Classes, in output order: {', '.join(card.classes)} (also `{LABELS_FILE}`).
 The graph takes **uint8 grayscale pixels** and normalises them itself (x/255, ImageNet mean/std, grayscale
 repeated to 3 channels). Before sending, each image is:
 1. decoded to grayscale (DICOM: modality LUT/VOI window applied, MONOCHROME1 inverted), scaled to uint8;
-2. resized so its **short side is {size}** ({card.preprocessing.interpolation} interpolation);
-3. **centre-cropped to {size} x {size}**, sent as [1, {size}, {size}].
+{suppression_steps(card)}2. resized so its **short side is {size}** ({card.preprocessing.interpolation} interpolation);
+3. **centre-cropped to {size} x {size}**, sent as [1, {size}, {size}]{border_step(card)}.
 
-`cxr-run predict --server URL --model BUNDLE` does exactly this with the same reader as local predict.
-Any other client: reproduce steps 1-3 or results will drift from the validated model.
+`cxr-run predict --server URL --model BUNDLE` does exactly this with the same reader as local predict
+(`cxr/runtime/preprocess.py`, `cxr/runtime/suppress.py`). Any other client: reproduce every step or results
+will drift from the validated model.
 """
+
+
+def suppression_steps(card: Card) -> str:
+    """The card's whole-film shortcut-suppression steps, as lines of the client note (empty when off)."""
+    steps = []
+    if card.preprocessing.thorax_crop:
+        steps.append("   then **cropped to the body**: Otsu threshold, largest bright component, the box of its convex "
+                     "hull plus 4 % margins (`thorax_box`);")
+    if card.preprocessing.clahe:
+        steps.append("   then **CLAHE** (clip limit 2, 8 x 8 tiles);")
+    return "".join(line + "\n" for line in steps)
+
+
+def border_step(card: Card) -> str:
+    band = card.preprocessing.border_mask
+    return f", with a band of {band:.0%} of the side set to 0 at every edge" if band > 0 else ""
 
 
 def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:

@@ -47,6 +47,10 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     normalisation_in_graph: bool = True
+    # Shortcut suppression (cxr.runtime.suppress); a card without these keys predates them: all off.
+    thorax_crop: bool = False
+    clahe: bool = False
+    border_mask: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,9 +180,20 @@ def metadata_mismatch(card: Card, graph: dict[str, str]) -> str | None:
     """Which of the card's classes/input/preprocessing differ from what the graph was exported with (or None)."""
     wanted = graph_metadata(card)
     for key in ("cxr.classes", "cxr.input", "cxr.preprocessing"):
-        if key in graph and json.loads(graph[key]) != json.loads(wanted[key]):
+        if key in graph and _meaning(key, graph[key]) != _meaning(key, wanted[key]):
             return f"card.json {key.split('.')[1]} {wanted[key]} but the graph was exported with {graph[key]}"
     return None
+
+
+def _meaning(key: str, text: str) -> Any:
+    """A metadata value as compared: preprocessing with its defaults filled (older graphs lack newer keys)."""
+    value = json.loads(text)
+    if key == "cxr.preprocessing" and isinstance(value, dict):
+        try:
+            return dataclasses.asdict(_preprocessing_from(value))
+        except (TypeError, ValueError):
+            return value
+    return value
 
 
 def read_card(folder: Path) -> Card:

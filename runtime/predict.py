@@ -62,7 +62,7 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
                 record["warnings"] = list(decoded.warnings)
                 if decoded.warnings and options.strict:
                     raise CxrError(f"{path}: {'; '.join(decoded.warnings)} (--strict)")
-                images.append(preprocess(decoded.gray, size))
+                images.append(preprocess(decoded.gray, size, bundle.card.preprocessing))
             except CxrError as exc:
                 record["error"] = one_line(exc)
                 images.append(None)

@@ -1,6 +1,7 @@
 """The single preprocessing definition, shared by training, export and the bedside runtime.
 
-decode (PNG/JPEG 8/16-bit, DICOM) -> grayscale uint8 -> short side to ``size`` -> centre crop.
+decode (PNG/JPEG 8/16-bit, DICOM) -> grayscale uint8 -> [thorax crop, CLAHE] -> short side to ``size`` ->
+centre crop -> [border band]; the bracketed steps are the card's shortcut suppression (``cxr.runtime.suppress``).
 Every problem with a file is a one-line ``CxrError``, so a batch can record it and go on.
 """
 
@@ -10,10 +11,15 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 from cxr.runtime.errors import CxrError, one_line
+from cxr.runtime.suppress import view_steps, whole_film_steps_with_mask
+
+if TYPE_CHECKING:
+    from cxr.runtime.card import Preprocessing
 
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard; a 4k x 4k DICOM is 16 MP
 MIN_SIDE = 16
@@ -362,10 +368,23 @@ def center_crop(gray: np.ndarray, size: int) -> np.ndarray:
     return gray[top : top + size, left : left + size]
 
 
-def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
-    """Deterministic evaluation preprocessing: short side -> size, centre crop; uint8 (size, size)."""
-    return np.ascontiguousarray(center_crop(resize_short_side(gray, size), size))
+def preprocess(gray: np.ndarray, size: int, pre: Preprocessing | None = None) -> np.ndarray:
+    """Deterministic evaluation preprocessing: the card's shortcut suppression (``pre``), short side -> size,
+    centre crop; uint8 (size, size). Training runs the same steps (``whole_film_steps`` / ``view_steps``)."""
+    return preprocess_with_mask(gray, None, size, pre)[0]
 
 
-def load_and_preprocess(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    return preprocess(read_image(path, max_pixels), size)
+def preprocess_with_mask(gray: np.ndarray, mask: np.ndarray | None, size: int, pre: Preprocessing | None = None
+                         ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``preprocess`` plus a boolean mask of the film (a lesion, the body) taken through the same geometry."""
+    gray, mask = whole_film_steps_with_mask(gray, mask, pre)
+    view = np.ascontiguousarray(view_steps(center_crop(resize_short_side(gray, size), size), pre))
+    if mask is None:
+        return view, None
+    scaled = resize_short_side(mask.astype(np.uint8) * 255, size)
+    return view, np.ascontiguousarray(center_crop(scaled, size)) > 127
+
+
+def load_and_preprocess(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                        pre: Preprocessing | None = None) -> np.ndarray:
+    return preprocess(read_image(path, max_pixels), size, pre)

@@ -110,7 +110,7 @@ class ModelInstance:
         for i, item in enumerate(data.reshape(count, -1)[:, 0]):
             try:
                 gray = decode_image(bytes(item), "request image", max_pixels=self.options.max_pixels)
-                images.append(preprocess(gray, self.size))
+                images.append(preprocess(gray, self.size, self.bundle.card.preprocessing))
                 good.append(i)
             except CxrError as exc:
                 errors[i, 0] = str(exc).encode()

@@ -66,19 +66,19 @@ def test_same_seed_identical_different_seed_different(sessions, phantoms):
     assert a.weights != c.weights
 
 
-def test_pointing_game_on_planted_lesions(sessions, phantoms):
+def test_pointing_game_on_planted_lesions(sessions, phantoms, bundle):
     """The top-3 positive segments overlap the planted lesion for >= 80 % of lesion images the model gets right."""
-    from cxr.runtime.preprocess import center_crop, resize_short_side
+    from cxr.runtime.card import read_card
+    from cxr.runtime.preprocess import preprocess_with_mask, read_image
     from cxr.train.synth import read_lesion_masks
 
     _, explainer = sessions
     masks = read_lesion_masks(phantoms)
+    pre = read_card(bundle).preprocessing
     hits = total = 0
     for label in ("covid19", "pneumonia_bacterial", "pneumonia_viral"):
         for path in sorted((phantoms / label).glob("*.png"))[:8]:
-            image = load_and_preprocess(path, 64)
-            mask = masks[f"{label}/{path.name}"].astype(np.uint8) * 255
-            mask = center_crop(resize_short_side(mask, 64), 64) > 127
+            image, mask = preprocess_with_mask(read_image(path), masks[f"{label}/{path.name}"], 64, pre)
             explanation = explain_image(image, explainer, ExplainConfig(samples=1000, seed=0))
             if explanation.label != ["covid19", "normal", "pneumonia_bacterial", "pneumonia_viral"].index(label):
                 continue

@@ -196,7 +196,7 @@ def test_predictions_equal_the_export_stage_ort_outputs(bundle, phantoms):
     backend, reason = open_classifier(opened, "auto", "fp32")
     assert reason.startswith(f"{AUTO_CPU_BACKEND} fp32 on cpu (") and "skipped tensorrt" in reason
     records = list(predict_stream(paths, opened, backend, PredictOptions()))
-    pixels = np.stack([load_and_preprocess(p, 64) for p in paths])[:, None]
+    pixels = np.stack([load_and_preprocess(p, 64, pre=opened.card.preprocessing) for p in paths])[:, None]
     expected = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"image": pixels})[0]
     got = np.array([[r["probs"][c] for c in opened.card.classes] for r in records])
     assert np.abs(got - expected).max() < 1e-5

@@ -19,6 +19,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from cxr.bench.server_process import ServerProcess, free_port  # noqa: E402
 from cxr.runtime.backends.onnxruntime import OrtBackend  # noqa: E402
+from cxr.runtime.card import read_card  # noqa: E402
 from cxr.runtime.preprocess import load_and_preprocess  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
@@ -82,7 +83,9 @@ def test_encoded_bytes_are_decoded_on_the_server_one_bad_image_fails_alone(serve
     probs, errors = result.as_numpy("probs"), result.as_numpy("error")
     assert errors[1, 0].decode() == "request image: corrupt GIF header (UnidentifiedImageError)"
     assert errors[0, 0] == errors[2, 0] == b"" and np.isnan(probs[1]).all()
-    pixels = np.stack([load_and_preprocess(p, IMAGE_SIZE) for p in good])[:, None]
+    pre = read_card(bundle).preprocessing
+    assert pre.thorax_crop and pre.clahe  # the server must repeat the card's suppression steps
+    pixels = np.stack([load_and_preprocess(p, IMAGE_SIZE, pre=pre) for p in good])[:, None]
     with OrtBackend(bundle / "model.onnx", "fp32") as local:
         np.testing.assert_allclose(probs[[0, 2]], local.run(pixels), atol=2e-6)
 

@@ -91,14 +91,27 @@ def test_fit_writes_the_run_and_learns_the_phantoms(trained_run):
 
 
 def test_evaluate_uses_validation_split_and_reports_shortcut_baseline(trained_run, phantoms, tmp_path):
+    import cv2
+
     out = tmp_path / "eval.json"
-    result = cli("cxr-train", "evaluate", str(trained_run), str(phantoms), "--out", str(out))
+    result = cli("cxr-train", "evaluate", str(trained_run), str(phantoms), "--out", str(out), "--lime-audit", "3",
+                 "--lime-samples", "100")
     report = json.loads(out.read_text())
     split = json.loads((trained_run / "split.json").read_text())
     assert report["scope"].startswith("validation split")
     assert report["model"]["n"] == len(split["val"])
-    assert "shortcut_baseline" in report and 0 <= report["shortcut_baseline"]["accuracy"] <= 1
-    assert "covid19 vs rest" in result.stdout and out.with_suffix(".png").is_file()
+    model, base, intervals = report["model"], report["shortcut_baseline"], report["intervals"]
+    low, high = intervals["accuracy"]
+    assert low <= model["accuracy"] <= high and high - low > 0
+    gain = intervals["gain_over_baseline"]
+    assert gain["points"] == round(100 * (model["accuracy"] - base["accuracy"]), 2)
+    assert gain["interval_points"][0] <= gain["points"] <= gain["interval_points"][1]
+    assert f"{gain['points']:+.1f} accuracy points" in result.stdout
+    assert report["lime_audit"]["images"] == 3 and len(report["lime_audit"]["per_image"]) == 3
+    assert report["preprocessing"]["thorax_crop"] is True
+    page = cv2.imread(str(out.with_suffix(".png")))
+    assert page is not None and page.shape[:2] == (850, 1100)
+    assert "covid19 vs rest" in result.stdout
 
 
 def test_same_seed_same_result_on_cpu(phantoms, tmp_path):

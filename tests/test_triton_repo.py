@@ -30,7 +30,8 @@ def test_onnx_repository_matches_the_graph(bundle, tmp_path, precision):
     assert (model_dir / "labels.txt").read_text().split() == list(read_card(bundle).classes)
     served = model_dir / "1" / "model.onnx"
     assert served.read_bytes() == (bundle / ("model.onnx" if precision == "fp32" else f"model.{precision}.onnx")).read_bytes()
-    assert f"short side is {IMAGE_SIZE}" in (model_dir / "CLIENTS.md").read_text()
+    note = (model_dir / "CLIENTS.md").read_text()
+    assert f"short side is {IMAGE_SIZE}" in note and "cropped to the body" in note and "CLAHE" in note
     assert validate_repository(repo, "cxr") == []
     assert "valid" in cli("cxr-export", "triton-check", str(repo)).stdout
 

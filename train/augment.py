@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from cxr.runtime.card import Preprocessing
 from cxr.runtime.preprocess import center_crop
+from cxr.runtime.suppress import view_steps
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,29 @@ class PaperAugment:
         return np.ascontiguousarray(out)
 
 
-def evaluation_view(image: np.ndarray, size: int) -> np.ndarray:
-    """The runtime's deterministic view (centre crop) of an image already at short side = size."""
-    return np.ascontiguousarray(center_crop(image, size))
+def evaluation_view(image: np.ndarray, size: int, pre: Preprocessing | None = None) -> np.ndarray:
+    """The runtime's deterministic view (centre crop, then the card's border band) of an image already at short
+    side = size after ``whole_film_steps``: what ``cxr.runtime.preprocess.preprocess`` gives."""
+    return np.ascontiguousarray(view_steps(center_crop(image, size), pre))
+
+
+@dataclass
+class CornerErase:
+    """Training-only: with probability ``p`` per corner, a random-size square (5-20 % of the side) filled with a
+    random grey, so burned-in corner labels and markers stop being a reliable cue."""
+
+    p: float = 0.5
+
+    def __call__(self, view: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.p <= 0:
+            return view
+        out = view.copy()
+        side = min(view.shape[:2])
+        for bottom, right in ((False, False), (False, True), (True, False), (True, True)):
+            if rng.random() >= self.p:
+                continue
+            edge = max(1, int(rng.uniform(0.05, 0.2) * side))
+            rows = slice(-edge, None) if bottom else slice(0, edge)
+            cols = slice(-edge, None) if right else slice(0, edge)
+            out[rows, cols] = int(rng.integers(0, 256))
+        return out

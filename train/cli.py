@@ -41,13 +41,25 @@ def fit(
     no_augment: bool = typer.Option(False, "--no-augment", help="Turn off the paper's augmentation (ablation)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (needs internet)."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    balance: str = typer.Option("weights", help="Class imbalance: weights (weighted loss), sampler "
+                                                "(class-balanced draws) or none."),
+    warmup: float = typer.Option(0.15, help="Share of steps warming up before the cosine decay."),
+    label_smoothing: float = typer.Option(0.1, help="Label smoothing of the loss (0: off)."),
+    patience: int = typer.Option(0, help="Stop after this many epochs without a better validation macro-F1 (0: off)."),
+    thorax_crop: bool = typer.Option(True, "--thorax-crop/--no-thorax-crop",
+                                     help="Crop each film to the body (shortcut suppression; the runtime repeats it)."),
+    clahe: bool = typer.Option(True, "--clahe/--no-clahe", help="Contrast-limited histogram equalisation (same)."),
+    border_mask: float = typer.Option(0.0, help="Blank this fraction of the side at each edge of the view (same)."),
+    erase_corners: float = typer.Option(0.5, help="Training only: chance per corner of erasing a random square."),
 ) -> None:
     """Train a model; writes model.pt, card.json, metrics.json, confusion.png, curves.png."""
     from cxr.train.config import FitConfig
 
     config = FitConfig(data=data, out=out, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
                        lr=lr, seed=seed, val_split=val_split, augment=not no_augment, pretrained=pretrained,
-                       device=device)  # checked here, before torch is imported
+                       device=device, balance=balance, warmup=warmup, label_smoothing=label_smoothing,
+                       patience=patience, thorax_crop=thorax_crop, clahe=clahe, border_mask=border_mask,
+                       erase_corners=erase_corners)  # checked here, before torch is imported
     from cxr.train.fit import fit as run_fit
 
     run_fit(config)
@@ -58,11 +70,20 @@ def evaluate(
     run: Path = typer.Argument(..., help="Run folder from 'cxr-train fit'."),
     data: Path = typer.Argument(..., help="Labelled ImageFolder to evaluate on."),
     out: Optional[Path] = typer.Option(None, "--out", help="JSON report (default RUN/evaluation.json); a PNG beside it."),
+    lime_audit: int = typer.Option(0, "--lime-audit", help="Explain this many images and report the share of "
+                                                           "positive LIME weight outside the body (0: off)."),
+    lime_samples: int = typer.Option(300, help="LIME samples per audited image."),
+    seed: int = typer.Option(0, help="Seed of the bootstrap, the baseline and the audit's picks."),
 ) -> None:
-    """Accuracy, per-class and COVID-19-vs-rest precision/recall/F1, next to the shortcut baseline."""
+    """Per-class P/R/F1 with bootstrap 95 % intervals, the shortcut baseline on the same images and the gain over
+    it with its interval, optionally a LIME audit; JSON plus one PNG page."""
+    if lime_audit < 0 or lime_samples < 10:
+        from cxr.runtime.errors import CxrUsageError
+
+        raise CxrUsageError("--lime-audit must be 0 or more and --lime-samples at least 10")
     from cxr.train.evaluate import evaluate as run_evaluate
 
-    run_evaluate(run, data, out)
+    run_evaluate(run, data, out, lime_audit_images=lime_audit, lime_samples=lime_samples, seed=seed)
 
 
 @app.command()

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr.runtime.card import Preprocessing
 from cxr.runtime.errors import CxrError, CxrUsageError
 
 DEVICES = ("auto", "cpu", "cuda")
+BALANCING = ("weights", "sampler", "none")
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,16 @@ class FitConfig:
     augment: bool = True
     pretrained: bool = False
     device: str = "auto"
+    # the recipe
+    balance: str = "weights"  # class-weighted loss, a class-balanced sampler, or neither
+    warmup: float = 0.15  # share of steps warming up before the cosine decay
+    label_smoothing: float = 0.1
+    patience: int = 0  # stop after this many epochs without a better validation macro-F1 (0: never)
+    # shortcut suppression (cxr.runtime.suppress), recorded in the card so the runtime repeats it
+    thorax_crop: bool = True
+    clahe: bool = True
+    border_mask: float = 0.0
+    erase_corners: float = 0.5  # training-only augmentation
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -32,7 +44,21 @@ class FitConfig:
             raise CxrUsageError(f"--lr must be more than 0, got {self.lr}")
         if not 0.0 < self.val_split < 1.0:
             raise CxrUsageError(f"--val-split must be between 0 and 1, got {self.val_split}")
+        if self.balance not in BALANCING:
+            raise CxrUsageError(f"--balance must be one of {', '.join(BALANCING)}, got {self.balance!r}")
+        if not 0.0 < self.warmup < 1.0:
+            raise CxrUsageError(f"--warmup must be between 0 and 1, got {self.warmup}")
+        if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 <= self.erase_corners <= 1.0:
+            raise CxrUsageError("--label-smoothing must be in [0, 1) and --erase-corners in [0, 1]")
+        if not 0.0 <= self.border_mask < 0.25:
+            raise CxrUsageError(f"--border-mask must be in [0, 0.25), got {self.border_mask}")
+        if self.patience < 0:
+            raise CxrUsageError(f"--patience must be 0 (off) or more, got {self.patience}")
         if self.device not in DEVICES:
             raise CxrUsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not Path(self.data).is_dir():
             raise CxrError(f"{self.data}: data folder does not exist (expected one sub-folder per class)")
+
+    def suppression(self) -> Preprocessing:
+        """The card's preprocessing steps this run trains with (mean/std are the network's, filled in later)."""
+        return Preprocessing(thorax_crop=self.thorax_crop, clahe=self.clahe, border_mask=self.border_mask)

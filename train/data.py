@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cxr.runtime.card import Preprocessing
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.labels import CLASSES
 from cxr.runtime.preprocess import IMAGE_SUFFIXES, read_image, resize_short_side
+from cxr.runtime.suppress import whole_film_steps
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -102,21 +104,23 @@ class LoadedImages:
     skipped: list[tuple[str, str]]
 
 
-def _decode(sample: Sample, size: int) -> tuple[np.ndarray | None, tuple[int, int] | str]:
-    """One file at short side ``size`` with its original shape, or None and the reason it is unreadable."""
+def _decode(sample: Sample, size: int, pre: Preprocessing | None) -> tuple[np.ndarray | None, tuple[int, int] | str]:
+    """One file after the whole-film suppression steps, at short side ``size``, with its original shape, or None
+    and the reason it is unreadable. The view steps (border band) follow the crop: see ``view_steps``."""
     try:
         gray = read_image(sample.path)
     except CxrError as exc:
         return None, str(exc)
-    return resize_short_side(gray, size), gray.shape[:2]
+    return resize_short_side(whole_film_steps(gray, pre), size), gray.shape[:2]
 
 
-def load_images(samples: list[Sample], size: int, desc: str = "loading", disable: bool = False) -> LoadedImages:
+def load_images(samples: list[Sample], size: int, desc: str = "loading", disable: bool = False,
+                pre: Preprocessing | None = None) -> LoadedImages:
     """Decode in threads (OpenCV and pydicom's decoders release the GIL); order follows ``samples``."""
     images, labels, shapes, kept, skipped = [], [], [], [], []
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = pool.map(lambda sample: _decode(sample, size), samples)
+        decoded = pool.map(lambda sample: _decode(sample, size, pre), samples)
         for sample, (image, info) in tqdm(zip(samples, decoded), total=len(samples), desc=desc, unit="img",
                                           leave=False, disable=disable or len(samples) < 50):
             if image is None:

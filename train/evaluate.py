@@ -7,21 +7,29 @@ images would flatter the model). The baseline is trained on the run's training s
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
+from cxr.runtime.safe_io import atomic_write
 from cxr.train.augment import evaluation_view
 from cxr.train.data import Sample, load_images, scan_image_folder
 from cxr.train.fit import predict_probs
-from cxr.train.plots import plot_confusion
+from cxr.train.intervals import bootstrap
+from cxr.train.lime_audit import lime_audit
+from cxr.train.plots import plot_evaluation_page
 from cxr.train.run import load_run, read_split
-from cxr.train.shortcut import shortcut_baseline
+from cxr.train.shortcut import shortcut_predictions
 
 
-def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 16) -> dict[str, Any]:
+def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 16, lime_audit_images: int = 0,
+             lime_samples: int = 300, seed: int = 0) -> dict[str, Any]:
+    """Metrics with bootstrap intervals, the shortcut baseline on the same images (raw films: the shortcut lives
+    there), the paired gain, and optionally the LIME audit; writes JSON and one PNG page."""
     card, model = load_run(run)
     classes, samples = scan_image_folder(data, card.classes)
     split = read_split(run)
@@ -33,28 +41,41 @@ def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 1
         samples = [s for s in samples if s.rel in val]
         scope = "validation split of the training data"
     size = card.input.size
-    loaded = load_images(samples, size, "loading")
+    loaded = load_images(samples, size, "loading", pre=card.preprocessing)
     if not loaded.images:
         raise CxrError(f"{data}: no readable images")
-    views = [evaluation_view(im, size) for im in loaded.images]
-    probs = predict_probs(model.net, model.adapter, views, torch.device("cpu"), batch_size)
-    report = classification_report(loaded.labels, probs.argmax(1), classes)
+    views = [evaluation_view(im, size, card.preprocessing) for im in loaded.images]
+    predicted = predict_probs(model.net, model.adapter, views, torch.device("cpu"), batch_size).argmax(1)
+    report = classification_report(loaded.labels, predicted, classes)
     result: dict[str, Any] = {"run": str(run), "data": str(data), "scope": scope, "model": report,
+                              "preprocessing": asdict(card.preprocessing),
                               "skipped": [{"file": f, "error": e} for f, e in loaded.skipped]}
+    baseline = None
     baseline_train = _baseline_training_samples(trained_on, split, classes)
     if baseline_train:
-        train_loaded = load_images(baseline_train, size, "loading baseline")
-        result["shortcut_baseline"] = shortcut_baseline(train_loaded, loaded, classes)
+        raw_test = load_images(loaded.samples, size, "loading baseline test")
+        baseline = shortcut_predictions(load_images(baseline_train, size, "loading baseline"), raw_test, seed)
+        result["shortcut_baseline"] = classification_report(raw_test.labels, baseline, classes)
+    result["intervals"] = bootstrap(loaded.labels, predicted, baseline, classes, seed=seed)
+    if lime_audit_images > 0:
+        picks = np.random.default_rng(seed).permutation(len(loaded.samples))[:lime_audit_images]
+        result["lime_audit"] = lime_audit(model, card, [loaded.samples[i].path for i in picks], lime_samples, seed)
     out = Path(out) if out else Path(run) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    plot_confusion(report["confusion"], classes, out.with_suffix(".png"), f"{card.arch}: {scope}")
+    atomic_write(out, json.dumps(result, indent=2) + "\n")
+    plot_evaluation_page(result, classes, out.with_suffix(".png"), f"{card.arch} on {Path(data).name}: {scope}")
     print(format_report(report, f"{card.arch} on {data} ({scope})"))
-    if "shortcut_baseline" in result:
+    if baseline is not None:
         print()
         print(format_report(result["shortcut_baseline"], "shortcut baseline (image statistics only, same images)"))
-        gain = report["accuracy"] - result["shortcut_baseline"]["accuracy"]
-        print(f"\nthe network adds {gain * 100:+.1f} accuracy points over image statistics alone")
+        gain = result["intervals"]["gain_over_baseline"]
+        low, high = gain["interval_points"]
+        print(f"\nthe network adds {gain['points']:+.1f} accuracy points over image statistics alone "
+              f"(95 % interval {low:+.1f} to {high:+.1f})")
+    if "lime_audit" in result:
+        audit = result["lime_audit"]
+        print(f"LIME audit: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight lies outside the "
+              f"body ({audit['images']} images, {audit['samples']} samples each)")
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return result
 

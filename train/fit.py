@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from cxr.runtime.card import Card, InputSpec, Preprocessing, write_card
+from cxr.runtime.card import Card, InputSpec, write_card
 from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
 from cxr.runtime.safe_io import atomic_output, atomic_write
-from cxr.train.augment import PaperAugment, evaluation_view
+from cxr.runtime.suppress import view_steps
+from cxr.train.augment import CornerErase, PaperAugment, evaluation_view
 from cxr.train.config import FitConfig
 from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_samples
 from cxr.train.distributed import DistContext, barrier, init_distributed, shutdown
@@ -74,13 +75,16 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     train_samples, val_samples = split_samples(samples, config.val_split, config.seed)
     net = build_net(config.arch, len(classes), config.pretrained)
     check_image_size(net, config.image_size, config.arch)
-    train = load_images(train_samples, config.image_size, "loading train", disable=quiet)
-    val = load_images(val_samples, config.image_size, "loading val", disable=quiet)
+    steps_pre = config.suppression()
+    train = load_images(train_samples, config.image_size, "loading train", disable=quiet, pre=steps_pre)
+    val = load_images(val_samples, config.image_size, "loading val", disable=quiet, pre=steps_pre)
     if len(train.images) == 0 or len(val.images) == 0:
         raise CxrError(f"{config.data}: no readable images left after skipping {len(train.skipped) + len(val.skipped)}")
     mean, std = net_mean_std(net)
     adapter = GrayToNet(mean, std).to(device)
     net.to(device)
+    if device.type == "cuda":
+        net.to(memory_format=torch.channels_last)
     model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.distributed else net
     sampler = DistributedSampler(range(len(train.images)), num_replicas=ctx.world_size, rank=ctx.rank,
@@ -88,12 +92,15 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     lr = config.lr or (3e-4 if config.pretrained else 1e-3)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = config.epochs * max(1, int(np.ceil(len(sampler) / config.batch_size)))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(train.labels, len(classes)).to(device))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=config.warmup,
+                                                   anneal_strategy="cos")
+    weights = class_weights(train.labels, len(classes)).to(device) if config.balance == "weights" else None
+    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     augment = PaperAugment(config.image_size) if config.augment else None
-    val_views = [evaluation_view(im, config.image_size) for im in val.images] if ctx.is_main else []
+    erase = CornerErase(config.erase_corners)
+    val_views = [evaluation_view(im, config.image_size, steps_pre) for im in val.images] if ctx.is_main else []
     if ctx.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
 
@@ -103,6 +110,8 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     for epoch in range(1, config.epochs + 1):
         sampler.set_epoch(epoch)
         order = np.fromiter(sampler, dtype=np.int64)
+        if config.balance == "sampler":
+            order = balanced_order(train.labels, np.random.default_rng([config.seed, epoch]))[ctx.rank::ctx.world_size]
         rng = np.random.default_rng([config.seed, epoch, ctx.rank])
         model.train()
         losses, seen, epoch_start = [], 0, time.perf_counter()
@@ -110,8 +119,8 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                    disable=quiet)
         for start in bar:
             idx = order[start : start + config.batch_size]
-            views = [augment(train.images[i], rng) if augment else evaluation_view(train.images[i], config.image_size)
-                     for i in idx]
+            views = [view_steps(erase(augment(train.images[i], rng), rng), steps_pre) if augment
+                     else evaluation_view(train.images[i], config.image_size, steps_pre) for i in idx]
             pixels = to_batch(views, device)
             target = torch.from_numpy(train.labels[idx]).to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -136,10 +145,34 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                 best = {**row, "report": report}
                 with atomic_output(config.out / MODEL_FILE) as tmp:
                     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+        if should_stop(ctx, config.patience, epoch, history, best):
+            if ctx.is_main:
+                tqdm.write(f"early stop after epoch {epoch}: no better validation macro-F1 for {config.patience} epochs")
+                best["stopped_early_after"] = epoch
+            break
         barrier(ctx)
     if not ctx.is_main:
         return None
     return _write_run(config, classes, train, val, history, best, mean, std, time.perf_counter() - started, ctx)
+
+
+def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An epoch of draws (with replacement) in which every class is equally likely: the sampler form of balancing."""
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
+
+
+def should_stop(ctx: DistContext, patience: int, epoch: int, history: list[dict[str, Any]], best: dict[str, Any]) -> bool:
+    """Early stopping on validation macro-F1, decided on rank 0 and shared so every rank leaves together."""
+    if patience <= 0:
+        return False
+    stop = ctx.is_main and epoch - best.get("epoch", epoch) >= patience
+    if ctx.distributed:
+        flag = torch.tensor([int(stop)], device=ctx.device)
+        torch.distributed.broadcast(flag, src=0)
+        stop = bool(flag.item())
+    return stop
 
 
 def _validate(net: nn.Module, adapter: GrayToNet, views: list[np.ndarray], val: LoadedImages,
@@ -162,7 +195,8 @@ def _write_run(
     split = {"train": [s.rel for s in train.samples], "val": [s.rel for s in val.samples]}
     atomic_write(out / SPLIT_FILE, json.dumps(split, indent=1) + "\n")
     skipped = train.skipped + val.skipped
-    metrics = {"best_epoch": best["epoch"], "val": report, "history": history,
+    metrics = {"best_epoch": best["epoch"], "stopped_early_after": best.get("stopped_early_after"),
+               "val": report, "history": history,
                "skipped": [{"file": f, "error": e} for f, e in skipped]}
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     plot_confusion(report["confusion"], classes, out / "confusion.png", f"validation, epoch {best['epoch']}")
@@ -176,7 +210,7 @@ def _write_run(
     )
     card = Card(
         classes=classes, arch=config.arch, input=InputSpec(size=config.image_size),
-        preprocessing=Preprocessing(mean=mean, std=std), training=training,
+        preprocessing=replace(config.suppression(), mean=mean, std=std), training=training,
         metrics={"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"],
                  "val_covid_vs_rest": report.get("covid_vs_rest")},
         provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "cxr-train fit"},

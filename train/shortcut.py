@@ -25,10 +25,14 @@ def shortcut_features(loaded: LoadedImages) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)
 
 
-def shortcut_baseline(train: LoadedImages, test: LoadedImages, classes: tuple[str, ...], seed: int = 0) -> dict[str, Any]:
+def shortcut_predictions(train: LoadedImages, test: LoadedImages, seed: int = 0) -> np.ndarray:
+    """The baseline's class for each test image (a random forest on image statistics of the raw films)."""
     from sklearn.ensemble import RandomForestClassifier
 
     model = RandomForestClassifier(n_estimators=300, random_state=seed, n_jobs=-1, class_weight="balanced")
     model.fit(shortcut_features(train), train.labels)
-    predicted = model.predict(shortcut_features(test))
-    return classification_report(test.labels, predicted, classes)
+    return model.predict(shortcut_features(test))
+
+
+def shortcut_baseline(train: LoadedImages, test: LoadedImages, classes: tuple[str, ...], seed: int = 0) -> dict[str, Any]:
+    return classification_report(test.labels, shortcut_predictions(train, test, seed), classes)

@@ -1,0 +1,49 @@
+"""Bootstrap intervals and the LIME audit's arithmetic, on numbers small enough to check by hand."""
+
+import numpy as np
+from cxr.train.intervals import bootstrap, per_class_prf
+from cxr.train.lime_audit import outside_share
+
+CLASSES = ("a", "b", "c")
+
+
+def test_per_class_scores_match_scikit_learn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    truth, guess = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    guess[:5] = 0
+    expected = np.stack(precision_recall_fscore_support(truth, guess, labels=[0, 1, 2], zero_division=0)[:3], 1)
+    np.testing.assert_allclose(per_class_prf(truth, guess, 3), expected)
+
+
+def test_a_perfect_model_has_a_point_interval_and_the_gain_is_paired():
+    truth = np.array([0, 1, 2] * 40)
+    wrong_half = truth.copy()
+    wrong_half[::2] = (wrong_half[::2] + 1) % 3
+    result = bootstrap(truth, truth, wrong_half, CLASSES, rounds=200)
+    assert result["accuracy"] == [1.0, 1.0] and result["per_class"]["b"]["f1"] == [1.0, 1.0]
+    assert result["gain_over_baseline"]["points"] == 50.0
+    low, high = result["gain_over_baseline"]["interval_points"]
+    assert 35 < low < 50 < high < 65
+
+
+def test_a_model_no_better_than_its_baseline_has_an_interval_around_zero():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 3, 300)
+    model, baseline = truth.copy(), truth.copy()
+    model[rng.permutation(300)[:90]] += 1  # both right on 210 of 300 images, wrong on different ones
+    baseline[rng.permutation(300)[:90]] += 2
+    model, baseline = model % 3, baseline % 3
+    result = bootstrap(truth, model, baseline, CLASSES, rounds=300, seed=2)
+    low, high = result["gain_over_baseline"]["interval_points"]
+    assert low < 0 < high
+    assert bootstrap(truth, model, None, CLASSES, rounds=50) == bootstrap(truth, model, None, CLASSES, rounds=50)
+
+
+def test_outside_share_weights_segments_by_their_outside_pixels():
+    segments = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    body = np.array([[True, True, True, False], [True, True, True, False]])  # segment 1 is half outside
+    assert outside_share({0: 1.0, 1: 1.0}, segments, body) == 0.25
+    assert outside_share({0: 2.0, 1: -5.0}, segments, body) == 0.0
+    assert outside_share({0: -1.0}, segments, body) is None
