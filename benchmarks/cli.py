@@ -116,7 +116,7 @@ def quickstart(
     epochs: int = typer.Option(8, help="Epochs."),
 ) -> int:
     """The whole pipeline on generated phantoms: train, export, (engine), predict + LIME, parity, latency."""
-    from cxr.bench.quickstart import run_quickstart
+    from cxr.quickstart import run_quickstart
 
     return run_quickstart(out, arch, epochs)
 

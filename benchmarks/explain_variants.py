@@ -7,6 +7,7 @@ images in one process: the evidence behind the defaults in ``runtime/backends/on
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,8 @@ from cxr.runtime.backends.onnxruntime import CudaOptions, OrtExplainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import ExplainConfig, explain_image, warm_host
 from cxr.runtime.preprocess import load_and_preprocess
+
+log = logging.getLogger(__name__)
 
 VARIANTS = [("fp16", 128, False), ("fp16", 128, True), ("fp16", 256, False), ("fp16", 256, True),
             ("fp32", 256, False), ("fp32", 256, True)]
@@ -45,7 +48,7 @@ def main() -> None:
     warm_host()
     rows = [measure(bundle, *variant, images) for variant in VARIANTS]
     for r in rows:
-        print(f"{r['precision']} batch {r['batch']:>3} {'NHWC' if r['nhwc'] else 'NCHW'} graph {r['cuda_graph']!s:<5} "
+        log.info(f"{r['precision']} batch {r['batch']:>3} {'NHWC' if r['nhwc'] else 'NCHW'} graph {r['cuda_graph']!s:<5} "
               f"open {r['open_s']:.2f} s  first {r['first_s']:.3f} s  steady {r['steady_s_per_image']:.3f} s/img")
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "explain_variants.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -7,6 +7,7 @@ Host preprocessing (decode + resize + crop) is measured separately from model ti
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,8 @@ from cxr.bench.environment import environment, slug
 from cxr.bench.torch_reference import torch_runner
 from cxr.runtime.bundle import PRECISIONS, Bundle, engine_name, onnx_name
 from cxr.runtime.errors import CxrError
+
+log = logging.getLogger(__name__)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -139,7 +142,7 @@ def run_latency(bundle_dir: Path, out: Path, backends: list[str] | None, batch_s
             results["backends"][f"{name}-{precision}"] = measure(run, size, batch_sizes, warmup_s, duration_s)
         finally:
             close()
-        print(f"  {name}-{precision}: b1 p50 {results['backends'][f'{name}-{precision}']['b1_ms']['p50']:.2f} ms")
+        log.info(f"  {name}-{precision}: b1 p50 {results['backends'][f'{name}-{precision}']['b1_ms']['p50']:.2f} ms")
     baseline = results["backends"].get("pytorch-fp32")
     if baseline:
         for entry in results["backends"].values():
@@ -148,8 +151,8 @@ def run_latency(bundle_dir: Path, out: Path, backends: list[str] | None, batch_s
     name = f"latency_{bundle.card.arch}_{slug(facts)}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_latency(results, out / f"{name}.png")
-    print(format_latency(results))
-    print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
+    log.info(format_latency(results))
+    log.info(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
     return results
 
 

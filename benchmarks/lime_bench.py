@@ -9,6 +9,7 @@ up) once, then each image is explained; "first image" counts the open, "steady" 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from cxr.runtime.bundle import Bundle
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.explain import KERNEL_WIDTH, ExplainConfig, explain_image
 from cxr.runtime.segment import segment, segment_means
+
+log = logging.getLogger(__name__)
 
 PEERS = ("stock", "captum")
 CAPTUM_PER_CALL = 128
@@ -167,8 +170,8 @@ def run_lime_bench(bundle_dir: Path, out: Path, image_paths: list[Path], samples
     out.mkdir(parents=True, exist_ok=True)
     (out / "lime.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_lime(results, out / "lime.png")
-    print(format_lime(results))
-    print(f"wrote {out / 'lime.json'} and {out / 'lime.png'}")
+    log.info(format_lime(results))
+    log.info(f"wrote {out / 'lime.json'} and {out / 'lime.png'}")
     return results
 
 

@@ -11,6 +11,7 @@ Per real image, on the backend ``auto`` picks (OpenVINO on a CPU box), the fixed
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import ExplainConfig, Explanation, explain_image, top_segments
 from cxr.runtime.segment import segment_means
+
+log = logging.getLogger(__name__)
 
 DELETION_STEPS = 10
 
@@ -71,8 +74,8 @@ def run_fidelity(bundle_dir: Path, out: Path, image_paths: list[Path], budget: i
                          "deletion_auc_auto": float(np.mean(curves["auto"])), "curves": curves,
                          "samples_auto": adaptive.samples, "stopped": adaptive.stopped,
                          "seconds_fixed": fixed_s, "seconds_auto": auto_s})
-            print(f"  {index + 1}/{len(images)}: top-5 overlap {rows[-1]['top5_overlap']:.1f}, "
-                  f"{adaptive.samples} samples, {auto_s:.2f} s vs {fixed_s:.2f} s", flush=True)
+            log.info(f"  {index + 1}/{len(images)}: top-5 overlap {rows[-1]['top5_overlap']:.1f}, "
+                  f"{adaptive.samples} samples, {auto_s:.2f} s vs {fixed_s:.2f} s")
     baseline = ort_cpu_baseline(bundle, images[:baseline_images], fixed_config)
     summary = {
         "environment": environment(), "arch": bundle.card.arch, "input_size": bundle.card.input.size,
@@ -92,8 +95,8 @@ def run_fidelity(bundle_dir: Path, out: Path, image_paths: list[Path], budget: i
     out.mkdir(parents=True, exist_ok=True)
     (out / "lime_fidelity.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_fidelity(summary, out / "lime_fidelity.png")
-    print(format_fidelity(summary))
-    print(f"wrote {out / 'lime_fidelity.json'} and {out / 'lime_fidelity.png'}")
+    log.info(format_fidelity(summary))
+    log.info(f"wrote {out / 'lime_fidelity.json'} and {out / 'lime_fidelity.png'}")
     return summary
 
 

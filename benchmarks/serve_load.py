@@ -8,6 +8,7 @@ whether every reply equals local predict for the same image. Bounded by a reques
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -16,13 +17,15 @@ from typing import Any
 
 import numpy as np
 from cxr.bench.environment import environment
-from cxr.bench.server_process import ServerProcess
 from cxr.runtime.backends.select import open_classifier
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.errors import CxrError
 from cxr.runtime.inputs import expand_inputs
 from cxr.runtime.preprocess import load_and_preprocess
+from cxr.runtime.serve_process import ServerProcess
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 MATCH_ATOL = 1e-5  # batch composition may change float summation order, nothing more
 
@@ -180,7 +183,7 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_serve_load(results, out / "serve_load.png")
-    print(format_serve_load(results))
+    log.info(format_serve_load(results))
     return results
 
 

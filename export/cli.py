@@ -5,20 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from cxr.runtime.cli_util import new_app, run_app
 
 app = new_app("Export a trained run to a model bundle: ONNX (fp32/fp16/int8), TensorRT engines, parity.")
-
-
-def _probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
-    from cxr.export.graphs import example_inputs
-
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (4, 1, size, size), dtype=np.uint8), np.full((2, 1, size, size), 255, np.uint8)]
-    explain = [{k: v.numpy() for k, v in example_inputs(size, 32, 4).items()}]
-    return [{"image": im} for im in images], explain
 
 
 def print_digest(bundle: Path) -> None:
@@ -70,19 +60,9 @@ def onnx(
 @app.command()
 def fp16(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     """Mixed-precision model.fp16.onnx / explain.fp16.onnx (fp32 I/O, overflow-prone nodes kept fp32)."""
-    from cxr.export.fp16 import convert_fp16
-    from cxr.runtime.bundle import Bundle
-    from cxr.runtime.card import forget_parity, record_files
+    from cxr.export.fp16 import export_fp16
 
-    opened = Bundle.open(bundle)
-    image_feeds, explain_feeds = _probe_feeds(opened.card.input.size)
-    written, notes = [], {}
-    for graph, feeds in (("model", image_feeds), ("explain", explain_feeds)):
-        if opened.has(f"{graph}.onnx"):
-            notes[graph] = convert_fp16(opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds)
-            written.append(f"{graph}.fp16.onnx")
-    card = record_files(opened.folder, opened.card, written)
-    record_files(opened.folder, forget_parity(card.replace(provenance={**card.provenance, "fp16": notes}), ["fp16"]), [])
+    written, notes = export_fp16(bundle)
     print(f"wrote {', '.join(written)} in {bundle}; kept in fp32: {notes['model']['fp32_nodes_overflow'] or 'no overflowing nodes'}")
     print_digest(bundle)
 
@@ -147,8 +127,9 @@ def parity(
 ) -> int:
     """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""
     import cxr.train.models  # noqa: F401
-    from cxr.export.parity import Rule, run_parity
+    from cxr.export.parity import run_parity
     from cxr.runtime.errors import CxrUsageError
+    from cxr.runtime.formats import ParityRule as Rule
 
     if not 0 < alpha < 1:
         raise CxrUsageError(f"--alpha must be between 0 and 1, got {alpha}")

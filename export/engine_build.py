@@ -6,6 +6,7 @@ tested without TensorRT; ``build_plan`` is the only place that imports ``tensorr
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from cxr.runtime.card import forget_parity, record_files, sha256_file
 from cxr.runtime.engine_sidecar import write_sidecar
 from cxr.runtime.errors import CxrError
 from cxr.runtime.safe_io import atomic_write
+
+log = logging.getLogger(__name__)
 
 MAX_SEGMENTS = 256  # LIME explainer profile: up to this many superpixels
 
@@ -137,7 +140,7 @@ def build_engines(bundle_dir: Path, precision: str = "fp16", profile: Profile = 
                                                     time.perf_counter() - started))
         written += [target.name, f"{target.name}.json"]
         results.append(facts)
-        print(f"built {target} ({len(plan) / 1e6:.1f} MB, TensorRT {version}, {facts['gpu_name']})")
+        log.info(f"built {target} ({len(plan) / 1e6:.1f} MB, TensorRT {version}, {facts['gpu_name']})")
     record_files(bundle.folder, forget_parity(bundle.card, [f"engine-{precision}"]), written)
     return results
 

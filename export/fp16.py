@@ -7,6 +7,7 @@ inputs come near the fp16 range, and numerically touchy ops (softmax, reductions
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -64,3 +65,31 @@ def convert_fp16(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> di
         onnx.save(sorted_model.model, str(tmp))
     onnx.checker.check_model(str(dst), full_check=True)
     return {"fp32_ops": ALWAYS_FP32_OPS, "fp32_nodes_overflow": kept}
+
+
+def probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """Inputs that find overflowing nodes: random and saturated images, and a random explainer batch."""
+    from cxr.export.graphs import example_inputs
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (4, 1, size, size), dtype=np.uint8), np.full((2, 1, size, size), 255, np.uint8)]
+    explain = [{k: v.numpy() for k, v in example_inputs(size, 32, 4).items()}]
+    return [{"image": im} for im in images], explain
+
+
+def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    """model.fp16.onnx / explain.fp16.onnx for every fp32 graph in the bundle, recorded in the card (whose fp16
+    parity result is forgotten: a new graph has not passed yet). Returns (files written, notes per graph)."""
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.card import forget_parity, record_files
+
+    opened = Bundle.open(bundle_dir)
+    image_feeds, explain_feeds = probe_feeds(opened.card.input.size)
+    written, notes = [], {}
+    for graph, feeds in (("model", image_feeds), ("explain", explain_feeds)):
+        if opened.has(f"{graph}.onnx"):
+            notes[graph] = convert_fp16(opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds)
+            written.append(f"{graph}.fp16.onnx")
+    card = record_files(opened.folder, opened.card, written)
+    record_files(opened.folder, forget_parity(card.replace(provenance={**card.provenance, "fp16": notes}), ["fp16"]), [])
+    return written, notes

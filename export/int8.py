@@ -127,19 +127,21 @@ def draw_images(folder: Path, size: int, count: int, seed: int, pre: Preprocessi
 
 def export_int8(bundle_dir: Path, calib: Path, samples: int = 64, check: int = 64, seed: int = 0,
                 methods: tuple[str, ...] = ("minmax", "percentile"), target: float = 0.98,
-                log: Any = print) -> Int8Report:
+                log: Any = None) -> Int8Report:
     """model.int8.onnx (method and float-kept layers chosen by measurement on held-out images) and
     explain.int8.onnx (min/max: its segment count varies, so histograms cannot be merged), recorded in the card."""
     from cxr.export.int8_tune import METHODS, b1_p50_ms, cpu_int8_features, tune
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
 
-    opened = Bundle.open(bundle_dir)
+    log = log or logging.getLogger(__name__).info
     if samples < 1 or check < 0:
         raise CxrUsageError("--samples must be at least 1 and --check at least 0")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise CxrUsageError(f"--calibration: {', '.join(unknown) or 'empty'} is not one of {', '.join(METHODS)}")
+        raise CxrUsageError(f"--calibration: {', '.join(unknown) or 'empty'} is not one of {', '.join(METHODS)} "
+                            "(it must name at least one)")
+    opened = Bundle.open(bundle_dir)
     images = draw_images(calib, opened.card.input.size, samples + check, seed, opened.card.preprocessing)
     if not images:
         raise CxrError(f"{calib}: no readable calibration images")

@@ -11,6 +11,7 @@ Every decision is taken on images the calibration did not see (``check`` feeds),
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from cxr.runtime.safe_io import atomic_write
 
 METHODS = ("minmax", "percentile", "entropy")
 EXCLUDE_STEPS = (1, 2, 4, 8, 16, 32)
+logger = logging.getLogger(__name__)
 FASTER_RATIO = 0.7  # int8 b1 p50 must be at most this share of fp32 to be called worth having
 
 
@@ -100,7 +102,7 @@ def nodes_touching(float_path: Path, tensors: list[str]) -> list[str]:
 
 
 def tune(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], check: list[dict[str, np.ndarray]],
-         methods: tuple[str, ...], target: float, quantize: Any, log: Any = print) -> TuneResult:
+         methods: tuple[str, ...], target: float, quantize: Any, log: Any = logger.info) -> TuneResult:
     """Pick the calibration method, then the fewest float-kept nodes reaching ``target`` agreement; writes ``dst``.
 
     ``quantize(src, dst, feeds, method, exclude, cache)`` makes one graph (``cxr.export.int8.quantize_int8``).

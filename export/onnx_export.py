@@ -6,6 +6,7 @@ with PyTorch on a few inputs. The card travels inside each graph's ``metadata_pr
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 import warnings
@@ -26,6 +27,8 @@ from cxr.runtime.card import Card, graph_metadata, write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.safe_io import atomic_output
 from cxr.train.run import load_run
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 EXPORT_ATOL = 1e-4
@@ -115,6 +118,6 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
         export_check={"model.onnx": diff_classifier, "explain.onnx": diff_explainer},
     )
     card = write_card(out, card.replace(provenance=provenance))
-    print(f"wrote {classifier_path} and {explain_path} (ORT vs PyTorch max |dprob| "
+    log.info(f"wrote {classifier_path} and {explain_path} (ORT vs PyTorch max |dprob| "
           f"{max(diff_classifier, diff_explainer):.1e}); card: {out / 'card.json'}")
     return card

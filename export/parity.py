@@ -7,7 +7,8 @@ precision / recall / F1 with their deltas (COVID-19 recall called out), judged b
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +18,19 @@ from cxr.runtime.backends.select import describe, open_classifier
 from cxr.runtime.bundle import Bundle, engine_name, onnx_name
 from cxr.runtime.card import write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.formats import FORMATS, PRECISIONS, ParityRule
 from cxr.runtime.metrics import classification_report
 from cxr.runtime.safe_io import atomic_write
 from cxr.train.augment import evaluation_view
 from cxr.train.data import load_images, scan_image_folder
 from cxr.train.run import load_run
 
+log = logging.getLogger(__name__)
+
 PARITY_BACKENDS = ("onnx", "fp16", "int8", "engine", "openvino")
 
 
-@dataclass(frozen=True)
-class Rule:
-    """fp32: every prediction the same and |dprob| tiny. fp16/int8: judged by exact tests that know n, so one
-    flip among 150 images is not a failure and a real shift is: the flip rate must not be significantly above
-    ``1 - min_agreement`` (one-sided binomial test), and no class's recall may shift (McNemar's exact test on
-    the paired right/wrong outcomes), each at significance ``alpha``."""
-
-    min_agreement: float
-    max_abs_dprob: float | None = None
-    alpha: float | None = None  # None: min_agreement is a hard floor (fp32)
-
-
-# The fp32 rule holds on CPU and on CUDA alike because parity runs CUDA fp32 with TF32 off (TF32 rounds
-# matmul/conv inputs to 10 mantissa bits: ~1e-3 |dprob| on a correct graph, measured on an H100).
-DEFAULT_RULES = {
-    "fp32": Rule(min_agreement=1.0, max_abs_dprob=1e-4),
-    "fp16": Rule(min_agreement=0.995, alpha=0.05),
-    "int8": Rule(min_agreement=0.98, alpha=0.05),
-}
+DEFAULT_RULES = {precision: fmt.parity for precision, fmt in FORMATS.items()}
 
 
 def flip_rate_p(flips: int, n: int, allowed_rate: float) -> float:
@@ -92,7 +78,7 @@ def metric_deltas(reference: dict[str, Any], other: dict[str, Any]) -> dict[str,
 
 
 def compare(reference_probs: np.ndarray, probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
-            reference_report: dict[str, Any], rule: Rule) -> dict[str, Any]:
+            reference_report: dict[str, Any], rule: ParityRule) -> dict[str, Any]:
     diff = np.abs(probs.astype(np.float64) - reference_probs.astype(np.float64))
     report = classification_report(labels, probs.argmax(1), classes)
     deltas = metric_deltas(reference_report, report)
@@ -135,7 +121,7 @@ def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
         if item not in PARITY_BACKENDS:
             raise CxrUsageError(f"--backends: unknown {item!r}; choose from {', '.join(PARITY_BACKENDS)}")
         if item == "engine":
-            for precision in ("fp32", "fp16", "int8"):
+            for precision in PRECISIONS:
                 if bundle.has(engine_name("model", precision)) and tensorrt_available():
                     targets.append((f"engine-{precision}", "tensorrt", precision))
             continue
@@ -143,7 +129,7 @@ def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
             from cxr.runtime.backends.openvino import openvino_available
 
             if openvino_available():
-                targets += [(f"openvino-{p}", "openvino", p) for p in ("fp32", "fp16", "int8")
+                targets += [(f"openvino-{p}", "openvino", p) for p in PRECISIONS
                             if bundle.has(onnx_name("model", p))]
             continue
         precision = {"onnx": "fp32", "fp16": "fp16", "int8": "int8"}[item]
@@ -152,7 +138,7 @@ def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
     return targets
 
 
-def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[str, Rule],
+def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[str, ParityRule],
                report_path: Path | None = None, run: Path | None = None, batch_size: int = 16) -> dict[str, Any]:
     bundle = Bundle.open(bundle_dir)
     source_run = Path(run or bundle.card.provenance.get("source_run", ""))
@@ -188,8 +174,8 @@ def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[st
     earlier = bundle.card.parity.get("backends", {})  # results of backends not run now are kept
     write_card(bundle.folder, bundle.card.replace(parity={"data": str(data), "n": len(pixels),
                                                           "backends": {**earlier, **summary}}), rehash=False)
-    print(format_parity(results))
-    print(f"report: {report_path}")
+    log.info(format_parity(results))
+    log.info(f"report: {report_path}")
     return results
 
 

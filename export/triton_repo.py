@@ -19,6 +19,7 @@ from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
 from cxr.runtime.card import Card
 from cxr.runtime.engine_sidecar import read_sidecar, sidecar_path
 from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.formats import get_format
 
 FORMATS = ("auto", "tensorrt", "onnx")
 KINDS = ("gpu", "cpu")
@@ -145,7 +146,7 @@ def build_config(options: RepoOptions, fmt: str, inputs: list[TensorSpec], outpu
     config.instance_group.add(count=options.instances, kind=kind)
     if options.trt_accelerator:
         accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
-        accelerator.parameters["precision_mode"] = "FP16" if options.precision == "fp16" else "FP32"
+        accelerator.parameters["precision_mode"] = get_format(options.precision).triton_trt_mode
         accelerator.parameters["max_workspace_size_bytes"] = str(1 << 30)
     return config
 

@@ -1,4 +1,5 @@
-"""The model bundle's file names and loading: one place that maps (graph, precision) to files."""
+"""The model bundle: opening it (card, digest, signature) and its files by (graph, precision), named by the
+formats table (``cxr.runtime.formats``)."""
 
 from __future__ import annotations
 
@@ -6,26 +7,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cxr.runtime.card import Card, card_digest, read_card_bytes, verified_bytes, verify_file
-from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.errors import CxrError
+from cxr.runtime.formats import GRAPHS, PRECISIONS, get_format
 
-PRECISIONS = ("fp32", "fp16", "int8")
-GRAPHS = ("model", "explain")  # classifier, LIME explainer
-
+__all__ = ["GRAPHS", "PRECISIONS", "Bundle", "check_precision", "engine_name", "onnx_name"]
 
 def check_precision(precision: str) -> str:
-    if precision not in PRECISIONS:
-        raise CxrUsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    return precision
+    return get_format(precision).precision
 
 
 def onnx_name(graph: str, precision: str) -> str:
-    check_precision(precision)
-    return f"{graph}.onnx" if precision == "fp32" else f"{graph}.{precision}.onnx"
+    return get_format(precision).onnx_name(graph)
 
 
 def engine_name(graph: str, precision: str) -> str:
-    check_precision(precision)
-    return f"{graph}.{precision}.engine"
+    return get_format(precision).engine_name(graph)
 
 
 @dataclass(frozen=True)
@@ -65,6 +61,6 @@ class Bundle:
     def onnx_path(self, graph: str, precision: str) -> Path:
         name = onnx_name(graph, precision)
         if not self.has(name):
-            hint = {"fp16": "cxr-export fp16", "int8": "cxr-export int8"}.get(precision, "cxr-export onnx")
+            hint = get_format(precision).made_by
             raise CxrError(f"{self.folder}: no {name} (create it with '{hint} {self.folder}')")
         return self.verified(name)

@@ -11,7 +11,8 @@ from typing import List, Optional
 import typer
 from cxr.runtime.cli_util import new_app, run_app
 
-app = new_app("Run a cxr-edge model bundle on chest X-rays (PNG, JPEG, DICOM): predictions and LIME maps.")
+app = new_app("Run a cxr-edge model bundle on chest X-rays (PNG, JPEG, DICOM): predictions and LIME maps.",
+              log_stream="stderr")
 
 EXIT_OK, EXIT_FATAL, EXIT_SOME_FAILED = 0, 1, 2
 

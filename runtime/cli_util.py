@@ -8,8 +8,10 @@ a bare command prints its help and exits 2. A command may return its exit code.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import typer
@@ -41,14 +43,42 @@ EXITS = _classes("Exit", typer.Exit)
 ABORTS = _classes("Abort", typer.Abort)
 
 
-def new_app(help_text: str) -> typer.Typer:
-    return typer.Typer(
+def configure_logging(verbosity: int, stream: TextIO) -> None:
+    """The library logs (``logging``); the CLI decides what is shown: -1 quiet (warnings and errors, no progress
+    bars), 0 what a person follows (info), 1 verbose (debug)."""
+    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s" if level > logging.DEBUG else "%(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("matplotlib", "PIL", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if verbosity < 0:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when a bar is made
+
+
+def new_app(help_text: str, log_stream: str = "stdout") -> typer.Typer:
+    """A Typer app with one-line errors and a --quiet/--verbose pair before the command. ``log_stream``: where
+    messages go (stderr for a CLI whose stdout carries results, e.g. JSON lines)."""
+    app = typer.Typer(
         help=help_text,
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},
     )
+
+    @app.callback()
+    def _verbosity(
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors; no progress bars."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug messages too, with their source."),
+    ) -> None:
+        if quiet and verbose:
+            raise CxrUsageError("--quiet and --verbose must not be given together")
+        configure_logging(-1 if quiet else int(verbose), sys.stderr if log_stream == "stderr" else sys.stdout)
+
+    return app
 
 
 def usage_line(exc: Exception) -> str:

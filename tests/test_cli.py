@@ -22,6 +22,9 @@ USAGE_ERRORS = [
     ("cxr-bench", "lattency"),
     ("cxr-bench", "lime", "--model", "b", "--count", "0"),  # our own check: exit 2 as well
     ("cxr-train", "fit", ".", "--out", "r", "--epochs", "0"),
+    ("cxr-train", "fit", ".", "--out", "r", "--balance", "oversample"),
+    ("cxr-export", "-q", "-v", "fp16", "bundle"),  # contradicting verbosity
+    ("cxr-export", "int8", "b", "--calib", ".", "--calibration", "kl"),
 ]
 
 
@@ -54,3 +57,12 @@ def test_fit_rejects_bad_options_before_importing_torch(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "exit 2 False", result.stdout + result.stderr
+
+
+def test_quiet_hides_library_messages_but_not_results(trained_run, tmp_path):
+    loud = cli("cxr-export", "onnx", str(trained_run), "--out", str(tmp_path / "a"))
+    quiet = cli("cxr-export", "--quiet", "onnx", str(trained_run), "--out", str(tmp_path / "b"))
+    assert "ORT vs PyTorch max |dprob|" in loud.stdout and "ORT vs PyTorch" not in quiet.stdout
+    assert quiet.stdout.startswith("bundle digest: sha256:") and len(quiet.stdout.splitlines()) == 1
+    verbose = cli("cxr-export", "--verbose", "onnx", str(trained_run), "--out", str(tmp_path / "c"))
+    assert "cxr.export.onnx_export: wrote" in verbose.stdout

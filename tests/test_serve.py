@@ -17,10 +17,10 @@ import pytest
 pytest.importorskip("pytriton", reason="serving extra not installed (pip install 'cxr-edge[serve]')")
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
-from cxr.bench.server_process import ServerProcess, free_port  # noqa: E402
 from cxr.runtime.backends.onnxruntime import OrtBackend  # noqa: E402
 from cxr.runtime.card import read_card  # noqa: E402
 from cxr.runtime.preprocess import load_and_preprocess  # noqa: E402
+from cxr.runtime.serve_process import ServerProcess, free_port  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from tests.conftest import AUTO_CPU_BACKEND, IMAGE_SIZE, cli, one_line_error  # noqa: E402

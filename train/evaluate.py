@@ -7,6 +7,7 @@ images would flatter the model). The baseline is trained on the run's training s
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from cxr.train.lime_audit import lime_audit
 from cxr.train.plots import plot_evaluation_page
 from cxr.train.run import load_run, read_split
 from cxr.train.shortcut import shortcut_predictions
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 16, lime_audit_images: int = 0,
@@ -64,19 +67,19 @@ def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 1
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(result, indent=2) + "\n")
     plot_evaluation_page(result, classes, out.with_suffix(".png"), f"{card.arch} on {Path(data).name}: {scope}")
-    print(format_report(report, f"{card.arch} on {data} ({scope})"))
+    log.info(format_report(report, f"{card.arch} on {data} ({scope})"))
     if baseline is not None:
-        print()
-        print(format_report(result["shortcut_baseline"], "shortcut baseline (image statistics only, same images)"))
+        log.info("")
+        log.info(format_report(result["shortcut_baseline"], "shortcut baseline (image statistics only, same images)"))
         gain = result["intervals"]["gain_over_baseline"]
         low, high = gain["interval_points"]
-        print(f"\nthe network adds {gain['points']:+.1f} accuracy points over image statistics alone "
+        log.info(f"\nthe network adds {gain['points']:+.1f} accuracy points over image statistics alone "
               f"(95 % interval {low:+.1f} to {high:+.1f})")
     if "lime_audit" in result:
         audit = result["lime_audit"]
-        print(f"LIME audit: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight lies outside the "
+        log.info(f"LIME audit: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight lies outside the "
               f"body ({audit['images']} images, {audit['samples']} samples each)")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    log.info(f"wrote {out} and {out.with_suffix('.png')}")
     return result
 
 

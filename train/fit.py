@@ -139,7 +139,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
             row.update(epoch=epoch, train_loss=float(np.mean(losses)),
                        train_images_per_s=seen * ctx.world_size / train_seconds)
             history.append(row)
-            tqdm.write(f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
+            log.info(f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
                        f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)")
             if report["macro_f1"] > best["val_macro_f1"]:
                 best = {**row, "report": report}
@@ -147,7 +147,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
         if should_stop(ctx, config.patience, epoch, history, best):
             if ctx.is_main:
-                tqdm.write(f"early stop after epoch {epoch}: no better validation macro-F1 for {config.patience} epochs")
+                log.info(f"early stop after epoch {epoch}: no better validation macro-F1 for {config.patience} epochs")
                 best["stopped_early_after"] = epoch
             break
         barrier(ctx)
@@ -216,8 +216,8 @@ def _write_run(
         provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "cxr-train fit"},
     )
     write_card(out, card)
-    print(format_report(report, f"best epoch {best['epoch']} (validation, {len(val.images)} images)"))
+    log.info(format_report(report, f"best epoch {best['epoch']} (validation, {len(val.images)} images)"))
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s); see metrics.json")
-    print(f"run written to {out}: {MODEL_FILE}, card.json, metrics.json, confusion.png, curves.png")
+        log.info(f"skipped {len(skipped)} unreadable image(s); see metrics.json")
+    log.info(f"run written to {out}: {MODEL_FILE}, card.json, metrics.json, confusion.png, curves.png")
     return metrics

@@ -6,20 +6,23 @@ synth -> fit (small DPN-SE) -> export onnx + fp16 -> engine (when TensorRT is pr
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 
 def step(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+    log.info(f"\n== {title}")
 
 
 def run_quickstart(out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: int = 96, per_class: int = 60) -> int:
     import cxr.train.models  # noqa: F401
     from cxr.bench.latency import run_latency
-    from cxr.export.cli import fp16
+    from cxr.export.fp16 import export_fp16
     from cxr.export.onnx_export import export_onnx
     from cxr.export.parity import DEFAULT_RULES, run_parity
     from cxr.runtime.backends.tensorrt import tensorrt_available
@@ -34,14 +37,14 @@ def run_quickstart(out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: 
     fit(FitConfig(data=data, out=run, arch=arch, epochs=epochs, image_size=size, batch_size=16, lr=3e-3, seed=0))
     step(f"3/7 export ONNX fp32 + fp16 -> {bundle}")
     export_onnx(run, bundle)
-    fp16(bundle)
+    export_fp16(bundle)
     step("4/7 TensorRT engine")
     if tensorrt_available():
         from cxr.export.engine_build import build_engines
 
         build_engines(bundle, "fp16")
     else:
-        print("skipped: TensorRT is not installed here (on a GPU machine: pip install 'cxr-edge[trt]', then "
+        log.info("skipped: TensorRT is not installed here (on a GPU machine: pip install 'cxr-edge[trt]', then "
               f"cxr-export build-engine {bundle} --precision fp16)")
     step("5/7 predict + LIME explanations on 4 images (cxr-run, no PyTorch)")
     images = [str(sorted((data / c).glob("*.png"))[0]) for c in ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")]
@@ -55,9 +58,9 @@ def run_quickstart(out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: 
     step("7/7 latency")
     run_latency(bundle, reports, None, [1, 8, 32], warmup_s=0.5, duration_s=2.0)
     minutes = (time.perf_counter() - started) / 60
-    print(f"\nquick start finished in {minutes:.1f} min")
-    print(f"  overlays:     {reports / 'overlays'}  (red = supports the class, blue = against)")
-    print(f"  predictions:  {predictions}")
-    print(f"  parity table: {reports / 'parity.json'}  ({'PASS' if parity['passed'] else 'FAIL'})")
-    print(f"  latency:      {reports}/latency_*.json and .png")
+    log.info(f"\nquick start finished in {minutes:.1f} min")
+    log.info(f"  overlays:     {reports / 'overlays'}  (red = supports the class, blue = against)")
+    log.info(f"  predictions:  {predictions}")
+    log.info(f"  parity table: {reports / 'parity.json'}  ({'PASS' if parity['passed'] else 'FAIL'})")
+    log.info(f"  latency:      {reports}/latency_*.json and .png")
     return 0 if code == 0 and parity["passed"] else 1

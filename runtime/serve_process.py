@@ -1,6 +1,6 @@
 """Start ``cxr-run serve`` as a child process on free loopback ports, wait until ready, stop it cleanly.
 
-Used by the load test and the serving tests: one way to run a real Triton server, bounded in time.
+Used by the load benchmark and the serving tests: one way to run a real Triton server, bounded in time.
 """
 
 from __future__ import annotations

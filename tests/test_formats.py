@@ -1,0 +1,34 @@
+"""The formats table: one source for file names, commands, parity rules, and the README's copy of it."""
+
+from pathlib import Path
+
+import pytest
+from cxr.runtime.bundle import engine_name, onnx_name
+from cxr.runtime.errors import CxrUsageError
+from cxr.runtime.formats import FORMATS, get_format, markdown_table
+
+
+def test_readme_shows_the_table_as_the_code_has_it():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert markdown_table() in readme
+
+
+def test_file_names_come_from_the_table():
+    assert onnx_name("model", "fp32") == "model.onnx" and onnx_name("explain", "int8") == "explain.int8.onnx"
+    assert engine_name("explain", "fp16") == "explain.fp16.engine"
+    with pytest.raises(ValueError):
+        onnx_name("other", "fp32")
+
+
+def test_unknown_precision_suggests_the_nearest():
+    with pytest.raises(CxrUsageError, match=r"got 'fp61' \(did you mean fp16\?\)"):
+        get_format("fp61")
+    with pytest.raises(CxrUsageError, match="one of fp32, fp16, int8, got 'bf16'"):
+        get_format("bf16")
+
+
+def test_parity_defaults_are_the_table_rules():
+    from cxr.export.parity import DEFAULT_RULES
+
+    assert DEFAULT_RULES == {p: f.parity for p, f in FORMATS.items()}
+    assert FORMATS["fp32"].parity.alpha is None and FORMATS["int8"].parity.min_agreement == 0.98
