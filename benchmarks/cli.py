@@ -6,6 +6,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from cxr.runtime.cli_options import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_QUEUE_DELAY_US,
+    Instances,
+    MaxBatch,
+    QueueDelayUs,
+)
 from cxr.runtime.cli_util import new_app, parse_int_list, run_app
 
 app = new_app("Benchmarks: per-image latency, throughput and LIME cost; reports; the quick start.")
@@ -85,9 +92,9 @@ def serve_load(
     clients: int = typer.Option(8, help="Concurrent clients, one image per request."),
     max_requests: int = typer.Option(2000, help="Stop after this many requests."),
     max_seconds: float = typer.Option(120.0, help="... or after this many seconds."),
-    max_batch: int = typer.Option(64, help="Server: largest dynamic batch."),
-    max_queue_delay_us: int = typer.Option(2000, help="Server: longest wait to form a batch."),
-    instances: int = typer.Option(1, help="Server: model instances."),
+    max_batch: MaxBatch = DEFAULT_MAX_BATCH,
+    max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
+    instances: Instances = 1,
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (server and local alike)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for serve_load.json and .png."),
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from cxr.bench.environment import environment, slug
 from cxr.bench.torch_reference import torch_runner
-from cxr.runtime.bundle import PRECISIONS, Bundle, engine_name, onnx_name
+from cxr.runtime.bundle import Bundle, engine_name
 from cxr.runtime.errors import CxrError
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def measure(run: Runner, size: int, batch_sizes: list[int], warmup_s: float, dur
 def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Callable[[], Any]]]:
     """(name, precision, opener) for PyTorch (eager fp32; on CUDA also eager and compiled fp16 channels-last),
     each ORT graph and each engine present here."""
-    from cxr.runtime.backends.tensorrt import tensorrt_available
+    from cxr.runtime.backends.select import runnable_here
 
     found = []
     run = Path(bundle.card.provenance.get("source_run", ""))
@@ -67,15 +67,9 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
                 found.append(("torch-compile", "fp16", lambda: (torch_runner(run, half=True, compiled=True), lambda: None)))
     except ImportError:
         pass
-    from cxr.runtime.backends.openvino import openvino_available
-
-    for precision in PRECISIONS:
-        if bundle.has(onnx_name("model", precision)):
-            found.append(("onnxruntime", precision, lambda p=precision: _ort_runner(bundle, p)))
-            if openvino_available():
-                found.append(("openvino", precision, lambda p=precision: _ov_runner(bundle, p)))
-        if bundle.has(engine_name("model", precision)) and tensorrt_available():
-            found.append(("tensorrt", precision, lambda p=precision: _trt_runner(bundle, p)))
+    makers = {"onnxruntime": _ort_runner, "openvino": _ov_runner, "tensorrt": _trt_runner}
+    for backend, precision in runnable_here(bundle):
+        found.append((backend, precision, lambda b=backend, p=precision: makers[b](bundle, p)))
     if wanted:
         found = [f for f in found if f[0] in wanted or f"{f[0]}-{f[1]}" in wanted]
     return found

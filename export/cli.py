@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from cxr.runtime.cli_options import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_QUEUE_DELAY_US,
+    Instances,
+    MaxBatch,
+    QueueDelayUs,
+)
 from cxr.runtime.cli_util import new_app, run_app
+from cxr.runtime.formats import FORMATS
 
 app = new_app("Export a trained run to a model bundle: ONNX (fp32/fp16/int8), TensorRT engines, parity.")
 
@@ -76,7 +84,8 @@ def int8(
                                        "in float (0: no choosing, first --calibration method, nothing kept)."),
     calibration: str = typer.Option("minmax,percentile", help="Methods to try, best held-out agreement wins: "
                                     "minmax, percentile, entropy (histogram methods see 16 images)."),
-    agreement: float = typer.Option(0.98, help="Top-1 agreement with fp32 the sensitivity sweep aims for."),
+    agreement: float = typer.Option(FORMATS["int8"].parity.min_agreement,
+                                    help="Top-1 agreement with fp32 the sensitivity sweep aims for."),
     seed: int = typer.Option(0, help="Which images are drawn."),
 ) -> None:
     """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images, checked on held-out ones."""
@@ -120,10 +129,13 @@ def parity(
     backends: str = typer.Option("onnx,fp16,int8,engine", help="Any of onnx, fp16, int8, engine."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default BUNDLE/parity.json)."),
     run: Optional[Path] = typer.Option(None, "--run", help="PyTorch run folder (default: the card's source run)."),
-    fp32_max_dprob: float = typer.Option(1e-4, help="fp32: max |dprob|."),
-    fp16_agreement: float = typer.Option(0.995, help="fp16: the agreement the flip rate is tested against."),
-    int8_agreement: float = typer.Option(0.98, help="int8: the agreement the flip rate is tested against."),
-    alpha: float = typer.Option(0.05, help="fp16/int8: significance of the flip-rate and per-class McNemar tests."),
+    fp32_max_dprob: float = typer.Option(FORMATS["fp32"].parity.max_abs_dprob, help="fp32: max |dprob|."),
+    fp16_agreement: float = typer.Option(FORMATS["fp16"].parity.min_agreement,
+                                         help="fp16: the agreement the flip rate is tested against."),
+    int8_agreement: float = typer.Option(FORMATS["int8"].parity.min_agreement,
+                                         help="int8: the agreement the flip rate is tested against."),
+    alpha: float = typer.Option(FORMATS["fp16"].parity.alpha,
+                                help="fp16/int8: significance of the flip-rate and per-class McNemar tests."),
 ) -> int:
     """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""
     import cxr.train.models  # noqa: F401
@@ -145,11 +157,11 @@ def triton(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     out: Path = typer.Option(..., "--out", help="Model repository folder (created; the model folder is replaced)."),
     precision: str = typer.Option("fp16", help="fp32, fp16 or int8: which engine / graph to serve."),
-    max_batch: int = typer.Option(64, help="Triton max_batch_size (must fit the engine profile)."),
+    max_batch: MaxBatch = DEFAULT_MAX_BATCH,
     format: str = typer.Option("auto", "--format", help="auto (plan if the bundle has one, else ONNX), tensorrt or onnx."),
     kind: str = typer.Option("gpu", help="Instance kind: gpu or cpu (ONNX only)."),
-    instances: int = typer.Option(1, help="Model instances per device."),
-    max_queue_delay_us: int = typer.Option(2000, help="Dynamic batching: longest wait to form a batch."),
+    instances: Instances = 1,
+    max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
     trt_accelerator: bool = typer.Option(False, "--trt-accelerator", help="ONNX on GPU: let ORT hand the graph to TensorRT."),
     name: str = typer.Option("cxr", help="Model name in the repository."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder of that name not written by cxr-export."),

@@ -14,15 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from cxr.runtime.backends.select import describe, open_classifier
-from cxr.runtime.bundle import Bundle, engine_name, onnx_name
+from cxr.runtime.backends.select import describe, open_classifier, runnable_here
+from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
-from cxr.runtime.formats import FORMATS, PRECISIONS, ParityRule
+from cxr.runtime.formats import FORMATS, ParityRule
 from cxr.runtime.metrics import classification_report
 from cxr.runtime.safe_io import atomic_write
 from cxr.train.augment import evaluation_view
 from cxr.train.data import load_images, scan_image_folder
+from cxr.train.fit import predict_probs
 from cxr.train.run import load_run
 
 log = logging.getLogger(__name__)
@@ -113,29 +114,19 @@ def compare(reference_probs: np.ndarray, probs: np.ndarray, labels: np.ndarray, 
 
 
 def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
-    """(label, backend, precision) for every requested backend this bundle and machine can run."""
-    from cxr.runtime.backends.tensorrt import tensorrt_available
-
+    """(label, backend, precision) for every requested backend this bundle and machine can run: 'onnx', 'fp16',
+    'int8' are ONNX Runtime on that graph, 'engine' every TensorRT engine, 'openvino' OpenVINO on every graph."""
+    unknown = [item for item in wanted if item not in PARITY_BACKENDS]
+    if unknown:
+        raise CxrUsageError(f"--backends: unknown {unknown[0]!r}; choose from {', '.join(PARITY_BACKENDS)}")
     targets = []
-    for item in wanted:
-        if item not in PARITY_BACKENDS:
-            raise CxrUsageError(f"--backends: unknown {item!r}; choose from {', '.join(PARITY_BACKENDS)}")
-        if item == "engine":
-            for precision in PRECISIONS:
-                if bundle.has(engine_name("model", precision)) and tensorrt_available():
-                    targets.append((f"engine-{precision}", "tensorrt", precision))
-            continue
-        if item == "openvino":  # each ONNX graph, run by OpenVINO instead of ONNX Runtime
-            from cxr.runtime.backends.openvino import openvino_available
-
-            if openvino_available():
-                targets += [(f"openvino-{p}", "openvino", p) for p in PRECISIONS
-                            if bundle.has(onnx_name("model", p))]
-            continue
-        precision = {"onnx": "fp32", "fp16": "fp16", "int8": "int8"}[item]
-        if bundle.has(onnx_name("model", precision)):
-            targets.append((item, "onnxruntime", precision))
-    return targets
+    for backend, precision in runnable_here(bundle):
+        label = {"onnxruntime": "onnx" if precision == "fp32" else precision,
+                 "tensorrt": f"engine-{precision}", "openvino": f"openvino-{precision}"}[backend]
+        if label in wanted or label.split("-")[0] in wanted:
+            targets.append((label, backend, precision))
+    order = {item: index for index, item in enumerate(wanted)}
+    return sorted(targets, key=lambda t: order.get(t[0], order.get(t[0].split("-")[0], 0)))
 
 
 def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[str, ParityRule],
@@ -150,9 +141,7 @@ def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[st
     if not loaded.images:
         raise CxrError(f"{data}: no readable images")
     pixels = np.stack([evaluation_view(im, card.input.size, bundle.card.preprocessing) for im in loaded.images])[:, None]
-    with torch.no_grad():
-        reference = np.concatenate([model(torch.from_numpy(pixels[i : i + batch_size])).numpy()
-                                    for i in range(0, len(pixels), batch_size)])
+    reference = predict_probs(model.net, model.adapter, list(pixels[:, 0]), torch.device("cpu"), batch_size)
     reference_report = classification_report(loaded.labels, reference.argmax(1), classes)
     results: dict[str, Any] = {"data": str(data), "n": len(pixels), "pytorch": reference_report, "backends": {}}
     targets = _targets(bundle, backends)

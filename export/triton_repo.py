@@ -20,6 +20,7 @@ from cxr.runtime.card import Card
 from cxr.runtime.engine_sidecar import read_sidecar, sidecar_path
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.formats import get_format
+from cxr.runtime.optional import require
 
 FORMATS = ("auto", "tensorrt", "onnx")
 KINDS = ("gpu", "cpu")
@@ -54,11 +55,7 @@ class RepoOptions:
 
 
 def _model_config_pb2():
-    try:
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise CxrError("Triton export needs tritonclient: pip install 'cxr-edge[export]'") from None
-    return model_config_pb2
+    return require("tritonclient.grpc.model_config_pb2", "Triton export", extra="export")
 
 
 def _text_format():

@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from cxr.runtime.cli_options import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_QUEUE_DELAY_US,
+    AllowUnvalidated,
+    ExpectDigest,
+    Instances,
+    MaxBatch,
+    MaxPixels,
+    QueueDelayUs,
+    TrustedKey,
+)
 from cxr.runtime.cli_util import new_app, run_app
 
 app = new_app("Run a cxr-edge model bundle on chest X-rays (PNG, JPEG, DICOM): predictions and LIME maps.",
@@ -29,7 +41,7 @@ def predict(
     timeout: float = typer.Option(30.0, help="With --server: seconds to wait for each reply."),
     out: Optional[Path] = typer.Option(None, "--out", help="FILE.jsonl or FILE.csv (default: JSON lines on stdout)."),
     top_k: int = typer.Option(0, help="Also list the K most probable classes."),
-    max_pixels: int = typer.Option(64_000_000, help="Refuse images larger than this (decompression bombs)."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     explain: bool = typer.Option(False, "--explain", help="Add a LIME explanation and an overlay PNG per image."),
     explain_dir: Optional[Path] = typer.Option(None, help="Where overlay PNGs go (default: explanations/ beside --out, or ./explanations)."),
     samples: str = typer.Option("1000", help="LIME samples per image, or 'auto': sample in rounds until the map is settled."),
@@ -39,9 +51,9 @@ def predict(
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
     strict: bool = typer.Option(False, "--strict", help="Fail inputs with a warning (not a CR/DX radiograph, colour, "
                                 "near-binary, under 64 px) instead of predicting them."),
-    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
-    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign)."),
-    allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated", help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'."),
+    expect_digest: ExpectDigest = None,
+    trusted_key: TrustedKey = None,
+    allow_unvalidated: AllowUnvalidated = False,
 ) -> int:
     """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if some failed."""
     from cxr.runtime.backends.select import check_validated, open_classifier, open_explainer
@@ -139,8 +151,8 @@ def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str
 @app.command()
 def info(
     model: Path = typer.Option(..., "--model", help="Model bundle folder."),
-    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
-    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign)."),
+    expect_digest: ExpectDigest = None,
+    trusted_key: TrustedKey = None,
 ) -> int:
     """The card, file hashes (checked), and what actually runs each graph here (a one-image probe each)."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
@@ -187,18 +199,18 @@ def serve(
     http_port: int = typer.Option(8000, help="HTTP/REST port (KServe v2 protocol)."),
     grpc_port: int = typer.Option(8001, help="gRPC port."),
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (/metrics)."),
-    max_batch: int = typer.Option(64, help="Largest batch Triton's dynamic batcher forms."),
-    max_queue_delay_us: int = typer.Option(2000, help="Longest wait for more requests before running a batch."),
+    max_batch: MaxBatch = DEFAULT_MAX_BATCH,
+    max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
     max_queue: int = typer.Option(0, help="Reject requests beyond this many queued (0: no limit)."),
-    instances: int = typer.Option(1, help="Model instances (each its own backend session)."),
+    instances: Instances = 1,
     backend: str = typer.Option("auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."),
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
-    max_pixels: int = typer.Option(64_000_000, help="Refuse encoded images larger than this."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),
     log_file: Optional[Path] = typer.Option(None, help="Triton's log (default: cxr-triton-HTTP_PORT.log in the temp folder)."),
-    allow_unvalidated: bool = typer.Option(False, "--allow-unvalidated", help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'."),
-    expect_digest: Optional[str] = typer.Option(None, "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:..."),
-    trusted_key: Optional[Path] = typer.Option(None, "--trusted-key", help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign)."),
+    allow_unvalidated: AllowUnvalidated = False,
+    expect_digest: ExpectDigest = None,
+    trusted_key: TrustedKey = None,
 ) -> None:
     """Serve the bundle through NVIDIA Triton Inference Server (PyTriton): dynamic batching, health, metrics."""
     from cxr.runtime.bundle import Bundle

@@ -29,6 +29,7 @@ from cxr.runtime.backends.select import check_validated
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import public_dict, sha256_file
 from cxr.runtime.errors import CxrError, CxrUsageError, one_line
+from cxr.runtime.optional import require
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
 from cxr.runtime.serve_guard import GuardedFront, GuardLimits
 
@@ -83,10 +84,7 @@ def prepare_stub_environment() -> None:
 
 
 def _import_pytriton():
-    try:
-        import pytriton  # noqa: F401
-    except ImportError:
-        raise CxrError("serving needs PyTriton: pip install 'cxr-edge[serve]'") from None
+    require("pytriton", "serving")
 
 
 class ModelInstance:

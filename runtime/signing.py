@@ -12,19 +12,17 @@ import base64
 from pathlib import Path
 
 from cxr.runtime.errors import CxrError
+from cxr.runtime.optional import require
 from cxr.runtime.safe_io import atomic_write
 
 SIGNATURE_NAME = ".card.json.sig"
 
 
 def _crypto():
-    try:
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-    except ImportError:
-        raise CxrError("signing needs cryptography: pip install 'cxr-edge[sign]'") from None
-    return serialization, Ed25519PrivateKey, Ed25519PublicKey, InvalidSignature
+    exceptions = require("cryptography.exceptions", "signing")
+    serialization = require("cryptography.hazmat.primitives.serialization", "signing")
+    ed25519 = require("cryptography.hazmat.primitives.asymmetric.ed25519", "signing")
+    return serialization, ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey, exceptions.InvalidSignature
 
 
 def generate_key(private_path: Path, public_path: Path) -> None:

@@ -32,3 +32,13 @@ def test_parity_defaults_are_the_table_rules():
 
     assert DEFAULT_RULES == {p: f.parity for p, f in FORMATS.items()}
     assert FORMATS["fp32"].parity.alpha is None and FORMATS["int8"].parity.min_agreement == 0.98
+
+
+def test_optional_imports_name_their_extra():
+    from cxr.runtime.optional import install_hint, require
+
+    assert install_hint("tensorrt.plugins") == "pip install 'cxr-edge[trt]' on a machine with an NVIDIA GPU"
+    assert install_hint("tritonclient.grpc", extra="export") == "pip install 'cxr-edge[export]'"
+    with pytest.raises(CxrUsageError.__mro__[1], match=r"^signing needs no_such_pkg: pip install no_such_pkg$"):
+        require("no_such_pkg.sub", "signing")
+    assert require("json", "reading cards").dumps([1]) == "[1]"

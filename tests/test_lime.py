@@ -133,7 +133,7 @@ def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_pa
     result = cli("cxr-bench", "lime", "--model", str(bundle), *map(str, images), "--fidelity", "--samples", "400",
                  "--out", str(tmp_path))
     data = json.loads((tmp_path / "lime_fidelity.json").read_text())
-    assert data["images"] == 2 and 0 <= data["mean_top5_overlap"] <= 1 and data["ort_cpu_fixed_seconds"] > 0
+    assert data["images"] == 2 and data["mean_top5_overlap"] >= 0.6 and data["ort_cpu_fixed_seconds"] > 0
     for row in data["per_image"]:
         assert len(row["curves"]["fixed"]) == 11 and row["samples_auto"] <= 400
     assert "top-5 overlap" in result.stdout and (tmp_path / "lime_fidelity.png").stat().st_size > 1000

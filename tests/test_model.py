@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import cxr.train.models  # noqa: F401  (registers the DPN-SE family)
 import pytest
 import timm
@@ -52,7 +56,10 @@ def test_image_size_too_small_is_a_user_error():
     check_image_size(net, 64, "dpn_se_tiny")
 
 
-def test_pretrained_unreachable_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CxrError, match="could not load ImageNet weights"):
-        build_net("dpn68_se", 4, pretrained=True)
+def test_pretrained_unreachable_is_a_clear_error():
+    """In a fresh interpreter, so the hub library reads HF_HUB_OFFLINE when it is imported (not before it is set)."""
+    code = ("import cxr.train.models\nfrom cxr.train.run import build_net\nfrom cxr.runtime.errors import CxrError\n"
+            "try:\n    build_net('dpn68_se', 4, pretrained=True)\nexcept CxrError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and "could not load ImageNet weights" in result.stdout, result.stderr[-2000:]

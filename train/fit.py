@@ -44,6 +44,8 @@ def to_batch(images: list[np.ndarray], device: torch.device) -> torch.Tensor:
 def predict_probs(
     net: nn.Module, adapter: GrayToNet, images: list[np.ndarray], device: torch.device, batch_size: int
 ) -> np.ndarray:
+    """Softmax probabilities of uint8 views, batch by batch: the one PyTorch reference (validation, evaluate,
+    parity)."""
     net.eval()
     out = []
     with torch.no_grad():

@@ -24,6 +24,7 @@ from cxr.runtime.backends.base import (
 )
 from cxr.runtime.errors import CxrError, one_line
 from cxr.runtime.onnx_meta import onnx_metadata
+from cxr.runtime.optional import require
 
 DEVICE = "CPU"
 EXPLAIN_BATCH = 32
@@ -34,11 +35,7 @@ def openvino_available() -> bool:
 
 
 def import_openvino() -> Any:
-    try:
-        import openvino as ov
-    except ImportError:
-        raise CxrError("OpenVINO is not installed (pip install 'cxr-edge[openvino]')") from None
-    return ov
+    return require("openvino", "the OpenVINO backend")
 
 
 class _Compiled:

@@ -17,6 +17,8 @@ from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
 from cxr.runtime.card import Card, metadata_mismatch, parity_state
 from cxr.runtime.errors import BundleRefused, CxrError, CxrUsageError, one_line
+from cxr.runtime.formats import FORMATS
+from cxr.runtime.optional import install_hint
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino")
 Opened = TypeVar("Opened", Backend, ExplainerBackend)
@@ -61,7 +63,7 @@ def _candidates(bundle: Bundle, backend: str, precision: str, graph: str, open_:
         if engine is None:
             skipped.append(f"tensorrt: no {engine_name(graph, precision)} in the bundle")
         elif not tensorrt_available():
-            skipped.append("tensorrt: TensorRT/cuda-python not installed (pip install 'cxr-edge[trt]')")
+            skipped.append(f"tensorrt: TensorRT/cuda-python not installed ({install_hint('tensorrt')})")
         else:
             found.append(("tensorrt", lambda: open_.tensorrt(engine, bundle.verified_bytes(engine.name))))
         if backend == "tensorrt" and not found:
@@ -80,9 +82,9 @@ def _candidates(bundle: Bundle, backend: str, precision: str, graph: str, open_:
     if openvino_available():
         found.append(("openvino", lambda: open_.openvino(path, data())))
     elif backend == "openvino":
-        raise CxrError("--backend openvino: OpenVINO is not installed (pip install 'cxr-edge[openvino]')")
+        raise CxrError(f"--backend openvino: OpenVINO is not installed ({install_hint('openvino')})")
     else:
-        skipped.append("openvino: not installed (pip install 'cxr-edge[openvino]')")
+        skipped.append(f"openvino: not installed ({install_hint('openvino')})")
     if backend == "auto":
         found.append(("onnxruntime", lambda: open_.onnxruntime(path, data(), [CPU_EP])))
     return found, skipped
@@ -195,3 +197,20 @@ def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32
     explainer, reason = _first_that_runs(candidates, skipped, probe)
     warm_host()
     return explainer, reason
+
+
+def runnable_here(bundle: Bundle, graph: str = "model") -> list[tuple[str, str]]:
+    """(backend, precision) for every file of ``graph`` in the bundle whose runtime is installed here: ONNX Runtime
+    and OpenVINO for each ONNX graph, TensorRT for each engine. (Installed, not probed: ``open_*`` probes.)"""
+    from cxr.runtime.backends.openvino import openvino_available
+    from cxr.runtime.backends.tensorrt import tensorrt_available
+
+    found = []
+    for precision, fmt in FORMATS.items():
+        if bundle.has(fmt.onnx_name(graph)):
+            found.append(("onnxruntime", precision))
+            if openvino_available():
+                found.append(("openvino", precision))
+        if bundle.has(fmt.engine_name(graph)) and tensorrt_available():
+            found.append(("tensorrt", precision))
+    return found

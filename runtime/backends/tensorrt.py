@@ -24,6 +24,7 @@ from cxr.runtime.backends.base import (
 )
 from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar
 from cxr.runtime.errors import CxrError
+from cxr.runtime.optional import require
 
 
 def tensorrt_available() -> bool:
@@ -34,19 +35,12 @@ def import_cudart() -> Any:
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
     except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            raise CxrError("cuda-python is not installed (pip install 'cxr-edge[trt]')") from None
+        return require("cuda.cudart", "the TensorRT backend")  # older cuda-python
     return cudart
 
 
 def import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise CxrError("TensorRT is not installed (pip install 'cxr-edge[trt]' on a machine with an NVIDIA GPU)") from None
-    return trt
+    return require("tensorrt", "the TensorRT backend")
 
 
 def cuda_call(result: Any) -> Any:

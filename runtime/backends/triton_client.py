@@ -14,6 +14,7 @@ import numpy as np
 from cxr.runtime.backends.base import Backend, BatchLimits
 from cxr.runtime.card import Card
 from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.optional import install_hint, require
 
 SCHEMES = ("http", "grpc")
 CONSECUTIVE_FAILURES_TO_GIVE_UP = 3
@@ -76,12 +77,11 @@ class TritonClientBackend(Backend):
 
                     self._client = module.InferenceServerClient(self.address)
                 else:
-                    import tritonclient.http as module
-
+                    module = require("tritonclient.http", "--server")
                     self._client = module.InferenceServerClient(
                         self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
             except ImportError:
-                raise CxrError("--server needs tritonclient: pip install 'cxr-edge[serve]'") from None
+                raise CxrError(f"--server needs tritonclient: {install_hint('tritonclient')}") from None
             self._module = module
         return self._client, self._module
 
