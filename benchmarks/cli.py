@@ -21,7 +21,9 @@ app = new_app("Benchmarks: per-image latency, throughput and LIME cost; reports;
 @app.command()
 def latency(
     model: Path = typer.Option(..., "--model", help="Model bundle folder."),
-    backends: Optional[str] = typer.Option(None, help="Subset, e.g. pytorch,onnxruntime-fp16,tensorrt (default: all here)."),
+    backends: Optional[str] = typer.Option(
+        None, help="Subset, e.g. pytorch,onnxruntime-fp16,tensorrt (default: all here)."
+    ),
     batch_sizes: str = typer.Option("1,8,32,64", help="Batch sizes for throughput."),
     warmup_s: float = typer.Option(1.0, help="Warm-up seconds per backend."),
     duration_s: float = typer.Option(5.0, help="Measured seconds per backend."),
@@ -37,20 +39,35 @@ def latency(
 @app.command()
 def lime(
     model: Path = typer.Option(..., "--model", help="Model bundle folder."),
-    images: List[str] = typer.Argument(None, help="Images, folders or globs to explain (default: a generated phantom)."),
-    count: int = typer.Option(10, help="Explain at most this many of the images (the first is the cold start)."),
+    images: List[str] = typer.Argument(
+        None, help="Images, folders or globs to explain (default: a generated phantom)."
+    ),
+    count: int = typer.Option(
+        10, help="Explain at most this many of the images (the first is the cold start)."
+    ),
     samples: int = typer.Option(1000, help="LIME samples."),
     seed: int = typer.Option(0, help="Seed."),
     segmenter: str = typer.Option("slic", help="slic or quickshift."),
     sweep: str = typer.Option("250,500,1000", help="Sample counts timed for our explainer (first image)."),
-    precision: str = typer.Option("fp32", help="Comma-separated precisions of our explainer, e.g. fp16,fp32."),
-    backend: str = typer.Option("auto", help="auto, tensorrt or onnxruntime (ours, and stock lime's classifier)."),
-    peer: str = typer.Option("stock", help="Comma-separated peers: stock (lime), captum (Captum Lime on PyTorch), none."),
-    fidelity: bool = typer.Option(False, "--fidelity", help="Instead: --samples auto against the --samples budget "
-                                  "(top-5 overlap, rank correlation, deletion curve, compute saved)."),
+    precision: str = typer.Option(
+        "fp32", help="Comma-separated precisions of our explainer, e.g. fp16,fp32."
+    ),
+    backend: str = typer.Option(
+        "auto", help="auto, tensorrt or onnxruntime (ours, and stock lime's classifier)."
+    ),
+    peer: str = typer.Option(
+        "stock", help="Comma-separated peers: stock (lime), captum (Captum Lime on PyTorch), none."
+    ),
+    fidelity: bool = typer.Option(
+        False,
+        "--fidelity",
+        help="Instead: --samples auto against the --samples budget "
+        "(top-5 overlap, rank correlation, deletion curve, compute saved).",
+    ),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for lime.json and lime.png."),
 ) -> None:
-    """Seconds per explanation (first image and steady state) for ours per precision, against lime and Captum."""
+    """Seconds per explanation (first image and steady state) for ours per precision, against lime and
+    Captum."""
     from cxr.bench.lime_bench import run_lime_bench
     from cxr.runtime.bundle import check_precision
     from cxr.runtime.errors import CxrUsageError
@@ -66,8 +83,18 @@ def lime(
 
         run_fidelity(model, out, paths, samples, seed, backend)
         return
-    run_lime_bench(model, out, paths, samples, seed, segmenter, parse_int_list(sweep, "--sweep"), precisions,
-                   backend, peers)
+    run_lime_bench(
+        model,
+        out,
+        paths,
+        samples,
+        seed,
+        segmenter,
+        parse_int_list(sweep, "--sweep"),
+        precisions,
+        backend,
+        peers,
+    )
 
 
 @app.command("all")
@@ -85,10 +112,27 @@ def run_all(
     run_lime_bench(model, out, [image] if image else [], 1000, 0, "slic", [250, 500, 1000])
 
 
+@app.command()
+def ablation(
+    reports: List[Path] = typer.Argument(
+        ..., help="evaluation.json files from 'cxr-train evaluate', one per run."
+    ),
+    out: Path = typer.Option(Path("clinical.md"), "--out", help="Markdown table (a .json beside it)."),
+    title: str = typer.Option("Shortcut-suppression ablation", help="Heading of the table."),
+) -> None:
+    """One table over several evaluations: accuracy and gain over the shortcut baseline with their intervals,
+    viral/bacterial F1, the LIME audit."""
+    from cxr.bench.ablation import run_ablation
+
+    print(run_ablation(reports, out, title))
+
+
 @app.command("serve-load")
 def serve_load(
     model: Path = typer.Option(..., "--model", help="Model bundle folder."),
-    data: List[str] = typer.Argument(..., help="Images, folders or globs sent by the clients (e.g. the 600 dev images)."),
+    data: List[str] = typer.Argument(
+        ..., help="Images, folders or globs sent by the clients (e.g. the 600 dev images)."
+    ),
     clients: int = typer.Option(8, help="Concurrent clients, one image per request."),
     max_requests: int = typer.Option(2000, help="Stop after this many requests."),
     max_seconds: float = typer.Option(120.0, help="... or after this many seconds."),
@@ -98,18 +142,25 @@ def serve_load(
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (server and local alike)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for serve_load.json and .png."),
 ) -> None:
-    """Loopback load test of 'cxr-run serve' vs local predict: throughput, p50/p95/p99, batch sizes formed, equality."""
+    """Loopback load test of 'cxr-run serve' vs local predict: throughput, p50/p95/p99, batch sizes formed,
+    equality."""
     from cxr.bench.serve_load import LoadOptions, run_serve_load
     from cxr.runtime.errors import CxrUsageError
 
     if clients < 1 or max_requests < 1 or max_seconds <= 0:
         raise CxrUsageError("--clients and --max-requests must be at least 1, --max-seconds more than 0")
-    run_serve_load(model, data, out, LoadOptions(clients, max_requests, max_seconds, max_batch, max_queue_delay_us,
-                                                 instances, precision))
+    run_serve_load(
+        model,
+        data,
+        out,
+        LoadOptions(clients, max_requests, max_seconds, max_batch, max_queue_delay_us, instances, precision),
+    )
 
 
 @app.command()
-def report(results: List[Path] = typer.Argument(..., help="latency_*.json files (e.g. CPU and GPU machine).")) -> None:
+def report(
+    results: List[Path] = typer.Argument(..., help="latency_*.json files (e.g. CPU and GPU machine)."),
+) -> None:
     """A markdown table comparing result files, with ratios against the PyTorch baseline."""
     from cxr.bench.report import markdown_report
 

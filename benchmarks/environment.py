@@ -22,8 +22,13 @@ def environment() -> dict[str, Any]:
 
     import onnxruntime
 
-    facts: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                             "onnxruntime": onnxruntime.__version__, "gpu": None}
+    facts: dict[str, Any] = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "gpu": None,
+    }
     try:
         import torch
 

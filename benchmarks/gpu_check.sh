@@ -15,15 +15,7 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 
-step() {  # step NAME SECONDS CMD...: run with a limit, log to NAME.log, record rc and seconds in steps.txt
-  local name=$1 limit=$2; shift 2
-  local start=$SECONDS
-  echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  tail -n 25 "$OUT/$name.log"
-  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$OUT/steps.txt"
-}
+source benchmarks/steps.sh
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
   "$PY" -c "import onnxruntime as o, torch; print('onnxruntime', o.__version__, o.get_available_providers()); print('torch', torch.__version__, torch.cuda.get_device_name(0))"

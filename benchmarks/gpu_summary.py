@@ -29,18 +29,26 @@ def _steps(out: Path) -> dict[str, dict[str, int]]:
 
 
 def predict_explain_timing(records_path: Path) -> dict[str, Any] | None:
-    """Per image after the first: explanation + overlay time of ``predict --explain`` (from its own records)."""
+    """Per image after the first: explanation + overlay time of ``predict --explain`` (from its own
+    records)."""
     if not records_path.is_file():
         return None
     records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
     explained = [r for r in records if r.get("explanation")]
     if len(explained) < 2:
         return None
-    per_image = [r["explanation"]["timing"]["total_s"] + r["explanation"]["timing"].get("overlay_s", 0.0)
-                 for r in explained]
-    return {"images": len(records), "explained": len(explained), "errors": sum(r["error"] is not None for r in records),
-            "first_s": per_image[0], "steady_s_per_image": float(np.mean(per_image[1:])),
-            "steady_p95_s": float(np.percentile(per_image[1:], 95))}
+    per_image = [
+        r["explanation"]["timing"]["total_s"] + r["explanation"]["timing"].get("overlay_s", 0.0)
+        for r in explained
+    ]
+    return {
+        "images": len(records),
+        "explained": len(explained),
+        "errors": sum(r["error"] is not None for r in records),
+        "first_s": per_image[0],
+        "steady_s_per_image": float(np.mean(per_image[1:])),
+        "steady_p95_s": float(np.percentile(per_image[1:], 95)),
+    }
 
 
 def throughput(latency: dict[str, Any] | None, backend: str, batch: str = "64") -> float | None:
@@ -53,7 +61,9 @@ def summarise(out: Path) -> dict[str, Any]:
     latency = None  # latency_*.json here and in compile/ (torch.compile measured on its own), merged
     for path in sorted(out.glob("latency_*.json")) + sorted(out.glob("compile/latency_*.json")):
         part = _read(path)
-        latency = part if latency is None else {**latency, "backends": {**latency["backends"], **part["backends"]}}
+        latency = (
+            part if latency is None else {**latency, "backends": {**latency["backends"], **part["backends"]}}
+        )
     parity = _read(out / "parity_gpu.json")
     fit = _read(out / "run" / "metrics.json")
     ours = lime.get("ours", {})
@@ -76,13 +86,24 @@ def summarise(out: Path) -> dict[str, Any]:
         "torch_eager_fp16_b64_img_s": throughput(latency, "pytorch-fp16"),
         "torch_eager_fp32_b64_img_s": throughput(latency, "pytorch-fp32"),
         "torch_compile_fp16_b64_img_s": throughput(latency, "torch-compile-fp16"),
-        "b1_p50_ms": {name: round(r["b1_ms"]["p50"], 2) for name, r in (latency or {}).get("backends", {}).items()},
-        "parity_gpu": {label: {"passed": r["passed"], "max_abs_dprob": r["max_abs_dprob"],
-                               "top1_agreement": r["top1_agreement"], "runs_on": r.get("runs_on")}
-                       for label, r in (parity or {}).get("backends", {}).items()} or None,
+        "b1_p50_ms": {
+            name: round(r["b1_ms"]["p50"], 2) for name, r in (latency or {}).get("backends", {}).items()
+        },
+        "parity_gpu": {
+            label: {
+                "passed": r["passed"],
+                "max_abs_dprob": r["max_abs_dprob"],
+                "top1_agreement": r["top1_agreement"],
+                "runs_on": r.get("runs_on"),
+            }
+            for label, r in (parity or {}).get("backends", {}).items()
+        }
+        or None,
         "parity_n": (parity or {}).get("n"),
         "explain_variants": _read(out / "explain_variants.json"),
-        "fit_val": {k: (fit or {}).get("val", {}).get(k) for k in ("n", "accuracy", "macro_f1")} if fit else None,
+        "fit_val": {k: (fit or {}).get("val", {}).get(k) for k in ("n", "accuracy", "macro_f1")}
+        if fit
+        else None,
         "gpu": env.get("gpu"),
         "onnxruntime": env.get("onnxruntime"),
         "torch": env.get("torch"),

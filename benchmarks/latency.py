@@ -34,14 +34,22 @@ def _timed_runs(run: Runner, batch: np.ndarray, seconds: float, min_runs: int = 
     return times
 
 
-def measure(run: Runner, size: int, batch_sizes: list[int], warmup_s: float, duration_s: float) -> dict[str, Any]:
+def measure(
+    run: Runner, size: int, batch_sizes: list[int], warmup_s: float, duration_s: float
+) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     one = rng.integers(0, 256, (1, 1, size, size), dtype=np.uint8)
     _timed_runs(run, one, warmup_s, 2)
     single = np.array(_timed_runs(run, one, duration_s)) * 1000
-    result: dict[str, Any] = {"b1_ms": {"p50": float(np.percentile(single, 50)), "p95": float(np.percentile(single, 95)),
-                                        "p99": float(np.percentile(single, 99)), "runs": len(single)},
-                              "throughput_img_s": {}}
+    result: dict[str, Any] = {
+        "b1_ms": {
+            "p50": float(np.percentile(single, 50)),
+            "p95": float(np.percentile(single, 95)),
+            "p99": float(np.percentile(single, 99)),
+            "runs": len(single),
+        },
+        "throughput_img_s": {},
+    }
     for batch_size in batch_sizes:
         batch = rng.integers(0, 256, (batch_size, 1, size, size), dtype=np.uint8)
         _timed_runs(run, batch, min(warmup_s, 0.5), 1)
@@ -64,7 +72,13 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
             found.append(("pytorch", "fp32", lambda: (torch_runner(run), lambda: None)))
             if torch.cuda.is_available():
                 found.append(("pytorch", "fp16", lambda: (torch_runner(run, half=True), lambda: None)))
-                found.append(("torch-compile", "fp16", lambda: (torch_runner(run, half=True, compiled=True), lambda: None)))
+                found.append(
+                    (
+                        "torch-compile",
+                        "fp16",
+                        lambda: (torch_runner(run, half=True, compiled=True), lambda: None),
+                    )
+                )
     except ImportError:
         pass
     makers = {"onnxruntime": _ort_runner, "openvino": _ov_runner, "tensorrt": _trt_runner}
@@ -119,14 +133,26 @@ def preprocessing_ms(size: int, images: list[Path] | None = None, count: int = 2
         return (time.perf_counter() - start) / len(images[:count]) * 1000
 
 
-def run_latency(bundle_dir: Path, out: Path, backends: list[str] | None, batch_sizes: list[int],
-                warmup_s: float, duration_s: float, images: list[Path] | None = None) -> dict[str, Any]:
+def run_latency(
+    bundle_dir: Path,
+    out: Path,
+    backends: list[str] | None,
+    batch_sizes: list[int],
+    warmup_s: float,
+    duration_s: float,
+    images: list[Path] | None = None,
+) -> dict[str, Any]:
     bundle = Bundle.open(bundle_dir)
     size = bundle.card.input.size
     facts = environment()
-    results: dict[str, Any] = {"environment": facts, "arch": bundle.card.arch, "input_size": size,
-                               "batch_sizes": batch_sizes, "preprocess_ms_per_image": preprocessing_ms(size, images, pre=bundle.card.preprocessing),
-                               "backends": {}}
+    results: dict[str, Any] = {
+        "environment": facts,
+        "arch": bundle.card.arch,
+        "input_size": size,
+        "batch_sizes": batch_sizes,
+        "preprocess_ms_per_image": preprocessing_ms(size, images, pre=bundle.card.preprocessing),
+        "backends": {},
+    }
     targets = runners(bundle, backends)
     if not targets:
         raise CxrError("no backend to measure (check --backends)")
@@ -136,7 +162,10 @@ def run_latency(bundle_dir: Path, out: Path, backends: list[str] | None, batch_s
             results["backends"][f"{name}-{precision}"] = measure(run, size, batch_sizes, warmup_s, duration_s)
         finally:
             close()
-        log.info(f"  {name}-{precision}: b1 p50 {results['backends'][f'{name}-{precision}']['b1_ms']['p50']:.2f} ms")
+        log.info(
+            f"  {name}-{precision}: b1 p50 {results['backends'][f'{name}-{precision}']['b1_ms']['p50']:.2f} "
+            "ms"
+        )
     baseline = results["backends"].get("pytorch-fp32")
     if baseline:
         for entry in results["backends"].values():
@@ -152,14 +181,22 @@ def run_latency(bundle_dir: Path, out: Path, backends: list[str] | None, batch_s
 
 def format_latency(results: dict[str, Any]) -> str:
     sizes = results["batch_sizes"]
-    head = f"{'backend':<20}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'x torch':>9}" + "".join(f"{'b' + str(b) + ' img/s':>12}" for b in sizes)
-    lines = [f"{results['arch']} @ {results['input_size']} on {results['environment'].get('gpu') or results['environment']['cpu']}"
-             f" (host preprocessing {results['preprocess_ms_per_image']:.2f} ms/image, not included below)", head]
+    head = f"{'backend':<20}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'x torch':>9}" + "".join(
+        f"{'b' + str(b) + ' img/s':>12}" for b in sizes
+    )
+    lines = [
+        f"{results['arch']} @ {results['input_size']} on "
+        f"{results['environment'].get('gpu') or results['environment']['cpu']}"
+        f" (host preprocessing {results['preprocess_ms_per_image']:.2f} ms/image, not included below)",
+        head,
+    ]
     for name, r in results["backends"].items():
         speed = r.get("speedup_vs_pytorch_b1_p50")
-        lines.append(f"{name:<20}{r['b1_ms']['p50']:>9.2f}{r['b1_ms']['p95']:>9.2f}{r['b1_ms']['p99']:>9.2f}"
-                     f"{'' if speed is None else f'{speed:.2f}':>9}"
-                     + "".join(f"{r['throughput_img_s'][str(b)]:>12.1f}" for b in sizes))
+        lines.append(
+            f"{name:<20}{r['b1_ms']['p50']:>9.2f}{r['b1_ms']['p95']:>9.2f}{r['b1_ms']['p99']:>9.2f}"
+            f"{'' if speed is None else f'{speed:.2f}':>9}"
+            + "".join(f"{r['throughput_img_s'][str(b)]:>12.1f}" for b in sizes)
+        )
     return "\n".join(lines)
 
 

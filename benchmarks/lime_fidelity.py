@@ -31,7 +31,8 @@ DELETION_STEPS = 10
 
 
 def deletion_curve(explanation: Explanation, image: np.ndarray, backend: ExplainerBackend) -> list[float]:
-    """Probability of the explained class with the 0, 1, ..., DELETION_STEPS strongest supporting segments off."""
+    """Probability of the explained class with the 0, 1, ..., DELETION_STEPS strongest supporting segments
+    off."""
     segments = explanation.segments
     count = int(segments.max()) + 1
     order = [s for s in sorted(explanation.weights, key=lambda k: -explanation.weights[k])][:DELETION_STEPS]
@@ -47,12 +48,21 @@ def compare_maps(reference: Explanation, adaptive: Explanation) -> dict[str, flo
 
     top_ref, top_auto = set(top_segments(reference.weights, 5)), set(top_segments(adaptive.weights, 5))
     keys = sorted(reference.weights)
-    rho = spearmanr([reference.weights[k] for k in keys], [adaptive.weights.get(k, 0.0) for k in keys]).statistic
+    rho = spearmanr(
+        [reference.weights[k] for k in keys], [adaptive.weights.get(k, 0.0) for k in keys]
+    ).statistic
     return {"top5_overlap": len(top_ref & top_auto) / 5, "spearman": float(rho)}
 
 
-def run_fidelity(bundle_dir: Path, out: Path, image_paths: list[Path], budget: int, seed: int,
-                 backend: str = "auto", baseline_images: int = 5) -> dict[str, Any]:
+def run_fidelity(
+    bundle_dir: Path,
+    out: Path,
+    image_paths: list[Path],
+    budget: int,
+    seed: int,
+    backend: str = "auto",
+    baseline_images: int = 5,
+) -> dict[str, Any]:
     bundle = Bundle.open(bundle_dir)
     images = load_images(bundle, image_paths, seed)
     fixed_config = ExplainConfig(samples=budget, seed=seed)
@@ -67,19 +77,37 @@ def run_fidelity(bundle_dir: Path, out: Path, image_paths: list[Path], budget: i
             started = time.perf_counter()
             adaptive = explain_image(image, explainer, auto_config)
             auto_s = time.perf_counter() - started
-            curves = {"fixed": deletion_curve(reference, image, explainer), "auto": deletion_curve(adaptive, image, explainer)}
-            rows.append({"image": str(image_paths[index]) if image_paths else "phantom", "label": reference.label,
-                         "same_label": adaptive.label == reference.label, **compare_maps(reference, adaptive),
-                         "deletion_auc_fixed": float(np.mean(curves["fixed"])),
-                         "deletion_auc_auto": float(np.mean(curves["auto"])), "curves": curves,
-                         "samples_auto": adaptive.samples, "stopped": adaptive.stopped,
-                         "seconds_fixed": fixed_s, "seconds_auto": auto_s})
-            log.info(f"  {index + 1}/{len(images)}: top-5 overlap {rows[-1]['top5_overlap']:.1f}, "
-                  f"{adaptive.samples} samples, {auto_s:.2f} s vs {fixed_s:.2f} s")
+            curves = {
+                "fixed": deletion_curve(reference, image, explainer),
+                "auto": deletion_curve(adaptive, image, explainer),
+            }
+            rows.append(
+                {
+                    "image": str(image_paths[index]) if image_paths else "phantom",
+                    "label": reference.label,
+                    "same_label": adaptive.label == reference.label,
+                    **compare_maps(reference, adaptive),
+                    "deletion_auc_fixed": float(np.mean(curves["fixed"])),
+                    "deletion_auc_auto": float(np.mean(curves["auto"])),
+                    "curves": curves,
+                    "samples_auto": adaptive.samples,
+                    "stopped": adaptive.stopped,
+                    "seconds_fixed": fixed_s,
+                    "seconds_auto": auto_s,
+                }
+            )
+            log.info(
+                f"  {index + 1}/{len(images)}: top-5 overlap {rows[-1]['top5_overlap']:.1f}, "
+                f"{adaptive.samples} samples, {auto_s:.2f} s vs {fixed_s:.2f} s"
+            )
     baseline = ort_cpu_baseline(bundle, images[:baseline_images], fixed_config)
     summary = {
-        "environment": environment(), "arch": bundle.card.arch, "input_size": bundle.card.input.size,
-        "images": len(rows), "budget": budget, "runs_on": reason.split(";")[0],
+        "environment": environment(),
+        "arch": bundle.card.arch,
+        "input_size": bundle.card.input.size,
+        "images": len(rows),
+        "budget": budget,
+        "runs_on": reason.split(";")[0],
         "mean_top5_overlap": float(np.mean([r["top5_overlap"] for r in rows])),
         "mean_spearman": float(np.mean([r["spearman"] for r in rows])),
         "mean_deletion_auc_fixed": float(np.mean([r["deletion_auc_fixed"] for r in rows])),
@@ -117,14 +145,23 @@ def ort_cpu_baseline(bundle: Bundle, images: list[np.ndarray], config: ExplainCo
 
 def format_fidelity(s: dict[str, Any]) -> str:
     base = s["auto_vs_ort_cpu_fixed_time"]
-    return "\n".join([
-        f"--samples auto vs {s['budget']} samples, {s['arch']} @ {s['input_size']}, {s['images']} images, {s['runs_on']}",
-        f"top-5 overlap {s['mean_top5_overlap']:.1%}, Spearman {s['mean_spearman']:.3f}, deletion AUC "
-        f"{s['mean_deletion_auc_auto']:.3f} (auto) vs {s['mean_deletion_auc_fixed']:.3f} (fixed; lower is better)",
-        f"samples {s['mean_samples_auto']:.0f} of {s['budget']}; seconds {s['mean_seconds_auto']:.3f} vs "
-        f"{s['mean_seconds_fixed']:.3f} ({s['auto_vs_fixed_time']:.2f}x)"
-        + (f"; vs {s['budget']} samples on ONNX Runtime CPU {s['ort_cpu_fixed_seconds']:.3f} s ({base:.2f}x)" if base else ""),
-    ])
+    return "\n".join(
+        [
+            f"--samples auto vs {s['budget']} samples, {s['arch']} @ {s['input_size']}, {s['images']} "
+            f"images, {s['runs_on']}",
+            f"top-5 overlap {s['mean_top5_overlap']:.1%}, Spearman {s['mean_spearman']:.3f}, deletion AUC "
+            f"{s['mean_deletion_auc_auto']:.3f} (auto) vs {s['mean_deletion_auc_fixed']:.3f} (fixed; lower "
+            "is better)",
+            f"samples {s['mean_samples_auto']:.0f} of {s['budget']}; seconds {s['mean_seconds_auto']:.3f} vs "
+            f"{s['mean_seconds_fixed']:.3f} ({s['auto_vs_fixed_time']:.2f}x)"
+            + (
+                f"; vs {s['budget']} samples on ONNX Runtime CPU {s['ort_cpu_fixed_seconds']:.3f} s "
+                f"({base:.2f}x)"
+                if base
+                else ""
+            ),
+        ]
+    )
 
 
 def plot_fidelity(s: dict[str, Any], path: Path) -> None:
@@ -138,18 +175,27 @@ def plot_fidelity(s: dict[str, Any], path: Path) -> None:
     for key, colour in (("fixed", "tab:blue"), ("auto", "tab:orange")):
         curves = [r["curves"][key] for r in s["per_image"]]
         width = min(len(c) for c in curves)
-        left.plot(steps[:width], np.mean([c[:width] for c in curves], axis=0), marker="o", color=colour,
-                  label=f"{key} (AUC {s[f'mean_deletion_auc_{key}']:.3f})")
+        left.plot(
+            steps[:width],
+            np.mean([c[:width] for c in curves], axis=0),
+            marker="o",
+            color=colour,
+            label=f"{key} (AUC {s[f'mean_deletion_auc_{key}']:.3f})",
+        )
     left.set_xlabel("strongest supporting segments removed")
     left.set_ylabel("probability of the explained class")
     left.set_title("deletion curve (mean): lower = more faithful")
     left.legend()
-    right.scatter([r["samples_auto"] for r in s["per_image"]], [r["top5_overlap"] for r in s["per_image"]], alpha=0.6)
+    right.scatter(
+        [r["samples_auto"] for r in s["per_image"]], [r["top5_overlap"] for r in s["per_image"]], alpha=0.6
+    )
     right.set_xlabel("samples used by --samples auto")
     right.set_ylabel("top-5 overlap with the fixed map")
     right.set_ylim(-0.05, 1.05)
-    right.set_title(f"{s['images']} images: mean overlap {s['mean_top5_overlap']:.0%}, "
-                    f"{s['mean_samples_auto']:.0f} samples")
+    right.set_title(
+        f"{s['images']} images: mean overlap {s['mean_top5_overlap']:.0%}, "
+        f"{s['mean_samples_auto']:.0f} samples"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

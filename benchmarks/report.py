@@ -9,7 +9,10 @@ from cxr.runtime.errors import CxrError
 
 
 def markdown_report(paths: list[Path]) -> str:
-    rows = ["| machine | backend | b1 p50 ms | b1 p99 ms | vs PyTorch (b1 p50) | best img/s |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| machine | backend | b1 p50 ms | b1 p99 ms | vs PyTorch (b1 p50) | best img/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for path in paths:
         try:
             data = json.loads(Path(path).read_text())
@@ -21,5 +24,8 @@ def markdown_report(paths: list[Path]) -> str:
         for name, r in backends.items():
             ratio = f"{base / r['b1_ms']['p50']:.2f}x" if base else "n/a"
             best = max(r["throughput_img_s"].values())
-            rows.append(f"| {machine} | {name} | {r['b1_ms']['p50']:.2f} | {r['b1_ms']['p99']:.2f} | {ratio} | {best:.1f} |")
+            rows.append(
+                f"| {machine} | {name} | {r['b1_ms']['p50']:.2f} | {r['b1_ms']['p99']:.2f} | {ratio} | "
+                f"{best:.1f} |"
+            )
     return "\n".join(rows)

@@ -55,23 +55,33 @@ def load_pixels(data: list[str], size: int) -> tuple[list[str], np.ndarray]:
     return names, np.stack(images)[:, None]
 
 
-def local_predict(bundle: Bundle, pixels: np.ndarray, options: LoadOptions) -> tuple[np.ndarray, dict[str, Any]]:
+def local_predict(
+    bundle: Bundle, pixels: np.ndarray, options: LoadOptions
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Local predict on the same backend choice as the server, batched as ``cxr-run predict`` batches."""
     backend, reason = open_classifier(bundle, "auto", options.precision)
     with backend:
         backend.run(pixels[:1])  # warm-up
         started = time.perf_counter()
-        probs = np.concatenate([backend.run_chunked(pixels[i : i + options.local_batch])
-                                for i in range(0, len(pixels), options.local_batch)])
+        probs = np.concatenate(
+            [
+                backend.run_chunked(pixels[i : i + options.local_batch])
+                for i in range(0, len(pixels), options.local_batch)
+            ]
+        )
         seconds = time.perf_counter() - started
         singles = []
         for image in pixels[: min(len(pixels), 100)]:
             t0 = time.perf_counter()
             backend.run(image[None])
             singles.append((time.perf_counter() - t0) * 1e3)
-    return probs, {"backend": f"{backend.name} {options.precision} ({reason})", "images_per_s": len(pixels) / seconds,
-                   "batch": options.local_batch, "b1_p50_ms": float(np.percentile(singles, 50)),
-                   "b1_p99_ms": float(np.percentile(singles, 99))}
+    return probs, {
+        "backend": f"{backend.name} {options.precision} ({reason})",
+        "images_per_s": len(pixels) / seconds,
+        "batch": options.local_batch,
+        "b1_p50_ms": float(np.percentile(singles, 50)),
+        "b1_p99_ms": float(np.percentile(singles, 99)),
+    }
 
 
 def batch_counts(address: str, model: str) -> dict[int, int]:
@@ -86,12 +96,15 @@ def batch_counts(address: str, model: str) -> dict[int, int]:
     counts: dict[int, int] = {}
     for entry in stats.get("model_stats", []):
         for row in entry.get("batch_stats", []):
-            counts[int(row["batch_size"])] = counts.get(int(row["batch_size"]), 0) + int(row["compute_infer"]["count"])
+            counts[int(row["batch_size"])] = counts.get(int(row["batch_size"]), 0) + int(
+                row["compute_infer"]["count"]
+            )
     return counts
 
 
 def settled_counts(address: str, model: str, images: int, timeout_s: float = 5.0) -> dict[int, int]:
-    """Batch counts once they account for ``images`` images: Triton records an execution after its reply leaves."""
+    """Batch counts once they account for ``images`` images: Triton records an execution after its reply
+    leaves."""
     deadline = time.monotonic() + timeout_s
     while True:
         counts = batch_counts(address, model)
@@ -146,17 +159,31 @@ def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, A
     seconds = time.perf_counter() - started
     bar.close()
     flat = np.array([ms for per in latencies for ms in per]) if replies else np.zeros(1)
-    return {"requests": len(replies), "errors": len(errors), "error_examples": errors[:3], "seconds": seconds,
-            "requests_per_s": len(replies) / seconds,
-            "latency_ms": {f"p{p}": float(np.percentile(flat, p)) for p in (50, 95, 99)}, "replies": replies}
+    return {
+        "requests": len(replies),
+        "errors": len(errors),
+        "error_examples": errors[:3],
+        "seconds": seconds,
+        "requests_per_s": len(replies) / seconds,
+        "latency_ms": {f"p{p}": float(np.percentile(flat, p)) for p in (50, 95, 99)},
+        "replies": replies,
+    }
 
 
 def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOptions) -> dict[str, Any]:
     bundle = Bundle.open(bundle_dir)
     names, pixels = load_pixels(data, bundle.card.input.size)
     local_probs, local = local_predict(bundle, pixels, options)
-    server_args = ["--max-batch", str(options.max_batch), "--max-queue-delay-us", str(options.max_queue_delay_us),
-                   "--instances", str(options.instances), "--precision", options.precision]
+    server_args = [
+        "--max-batch",
+        str(options.max_batch),
+        "--max-queue-delay-us",
+        str(options.max_queue_delay_us),
+        "--instances",
+        str(options.instances),
+        "--precision",
+        options.precision,
+    ]
     with ServerProcess(bundle_dir, *server_args) as server:
         address = f"127.0.0.1:{server.grpc_port}"
         warm = drive(address, pixels[:4], LoadOptions(clients=2, max_requests=8, max_seconds=30))
@@ -172,12 +199,22 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
     mismatched = sum(d > MATCH_ATOL for d in dprobs)
     executions = sum(formed.values())
     results = {
-        "environment": environment(), "bundle": str(bundle_dir), "arch": bundle.card.arch,
-        "image_size": bundle.card.input.size, "images": len(names), "options": asdict(options), "local": local,
-        "server": {**load, "batch_sizes_formed": formed, "executions": executions,
-                   "mean_batch": (sum(s * c for s, c in formed.items()) / executions) if executions else 0.0,
-                   "max_abs_dprob_vs_local": worst, "mismatched_replies": mismatched,
-                   "all_equal_local": mismatched == 0 and load["errors"] == 0},
+        "environment": environment(),
+        "bundle": str(bundle_dir),
+        "arch": bundle.card.arch,
+        "image_size": bundle.card.input.size,
+        "images": len(names),
+        "options": asdict(options),
+        "local": local,
+        "server": {
+            **load,
+            "batch_sizes_formed": formed,
+            "executions": executions,
+            "mean_batch": (sum(s * c for s, c in formed.items()) / executions) if executions else 0.0,
+            "max_abs_dprob_vs_local": worst,
+            "mismatched_replies": mismatched,
+            "all_equal_local": mismatched == 0 and load["errors"] == 0,
+        },
         "ratio_server_vs_local_throughput": load["requests_per_s"] / local["images_per_s"],
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -190,16 +227,20 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
 def format_serve_load(r: dict[str, Any]) -> str:
     s, local = r["server"], r["local"]
     formed = ", ".join(f"{size}x{count}" for size, count in s["batch_sizes_formed"].items())
-    return (f"serve load: {r['arch']} @ {r['image_size']}, {r['images']} images, {r['options']['clients']} clients\n"
-            f"  server : {s['requests_per_s']:.1f} req/s  p50 {s['latency_ms']['p50']:.1f} ms  "
-            f"p95 {s['latency_ms']['p95']:.1f} ms  p99 {s['latency_ms']['p99']:.1f} ms  "
-            f"({s['requests']} requests, {s['errors']} errors)\n"
-            f"  local  : {local['images_per_s']:.1f} img/s at batch {local['batch']}  "
-            f"b1 p50 {local['b1_p50_ms']:.1f} ms  p99 {local['b1_p99_ms']:.1f} ms  [{local['backend']}]\n"
-            f"  ratio  : server/local throughput {r['ratio_server_vs_local_throughput']:.2f}\n"
-            f"  batches formed (size x count): {formed or 'none'}; mean {s['mean_batch']:.1f}\n"
-            f"  replies equal local predict: {s['all_equal_local']} (max |dprob| {s['max_abs_dprob_vs_local']:.1e}, "
-            f"{s['mismatched_replies']} mismatched)")
+    return (
+        f"serve load: {r['arch']} @ {r['image_size']}, {r['images']} images, {r['options']['clients']} "
+        "clients\n"
+        f"  server : {s['requests_per_s']:.1f} req/s  p50 {s['latency_ms']['p50']:.1f} ms  "
+        f"p95 {s['latency_ms']['p95']:.1f} ms  p99 {s['latency_ms']['p99']:.1f} ms  "
+        f"({s['requests']} requests, {s['errors']} errors)\n"
+        f"  local  : {local['images_per_s']:.1f} img/s at batch {local['batch']}  "
+        f"b1 p50 {local['b1_p50_ms']:.1f} ms  p99 {local['b1_p99_ms']:.1f} ms  [{local['backend']}]\n"
+        f"  ratio  : server/local throughput {r['ratio_server_vs_local_throughput']:.2f}\n"
+        f"  batches formed (size x count): {formed or 'none'}; mean {s['mean_batch']:.1f}\n"
+        f"  replies equal local predict: {s['all_equal_local']} (max |dprob| "
+        f"{s['max_abs_dprob_vs_local']:.1e}, "
+        f"{s['mismatched_replies']} mismatched)"
+    )
 
 
 def plot_serve_load(r: dict[str, Any], path: Path) -> None:

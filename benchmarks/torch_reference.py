@@ -1,4 +1,5 @@
-"""The PyTorch model a bundle came from, as a callable on uint8 batches: the baseline every benchmark compares to.
+"""The PyTorch model a bundle came from, as a callable on uint8 batches: the baseline every benchmark compares
+to.
 
 fp32 eager anywhere; on CUDA also fp16 channels-last (eager or ``torch.compile``), the fastest plain PyTorch.
 """

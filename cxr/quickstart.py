@@ -19,7 +19,9 @@ def step(title: str) -> None:
     log.info(f"\n== {title}")
 
 
-def run_quickstart(out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: int = 96, per_class: int = 60) -> int:
+def run_quickstart(
+    out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: int = 96, per_class: int = 60
+) -> int:
     import cxr.train.models  # noqa: F401
     from cxr.bench.latency import run_latency
     from cxr.export.fp16 import export_fp16
@@ -34,7 +36,11 @@ def run_quickstart(out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: 
     step(f"1/7 synthetic phantoms -> {data}")
     write_phantoms(data, per_class=per_class, size=size + size // 4, seed=0)
     step(f"2/7 train {arch} for {epochs} epochs at {size}px -> {run}")
-    fit(FitConfig(data=data, out=run, arch=arch, epochs=epochs, image_size=size, batch_size=16, lr=3e-3, seed=0))
+    fit(
+        FitConfig(
+            data=data, out=run, arch=arch, epochs=epochs, image_size=size, batch_size=16, lr=3e-3, seed=0
+        )
+    )
     step(f"3/7 export ONNX fp32 + fp16 -> {bundle}")
     export_onnx(run, bundle)
     export_fp16(bundle)
@@ -44,15 +50,35 @@ def run_quickstart(out: Path, arch: str = "dpn_se_tiny", epochs: int = 8, size: 
 
         build_engines(bundle, "fp16")
     else:
-        log.info("skipped: TensorRT is not installed here (on a GPU machine: pip install 'cxr-edge[trt]', then "
-              f"cxr-export build-engine {bundle} --precision fp16)")
+        log.info(
+            "skipped: TensorRT is not installed here (on a GPU machine: pip install 'cxr-edge[trt]', then "
+            f"cxr-export build-engine {bundle} --precision fp16)"
+        )
     step("5/7 predict + LIME explanations on 4 images (cxr-run, no PyTorch)")
-    images = [str(sorted((data / c).glob("*.png"))[0]) for c in ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")]
+    images = [
+        str(sorted((data / c).glob("*.png"))[0])
+        for c in ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")
+    ]
     predictions = reports / "predictions.jsonl"
     reports.mkdir(parents=True, exist_ok=True)
-    code = subprocess.call([sys.executable, "-m", "cxr.runtime.cli", "predict", "--model", str(bundle), *images,
-                            "--explain", "--samples", "500", "--explain-dir", str(reports / "overlays"),
-                            "--out", str(predictions)])
+    code = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "cxr.runtime.cli",
+            "predict",
+            "--model",
+            str(bundle),
+            *images,
+            "--explain",
+            "--samples",
+            "500",
+            "--explain-dir",
+            str(reports / "overlays"),
+            "--out",
+            str(predictions),
+        ]
+    )
     step("6/7 parity: ONNX fp32 / fp16 vs PyTorch")
     parity = run_parity(bundle, data, ["onnx", "fp16", "engine"], DEFAULT_RULES, reports / "parity.json")
     step("7/7 latency")

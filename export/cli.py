@@ -1,4 +1,5 @@
-"""``cxr-export``: run -> bundle (onnx), fp16 and int8 graphs, TensorRT engines, parity report, Triton repository."""
+"""``cxr-export``: run -> bundle (onnx), fp16 and int8 graphs, TensorRT engines, parity report, Triton
+repository."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def print_digest(bundle: Path) -> None:
 
 
 @app.command()
-def keygen(out: Path = typer.Argument(..., help="Key name: writes OUT.key (private, mode 600) and OUT.pub.")) -> None:
+def keygen(
+    out: Path = typer.Argument(..., help="Key name: writes OUT.key (private, mode 600) and OUT.pub."),
+) -> None:
     """A new Ed25519 key pair for 'cxr-export sign' and 'cxr-run --trusted-key'."""
     from cxr.runtime.signing import generate_key
 
@@ -38,7 +41,9 @@ def keygen(out: Path = typer.Argument(..., help="Key name: writes OUT.key (priva
 
 @app.command()
 def sign(
-    bundle: Path = typer.Argument(..., help="Bundle folder, after its last export stage (any later stage voids it)."),
+    bundle: Path = typer.Argument(
+        ..., help="Bundle folder, after its last export stage (any later stage voids it)."
+    ),
     key: Path = typer.Option(..., "--key", help="Ed25519 private key (PEM), e.g. from 'cxr-export keygen'."),
 ) -> None:
     """Sign the bundle's card (which hashes every file) so 'cxr-run --trusted-key' can vouch for it."""
@@ -57,7 +62,8 @@ def onnx(
     out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
     opset: int = typer.Option(17, help="ONNX opset (13-21)."),
 ) -> None:
-    """fp32 model.onnx (dynamic batch, uint8 pixels in) and the LIME explainer graph, checked against PyTorch."""
+    """fp32 model.onnx (dynamic batch, uint8 pixels in) and the LIME explainer graph, checked against
+    PyTorch."""
     import cxr.train.models  # noqa: F401  (registers DPN-SE)
     from cxr.export.onnx_export import export_onnx
 
@@ -71,7 +77,10 @@ def fp16(bundle: Path = typer.Argument(..., help="Bundle folder.")) -> None:
     from cxr.export.fp16 import export_fp16
 
     written, notes = export_fp16(bundle)
-    print(f"wrote {', '.join(written)} in {bundle}; kept in fp32: {notes['model']['fp32_nodes_overflow'] or 'no overflowing nodes'}")
+    print(
+        f"wrote {', '.join(written)} in {bundle}; kept in fp32: "
+        f"{notes['model']['fp32_nodes_overflow'] or 'no overflowing nodes'}"
+    )
     print_digest(bundle)
 
 
@@ -80,15 +89,23 @@ def int8(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     calib: Path = typer.Option(..., "--calib", help="Folder of real images (any layout) for calibration."),
     samples: int = typer.Option(64, help="Calibration images to use."),
-    check: int = typer.Option(64, help="Further held-out images that choose the calibration and the layers kept "
-                                       "in float (0: no choosing, first --calibration method, nothing kept)."),
-    calibration: str = typer.Option("minmax,percentile", help="Methods to try, best held-out agreement wins: "
-                                    "minmax, percentile, entropy (histogram methods see 16 images)."),
-    agreement: float = typer.Option(FORMATS["int8"].parity.min_agreement,
-                                    help="Top-1 agreement with fp32 the sensitivity sweep aims for."),
+    check: int = typer.Option(
+        64,
+        help="Further held-out images that choose the calibration and the layers kept "
+        "in float (0: no choosing, first --calibration method, nothing kept).",
+    ),
+    calibration: str = typer.Option(
+        "minmax,percentile",
+        help="Methods to try, best held-out agreement wins: "
+        "minmax, percentile, entropy (histogram methods see 16 images).",
+    ),
+    agreement: float = typer.Option(
+        FORMATS["int8"].parity.min_agreement, help="Top-1 agreement with fp32 the sensitivity sweep aims for."
+    ),
     seed: int = typer.Option(0, help="Which images are drawn."),
 ) -> None:
-    """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images, checked on held-out ones."""
+    """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images, checked on held-out
+    ones."""
     from cxr.export.int8 import export_int8
 
     methods = tuple(m.strip() for m in calibration.split(",") if m.strip())
@@ -96,8 +113,10 @@ def int8(
     model = report.notes["model"]
     kept = ", ".join(model["kept_in_float"]) or "none"
     held = f", held-out agreement {model['held_out_agreement']:.3f}" if "held_out_agreement" in model else ""
-    print(f"wrote {', '.join(report.written)} in {bundle} ({model['calibration']} calibration{held}; "
-          f"kept in float: {kept})")
+    print(
+        f"wrote {', '.join(report.written)} in {bundle} ({model['calibration']} calibration{held}; "
+        f"kept in float: {kept})"
+    )
     for line in report.lines:
         print(line)
     print_digest(bundle)
@@ -128,14 +147,20 @@ def parity(
     data: Path = typer.Argument(..., help="Labelled ImageFolder."),
     backends: str = typer.Option("onnx,fp16,int8,engine", help="Any of onnx, fp16, int8, engine."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default BUNDLE/parity.json)."),
-    run: Optional[Path] = typer.Option(None, "--run", help="PyTorch run folder (default: the card's source run)."),
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="PyTorch run folder (default: the card's source run)."
+    ),
     fp32_max_dprob: float = typer.Option(FORMATS["fp32"].parity.max_abs_dprob, help="fp32: max |dprob|."),
-    fp16_agreement: float = typer.Option(FORMATS["fp16"].parity.min_agreement,
-                                         help="fp16: the agreement the flip rate is tested against."),
-    int8_agreement: float = typer.Option(FORMATS["int8"].parity.min_agreement,
-                                         help="int8: the agreement the flip rate is tested against."),
-    alpha: float = typer.Option(FORMATS["fp16"].parity.alpha,
-                                help="fp16/int8: significance of the flip-rate and per-class McNemar tests."),
+    fp16_agreement: float = typer.Option(
+        FORMATS["fp16"].parity.min_agreement, help="fp16: the agreement the flip rate is tested against."
+    ),
+    int8_agreement: float = typer.Option(
+        FORMATS["int8"].parity.min_agreement, help="int8: the agreement the flip rate is tested against."
+    ),
+    alpha: float = typer.Option(
+        FORMATS["fp16"].parity.alpha,
+        help="fp16/int8: significance of the flip-rate and per-class McNemar tests.",
+    ),
 ) -> int:
     """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""
     import cxr.train.models  # noqa: F401
@@ -145,9 +170,14 @@ def parity(
 
     if not 0 < alpha < 1:
         raise CxrUsageError(f"--alpha must be between 0 and 1, got {alpha}")
-    rules = {"fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob), "fp16": Rule(fp16_agreement, alpha=alpha),
-             "int8": Rule(int8_agreement, alpha=alpha)}
-    results = run_parity(bundle, data, [b.strip() for b in backends.split(",") if b.strip()], rules, report, run)
+    rules = {
+        "fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob),
+        "fp16": Rule(fp16_agreement, alpha=alpha),
+        "int8": Rule(int8_agreement, alpha=alpha),
+    }
+    results = run_parity(
+        bundle, data, [b.strip() for b in backends.split(",") if b.strip()], rules, report, run
+    )
     print_digest(bundle)
     return 0 if results["passed"] else 1
 
@@ -155,25 +185,37 @@ def parity(
 @app.command()
 def triton(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
-    out: Path = typer.Option(..., "--out", help="Model repository folder (created; the model folder is replaced)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Model repository folder (created; the model folder is replaced)."
+    ),
     precision: str = typer.Option("fp16", help="fp32, fp16 or int8: which engine / graph to serve."),
     max_batch: MaxBatch = DEFAULT_MAX_BATCH,
-    format: str = typer.Option("auto", "--format", help="auto (plan if the bundle has one, else ONNX), tensorrt or onnx."),
+    format: str = typer.Option(
+        "auto", "--format", help="auto (plan if the bundle has one, else ONNX), tensorrt or onnx."
+    ),
     kind: str = typer.Option("gpu", help="Instance kind: gpu or cpu (ONNX only)."),
     instances: Instances = 1,
     max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
-    trt_accelerator: bool = typer.Option(False, "--trt-accelerator", help="ONNX on GPU: let ORT hand the graph to TensorRT."),
+    trt_accelerator: bool = typer.Option(
+        False, "--trt-accelerator", help="ONNX on GPU: let ORT hand the graph to TensorRT."
+    ),
     name: str = typer.Option("cxr", help="Model name in the repository."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing folder of that name not written by cxr-export."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing folder of that name not written by cxr-export."
+    ),
 ) -> None:
     """A Triton model repository (config.pbtxt, model file, labels, client preprocessing note), validated."""
     from cxr.export.triton_repo import RepoOptions, export_repository, read_config
     from cxr.runtime.bundle import Bundle
 
-    options = RepoOptions(precision, max_batch, format, kind, instances, max_queue_delay_us, trt_accelerator, name, force)
+    options = RepoOptions(
+        precision, max_batch, format, kind, instances, max_queue_delay_us, trt_accelerator, name, force
+    )
     model_dir = export_repository(Bundle.open(bundle), out, options)
-    print(f"wrote {model_dir} ({read_config(model_dir).platform}, max_batch_size {max_batch}); serve with: "
-          f"tritonserver --model-repository {out}")
+    print(
+        f"wrote {model_dir} ({read_config(model_dir).platform}, max_batch_size {max_batch}); serve with: "
+        f"tritonserver --model-repository {out}"
+    )
 
 
 @app.command("triton-check")
@@ -181,7 +223,8 @@ def triton_check(
     repo: Path = typer.Argument(..., help="Model repository folder."),
     name: str = typer.Option("cxr", help="Model name in the repository."),
 ) -> int:
-    """Check a model repository against its graph: names, dtypes, dims, batch limits, labels. Exit 1 on problems."""
+    """Check a model repository against its graph: names, dtypes, dims, batch limits, labels. Exit 1 on
+    problems."""
     from cxr.export.triton_repo import validate_repository
 
     problems = validate_repository(repo, name)

@@ -1,4 +1,5 @@
-"""``cxr-export build-engine``: a strongly typed TensorRT plan from the bundle's ONNX graph (TRT 10.x and 11.x).
+"""``cxr-export build-engine``: a strongly typed TensorRT plan from the bundle's ONNX graph (TRT 10.x and
+11.x).
 
 The configuration (which ONNX file, profile shapes, network flags, sidecar facts) is plain Python and
 tested without TensorRT; ``build_plan`` is the only place that imports ``tensorrt``.
@@ -32,7 +33,8 @@ class Profile:
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise CxrError(
-                f"profile needs 1 <= min <= opt <= max, got min {self.min_batch}, opt {self.opt_batch}, max {self.max_batch}"
+                f"profile needs 1 <= min <= opt <= max, got min {self.min_batch}, opt {self.opt_batch}, max "
+                f"{self.max_batch}"
             )
 
 
@@ -42,14 +44,22 @@ Shapes = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 def profile_shapes(graph: str, size: int, profile: Profile, max_segments: int = MAX_SEGMENTS) -> Shapes:
     """min/opt/max shape of every dynamic input of the classifier (``model``) or explainer (``explain``)."""
     if graph == "model":
-        return {"image": tuple((b, 1, size, size) for b in (profile.min_batch, profile.opt_batch, profile.max_batch))}
+        return {
+            "image": tuple(
+                (b, 1, size, size) for b in (profile.min_batch, profile.opt_batch, profile.max_batch)
+            )
+        }
     if graph == "explain":
         fixed_image = ((1, 1, size, size),) * 3
         return {
             "image": fixed_image,
             "fill": fixed_image,
             "segments": ((size, size),) * 3,
-            "z": ((profile.min_batch, 1), (profile.opt_batch, min(64, max_segments)), (profile.max_batch, max_segments)),
+            "z": (
+                (profile.min_batch, 1),
+                (profile.opt_batch, min(64, max_segments)),
+                (profile.max_batch, max_segments),
+            ),
         }
     raise CxrError(f"unknown graph {graph!r}")
 
@@ -73,18 +83,34 @@ def network_flags(version: str, strongly_typed_flag: int | None) -> int:
     return 1 << int(strongly_typed_flag)
 
 
-def sidecar_facts(graph: str, precision: str, source: Path, shapes: Shapes, trt_version: str,
-                  device: dict[str, str], seconds: float) -> dict[str, Any]:
+def sidecar_facts(
+    graph: str,
+    precision: str,
+    source: Path,
+    shapes: Shapes,
+    trt_version: str,
+    device: dict[str, str],
+    seconds: float,
+) -> dict[str, Any]:
     return {
-        "graph": graph, "precision": precision, "trt_version": trt_version,
-        "gpu_name": device.get("gpu_name"), "compute_capability": device.get("compute_capability"),
-        "profile": {name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for name, s in shapes.items()},
-        "source_onnx": source.name, "source_onnx_sha256": sha256_file(source),
-        "build_seconds": round(seconds, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "graph": graph,
+        "precision": precision,
+        "trt_version": trt_version,
+        "gpu_name": device.get("gpu_name"),
+        "compute_capability": device.get("compute_capability"),
+        "profile": {
+            name: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])} for name, s in shapes.items()
+        },
+        "source_onnx": source.name,
+        "source_onnx_sha256": sha256_file(source),
+        "build_seconds": round(seconds, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def build_plan(onnx_path: Path, shapes: Shapes, workspace_gb: float, timing_cache: Path | None) -> tuple[bytes, str]:
+def build_plan(
+    onnx_path: Path, shapes: Shapes, workspace_gb: float, timing_cache: Path | None
+) -> tuple[bytes, str]:
     """Parse and build with TensorRT; every parser error is reported. Returns (plan bytes, TRT version)."""
     from cxr.runtime.backends.tensorrt import import_tensorrt
 
@@ -114,9 +140,14 @@ def build_plan(onnx_path: Path, shapes: Shapes, workspace_gb: float, timing_cach
     return bytes(plan), trt.__version__
 
 
-def build_engines(bundle_dir: Path, precision: str = "fp16", profile: Profile = Profile(),
-                  timing_cache: Path | None = None, workspace_gb: float = 4.0,
-                  graphs: tuple[str, ...] = ("model", "explain")) -> list[dict[str, Any]]:
+def build_engines(
+    bundle_dir: Path,
+    precision: str = "fp16",
+    profile: Profile = Profile(),
+    timing_cache: Path | None = None,
+    workspace_gb: float = 4.0,
+    graphs: tuple[str, ...] = ("model", "explain"),
+) -> list[dict[str, Any]]:
     """Build one plan per graph (classifier and explainer) and record them in the card."""
     from cxr.runtime.backends.tensorrt import device_facts, import_tensorrt
 
@@ -128,7 +159,9 @@ def build_engines(bundle_dir: Path, precision: str = "fp16", profile: Profile = 
         name = onnx_name(graph, precision)
         if not bundle.has(name):
             if graph == "model":
-                raise CxrError(f"{bundle_dir}: no {name}; create it first with 'cxr-export {precision} {bundle_dir}'")
+                raise CxrError(
+                    f"{bundle_dir}: no {name}; create it first with 'cxr-export {precision} {bundle_dir}'"
+                )
             continue
         source = bundle.verified(name)
         shapes = profile_shapes(graph, bundle.card.input.size, profile)
@@ -136,11 +169,14 @@ def build_engines(bundle_dir: Path, precision: str = "fp16", profile: Profile = 
         plan, version = build_plan(source, shapes, workspace_gb, timing_cache)
         target = bundle.folder / engine_name(graph, precision)
         atomic_write(target, bytes(plan))
-        facts = write_sidecar(target, sidecar_facts(graph, precision, source, shapes, version, device_facts(),
-                                                    time.perf_counter() - started))
+        facts = write_sidecar(
+            target,
+            sidecar_facts(
+                graph, precision, source, shapes, version, device_facts(), time.perf_counter() - started
+            ),
+        )
         written += [target.name, f"{target.name}.json"]
         results.append(facts)
         log.info(f"built {target} ({len(plan) / 1e6:.1f} MB, TensorRT {version}, {facts['gpu_name']})")
     record_files(bundle.folder, forget_parity(bundle.card, [f"engine-{precision}"]), written)
     return results
-

@@ -15,7 +15,19 @@ from cxr.runtime.errors import CxrError
 from cxr.runtime.safe_io import atomic_output
 
 FP16_SAFE_MAX = 2.0**14  # a 4x margin under fp16's 65504
-ALWAYS_FP32_OPS = ["Cast", "Softmax", "ReduceMean", "ReduceSum", "ReduceL2", "Exp", "Log", "Pow", "Resize", "Range", "Gather"]
+ALWAYS_FP32_OPS = [
+    "Cast",
+    "Softmax",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceL2",
+    "Exp",
+    "Log",
+    "Pow",
+    "Resize",
+    "Range",
+    "Gather",
+]
 
 
 def overflowing_nodes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> list[str]:
@@ -54,7 +66,10 @@ def convert_fp16(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> di
     kept = overflowing_nodes(model, feeds)
     try:
         converted = float16.convert_float_to_float16(
-            model, keep_io_types=True, op_block_list=ALWAYS_FP32_OPS, node_block_list=kept,
+            model,
+            keep_io_types=True,
+            op_block_list=ALWAYS_FP32_OPS,
+            node_block_list=kept,
             disable_shape_infer=False,
         )
     except Exception as exc:
@@ -72,13 +87,17 @@ def probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, 
     from cxr.export.graphs import example_inputs
 
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (4, 1, size, size), dtype=np.uint8), np.full((2, 1, size, size), 255, np.uint8)]
+    images = [
+        rng.integers(0, 256, (4, 1, size, size), dtype=np.uint8),
+        np.full((2, 1, size, size), 255, np.uint8),
+    ]
     explain = [{k: v.numpy() for k, v in example_inputs(size, 32, 4).items()}]
     return [{"image": im} for im in images], explain
 
 
 def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
-    """model.fp16.onnx / explain.fp16.onnx for every fp32 graph in the bundle, recorded in the card (whose fp16
+    """model.fp16.onnx / explain.fp16.onnx for every fp32 graph in the bundle, recorded in the card (whose
+    fp16
     parity result is forgotten: a new graph has not passed yet). Returns (files written, notes per graph)."""
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
@@ -88,8 +107,14 @@ def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
     written, notes = [], {}
     for graph, feeds in (("model", image_feeds), ("explain", explain_feeds)):
         if opened.has(f"{graph}.onnx"):
-            notes[graph] = convert_fp16(opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds)
+            notes[graph] = convert_fp16(
+                opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds
+            )
             written.append(f"{graph}.fp16.onnx")
     card = record_files(opened.folder, opened.card, written)
-    record_files(opened.folder, forget_parity(card.replace(provenance={**card.provenance, "fp16": notes}), ["fp16"]), [])
+    record_files(
+        opened.folder,
+        forget_parity(card.replace(provenance={**card.provenance, "fp16": notes}), ["fp16"]),
+        [],
+    )
     return written, notes

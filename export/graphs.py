@@ -8,13 +8,14 @@ only ``z`` (batch x segments, uint8).
 from __future__ import annotations
 
 import torch
+from cxr.runtime.backends.base import (  # noqa: F401  (the runtime owns the tensor names; export writes them)
+    CLASSIFIER_INPUTS,
+    CLASSIFIER_OUTPUTS,
+    EXPLAINER_INPUTS,
+    EXPLAINER_OUTPUTS,
+)
 from cxr.train.models.adapter import Classifier
 from torch import nn
-
-CLASSIFIER_INPUTS = ("image",)
-CLASSIFIER_OUTPUTS = ("probs",)
-EXPLAINER_INPUTS = ("image", "fill", "segments", "z")
-EXPLAINER_OUTPUTS = ("probs",)
 
 
 class Explainer(nn.Module):
@@ -22,7 +23,9 @@ class Explainer(nn.Module):
         super().__init__()
         self.classifier = classifier
 
-    def forward(self, image: torch.Tensor, fill: torch.Tensor, segments: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, image: torch.Tensor, fill: torch.Tensor, segments: torch.Tensor, z: torch.Tensor
+    ) -> torch.Tensor:
         """image, fill: 1 x 1 x H x W uint8; segments: H x W int32 (0..S-1); z: B x S uint8 -> B x classes."""
         height, width = segments.shape[-2], segments.shape[-1]
         keep = torch.index_select(z.float(), 1, segments.reshape(-1)).reshape(-1, 1, height, width)

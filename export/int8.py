@@ -60,20 +60,35 @@ def explainer_feeds(images: list[np.ndarray], seed: int = 0, rows: int = 8) -> l
         segments = segment(image)
         z = rng.integers(0, 2, (rows, int(segments.max()) + 1), dtype=np.uint8)
         z[0] = 1
-        feeds.append({"image": image[None, None], "fill": segment_means(image, segments)[None, None],
-                      "segments": segments, "z": z})
+        feeds.append(
+            {
+                "image": image[None, None],
+                "fill": segment_means(image, segments)[None, None],
+                "segments": segments,
+                "z": z,
+            }
+        )
     return feeds
 
 
-def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax",
-                  exclude: list[str] | None = None, cache: Path | None = None) -> dict[str, object]:
+def quantize_int8(
+    src: Path,
+    dst: Path,
+    feeds: list[dict[str, np.ndarray]],
+    method: str = "minmax",
+    exclude: list[str] | None = None,
+    cache: Path | None = None,
+) -> dict[str, object]:
     """One explicit Q/DQ graph. ``cache`` keeps the calibrated ranges, so re-quantising with other ``exclude``
     nodes (the sensitivity sweep) does not calibrate again. Histogram methods need same-shape activations."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
     if not feeds:
         raise CxrError("int8: no calibration inputs")
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,17 +98,33 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], meth
         reader = FeedReader(feeds, f"calibrating {src.stem} ({method})")
         with atomic_output(dst) as output, quiet_root_logger():
             quantize_static(
-                str(prepared), str(output), None if cached else reader, quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                calibrate_method=methods[method], nodes_to_exclude=list(exclude or []),
+                str(prepared),
+                str(output),
+                None if cached else reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                calibrate_method=methods[method],
+                nodes_to_exclude=list(exclude or []),
                 calibration_cache_path=cache,
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": 1,
-                               "CalibPercentile": 99.999},
+                extra_options={
+                    "ActivationSymmetric": True,
+                    "WeightSymmetric": True,
+                    "CalibStridedMinMax": 1,
+                    "CalibPercentile": 99.999,
+                },
             )
         reader.bar.close()
-    return {"format": "QDQ", "activations": "int8 symmetric", "weights": "int8 per-channel symmetric",
-            "calibration": method, "calibration_batches": len(feeds), "kept_in_float": list(exclude or []),
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "format": "QDQ",
+        "activations": "int8 symmetric",
+        "weights": "int8 per-channel symmetric",
+        "calibration": method,
+        "calibration_batches": len(feeds),
+        "kept_in_float": list(exclude or []),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 HISTOGRAM_IMAGES = 16  # ORT re-sorts each batch into its growing histograms: 2.7 s -> 74 s per dpn92_se batch
@@ -108,7 +139,9 @@ class Int8Report:
     lines: list[str] = field(default_factory=list)
 
 
-def draw_images(folder: Path, size: int, count: int, seed: int, pre: Preprocessing | None = None) -> list[np.ndarray]:
+def draw_images(
+    folder: Path, size: int, count: int, seed: int, pre: Preprocessing | None = None
+) -> list[np.ndarray]:
     """Up to ``count`` readable images from ``folder`` in a seeded random order (unreadable files skipped)."""
     from cxr.runtime.inputs import expand_inputs
     from cxr.runtime.preprocess import load_and_preprocess
@@ -125,11 +158,19 @@ def draw_images(folder: Path, size: int, count: int, seed: int, pre: Preprocessi
     return images
 
 
-def export_int8(bundle_dir: Path, calib: Path, samples: int = 64, check: int = 64, seed: int = 0,
-                methods: tuple[str, ...] = ("minmax", "percentile"), target: float = 0.98,
-                log: Any = None) -> Int8Report:
+def export_int8(
+    bundle_dir: Path,
+    calib: Path,
+    samples: int = 64,
+    check: int = 64,
+    seed: int = 0,
+    methods: tuple[str, ...] = ("minmax", "percentile"),
+    target: float = 0.98,
+    log: Any = None,
+) -> Int8Report:
     """model.int8.onnx (method and float-kept layers chosen by measurement on held-out images) and
-    explain.int8.onnx (min/max: its segment count varies, so histograms cannot be merged), recorded in the card."""
+    explain.int8.onnx (min/max: its segment count varies, so histograms cannot be merged), recorded in the
+    card."""
     from cxr.export.int8_tune import METHODS, b1_p50_ms, cpu_int8_features, tune
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
@@ -139,47 +180,76 @@ def export_int8(bundle_dir: Path, calib: Path, samples: int = 64, check: int = 6
         raise CxrUsageError("--samples must be at least 1 and --check at least 0")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise CxrUsageError(f"--calibration: {', '.join(unknown) or 'empty'} is not one of {', '.join(METHODS)} "
-                            "(it must name at least one)")
+        raise CxrUsageError(
+            f"--calibration: {', '.join(unknown) or 'empty'} is not one of {', '.join(METHODS)} "
+            "(it must name at least one)"
+        )
     opened = Bundle.open(bundle_dir)
     images = draw_images(calib, opened.card.input.size, samples + check, seed, opened.card.preprocessing)
     if not images:
         raise CxrError(f"{calib}: no readable calibration images")
     calib_images, check_images = images[:samples], images[samples:]
     if check and len(check_images) < 8:
-        raise CxrError(f"{calib}: {len(images)} readable images; int8 needs --samples plus at least 8 held-out "
-                       "images to choose the calibration by measurement (or --check 0 to skip choosing)")
+        raise CxrError(
+            f"{calib}: {len(images)} readable images; int8 needs --samples plus at least 8 held-out "
+            "images to choose the calibration by measurement (or --check 0 to skip choosing)"
+        )
     src, dst = opened.verified("model.onnx"), opened.folder / "model.int8.onnx"
     feeds = classifier_feeds(calib_images)
 
-    def quantize(source: Path, target_path: Path, _feeds: Any, method: str, exclude: list[str], cache: Path) -> dict:
+    def quantize(
+        source: Path, target_path: Path, _feeds: Any, method: str, exclude: list[str], cache: Path
+    ) -> dict:
         few = feeds if method == "minmax" else feeds[: HISTOGRAM_IMAGES // 4]
         return quantize_int8(source, target_path, few, method, exclude, cache)
 
     if check_images:
-        log(f"choosing int8 calibration on {len(check_images)} held-out images (target agreement {target:.0%})")
+        log(
+            f"choosing int8 calibration on {len(check_images)} held-out images (target agreement "
+            f"{target:.0%})"
+        )
         result = tune(src, dst, feeds, classifier_feeds(check_images), methods, target, quantize, log)
         model_notes = {
-            "format": "QDQ", "activations": "int8 symmetric", "weights": "int8 per-channel symmetric",
-            "calibration": result.method, "kept_in_float": result.excluded, "held_out_images": len(check_images),
-            "held_out_agreement": round(result.agreement, 4), "calibration_images": len(calib_images),
-            "trials": [t.__dict__ for t in result.trials], "most_sensitive": result.sensitivity[:8],
-            "peak_rss_mb": peak_rss_mb()}
+            "format": "QDQ",
+            "activations": "int8 symmetric",
+            "weights": "int8 per-channel symmetric",
+            "calibration": result.method,
+            "kept_in_float": result.excluded,
+            "held_out_images": len(check_images),
+            "held_out_agreement": round(result.agreement, 4),
+            "calibration_images": len(calib_images),
+            "trials": [t.__dict__ for t in result.trials],
+            "most_sensitive": result.sensitivity[:8],
+            "peak_rss_mb": peak_rss_mb(),
+        }
     else:
         model_notes = quantize_int8(src, dst, feeds, methods[0])
     written, notes = ["model.int8.onnx"], {"model": model_notes}
     if opened.has("explain.onnx"):
-        notes["explain"] = quantize_int8(opened.verified("explain.onnx"), opened.folder / "explain.int8.onnx",
-                                         explainer_feeds(calib_images[:16], seed), "minmax")
+        notes["explain"] = quantize_int8(
+            opened.verified("explain.onnx"),
+            opened.folder / "explain.int8.onnx",
+            explainer_feeds(calib_images[:16], seed),
+            "minmax",
+        )
         written.append("explain.int8.onnx")
     probe = {"image": calib_images[0][None, None]}
-    speed = {"fp32_b1_p50_ms": b1_p50_ms(src, probe), "int8_b1_p50_ms": b1_p50_ms(dst, probe),
-             "cpu_int8": cpu_int8_features()}
+    speed = {
+        "fp32_b1_p50_ms": b1_p50_ms(src, probe),
+        "int8_b1_p50_ms": b1_p50_ms(dst, probe),
+        "cpu_int8": cpu_int8_features(),
+    }
     speed["ratio"] = round(speed["int8_b1_p50_ms"] / speed["fp32_b1_p50_ms"], 2)
     notes["speed_onnxruntime_cpu"] = speed
     card = record_files(opened.folder, opened.card, written)
-    record_files(opened.folder, forget_parity(card.replace(provenance={**card.provenance, "int8": {
-        **notes, "images": len(calib_images)}}), ["int8"]), [])
+    record_files(
+        opened.folder,
+        forget_parity(
+            card.replace(provenance={**card.provenance, "int8": {**notes, "images": len(calib_images)}}),
+            ["int8"],
+        ),
+        [],
+    )
     report = Int8Report(written, notes)
     verdict = speed_verdict(speed)
     if verdict:
@@ -193,13 +263,18 @@ def speed_verdict(speed: dict[str, Any]) -> str | None:
 
     if speed["ratio"] <= FASTER_RATIO:
         return None
-    return (f"int8 does not pay on this CPU: b1 p50 {speed['int8_b1_p50_ms']} ms vs fp32 {speed['fp32_b1_p50_ms']} ms "
-            f"({speed['ratio']}x; {speed['cpu_int8']}); serve fp32/fp16 here, or build a TensorRT int8 engine on the GPU")
+    return (
+        f"int8 does not pay on this CPU: b1 p50 {speed['int8_b1_p50_ms']} ms vs fp32 "
+        f"{speed['fp32_b1_p50_ms']} ms "
+        f"({speed['ratio']}x; {speed['cpu_int8']}); serve fp32/fp16 here, or build a TensorRT int8 engine "
+        "on the GPU"
+    )
 
 
 @contextmanager
 def quiet_root_logger() -> Iterator[None]:
-    """ORT's quantiser warns on the root logger for every standalone BatchNorm's per-channel axis: noise here."""
+    """ORT's quantiser warns on the root logger for every standalone BatchNorm's per-channel axis: noise
+    here."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)

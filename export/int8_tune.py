@@ -1,10 +1,12 @@
-"""INT8 chosen by measurement: the calibration method, the layers kept in float, and whether int8 is faster here.
+"""INT8 chosen by measurement: the calibration method, the layers kept in float, and whether int8 is faster
+here.
 
 Every decision is taken on images the calibration did not see (``check`` feeds), against the fp32 graph:
 1. each calibration method is calibrated once (its ranges cached) and scored by top-1 agreement;
 2. a per-layer sensitivity sweep ranks tensors by their local quantisation noise (activations and weights:
    ONNX Runtime's ``qdq_loss_debug``, SQNR before vs after each tensor's own Q/DQ pair), then keeps the worst
-   1, 2, 4, ... tensors in float (their producer and consumer nodes excluded) until the agreement target is met,
+   1, 2, 4, ... tensors in float (their producer and consumer nodes excluded) until the agreement target is
+   met,
    re-quantised from the cached ranges, so no second calibration;
 3. b1 latency of fp32 vs int8 on this CPU, so the command can say in one line when int8 does not pay here.
 """
@@ -66,7 +68,9 @@ def score(path: Path, reference: np.ndarray, feeds: list[dict[str, np.ndarray]])
     return float(np.mean(probs.argmax(1) == reference.argmax(1))), float(np.abs(probs - reference).max())
 
 
-def tensor_sensitivity(float_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+def tensor_sensitivity(
+    float_path: Path, qdq_path: Path, feeds: list[dict[str, np.ndarray]]
+) -> list[tuple[str, float]]:
     """Quantised tensors (activations and weights), worst first, by the SQNR (dB) of their own Q/DQ pair."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
@@ -82,28 +86,51 @@ def tensor_sensitivity(float_path: Path, qdq_path: Path, feeds: list[dict[str, n
         modify_model_output_intermediate_tensors(str(qdq_path), str(augmented))
         activations = collect_activations(str(augmented), iter(feeds))
     # compute_activation_error() insists on float-model activations; the local error needs only pre/post Q/DQ
-    sqnr = {name: float(compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"]))
-            for name, match in create_activation_matching(activations).items()}
+    sqnr = {
+        name: float(compute_signal_to_quantization_noice_ratio(match["pre_qdq"], match["post_qdq"]))
+        for name, match in create_activation_matching(activations).items()
+    }
     del activations
-    sqnr.update({name: float(err) for name, err in
-                 compute_weight_error(create_weight_matching(str(float_path), str(qdq_path))).items()})
-    return sorted(((name, round(value, 2)) for name, value in sqnr.items() if np.isfinite(value)),
-                  key=lambda item: item[1])
+    sqnr.update(
+        {
+            name: float(err)
+            for name, err in compute_weight_error(
+                create_weight_matching(str(float_path), str(qdq_path))
+            ).items()
+        }
+    )
+    return sorted(
+        ((name, round(value, 2)) for name, value in sqnr.items() if np.isfinite(value)),
+        key=lambda item: item[1],
+    )
 
 
 def nodes_touching(float_path: Path, tensors: list[str]) -> list[str]:
-    """The nodes to exclude so these tensors stay float: ORT quantises a tensor for its producer and its consumers."""
+    """The nodes to exclude so these tensors stay float: ORT quantises a tensor for its producer and its
+    consumers."""
     import onnx
 
     wanted = set(tensors)
     graph = onnx.load(str(float_path), load_external_data=False).graph
-    return [node.name for node in graph.node
-            if node.name and wanted.intersection(list(node.input) + list(node.output))]
+    return [
+        node.name
+        for node in graph.node
+        if node.name and wanted.intersection(list(node.input) + list(node.output))
+    ]
 
 
-def tune(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], check: list[dict[str, np.ndarray]],
-         methods: tuple[str, ...], target: float, quantize: Any, log: Any = logger.info) -> TuneResult:
-    """Pick the calibration method, then the fewest float-kept nodes reaching ``target`` agreement; writes ``dst``.
+def tune(
+    src: Path,
+    dst: Path,
+    calib: list[dict[str, np.ndarray]],
+    check: list[dict[str, np.ndarray]],
+    methods: tuple[str, ...],
+    target: float,
+    quantize: Any,
+    log: Any = logger.info,
+) -> TuneResult:
+    """Pick the calibration method, then the fewest float-kept nodes reaching ``target`` agreement; writes
+    ``dst``.
 
     ``quantize(src, dst, feeds, method, exclude, cache)`` makes one graph (``cxr.export.int8.quantize_int8``).
     """
@@ -121,14 +148,19 @@ def tune(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], check: list[d
         result = TuneResult(best.method, [], best.agreement, trials)
         if best.agreement < target:
             result.sensitivity = tensor_sensitivity(src, chosen, check[:2])
-            for count in EXCLUDE_STEPS[: int(np.searchsorted(EXCLUDE_STEPS, len(result.sensitivity), "right"))]:
+            for count in EXCLUDE_STEPS[
+                : int(np.searchsorted(EXCLUDE_STEPS, len(result.sensitivity), "right"))
+            ]:
                 excluded = nodes_touching(src, [name for name, _ in result.sensitivity[:count]])
                 trial_path = Path(tmp) / f"exclude{count}.onnx"
                 quantize(src, trial_path, calib, best.method, excluded, caches[best.method])
                 trial = Trial(best.method, excluded, *score(trial_path, reference, check))
                 trials.append(trial)
-                log(f"  {best.method}, {count} most sensitive tensor(s) kept in float ({len(excluded)} nodes): "
-                    f"agreement {trial.agreement:.3f}")
+                log(
+                    f"  {best.method}, {count} most sensitive tensor(s) kept in float ({len(excluded)} "
+                    "nodes): "
+                    f"agreement {trial.agreement:.3f}"
+                )
                 if trial.agreement > result.agreement:
                     result.excluded, result.agreement, chosen = excluded, trial.agreement, trial_path
                 if trial.agreement >= target:

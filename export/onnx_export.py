@@ -50,24 +50,41 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
-def _torch_export(module: torch.nn.Module, inputs: dict[str, torch.Tensor], path: Path, opset: int,
-                  input_names: tuple[str, ...], output_names: tuple[str, ...], dynamic: dict[str, dict[int, str]]) -> None:
+def _torch_export(
+    module: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    opset: int,
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    dynamic: dict[str, dict[int, str]],
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, tuple(inputs.values()), str(path), dynamo=False, opset_version=opset,
-            input_names=list(input_names), output_names=list(output_names), dynamic_axes=dynamic,
+            module,
+            tuple(inputs.values()),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic,
         )
 
 
-def check_graph(path: Path, module: torch.nn.Module, feeds: list[dict[str, torch.Tensor]], atol: float) -> float:
+def check_graph(
+    path: Path, module: torch.nn.Module, feeds: list[dict[str, torch.Tensor]], atol: float
+) -> float:
     """Full ONNX check plus ORT-vs-PyTorch agreement; returns the max |difference| seen."""
     import onnxruntime as ort
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as exc:
-        raise CxrError(f"{path.name}: ONNX checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
+        raise CxrError(
+            f"{path.name}: ONNX checker rejected the exported graph: {str(exc).splitlines()[0]}"
+        ) from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     with torch.no_grad():
@@ -76,7 +93,9 @@ def check_graph(path: Path, module: torch.nn.Module, feeds: list[dict[str, torch
             got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
             worst = max(worst, float(np.max(np.abs(expected - got))))
     if worst > atol:
-        raise CxrError(f"{path.name}: ONNX Runtime disagrees with PyTorch (max |dprob| {worst:.2e} > {atol:.0e})")
+        raise CxrError(
+            f"{path.name}: ONNX Runtime disagrees with PyTorch (max |dprob| {worst:.2e} > {atol:.0e})"
+        )
     return worst
 
 
@@ -92,15 +111,31 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
     size = card.input.size
     metadata = card_metadata(card)
     gen = torch.Generator().manual_seed(0)
-    image_feeds = [{"image": torch.randint(0, 256, (b, 1, size, size), dtype=torch.uint8, generator=gen)} for b in (1, 3)]
+    image_feeds = [
+        {"image": torch.randint(0, 256, (b, 1, size, size), dtype=torch.uint8, generator=gen)} for b in (1, 3)
+    ]
 
     classifier_path = out / "model.onnx"
-    _torch_export(model, image_feeds[0], classifier_path, opset, CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS,
-                  {"image": {0: "batch"}, "probs": {0: "batch"}})
+    _torch_export(
+        model,
+        image_feeds[0],
+        classifier_path,
+        opset,
+        CLASSIFIER_INPUTS,
+        CLASSIFIER_OUTPUTS,
+        {"image": {0: "batch"}, "probs": {0: "batch"}},
+    )
     explainer = Explainer(model).eval()
     explain_path = out / "explain.onnx"
-    _torch_export(explainer, example_inputs(size), explain_path, opset, EXPLAINER_INPUTS, EXPLAINER_OUTPUTS,
-                  {"z": {0: "batch", 1: "segments"}, "probs": {0: "batch"}})
+    _torch_export(
+        explainer,
+        example_inputs(size),
+        explain_path,
+        opset,
+        EXPLAINER_INPUTS,
+        EXPLAINER_OUTPUTS,
+        {"z": {0: "batch", 1: "segments"}, "probs": {0: "batch"}},
+    )
     for path in (classifier_path, explain_path):
         graph = onnx.load(str(path))
         set_metadata(graph, metadata)
@@ -113,11 +148,16 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
             shutil.copy2(Path(run) / extra, out / f"training_{extra}")
     provenance = dict(card.provenance)
     provenance.update(
-        exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source_run=str(Path(run).resolve()),
-        opset=opset, torch=torch.__version__, onnx=onnx.__version__,
+        exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        source_run=str(Path(run).resolve()),
+        opset=opset,
+        torch=torch.__version__,
+        onnx=onnx.__version__,
         export_check={"model.onnx": diff_classifier, "explain.onnx": diff_explainer},
     )
     card = write_card(out, card.replace(provenance=provenance))
-    log.info(f"wrote {classifier_path} and {explain_path} (ORT vs PyTorch max |dprob| "
-          f"{max(diff_classifier, diff_explainer):.1e}); card: {out / 'card.json'}")
+    log.info(
+        f"wrote {classifier_path} and {explain_path} (ORT vs PyTorch max |dprob| "
+        f"{max(diff_classifier, diff_explainer):.1e}); card: {out / 'card.json'}"
+    )
     return card

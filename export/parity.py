@@ -46,7 +46,8 @@ def flip_rate_p(flips: int, n: int, allowed_rate: float) -> float:
 
 
 def mcnemar_p(lost: int, gained: int) -> float:
-    """Exact two-sided McNemar p-value: images right before and wrong now (lost) against the reverse (gained)."""
+    """Exact two-sided McNemar p-value: images right before and wrong now (lost) against the reverse
+    (gained)."""
     from scipy.stats import binomtest
 
     if lost + gained == 0:
@@ -54,22 +55,31 @@ def mcnemar_p(lost: int, gained: int) -> float:
     return float(binomtest(lost, lost + gained, 0.5).pvalue)
 
 
-def class_shifts(labels: np.ndarray, reference: np.ndarray, other: np.ndarray, classes: tuple[str, ...]
-                 ) -> dict[str, dict[str, Any]]:
+def class_shifts(
+    labels: np.ndarray, reference: np.ndarray, other: np.ndarray, classes: tuple[str, ...]
+) -> dict[str, dict[str, Any]]:
     """Per true class: n, predictions changed, right->wrong (lost), wrong->right (gained), McNemar p."""
     shifts = {}
     for index, name in enumerate(classes):
         rows = labels == index
         was, now = reference[rows] == index, other[rows] == index
         lost, gained = int(np.sum(was & ~now)), int(np.sum(~was & now))
-        shifts[name] = {"n": int(rows.sum()), "flips": int(np.sum(reference[rows] != other[rows])), "lost": lost,
-                        "gained": gained, "mcnemar_p": round(mcnemar_p(lost, gained), 6)}
+        shifts[name] = {
+            "n": int(rows.sum()),
+            "flips": int(np.sum(reference[rows] != other[rows])),
+            "lost": lost,
+            "gained": gained,
+            "mcnemar_p": round(mcnemar_p(lost, gained), 6),
+        }
     return shifts
 
 
 def metric_deltas(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
     """Differences in points (x100) of accuracy, macro-F1, COVID-vs-rest and every per-class metric."""
-    deltas = {"accuracy": other["accuracy"] - reference["accuracy"], "macro_f1": other["macro_f1"] - reference["macro_f1"]}
+    deltas = {
+        "accuracy": other["accuracy"] - reference["accuracy"],
+        "macro_f1": other["macro_f1"] - reference["macro_f1"],
+    }
     for name, values in reference["per_class"].items():
         for key in ("precision", "recall", "f1"):
             deltas[f"{name}.{key}"] = other["per_class"][name][key] - values[key]
@@ -78,22 +88,32 @@ def metric_deltas(reference: dict[str, Any], other: dict[str, Any]) -> dict[str,
     return {k: round(100 * v, 3) for k, v in deltas.items()}
 
 
-def compare(reference_probs: np.ndarray, probs: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
-            reference_report: dict[str, Any], rule: ParityRule) -> dict[str, Any]:
+def compare(
+    reference_probs: np.ndarray,
+    probs: np.ndarray,
+    labels: np.ndarray,
+    classes: tuple[str, ...],
+    reference_report: dict[str, Any],
+    rule: ParityRule,
+) -> dict[str, Any]:
     diff = np.abs(probs.astype(np.float64) - reference_probs.astype(np.float64))
     report = classification_report(labels, probs.argmax(1), classes)
     deltas = metric_deltas(reference_report, report)
     ref_top, top = reference_probs.argmax(1), probs.argmax(1)
     flips = int(np.sum(ref_top != top))
     result = {
-        "n": len(labels), "flips": flips,
-        "max_abs_dprob": float(diff.max()), "mean_abs_dprob": float(diff.mean()),
+        "n": len(labels),
+        "flips": flips,
+        "max_abs_dprob": float(diff.max()),
+        "mean_abs_dprob": float(diff.mean()),
         "p99_abs_dprob": float(np.quantile(diff, 0.99)),
         "top1_agreement": float(np.mean(top == ref_top)),
         "flip_rate_p": round(flip_rate_p(flips, len(labels), 1 - rule.min_agreement), 6),
         "classes": class_shifts(labels, ref_top, top, classes),
-        "metrics": report, "deltas_pt": deltas,
-        "covid_recall_delta_pt": deltas.get("covid_vs_rest.recall"), "rule": asdict(rule),
+        "metrics": report,
+        "deltas_pt": deltas,
+        "covid_recall_delta_pt": deltas.get("covid_vs_rest.recall"),
+        "rule": asdict(rule),
     }
     failures = []
     if rule.alpha is None and result["top1_agreement"] < rule.min_agreement:
@@ -102,48 +122,74 @@ def compare(reference_probs: np.ndarray, probs: np.ndarray, labels: np.ndarray, 
         failures.append(f"max |dprob| {result['max_abs_dprob']:.2e} > {rule.max_abs_dprob:.0e}")
     if rule.alpha is not None:
         if result["flip_rate_p"] < rule.alpha:
-            failures.append(f"{flips} of {len(labels)} predictions changed: significantly more than "
-                            f"{1 - rule.min_agreement:.1%} (binomial p={result['flip_rate_p']:.3g})")
+            failures.append(
+                f"{flips} of {len(labels)} predictions changed: significantly more than "
+                f"{1 - rule.min_agreement:.1%} (binomial p={result['flip_rate_p']:.3g})"
+            )
         for name, shift in result["classes"].items():
             if shift["mcnemar_p"] < rule.alpha:
-                failures.append(f"{name} recall shifted ({shift['lost']} lost, {shift['gained']} gained of "
-                                f"{shift['n']}; McNemar p={shift['mcnemar_p']:.3g})")
+                failures.append(
+                    f"{name} recall shifted ({shift['lost']} lost, {shift['gained']} gained of "
+                    f"{shift['n']}; McNemar p={shift['mcnemar_p']:.3g})"
+                )
     result["passed"] = not failures
     result["failures"] = failures
     return result
 
 
 def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
-    """(label, backend, precision) for every requested backend this bundle and machine can run: 'onnx', 'fp16',
-    'int8' are ONNX Runtime on that graph, 'engine' every TensorRT engine, 'openvino' OpenVINO on every graph."""
+    """(label, backend, precision) for every requested backend this bundle and machine can run: 'onnx',
+    'fp16',
+    'int8' are ONNX Runtime on that graph, 'engine' every TensorRT engine, 'openvino' OpenVINO on every
+    graph."""
     unknown = [item for item in wanted if item not in PARITY_BACKENDS]
     if unknown:
         raise CxrUsageError(f"--backends: unknown {unknown[0]!r}; choose from {', '.join(PARITY_BACKENDS)}")
     targets = []
     for backend, precision in runnable_here(bundle):
-        label = {"onnxruntime": "onnx" if precision == "fp32" else precision,
-                 "tensorrt": f"engine-{precision}", "openvino": f"openvino-{precision}"}[backend]
+        label = {
+            "onnxruntime": "onnx" if precision == "fp32" else precision,
+            "tensorrt": f"engine-{precision}",
+            "openvino": f"openvino-{precision}",
+        }[backend]
         if label in wanted or label.split("-")[0] in wanted:
             targets.append((label, backend, precision))
     order = {item: index for index, item in enumerate(wanted)}
     return sorted(targets, key=lambda t: order.get(t[0], order.get(t[0].split("-")[0], 0)))
 
 
-def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[str, ParityRule],
-               report_path: Path | None = None, run: Path | None = None, batch_size: int = 16) -> dict[str, Any]:
+def run_parity(
+    bundle_dir: Path,
+    data: Path,
+    backends: list[str],
+    rules: dict[str, ParityRule],
+    report_path: Path | None = None,
+    run: Path | None = None,
+    batch_size: int = 16,
+) -> dict[str, Any]:
     bundle = Bundle.open(bundle_dir)
     source_run = Path(run or bundle.card.provenance.get("source_run", ""))
     if not str(source_run) or not (source_run / "model.pt").is_file():
-        raise CxrError(f"parity needs the PyTorch run the bundle came from; pass --run (card says {source_run or 'nothing'})")
+        raise CxrError(
+            "parity needs the PyTorch run the bundle came from; pass --run (card says "
+            f"{source_run or 'nothing'})"
+        )
     card, model = load_run(source_run)
     classes, samples = scan_image_folder(data, bundle.card.classes)
     loaded = load_images(samples, card.input.size, "loading", pre=bundle.card.preprocessing)
     if not loaded.images:
         raise CxrError(f"{data}: no readable images")
-    pixels = np.stack([evaluation_view(im, card.input.size, bundle.card.preprocessing) for im in loaded.images])[:, None]
+    pixels = np.stack(
+        [evaluation_view(im, card.input.size, bundle.card.preprocessing) for im in loaded.images]
+    )[:, None]
     reference = predict_probs(model.net, model.adapter, list(pixels[:, 0]), torch.device("cpu"), batch_size)
     reference_report = classification_report(loaded.labels, reference.argmax(1), classes)
-    results: dict[str, Any] = {"data": str(data), "n": len(pixels), "pytorch": reference_report, "backends": {}}
+    results: dict[str, Any] = {
+        "data": str(data),
+        "n": len(pixels),
+        "pytorch": reference_report,
+        "backends": {},
+    }
     targets = _targets(bundle, backends)
     if not targets:
         raise CxrError(f"none of --backends {','.join(backends)} can run here for {bundle_dir}")
@@ -152,32 +198,52 @@ def run_parity(bundle_dir: Path, data: Path, backends: list[str], rules: dict[st
         with backend:
             probs = backend.run_chunked(pixels)
             runs_on = describe(backend)
-        results["backends"][label] = compare(reference, probs, loaded.labels, classes, reference_report, rules[precision])
+        results["backends"][label] = compare(
+            reference, probs, loaded.labels, classes, reference_report, rules[precision]
+        )
         results["backends"][label].update(device=backend.device, runs_on=runs_on)
     results["passed"] = all(r["passed"] for r in results["backends"].values())
     report_path = Path(report_path) if report_path else bundle.folder / "parity.json"
     atomic_write(report_path, json.dumps(results, indent=2) + "\n")
-    summary = {label: {k: r[k] for k in ("passed", "n", "flips", "top1_agreement", "max_abs_dprob",
-                                        "covid_recall_delta_pt", "runs_on")}
-               for label, r in results["backends"].items()}
+    summary = {
+        label: {
+            k: r[k]
+            for k in (
+                "passed",
+                "n",
+                "flips",
+                "top1_agreement",
+                "max_abs_dprob",
+                "covid_recall_delta_pt",
+                "runs_on",
+            )
+        }
+        for label, r in results["backends"].items()
+    }
     earlier = bundle.card.parity.get("backends", {})  # results of backends not run now are kept
-    write_card(bundle.folder, bundle.card.replace(parity={"data": str(data), "n": len(pixels),
-                                                          "backends": {**earlier, **summary}}), rehash=False)
+    write_card(
+        bundle.folder,
+        bundle.card.replace(parity={"data": str(data), "n": len(pixels), "backends": {**earlier, **summary}}),
+        rehash=False,
+    )
     log.info(format_parity(results))
     log.info(f"report: {report_path}")
     return results
 
 
 def format_parity(results: dict[str, Any]) -> str:
-    lines = [f"parity vs PyTorch on {results['n']} images (PyTorch accuracy {results['pytorch']['accuracy']:.3f})",
-             f"{'backend':<12}{'agree':>8}{'flips':>7}{'max|dp|':>10}{'mean|dp|':>10}{'acc':>7}{'dacc pt':>9}"
-             f"{'dCOVIDrec':>10}  result"]
+    lines = [
+        f"parity vs PyTorch on {results['n']} images (PyTorch accuracy {results['pytorch']['accuracy']:.3f})",
+        f"{'backend':<12}{'agree':>8}{'flips':>7}{'max|dp|':>10}{'mean|dp|':>10}{'acc':>7}{'dacc pt':>9}"
+        f"{'dCOVIDrec':>10}  result",
+    ]
     for label, r in results["backends"].items():
         covid = r["covid_recall_delta_pt"]
         lines.append(
             f"{label:<12}{r['top1_agreement']:>8.2%}{r['flips']:>7}{r['max_abs_dprob']:>10.2e}{r['mean_abs_dprob']:>10.2e}"
             f"{r['metrics']['accuracy']:>7.3f}{r['deltas_pt']['accuracy']:>+9.2f}"
-            f"{'' if covid is None else f'{covid:+.2f}':>10}  {'PASS' if r['passed'] else 'FAIL: ' + '; '.join(r['failures'])}"
+            f"{'' if covid is None else f'{covid:+.2f}':>10}  "
+            f"{'PASS' if r['passed'] else 'FAIL: ' + '; '.join(r['failures'])}"
             f"  [{r['runs_on']}]"
         )
     return "\n".join(lines)

@@ -76,8 +76,12 @@ def graph_io(onnx_path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         tensor = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
         batched = bool(dims) and dims[0] == -1
-        return TensorSpec(value.name, np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)),
-                          tuple(dims[1:] if batched else dims), batched)
+        return TensorSpec(
+            value.name,
+            np.dtype(tensor_dtype_to_np_dtype(tensor.elem_type)),
+            tuple(dims[1:] if batched else dims),
+            batched,
+        )
 
     inputs = [spec(v) for v in graph.input if v.name not in initializers]
     return inputs, [spec(v) for v in graph.output]
@@ -97,8 +101,11 @@ def choose_format(bundle: Bundle, options: RepoOptions) -> str:
         raise CxrUsageError(f"--format must be one of {', '.join(FORMATS)}, got {options.format!r}")
     has_plan = bundle.has(engine_name("model", options.precision))
     if options.format == "tensorrt" and not has_plan:
-        raise CxrError(f"--format tensorrt: no {engine_name('model', options.precision)} in {bundle.folder} "
-                       f"(build it on the serving GPU: 'cxr-export build-engine {bundle.folder} --precision {options.precision}')")
+        raise CxrError(
+            f"--format tensorrt: no {engine_name('model', options.precision)} in {bundle.folder} "
+            f"(build it on the serving GPU: 'cxr-export build-engine {bundle.folder} --precision "
+            f"{options.precision}')"
+        )
     if options.format == "auto":
         return "tensorrt" if has_plan else "onnx"
     return options.format
@@ -124,38 +131,55 @@ def profile_max_batch(facts: dict) -> tuple[int, int]:
         shape = facts["profile"]["image"]
         return int(shape["min"][0]), int(shape["max"][0])
     except (KeyError, IndexError, TypeError, ValueError):
-        raise CxrError("the engine sidecar has no profile for 'image'; rebuild with 'cxr-export build-engine'") from None
+        raise CxrError(
+            "the engine sidecar has no profile for 'image'; rebuild with 'cxr-export build-engine'"
+        ) from None
 
 
 def build_config(options: RepoOptions, fmt: str, inputs: list[TensorSpec], outputs: list[TensorSpec]):
-    """Triton's ModelConfig: I/O from the graph, dynamic batching, instance group, optional TRT accelerator."""
+    """Triton's ModelConfig: I/O from the graph, dynamic batching, instance group, optional TRT
+    accelerator."""
     mc = _model_config_pb2()
     config = mc.ModelConfig(name=options.name, platform=PLATFORMS[fmt], max_batch_size=options.max_batch)
     for spec in inputs:
-        config.input.add(name=spec.name, data_type=mc.DataType.Value(triton_type(spec.dtype)), dims=list(spec.dims))
+        config.input.add(
+            name=spec.name, data_type=mc.DataType.Value(triton_type(spec.dtype)), dims=list(spec.dims)
+        )
     for spec in outputs:
-        config.output.add(name=spec.name, data_type=mc.DataType.Value(triton_type(spec.dtype)), dims=list(spec.dims),
-                          label_filename=LABELS_FILE if spec.name == "probs" else "")
+        config.output.add(
+            name=spec.name,
+            data_type=mc.DataType.Value(triton_type(spec.dtype)),
+            dims=list(spec.dims),
+            label_filename=LABELS_FILE if spec.name == "probs" else "",
+        )
     preferred = sorted({b for b in (4, 8, 16, 32, options.max_batch) if b <= options.max_batch})
     config.dynamic_batching.preferred_batch_size.extend(preferred)
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
     kind = mc.ModelInstanceGroup.Kind.Value("KIND_GPU" if options.kind == "gpu" else "KIND_CPU")
     config.instance_group.add(count=options.instances, kind=kind)
     if options.trt_accelerator:
-        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+        accelerator = config.optimization.execution_accelerators.gpu_execution_accelerator.add(
+            name="tensorrt"
+        )
         accelerator.parameters["precision_mode"] = get_format(options.precision).triton_trt_mode
         accelerator.parameters["max_workspace_size_bytes"] = str(1 << 30)
     return config
 
 
-def client_note(card: Card, options: RepoOptions, fmt: str, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> str:
+def client_note(
+    card: Card, options: RepoOptions, fmt: str, inputs: list[TensorSpec], outputs: list[TensorSpec]
+) -> str:
     size = card.input.size
-    io = "\n".join(f"- input `{s.name}`: {triton_type(s.dtype)} [batch, {', '.join(map(str, s.dims))}]" for s in inputs)
-    io += "\n" + "\n".join(f"- output `{s.name}`: {triton_type(s.dtype)} [batch, {', '.join(map(str, s.dims))}]"
-                           for s in outputs)
+    io = "\n".join(
+        f"- input `{s.name}`: {triton_type(s.dtype)} [batch, {', '.join(map(str, s.dims))}]" for s in inputs
+    )
+    io += "\n" + "\n".join(
+        f"- output `{s.name}`: {triton_type(s.dtype)} [batch, {', '.join(map(str, s.dims))}]" for s in outputs
+    )
+    interpolation = card.preprocessing.interpolation
     return f"""# {options.name}: cxr-edge {card.arch} ({fmt}, {options.precision})
 
-Classes, in output order: {', '.join(card.classes)} (also `{LABELS_FILE}`).
+Classes, in output order: {", ".join(card.classes)} (also `{LABELS_FILE}`).
 
 {io}
 
@@ -163,7 +187,7 @@ Classes, in output order: {', '.join(card.classes)} (also `{LABELS_FILE}`).
 The graph takes **uint8 grayscale pixels** and normalises them itself (x/255, ImageNet mean/std, grayscale
 repeated to 3 channels). Before sending, each image is:
 1. decoded to grayscale (DICOM: modality LUT/VOI window applied, MONOCHROME1 inverted), scaled to uint8;
-{suppression_steps(card)}2. resized so its **short side is {size}** ({card.preprocessing.interpolation} interpolation);
+{suppression_steps(card)}2. resized so its **short side is {size}** ({interpolation} interpolation);
 3. **centre-cropped to {size} x {size}**, sent as [1, {size}, {size}]{border_step(card)}.
 
 `cxr-run predict --server URL --model BUNDLE` does exactly this with the same reader as local predict
@@ -176,8 +200,11 @@ def suppression_steps(card: Card) -> str:
     """The card's whole-film shortcut-suppression steps, as lines of the client note (empty when off)."""
     steps = []
     if card.preprocessing.thorax_crop:
-        steps.append("   then **cropped to the body**: Otsu threshold, largest bright component, the box of its convex "
-                     "hull plus 4 % margins (`thorax_box`);")
+        steps.append(
+            "   then **cropped to the body**: Otsu threshold, largest bright component, the box of its "
+            "convex "
+            "hull plus 4 % margins (`thorax_box`);"
+        )
     if card.preprocessing.clahe:
         steps.append("   then **CLAHE** (clip limit 2, 8 x 8 tiles);")
     return "".join(line + "\n" for line in steps)
@@ -189,7 +216,8 @@ def border_step(card: Card) -> str:
 
 
 def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
-    """Write REPO/NAME/{config.pbtxt, 1/model.*, labels.txt, card.json, CLIENTS.md}; returns the model folder."""
+    """Write REPO/NAME/{config.pbtxt, 1/model.*, labels.txt, card.json, CLIENTS.md}; returns the model
+    folder."""
     fmt = choose_format(bundle, options)
     _check_options(options, fmt)
     source = bundle.onnx_path("model", options.precision) if fmt == "onnx" else None
@@ -198,25 +226,37 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
         plan_bytes = bundle.verified_bytes(plan.name)
         facts = read_sidecar(plan)
         if hashlib.sha256(plan_bytes).hexdigest() != facts.get("plan_sha256"):
-            raise CxrError(f"{plan}: sha256 does not match its sidecar {sidecar_path(plan).name}; rebuild the engine")
+            raise CxrError(
+                f"{plan}: sha256 does not match its sidecar {sidecar_path(plan).name}; rebuild the engine"
+            )
         low, high = profile_max_batch(facts)
         if options.max_batch > high or low > 1:
-            raise CxrUsageError(f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
-                           f"Triton needs 1..max_batch inside it (use --max-batch {high} or rebuild the engine)")
+            raise CxrUsageError(
+                f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
+                f"Triton needs 1..max_batch inside it (use --max-batch {high} or rebuild the engine)"
+            )
         source = bundle.verified(facts.get("source_onnx") or onnx_name("model", options.precision))
     inputs, outputs = graph_io(source)
     config = build_config(options, fmt, inputs, outputs)
     model_dir, staging = out / options.name, out / f".{options.name}.partial"
-    if (model_dir.exists() or model_dir.is_symlink()) and not options.force and not (model_dir / MARKER).is_file():
-        raise CxrError(f"{model_dir}: exists and is not a model folder written by cxr-export (no {MARKER}); "
-                       "choose another --name or --out, or pass --force to replace it")
+    if (
+        (model_dir.exists() or model_dir.is_symlink())
+        and not options.force
+        and not (model_dir / MARKER).is_file()
+    ):
+        raise CxrError(
+            f"{model_dir}: exists and is not a model folder written by cxr-export (no {MARKER}); "
+            "choose another --name or --out, or pass --force to replace it"
+        )
     if staging.is_symlink():
         staging.unlink()
     elif staging.exists():
         shutil.rmtree(staging)
     (staging / "1").mkdir(parents=True)
     if fmt == "tensorrt":
-        (staging / "1" / MODEL_FILES[fmt]).write_bytes(plan_bytes)  # the bytes that were checked, not the path again
+        (staging / "1" / MODEL_FILES[fmt]).write_bytes(
+            plan_bytes
+        )  # the bytes that were checked, not the path again
         shutil.copyfile(sidecar_path(plan), staging / "engine.json")
     else:
         shutil.copyfile(source, staging / "1" / MODEL_FILES[fmt])
@@ -261,7 +301,9 @@ def plan_io(plan: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         dims = tuple(engine.get_tensor_shape(name))
-        spec = TensorSpec(name, np.dtype(trt.nptype(engine.get_tensor_dtype(name))), tuple(dims[1:]), dims[0] == -1)
+        spec = TensorSpec(
+            name, np.dtype(trt.nptype(engine.get_tensor_dtype(name))), tuple(dims[1:]), dims[0] == -1
+        )
         (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(spec)
     return inputs, outputs
 
@@ -278,16 +320,23 @@ def _compare(kind: str, declared, graph: list[TensorSpec], problems: list[str]) 
             continue
         declared_type = mc.DataType.Name(tensor.data_type)
         if declared_type != triton_type(spec.dtype):
-            problems.append(f"{kind} {tensor.name}: {declared_type} but the graph has {triton_type(spec.dtype)}")
+            problems.append(
+                f"{kind} {tensor.name}: {declared_type} but the graph has {triton_type(spec.dtype)}"
+            )
         dims = tuple(tensor.dims)
         fits = len(dims) == len(spec.dims) and all(g == -1 or g == d for d, g in zip(dims, spec.dims))
         if not fits:
-            problems.append(f"{kind} {tensor.name}: dims {list(dims)} but the graph has {list(spec.dims)} (batch excluded)")
+            problems.append(
+                f"{kind} {tensor.name}: dims {list(dims)} but the graph has {list(spec.dims)} (batch "
+                "excluded)"
+            )
 
 
 def _model_file(model_dir: Path, platform: str) -> Path | None:
     name = {v: MODEL_FILES[k] for k, v in PLATFORMS.items()}.get(platform)
-    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    versions = sorted(
+        (p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
     if name is None or not versions:
         return None
     path = versions[-1] / name
@@ -309,16 +358,24 @@ def validate_repository(repo: Path, name: str, expected_name: str | None = None)
         problems.append(f"config name {config.name!r} differs from its folder {expected_name!r}")
     model_file = _model_file(model_dir, config.platform)
     if model_file is None:
-        return problems + [f"no {MODEL_FILES.get('tensorrt' if config.platform == 'tensorrt_plan' else 'onnx')} "
-                           f"in a numeric version folder for platform {config.platform!r}"]
+        return problems + [
+            f"no {MODEL_FILES.get('tensorrt' if config.platform == 'tensorrt_plan' else 'onnx')} "
+            f"in a numeric version folder for platform {config.platform!r}"
+        ]
     if config.platform == "onnxruntime_onnx":
         inputs, outputs = graph_io(model_file)
     else:
-        facts = json.loads((model_dir / "engine.json").read_text()) if (model_dir / "engine.json").is_file() else {}
+        facts = (
+            json.loads((model_dir / "engine.json").read_text())
+            if (model_dir / "engine.json").is_file()
+            else {}
+        )
         if facts:
             low, high = profile_max_batch(facts)
             if config.max_batch_size > high or low > 1:
-                problems.append(f"max_batch_size {config.max_batch_size} outside the engine profile {low}..{high}")
+                problems.append(
+                    f"max_batch_size {config.max_batch_size} outside the engine profile {low}..{high}"
+                )
         from cxr.runtime.backends.tensorrt import tensorrt_available
 
         if not tensorrt_available():

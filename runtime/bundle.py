@@ -12,6 +12,7 @@ from cxr.runtime.formats import GRAPHS, PRECISIONS, get_format
 
 __all__ = ["GRAPHS", "PRECISIONS", "Bundle", "check_precision", "engine_name", "onnx_name"]
 
+
 def check_precision(precision: str) -> str:
     return get_format(precision).precision
 
@@ -31,8 +32,11 @@ class Bundle:
     digest: str = ""  # sha256 of card.json as read (see card_digest): what --expect-digest pins
 
     @classmethod
-    def open(cls, folder: str | Path, expect_digest: str | None = None, trusted_key: Path | None = None) -> Bundle:
-        """Read the card; with ``expect_digest`` or ``trusted_key``, refuse unless the card's very bytes match."""
+    def open(
+        cls, folder: str | Path, expect_digest: str | None = None, trusted_key: Path | None = None
+    ) -> Bundle:
+        """Read the card; with ``expect_digest`` or ``trusted_key``, refuse unless the card's very bytes
+        match."""
         folder = Path(folder)
         card, raw = read_card_bytes(folder)
         digest = card_digest(raw)
@@ -41,10 +45,14 @@ class Bundle:
 
             verify_card(folder, raw, trusted_key)
         if expect_digest is not None and expect_digest.strip().lower() != digest:
-            raise CxrError(f"{folder}: bundle digest is {digest}, not the expected {expect_digest.strip()[:80]}; "
-                           "refused (a changed card or a different bundle)")
+            raise CxrError(
+                f"{folder}: bundle digest is {digest}, not the expected {expect_digest.strip()[:80]}; "
+                "refused (a changed card or a different bundle)"
+            )
         if not any(name.endswith(".onnx") for name in card.files):
-            raise CxrError(f"{folder}: no ONNX graph in this bundle (run 'cxr-export onnx RUN --out {folder}')")
+            raise CxrError(
+                f"{folder}: no ONNX graph in this bundle (run 'cxr-export onnx RUN --out {folder}')"
+            )
         return cls(folder, card, digest)
 
     def has(self, name: str) -> bool:

@@ -24,7 +24,9 @@ MAX_BUNDLE_FILE = 4 << 30  # dpn131_se fp32 is ~0.3 GB; an ONNX graph over 2 GB 
 MAX_CARD_BYTES = 1 << 20  # a real card is a few kB; a 200 MB one is an attack on memory
 MIN_INPUT, MAX_INPUT, MAX_CLASSES = 32, 4096, 64
 SAFE_TEXT = re.compile(r"[^\x00-\x1f\x7f/\\]{1,64}")  # printable, no path separators
-SAFE_FILE = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # no separators, no control characters: never outside the bundle
+SAFE_FILE = re.compile(
+    r"[A-Za-z0-9_.-]{1,128}"
+)  # no separators, no control characters: never outside the bundle
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Host preprocessing (decode, grayscale, short side -> size, centre crop) and the in-graph normalisation."""
+    """Host preprocessing (decode, grayscale, short side -> size, centre crop) and the in-graph
+    normalisation."""
 
     resize: str = "short_side_then_center_crop"
     interpolation: str = "area"
@@ -91,8 +94,10 @@ class Card:
         except (KeyError, TypeError, ValueError) as exc:
             raise CxrError(f"card.json is not a valid model card: {exc}") from None
         if card.format_version > FORMAT_VERSION or card.format_version < 1:
-            raise CxrError(f"card.json format_version {card.format_version}: this cxr-edge reads version "
-                           f"{FORMAT_VERSION} (upgrade cxr-edge, or re-export the bundle)")
+            raise CxrError(
+                f"card.json format_version {card.format_version}: this cxr-edge reads version "
+                f"{FORMAT_VERSION} (upgrade cxr-edge, or re-export the bundle)"
+            )
         problem = card.problem()
         if problem:
             raise CxrError(f"card.json is not a valid model card: {problem}")
@@ -102,12 +107,17 @@ class Card:
         """What makes this card unusable or unsafe (None when it is fine): checked on every read."""
         size = self.input.size
         if type(size) is not int or not MIN_INPUT <= size <= MAX_INPUT:
-            return f"input.size must be a whole number of pixels from {MIN_INPUT} to {MAX_INPUT}, got {size!r}"
+            return (
+                f"input.size must be a whole number of pixels from {MIN_INPUT} to {MAX_INPUT}, got {size!r}"
+            )
         if self.input.channels != 1 or self.input.dtype != "uint8":
             return f"input must be 1 channel of uint8, got {self.input.channels} x {self.input.dtype!r}"
         names = self.classes
-        if not 2 <= len(names) <= MAX_CLASSES or len(set(names)) != len(names) or not all(
-                isinstance(c, str) and SAFE_TEXT.fullmatch(c) for c in names):
+        if (
+            not 2 <= len(names) <= MAX_CLASSES
+            or len(set(names)) != len(names)
+            or not all(isinstance(c, str) and SAFE_TEXT.fullmatch(c) for c in names)
+        ):
             return f"classes must be 2 to {MAX_CLASSES} distinct printable names of at most 64 characters"
         for name, digest in self.files.items():
             if not isinstance(name, str) or not SAFE_FILE.fullmatch(name) or name in (".", ".."):
@@ -136,7 +146,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-LOCAL_KEYS = {"training": ("data", "out"), "provenance": ("source_run",)}  # paths on the machine that trained it
+LOCAL_KEYS = {
+    "training": ("data", "out"),
+    "provenance": ("source_run",),
+}  # paths on the machine that trained it
 
 
 def public_dict(card: Card) -> dict[str, Any]:
@@ -170,14 +183,20 @@ def forget_parity(card: Card, labels: list[str]) -> Card:
 
 
 def graph_metadata(card: Card) -> dict[str, str]:
-    """What every exported graph carries in its metadata_props: the card's meaning (classes, input, preprocessing)."""
+    """What every exported graph carries in its metadata_props: the card's meaning (classes, input,
+    preprocessing)."""
     data = card.to_dict()
-    return {"cxr.classes": json.dumps(list(card.classes)), "cxr.input": json.dumps(data["input"]),
-            "cxr.preprocessing": json.dumps(data["preprocessing"]), "cxr.arch": card.arch}
+    return {
+        "cxr.classes": json.dumps(list(card.classes)),
+        "cxr.input": json.dumps(data["input"]),
+        "cxr.preprocessing": json.dumps(data["preprocessing"]),
+        "cxr.arch": card.arch,
+    }
 
 
 def metadata_mismatch(card: Card, graph: dict[str, str]) -> str | None:
-    """Which of the card's classes/input/preprocessing differ from what the graph was exported with (or None)."""
+    """Which of the card's classes/input/preprocessing differ from what the graph was exported with (or
+    None)."""
     wanted = graph_metadata(card)
     for key in ("cxr.classes", "cxr.input", "cxr.preprocessing"):
         if key in graph and _meaning(key, graph[key]) != _meaning(key, wanted[key]):
@@ -202,7 +221,8 @@ def read_card(folder: Path) -> Card:
 
 
 def card_digest(data: bytes) -> str:
-    """The bundle digest: sha256 of card.json's bytes. The card lists the sha256 of every file, and every file is
+    """The bundle digest: sha256 of card.json's bytes. The card lists the sha256 of every file, and every file
+    is
     checked against it before use, so pinning this digest pins the whole bundle."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
@@ -222,7 +242,9 @@ def read_card_bytes(folder: Path) -> tuple[Card, bytes]:
         raise CxrError(f"{folder}: no {CARD_NAME} (is this a run or model bundle folder?)")
     refuse_links(Path(folder))
     if path.stat().st_size > MAX_CARD_BYTES:
-        raise CxrError(f"{path}: {path.stat().st_size:,} bytes, more than a model card can be ({MAX_CARD_BYTES:,})")
+        raise CxrError(
+            f"{path}: {path.stat().st_size:,} bytes, more than a model card can be ({MAX_CARD_BYTES:,})"
+        )
     try:
         raw = path.read_bytes()
         data = json.loads(raw.decode())
@@ -236,7 +258,8 @@ def read_card_bytes(folder: Path) -> tuple[Card, bytes]:
 
 
 def write_card(folder: Path, card: Card, rehash: bool = True) -> Card:
-    """Write ``card.json`` atomically; with ``rehash`` the sha256 of every other file in the folder is updated."""
+    """Write ``card.json`` atomically; with ``rehash`` the sha256 of every other file in the folder is
+    updated."""
     folder = Path(folder)
     if rehash:
         card = card.replace(files=hash_bundle_files(folder))
@@ -276,7 +299,9 @@ def verify_file(folder: Path, card: Card, name: str) -> Path:
     if expected is None:
         raise CxrError(f"{path}: not listed in card.json (was it added by hand?)")
     if sha256_file(path) != expected:
-        raise CxrError(f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle")
+        raise CxrError(
+            f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle"
+        )
     return path
 
 
@@ -293,7 +318,9 @@ def verified_bytes(folder: Path, card: Card, name: str) -> bytes:
         raise CxrError(f"{path}: {path.stat().st_size / 2**30:.1f} GiB, larger than any model file here")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != expected:
-        raise BundleRefused(f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle")
+        raise BundleRefused(
+            f"{path}: sha256 does not match card.json (file changed or tampered); re-export the bundle"
+        )
     return data
 
 

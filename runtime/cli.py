@@ -23,39 +23,62 @@ from cxr.runtime.cli_options import (
 )
 from cxr.runtime.cli_util import new_app, run_app
 
-app = new_app("Run a cxr-edge model bundle on chest X-rays (PNG, JPEG, DICOM): predictions and LIME maps.",
-              log_stream="stderr")
+app = new_app(
+    "Run a cxr-edge model bundle on chest X-rays (PNG, JPEG, DICOM): predictions and LIME maps.",
+    log_stream="stderr",
+)
 
 EXIT_OK, EXIT_FATAL, EXIT_SOME_FAILED = 0, 1, 2
 
 
 @app.command()
 def predict(
-    inputs: List[str] = typer.Argument(..., help="Image files, folders (searched recursively, files judged by content) or globs."),
+    inputs: List[str] = typer.Argument(
+        ..., help="Image files, folders (searched recursively, files judged by content) or globs."
+    ),
     model: Path = typer.Option(..., "--model", help="Model bundle folder (from 'cxr-export onnx')."),
-    backend: str = typer.Option("auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."),
+    backend: str = typer.Option(
+        "auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."
+    ),
     precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8: which graph / engine."),
     batch_size: int = typer.Option(16, help="Images per backend call (capped by the engine profile)."),
-    server: Optional[str] = typer.Option(None, "--server", help="Send to a 'cxr-run serve' server instead: http://HOST:PORT or grpc://HOST:PORT."),
+    server: Optional[str] = typer.Option(
+        None,
+        "--server",
+        help="Send to a 'cxr-run serve' server instead: http://HOST:PORT or grpc://HOST:PORT.",
+    ),
     server_model: str = typer.Option("cxr", help="Model name on the server."),
     timeout: float = typer.Option(30.0, help="With --server: seconds to wait for each reply."),
-    out: Optional[Path] = typer.Option(None, "--out", help="FILE.jsonl or FILE.csv (default: JSON lines on stdout)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="FILE.jsonl or FILE.csv (default: JSON lines on stdout)."
+    ),
     top_k: int = typer.Option(0, help="Also list the K most probable classes."),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    explain: bool = typer.Option(False, "--explain", help="Add a LIME explanation and an overlay PNG per image."),
-    explain_dir: Optional[Path] = typer.Option(None, help="Where overlay PNGs go (default: explanations/ beside --out, or ./explanations)."),
-    samples: str = typer.Option("1000", help="LIME samples per image, or 'auto': sample in rounds until the map is settled."),
+    explain: bool = typer.Option(
+        False, "--explain", help="Add a LIME explanation and an overlay PNG per image."
+    ),
+    explain_dir: Optional[Path] = typer.Option(
+        None, help="Where overlay PNGs go (default: explanations/ beside --out, or ./explanations)."
+    ),
+    samples: str = typer.Option(
+        "1000", help="LIME samples per image, or 'auto': sample in rounds until the map is settled."
+    ),
     max_samples: int = typer.Option(1000, help="With --samples auto: the most samples drawn."),
     segmenter: str = typer.Option("slic", help="slic (default) or quickshift (the paper's)."),
     num_features: int = typer.Option(8, help="Segments painted in the overlay."),
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
-    strict: bool = typer.Option(False, "--strict", help="Fail inputs with a warning (not a CR/DX radiograph, colour, "
-                                "near-binary, under 64 px) instead of predicting them."),
+    strict: bool = typer.Option(
+        False,
+        "--strict",
+        help="Fail inputs with a warning (not a CR/DX radiograph, colour, "
+        "near-binary, under 64 px) instead of predicting them.",
+    ),
     expect_digest: ExpectDigest = None,
     trusted_key: TrustedKey = None,
     allow_unvalidated: AllowUnvalidated = False,
 ) -> int:
-    """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if some failed."""
+    """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if
+    some failed."""
     from cxr.runtime.backends.select import check_validated, open_classifier, open_explainer
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.errors import CxrUsageError
@@ -96,9 +119,13 @@ def predict(
         finally:
             if explainer is not None:
                 explainer.close()
-    parts = [f"{len(paths) - failed} predicted", f"{warned} of them with warnings (see their 'warnings')" if warned else "",
-             f"{failed} failed (see their 'error')" if failed else "",
-             not_images_line(found.not_images) if found.not_images else "", f"wrote {out}" if out else ""]
+    parts = [
+        f"{len(paths) - failed} predicted",
+        f"{warned} of them with warnings (see their 'warnings')" if warned else "",
+        f"{failed} failed (see their 'error')" if failed else "",
+        not_images_line(found.not_images) if found.not_images else "",
+        f"wrote {out}" if out else "",
+    ]
     print("; ".join(p for p in parts if p), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
@@ -121,11 +148,15 @@ def _warn_once(record: dict, shown: set[str]) -> None:
         kind = re.sub(r"[\d.]+", "N", text)
         if kind not in shown:
             shown.add(kind)
-            print(f"warning: {record['path']}: {text} (shown once; every record lists its warnings)", file=sys.stderr)
+            print(
+                f"warning: {record['path']}: {text} (shown once; every record lists its warnings)",
+                file=sys.stderr,
+            )
 
 
-def _open_server(url: str, model_name: str, timeout: float, bundle, backend: str, precision: Optional[str],
-                 explain: bool):
+def _open_server(
+    url: str, model_name: str, timeout: float, bundle, backend: str, precision: Optional[str], explain: bool
+):
     """The remote classifier, after checking the server runs this bundle's model; a down server is not fatal
     (every file then gets the connection error, as a failed file does locally)."""
     from cxr.runtime.backends.triton_client import TritonClientBackend, model_mismatch
@@ -187,7 +218,10 @@ def info(
                 reason, state = f"cannot run: {exc}", "-"
             print(f"  {precision} {graph:<8} parity {state:<8} {reason}")
     if bad:
-        print(f"error: {bad} bundle file(s) missing or changed since export: do not use this bundle", file=sys.stderr)
+        print(
+            f"error: {bad} bundle file(s) missing or changed since export: do not use this bundle",
+            file=sys.stderr,
+        )
         return EXIT_FATAL
     return EXIT_OK
 
@@ -203,27 +237,51 @@ def serve(
     max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
     max_queue: int = typer.Option(0, help="Reject requests beyond this many queued (0: no limit)."),
     instances: Instances = 1,
-    backend: str = typer.Option("auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."),
+    backend: str = typer.Option(
+        "auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."
+    ),
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),
-    log_file: Optional[Path] = typer.Option(None, help="Triton's log (default: cxr-triton-HTTP_PORT.log in the temp folder)."),
+    log_file: Optional[Path] = typer.Option(
+        None, help="Triton's log (default: cxr-triton-HTTP_PORT.log in the temp folder)."
+    ),
     allow_unvalidated: AllowUnvalidated = False,
     expect_digest: ExpectDigest = None,
     trusted_key: TrustedKey = None,
 ) -> None:
-    """Serve the bundle through NVIDIA Triton Inference Server (PyTriton): dynamic batching, health, metrics."""
+    """Serve the bundle through NVIDIA Triton Inference Server (PyTriton): dynamic batching, health,
+    metrics."""
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.serve import ServeOptions, triton_log_file
     from cxr.runtime.serve import serve as run_server
 
-    options = ServeOptions(host, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, max_queue,
-                           instances, backend, precision, max_pixels, name, log_file, allow_unvalidated)
+    options = ServeOptions(
+        host,
+        http_port,
+        grpc_port,
+        metrics_port,
+        max_batch,
+        max_queue_delay_us,
+        max_queue,
+        instances,
+        backend,
+        precision,
+        max_pixels,
+        name,
+        log_file,
+        allow_unvalidated,
+    )
 
     def ready(backend_line: str) -> None:
-        print(f"serving {name} on http://{host}:{http_port} (gRPC {host}:{grpc_port}, metrics "
-              f"http://{host}:{metrics_port}/metrics) with {backend_line}; Triton log: {triton_log_file(options)}; "
-              "Ctrl+C stops", file=sys.stderr, flush=True)
+        print(
+            f"serving {name} on http://{host}:{http_port} (gRPC {host}:{grpc_port}, metrics "
+            f"http://{host}:{metrics_port}/metrics) with {backend_line}; Triton log: "
+            f"{triton_log_file(options)}; "
+            "Ctrl+C stops",
+            file=sys.stderr,
+            flush=True,
+        )
 
     run_server(Bundle.open(model, expect_digest, trusted_key), options, ready)
 

@@ -1,4 +1,5 @@
-"""Options several CLIs share, declared once (Typer ``Annotated`` types): bundle trust, pixel limit, batching."""
+"""Options several CLIs share, declared once (Typer ``Annotated`` types): bundle trust, pixel limit,
+batching."""
 
 from __future__ import annotations
 
@@ -12,17 +13,48 @@ from typing_extensions import Annotated
 DEFAULT_MAX_BATCH = 64
 DEFAULT_QUEUE_DELAY_US = 2000
 
-ExpectDigest = Annotated[Optional[str], typer.Option(
-    "--expect-digest", help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:...")]
-TrustedKey = Annotated[Optional[Path], typer.Option(
-    "--trusted-key", help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign).")]
-AllowUnvalidated = Annotated[bool, typer.Option(
-    "--allow-unvalidated", help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'.")]
-MaxPixels = Annotated[int, typer.Option(
-    help="Refuse images with more pixels than this, checked from the header (decompression bombs).")]
+ExpectDigest = Annotated[
+    Optional[str],
+    typer.Option(
+        "--expect-digest",
+        help="Refuse the bundle unless its digest (printed by cxr-export and info) is this sha256:...",
+    ),
+]
+TrustedKey = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--trusted-key",
+        help="Refuse the bundle unless card.json is signed by this Ed25519 public key (cxr-export sign).",
+    ),
+]
+AllowUnvalidated = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unvalidated",
+        help="Use an fp16/int8 graph or engine that failed or never ran 'cxr-export parity'.",
+    ),
+]
+MaxPixels = Annotated[
+    int,
+    typer.Option(
+        help="Refuse images with more pixels than this, checked from the header (decompression bombs)."
+    ),
+]
 MaxBatch = Annotated[int, typer.Option(help="Largest batch Triton's dynamic batcher forms (max_batch_size).")]
-QueueDelayUs = Annotated[int, typer.Option(help="Dynamic batching: longest wait for more requests before a batch runs.")]
+QueueDelayUs = Annotated[
+    int, typer.Option(help="Dynamic batching: longest wait for more requests before a batch runs.")
+]
 Instances = Annotated[int, typer.Option(help="Model instances per device (each its own backend session).")]
 
-__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_PIXELS", "DEFAULT_QUEUE_DELAY_US", "AllowUnvalidated", "ExpectDigest",
-           "Instances", "MaxBatch", "MaxPixels", "QueueDelayUs", "TrustedKey"]
+__all__ = [
+    "DEFAULT_MAX_BATCH",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_QUEUE_DELAY_US",
+    "AllowUnvalidated",
+    "ExpectDigest",
+    "Instances",
+    "MaxBatch",
+    "MaxPixels",
+    "QueueDelayUs",
+    "TrustedKey",
+]

@@ -44,11 +44,14 @@ ABORTS = _classes("Abort", typer.Abort)
 
 
 def configure_logging(verbosity: int, stream: TextIO) -> None:
-    """The library logs (``logging``); the CLI decides what is shown: -1 quiet (warnings and errors, no progress
+    """The library logs (``logging``); the CLI decides what is shown: -1 quiet (warnings and errors, no
+    progress
     bars), 0 what a person follows (info), 1 verbose (debug)."""
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s" if level > logging.DEBUG else "%(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(message)s" if level > logging.DEBUG else "%(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -71,7 +74,9 @@ def new_app(help_text: str, log_stream: str = "stdout") -> typer.Typer:
 
     @app.callback()
     def _verbosity(
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors; no progress bars."),
+        quiet: bool = typer.Option(
+            False, "--quiet", "-q", help="Only warnings and errors; no progress bars."
+        ),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug messages too, with their source."),
     ) -> None:
         if quiet and verbose:

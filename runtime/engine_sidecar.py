@@ -36,18 +36,26 @@ def read_sidecar(plan: Path) -> dict[str, Any]:
         raise CxrError(f"{path}: unreadable sidecar ({exc})") from None
 
 
-def check_sidecar(plan: Path, facts: dict[str, Any], trt_version: str, compute_capability: str,
-                  data: bytes | None = None) -> None:
+def check_sidecar(
+    plan: Path, facts: dict[str, Any], trt_version: str, compute_capability: str, data: bytes | None = None
+) -> None:
     """Refuse a plan that was changed, or built for another TensorRT or GPU architecture. ``data``: the plan's
     bytes as they will be deserialised (hashed here instead of the file, which could change in between)."""
-    rebuild = f"rebuild it on this machine with 'cxr-export build-engine {plan.parent} --precision {facts.get('precision', 'fp16')}'"
+    precision = facts.get("precision", "fp16")
+    rebuild = (
+        f"rebuild it on this machine with 'cxr-export build-engine {plan.parent} --precision {precision}'"
+    )
     digest = sha256_file(plan) if data is None else hashlib.sha256(data).hexdigest()
     if digest != facts.get("plan_sha256"):
         raise CxrError(f"{plan}: sha256 does not match its sidecar (file changed or tampered); {rebuild}")
     if facts.get("trt_version") != trt_version:
-        raise CxrError(f"{plan}: built with TensorRT {facts.get('trt_version')}, this machine has {trt_version}; {rebuild}")
+        raise CxrError(
+            f"{plan}: built with TensorRT {facts.get('trt_version')}, this machine has {trt_version}; "
+            f"{rebuild}"
+        )
     if facts.get("compute_capability") != compute_capability:
         raise CxrError(
-            f"{plan}: built for compute capability {facts.get('compute_capability')} ({facts.get('gpu_name')}), "
+            f"{plan}: built for compute capability {facts.get('compute_capability')} "
+            f"({facts.get('gpu_name')}), "
             f"this GPU is {compute_capability}; {rebuild}"
         )

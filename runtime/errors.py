@@ -2,7 +2,8 @@
 
 
 def one_line(value: object, limit: int | None = None) -> str:
-    """An exception's (or any) text on one line, whitespace collapsed, cut to ``limit`` characters; an exception
+    """An exception's (or any) text on one line, whitespace collapsed, cut to ``limit`` characters; an
+    exception
     without text gives its class name."""
     text = " ".join(str(value).split())[:limit]
     return text or (type(value).__name__ if isinstance(value, BaseException) else "")
@@ -17,4 +18,5 @@ class CxrUsageError(CxrError):
 
 
 class BundleRefused(CxrError):
-    """The bundle itself is untrustworthy (a file changed, a card that contradicts its graph): no backend may try it."""
+    """The bundle itself is untrustworthy (a file changed, a card that contradicts its graph): no backend may
+    try it."""

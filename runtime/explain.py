@@ -62,23 +62,34 @@ def sample_rows(rng: np.random.Generator, samples: int, segments: int) -> np.nda
     return rows
 
 
-def lime_fit(rows: np.ndarray, probs: np.ndarray, label: int, seed: int) -> tuple[dict[int, float], float, float]:
+def lime_fit(
+    rows: np.ndarray, probs: np.ndarray, label: int, seed: int
+) -> tuple[dict[int, float], float, float]:
     """lime's weighted ridge on (rows, probs): returns segment weights, intercept and the fit's R^2."""
     from lime.lime_base import LimeBase
     from sklearn.metrics import pairwise_distances
     from sklearn.utils import check_random_state
 
     distances = pairwise_distances(rows, rows[0:1], metric="cosine").ravel()
-    base = LimeBase(lambda d: np.sqrt(np.exp(-(d**2) / KERNEL_WIDTH**2)), verbose=False,
-                    random_state=check_random_state(seed))
+    base = LimeBase(
+        lambda d: np.sqrt(np.exp(-(d**2) / KERNEL_WIDTH**2)),
+        verbose=False,
+        random_state=check_random_state(seed),
+    )
     intercept, pairs, score, _ = base.explain_instance_with_data(
-        rows.astype(np.float64), probs.astype(np.float64), distances, label, ALL_FEATURES, feature_selection="auto"
+        rows.astype(np.float64),
+        probs.astype(np.float64),
+        distances,
+        label,
+        ALL_FEATURES,
+        feature_selection="auto",
     )
     return {int(k): float(v) for k, v in pairs}, float(intercept), float(score)
 
 
 def warm_host(seed: int = 0) -> None:
-    """Run segmentation and lime's fit once on a toy problem, so their imports and first-call costs (about 1 s)
+    """Run segmentation and lime's fit once on a toy problem, so their imports and first-call costs (about 1
+    s)
     are paid when the explainer opens, not by the first patient's image."""
     rng = np.random.default_rng(seed)
     toy = rng.integers(0, 256, (32, 32), dtype=np.uint8)
@@ -87,9 +98,15 @@ def warm_host(seed: int = 0) -> None:
     lime_fit(rows, rng.random((20, 2)), 0, seed)
 
 
-def explain_image(image: np.ndarray, backend: ExplainerBackend, config: ExplainConfig,
-                  rows: np.ndarray | None = None, segments: np.ndarray | None = None) -> Explanation:
-    """Explain the top class of one preprocessed uint8 image (``rows``/``segments`` may be given, for tests)."""
+def explain_image(
+    image: np.ndarray,
+    backend: ExplainerBackend,
+    config: ExplainConfig,
+    rows: np.ndarray | None = None,
+    segments: np.ndarray | None = None,
+) -> Explanation:
+    """Explain the top class of one preprocessed uint8 image (``rows``/``segments`` may be given, for
+    tests)."""
     started = time.perf_counter()
     if segments is None:
         segments = segment(image, config.segmenter, config.n_segments, config.seed)
@@ -128,20 +145,35 @@ def explain_image(image: np.ndarray, backend: ExplainerBackend, config: ExplainC
     weights, intercept, score = lime_fit(rows, probs, label, config.seed)
     done = time.perf_counter()
     timing = {
-        "segmentation_s": segmented - started, "sampling_s": sampled - segmented, "model_s": model_seconds,
-        "settle_checks_s": check_seconds, "model_loop_s": modelled - sampled, "fit_s": done - modelled,
+        "segmentation_s": segmented - started,
+        "sampling_s": sampled - segmented,
+        "model_s": model_seconds,
+        "settle_checks_s": check_seconds,
+        "model_loop_s": modelled - sampled,
+        "fit_s": done - modelled,
         "total_s": done - started,
     }
-    return Explanation(label, weights, intercept, score, segments, probs[0], timing, backend.bytes_sent - bytes_before,
-                       len(rows), stopped)
+    return Explanation(
+        label,
+        weights,
+        intercept,
+        score,
+        segments,
+        probs[0],
+        timing,
+        backend.bytes_sent - bytes_before,
+        len(rows),
+        stopped,
+    )
 
 
 def top_segments(weights: dict[int, float], count: int) -> list[int]:
     return sorted(weights, key=lambda k: -abs(weights[k]))[:count]
 
 
-def explanation_record(explanation: Explanation, classes: tuple[str, ...], config: ExplainConfig,
-                       overlay: str | None) -> dict[str, Any]:
+def explanation_record(
+    explanation: Explanation, classes: tuple[str, ...], config: ExplainConfig, overlay: str | None
+) -> dict[str, Any]:
     return {
         "label": classes[explanation.label],
         "weights": {str(k): round(v, 6) for k, v in sorted(explanation.weights.items())},

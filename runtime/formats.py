@@ -30,8 +30,10 @@ class ParityRule:
     def describe(self) -> str:
         if self.alpha is None:
             return f"agreement {self.min_agreement:.0%}, max abs dprob <= {self.max_abs_dprob:g}"
-        return f"flip rate not above {1 - self.min_agreement:.1%} (binomial) and no class shift (McNemar), " \
-               f"alpha {self.alpha:g}"
+        return (
+            f"flip rate not above {1 - self.min_agreement:.1%} (binomial) and no class shift (McNemar), "
+            f"alpha {self.alpha:g}"
+        )
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,11 @@ class Format:
     note: str
 
     def onnx_name(self, graph: str = "model") -> str:
-        return f"{check_graph(graph)}.onnx" if self.precision == "fp32" else f"{check_graph(graph)}.{self.precision}.onnx"
+        return (
+            f"{check_graph(graph)}.onnx"
+            if self.precision == "fp32"
+            else f"{check_graph(graph)}.{self.precision}.onnx"
+        )
 
     def engine_name(self, graph: str = "model") -> str:
         return f"{check_graph(graph)}.{self.precision}.engine"
@@ -52,17 +58,35 @@ class Format:
 
 # The fp32 rule holds on CPU and on CUDA alike because parity runs CUDA fp32 with TF32 off (TF32 rounds
 # matmul/conv inputs to 10 mantissa bits: ~1e-3 |dprob| on a correct graph, measured on an H100).
-FORMATS: dict[str, Format] = {f.precision: f for f in (
-    Format("fp32", "cxr-export onnx", ("tensorrt", "onnxruntime", "openvino"),
-           ParityRule(min_agreement=1.0, max_abs_dprob=1e-4), "FP32",
-           "the validated graph, checked against PyTorch at export"),
-    Format("fp16", "cxr-export fp16", ("tensorrt", "onnxruntime", "openvino"),
-           ParityRule(min_agreement=0.995, alpha=0.05), "FP16",
-           "fp16 weights and activations, overflowing nodes kept in fp32"),
-    Format("int8", "cxr-export int8", ("tensorrt", "onnxruntime", "openvino"),
-           ParityRule(min_agreement=0.98, alpha=0.05), "INT8",
-           "explicit Q/DQ, calibration and float-kept layers chosen on held-out images"),
-)}
+FORMATS: dict[str, Format] = {
+    f.precision: f
+    for f in (
+        Format(
+            "fp32",
+            "cxr-export onnx",
+            ("tensorrt", "onnxruntime", "openvino"),
+            ParityRule(min_agreement=1.0, max_abs_dprob=1e-4),
+            "FP32",
+            "the validated graph, checked against PyTorch at export",
+        ),
+        Format(
+            "fp16",
+            "cxr-export fp16",
+            ("tensorrt", "onnxruntime", "openvino"),
+            ParityRule(min_agreement=0.995, alpha=0.05),
+            "FP16",
+            "fp16 weights and activations, overflowing nodes kept in fp32",
+        ),
+        Format(
+            "int8",
+            "cxr-export int8",
+            ("tensorrt", "onnxruntime", "openvino"),
+            ParityRule(min_agreement=0.98, alpha=0.05),
+            "INT8",
+            "explicit Q/DQ, calibration and float-kept layers chosen on held-out images",
+        ),
+    )
+}
 PRECISIONS = tuple(FORMATS)
 
 
@@ -83,10 +107,14 @@ def get_format(precision: str) -> Format:
 
 def markdown_table() -> str:
     """The table the README shows (a test keeps the two identical)."""
-    rows = ["| precision | graphs | engines | made by | runs on | parity rule | Triton TensorRT mode |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| precision | graphs | engines | made by | runs on | parity rule | Triton TensorRT mode |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for f in FORMATS.values():
-        rows.append(f"| {f.precision} | `{f.onnx_name('model')}`, `{f.onnx_name('explain')}` | "
-                    f"`{f.engine_name('model')}`, `{f.engine_name('explain')}` | `{f.made_by}` | "
-                    f"{', '.join(f.backends)} | {f.parity.describe()} | {f.triton_trt_mode} |")
+        rows.append(
+            f"| {f.precision} | `{f.onnx_name('model')}`, `{f.onnx_name('explain')}` | "
+            f"`{f.engine_name('model')}`, `{f.engine_name('explain')}` | `{f.made_by}` | "
+            f"{', '.join(f.backends)} | {f.parity.describe()} | {f.triton_trt_mode} |"
+        )
     return "\n".join(rows)

@@ -2,7 +2,8 @@
 
 Nothing is dropped silently. A folder is walked with its symlinked files and folders followed (each folder
 once, so a link loop ends); every regular file in it is sniffed: images are kept, other files are counted as
-"not images" by name (unless named like an image: then it is a corrupt image). A named path that is missing, a broken link or an unreadable folder becomes an input
+"not images" by name (unless named like an image: then it is a corrupt image). A named path that is missing, a
+broken link or an unreadable folder becomes an input
 whose one-line error is reported like any failed image.
 """
 
@@ -59,7 +60,8 @@ def _walk(folder: Path, found: Discovered) -> None:
 
 
 def _look_at(path: Path, found: Discovered, named: bool) -> None:
-    """Sort one path into images, failures or not-images (a file named on the command line is never 'not an image')."""
+    """Sort one path into images, failures or not-images (a file named on the command line is never 'not an
+    image')."""
     if path.is_symlink() and not path.exists():
         found.fail(path, f"broken symbolic link (points to {os.readlink(path)})")
         return
@@ -72,7 +74,9 @@ def _look_at(path: Path, found: Discovered, named: bool) -> None:
         found.fail(path, f"cannot read ({exc.strerror or exc})")
         return
     if kind is not None or named or path.suffix.lower() in IMAGE_SUFFIXES:
-        found.inputs.append(path)  # named, or named like an image: a non-image fails with the reader's message
+        found.inputs.append(
+            path
+        )  # named, or named like an image: a non-image fails with the reader's message
     else:
         found.not_images.append(path)
 

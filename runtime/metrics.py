@@ -9,7 +9,9 @@ from cxr.runtime.labels import COVID_CLASS
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
-def classification_report(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]) -> dict[str, Any]:
+def classification_report(
+    y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str]
+) -> dict[str, Any]:
     """Accuracy, per-class P/R/F1, macro F1, confusion matrix, and COVID-19-vs-rest (the paper's Table 1)."""
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
     labels = list(range(len(classes)))
@@ -46,7 +48,9 @@ def format_report(report: dict[str, Any], title: str = "") -> str:
     lines.append(f"accuracy {report['accuracy']:.3f}   macro-F1 {report['macro_f1']:.3f}   n={report['n']}")
     lines.append(f"{'class':<22}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for name, m in report["per_class"].items():
-        lines.append(f"{name:<22}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>9d}")
+        lines.append(
+            f"{name:<22}{m['precision']:>10.3f}{m['recall']:>10.3f}{m['f1']:>10.3f}{m['support']:>9d}"
+        )
     if "covid_vs_rest" in report:
         c = report["covid_vs_rest"]
         lines.append(f"{'covid19 vs rest':<22}{c['precision']:>10.3f}{c['recall']:>10.3f}{c['f1']:>10.3f}")

@@ -34,7 +34,9 @@ class RecordWriter:
         fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         self.handle = os.fdopen(fd, "w", newline="")
         if self.format == "csv":
-            fields = ["path", "label", "backend", "precision", "error", "warnings"] + [f"prob_{c}" for c in classes]
+            fields = ["path", "label", "backend", "precision", "error", "warnings"] + [
+                f"prob_{c}" for c in classes
+            ]
             fields += ["explained_label", "overlay"]
             self._csv = csv.DictWriter(self.handle, fieldnames=fields, extrasaction="ignore")
             self._csv.writeheader()
@@ -43,7 +45,12 @@ class RecordWriter:
         if self._csv is not None:
             row = {k: record.get(k) for k in ("path", "label", "backend", "precision", "error")}
             row["warnings"] = "; ".join(record.get("warnings") or [])
-            row.update({f"prob_{c}": (record["probs"] or {}).get(c) if record.get("probs") else None for c in self.classes})
+            row.update(
+                {
+                    f"prob_{c}": (record["probs"] or {}).get(c) if record.get("probs") else None
+                    for c in self.classes
+                }
+            )
             explanation = record.get("explanation") or {}
             row.update(explained_label=explanation.get("label"), overlay=explanation.get("overlay"))
             self._csv.writerow(row)

@@ -18,10 +18,16 @@ def _colour(weight: float) -> tuple[float, float, float]:
     return (0.0, 0.0, 255.0) if weight > 0 else (255.0, 0.0, 0.0)
 
 
-def render_overlay(image: np.ndarray, explanation: Explanation, class_name: str, num_features: int) -> np.ndarray:
+def render_overlay(
+    image: np.ndarray, explanation: Explanation, class_name: str, num_features: int
+) -> np.ndarray:
     scale = DISPLAY_SIZE / image.shape[0]
-    base = cv2.cvtColor(cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2BGR)
-    segments = cv2.resize(explanation.segments, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_NEAREST)
+    base = cv2.cvtColor(
+        cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2BGR
+    )
+    segments = cv2.resize(
+        explanation.segments, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_NEAREST
+    )
     shown = top_segments(explanation.weights, num_features)
     peak = max((abs(explanation.weights[k]) for k in shown), default=1.0) or 1.0
     out = base.astype(np.float32)
@@ -34,12 +40,22 @@ def render_overlay(image: np.ndarray, explanation: Explanation, class_name: str,
         cv2.drawContours(out, contours, -1, _colour(weight), 1)
     out = np.clip(out, 0, 255).astype(np.uint8)
     prob = float(explanation.probs[explanation.label])
-    cv2.putText(out, f"{class_name}  p={prob:.2f}", (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(
+        out,
+        f"{class_name}  p={prob:.2f}",
+        (8, 22),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        0.6,
+        (0, 255, 255),
+        1,
+        cv2.LINE_AA,
+    )
     return np.hstack([out, colour_bar(base.shape[0], peak)])
 
 
 def colour_bar(height: int, peak: float) -> np.ndarray:
-    """Blue (against) at the bottom through grey to red (supports) at the top, labelled with the weight range."""
+    """Blue (against) at the bottom through grey to red (supports) at the top, labelled with the weight
+    range."""
     bar = np.full((height, BAR_WIDTH, 3), 255, dtype=np.uint8)
     top, bottom = 30, height - 30
     for y in range(top, bottom):
@@ -54,7 +70,9 @@ def colour_bar(height: int, peak: float) -> np.ndarray:
     return bar
 
 
-def save_overlay(path: Path, image: np.ndarray, explanation: Explanation, class_name: str, num_features: int) -> Path:
+def save_overlay(
+    path: Path, image: np.ndarray, explanation: Explanation, class_name: str, num_features: int
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     picture = render_overlay(image, explanation, class_name, num_features)
     ok, encoded = cv2.imencode(".png", picture)

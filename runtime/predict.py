@@ -30,8 +30,15 @@ class PredictOptions:
 
 
 def _record(path: Path, backend: Backend, error: str | None = None) -> dict[str, Any]:
-    return {"path": str(path), "label": None, "probs": None, "backend": backend.name,
-            "precision": backend.precision, "error": error, "warnings": []}
+    return {
+        "path": str(path),
+        "label": None,
+        "probs": None,
+        "backend": backend.name,
+        "precision": backend.precision,
+        "error": error,
+        "warnings": [],
+    }
 
 
 def _overlay_name(path: Path, index: int) -> str:
@@ -39,17 +46,25 @@ def _overlay_name(path: Path, index: int) -> str:
     return f"{index:05d}_{stem}.png"
 
 
-def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options: PredictOptions,
-                   explainer: ExplainerBackend | None = None, known_errors: dict[Path, str] | None = None
-                   ) -> Iterator[dict[str, Any]]:
-    """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs that
+def predict_stream(
+    paths: list[Path],
+    bundle: Bundle,
+    backend: Backend,
+    options: PredictOptions,
+    explainer: ExplainerBackend | None = None,
+    known_errors: dict[Path, str] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs
+    that
     failed before reading (a broken link, an unreadable folder) and the reason each gets in its record."""
     known_errors = known_errors or {}
     classes, size = bundle.card.classes, bundle.card.input.size
     if options.batch_size < 1:
         raise CxrUsageError("--batch-size must be at least 1")
     batch_size = min(options.batch_size, backend.limits.max_batch)
-    bar = tqdm(total=len(paths), unit="img", desc="explain" if explainer else "predict", disable=len(paths) < 2)
+    bar = tqdm(
+        total=len(paths), unit="img", desc="explain" if explainer else "predict", disable=len(paths) < 2
+    )
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         records, images = [], []
@@ -78,8 +93,10 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
             for i, row in zip(good, probs):
                 record = records[i]
                 if not np.all(np.isfinite(row)):
-                    record["error"] = (f"{chunk[i]}: the model returned non-finite probabilities "
-                                       "(damaged or tampered weights?); no label given")
+                    record["error"] = (
+                        f"{chunk[i]}: the model returned non-finite probabilities "
+                        "(damaged or tampered weights?); no label given"
+                    )
                     continue
                 record["label"] = classes[int(np.argmax(row))]
                 record["probs"] = {c: round(float(p), 6) for c, p in zip(classes, row)}
@@ -88,7 +105,9 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
                     record["top_k"] = [[classes[j], round(float(row[j]), 6)] for j in order]
                 if explainer is not None and options.explain is not None:
                     try:
-                        record["explanation"] = _explain(images[i], chunk[i], start + i, bundle, explainer, options)
+                        record["explanation"] = _explain(
+                            images[i], chunk[i], start + i, bundle, explainer, options
+                        )
                     except CxrError as exc:
                         record["error"] = f"explanation failed: {exc}"
         for record in records:
@@ -97,8 +116,14 @@ def predict_stream(paths: list[Path], bundle: Bundle, backend: Backend, options:
     bar.close()
 
 
-def _explain(image: np.ndarray, path: Path, index: int, bundle: Bundle, explainer: ExplainerBackend,
-             options: PredictOptions) -> dict[str, Any]:
+def _explain(
+    image: np.ndarray,
+    path: Path,
+    index: int,
+    bundle: Bundle,
+    explainer: ExplainerBackend,
+    options: PredictOptions,
+) -> dict[str, Any]:
     config = options.explain
     explanation = explain_image(image, explainer, config)
     overlay = None

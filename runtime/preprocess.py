@@ -1,7 +1,8 @@
 """The single preprocessing definition, shared by training, export and the bedside runtime.
 
 decode (PNG/JPEG 8/16-bit, DICOM) -> grayscale uint8 -> [thorax crop, CLAHE] -> short side to ``size`` ->
-centre crop -> [border band]; the bracketed steps are the card's shortcut suppression (``cxr.runtime.suppress``).
+centre crop -> [border band]; the bracketed steps are the card's shortcut suppression
+(``cxr.runtime.suppress``).
 Every problem with a file is a one-line ``CxrError``, so a batch can record it and go on.
 """
 
@@ -32,8 +33,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".t
 
 
 RASTER_SIGNATURES = (  # (format, magic bytes at offset 0)
-    ("png", b"\x89PNG\r\n\x1a\n"), ("jpeg", b"\xff\xd8\xff"), ("tiff", b"II*\x00"), ("tiff", b"MM\x00*"),
-    ("gif", b"GIF87a"), ("gif", b"GIF89a"), ("bmp", b"BM"),
+    ("png", b"\x89PNG\r\n\x1a\n"),
+    ("jpeg", b"\xff\xd8\xff"),
+    ("tiff", b"II*\x00"),
+    ("tiff", b"MM\x00*"),
+    ("gif", b"GIF87a"),
+    ("gif", b"GIF89a"),
+    ("bmp", b"BM"),
 )
 RASTERS = ("png", "jpeg", "tiff", "bmp", "webp", "gif")
 
@@ -82,7 +88,9 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     return load_image(path, max_pixels).gray
 
 
-def decode_image(data: bytes, name: str, suffix: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes, name: str, suffix: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode encoded bytes (a file's or a request's) to 2-D uint8 grayscale; ``name`` prefixes errors."""
     return decode(data, name, suffix, max_pixels).gray
 
@@ -102,7 +110,9 @@ def decode(data: bytes, name: str, suffix: str = "", max_pixels: int = DEFAULT_M
     else:
         raise CxrError(f"{name}: not an image (PNG, JPEG, TIFF, BMP, WebP, GIF or DICOM)")
     if min(gray.shape) < MIN_SIDE:
-        raise CxrError(f"{name}: image is {gray.shape[1]}x{gray.shape[0]} px, smaller than {MIN_SIDE} px a side")
+        raise CxrError(
+            f"{name}: image is {gray.shape[1]}x{gray.shape[0]} px, smaller than {MIN_SIDE} px a side"
+        )
     notes.extend(content_warnings(gray))
     return Decoded(gray, tuple(notes))
 
@@ -111,8 +121,12 @@ def content_warnings(gray: np.ndarray) -> list[str]:
     """Signs that an image is not a chest radiograph: tiny, or nearly two-valued (a mask, a scanned page)."""
     notes = []
     if min(gray.shape) < SMALL_SIDE:
-        notes.append(f"only {gray.shape[1]}x{gray.shape[0]} px (under {SMALL_SIDE} px a side: an icon or thumbnail?)")
-    counts = np.bincount(gray[:: max(1, gray.shape[0] // 256), :: max(1, gray.shape[1] // 256)].ravel(), minlength=256)
+        notes.append(
+            f"only {gray.shape[1]}x{gray.shape[0]} px (under {SMALL_SIDE} px a side: an icon or thumbnail?)"
+        )
+    counts = np.bincount(
+        gray[:: max(1, gray.shape[0] // 256), :: max(1, gray.shape[1] // 256)].ravel(), minlength=256
+    )
     if np.sort(counts)[-2:].sum() >= NEAR_BINARY_SHARE * counts.sum():
         notes.append("near-binary image (two grey levels: a mask or a scanned document?)")
     return notes
@@ -121,7 +135,8 @@ def content_warnings(gray: np.ndarray) -> list[str]:
 def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise CxrError(
-            f"{name}: {width}x{height} px exceeds the pixel limit of {max_pixels:,} (raise --max-pixels if genuine)"
+            f"{name}: {width}x{height} px exceeds the pixel limit of {max_pixels:,} (raise --max-pixels if "
+            "genuine)"
         )
 
 
@@ -129,17 +144,22 @@ EXIF_ORIENTATION = 0x0112
 
 
 def _read_raster(data: bytes, name: str, kind: str, max_pixels: int, notes: list[str]) -> np.ndarray:
-    """Size and EXIF orientation from the header (Pillow, no decode), the --max-pixels check, then the decode."""
+    """Size and EXIF orientation from the header (Pillow, no decode), the --max-pixels check, then the
+    decode."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = None  # --max-pixels below is the one limit (Pillow's own fired before it was read)
+    Image.MAX_IMAGE_PIXELS = (
+        None  # --max-pixels below is the one limit (Pillow's own fired before it was read)
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
                 _check_pixels(name, width, height, max_pixels)
-                orientation = _orientation(im) if kind in ("jpeg", "tiff", "webp") else 1  # PNG's EXIF needs a decode
+                orientation = (
+                    _orientation(im) if kind in ("jpeg", "tiff", "webp") else 1
+                )  # PNG's EXIF needs a decode
     except CxrError:
         raise
     except Exception as exc:  # PIL raises many types for broken headers
@@ -225,7 +245,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: zlib over the whole dataset
 RADIOGRAPH_SOP_CLASSES = {  # CR, DX (presentation and processing), digitised film (secondary capture)
-    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.1.1.1",
     "1.2.840.10008.5.1.4.1.1.7",
 }
 COLOUR_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR"}
@@ -239,7 +261,9 @@ def _dicom_int(ds: object, keyword: str, path: str, default: int | None = None) 
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise CxrError(f"{path}: DICOM attribute {keyword} = {str(value)[:40]!r} is not a whole number") from None
+        raise CxrError(
+            f"{path}: DICOM attribute {keyword} = {str(value)[:40]!r} is not a whole number"
+        ) from None
 
 
 def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np.ndarray:
@@ -257,8 +281,10 @@ def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np
         raise CxrError(f"{path}: DICOM has no pixel data (a report, plan or directory, not an image)")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2") and photometric not in COLOUR_PHOTOMETRICS:
-        raise CxrError(f"{path}: DICOM PhotometricInterpretation {photometric or 'is missing'}: not an image this "
-                       "runtime reads (MONOCHROME1/2, RGB, YBR)")
+        raise CxrError(
+            f"{path}: DICOM PhotometricInterpretation {photometric or 'is missing'}: not an image this "
+            "runtime reads (MONOCHROME1/2, RGB, YBR)"
+        )
     columns, rows = _dicom_int(ds, "Columns", path), _dicom_int(ds, "Rows", path)
     frames = max(1, _dicom_int(ds, "NumberOfFrames", path, 1))
     _check_pixels(path, columns, rows * frames, max_pixels)  # every frame is decoded: all count
@@ -288,12 +314,14 @@ def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np
 
 
 def _max_decoded_bytes(max_pixels: int) -> int:
-    """The most memory one admitted image may need: 16-bit, 3 samples, at the pixel limit, plus 1 MB of header."""
+    """The most memory one admitted image may need: 16-bit, 3 samples, at the pixel limit, plus 1 MB of
+    header."""
     return max_pixels * 2 * 3 + (1 << 20)
 
 
 def _check_inflated_size(data: bytes, path: str, max_pixels: int) -> None:
-    """A deflated dataset is inflated here first under a hard cap (pydicom would inflate it whole): a 2 MB file
+    """A deflated dataset is inflated here first under a hard cap (pydicom would inflate it whole): a 2 MB
+    file
     must not become gigabytes in memory."""
     import zlib
 
@@ -310,28 +338,39 @@ def _check_inflated_size(data: bytes, path: str, max_pixels: int) -> None:
     cap = _max_decoded_bytes(max_pixels)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        inflated = inflater.decompress(data[stream.tell():], cap + 1)
+        inflated = inflater.decompress(data[stream.tell() :], cap + 1)
     except zlib.error as exc:
         raise CxrError(f"{path}: corrupt deflated DICOM ({exc})") from None
     if len(inflated) > cap or inflater.unconsumed_tail:
-        raise CxrError(f"{path}: deflated DICOM inflates to more than {cap:,} bytes, beyond what the pixel limit "
-                       f"of {max_pixels:,} admits (raise --max-pixels if genuine)")
+        raise CxrError(
+            f"{path}: deflated DICOM inflates to more than {cap:,} bytes, beyond what the pixel limit "
+            f"of {max_pixels:,} admits (raise --max-pixels if genuine)"
+        )
 
 
 def _check_pixel_data_length(ds: object, path: str, pixels: int) -> None:
-    """Uncompressed pixel data may not be much longer than Rows x Columns x frames x samples x bytes declare."""
+    """Uncompressed pixel data may not be much longer than Rows x Columns x frames x samples x bytes
+    declare."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and getattr(syntax, "is_compressed", False):
         return
-    expected = pixels * max(1, _dicom_int(ds, "SamplesPerPixel", path, 1)) * max(1, _dicom_int(ds, "BitsAllocated", path, 8)) // 8
+    expected = (
+        pixels
+        * max(1, _dicom_int(ds, "SamplesPerPixel", path, 1))
+        * max(1, _dicom_int(ds, "BitsAllocated", path, 8))
+        // 8
+    )
     actual = len(ds.PixelData)
     if actual > 2 * expected + 4096:
-        raise CxrError(f"{path}: DICOM pixel data is {actual:,} bytes, its header declares {expected:,} "
-                       "(Rows x Columns x frames x samples x bits); refused")
+        raise CxrError(
+            f"{path}: DICOM pixel data is {actual:,} bytes, its header declares {expected:,} "
+            "(Rows x Columns x frames x samples x bits); refused"
+        )
 
 
 def _dicom_warnings(ds: object, notes: list[str]) -> None:
-    """A modality or SOP class that is not a radiograph (CT, MR, RT dose ...) gets a warning, not a diagnosis."""
+    """A modality or SOP class that is not a radiograph (CT, MR, RT dose ...) gets a warning, not a
+    diagnosis."""
     modality = str(ds.get("Modality", "")).strip()
     sop = str(ds.get("SOPClassUID", "")).strip()
     if modality and modality not in RADIOGRAPH_MODALITIES:
@@ -346,7 +385,12 @@ def _decode_failure(ds: object, exc: Exception) -> str:
     name = getattr(syntax, "name", None) or str(syntax or "unknown")
     text = one_line(exc)
     tried = "raised by all available plugins" in text  # decoders exist and each refused these bytes
-    if syntax is not None and getattr(syntax, "is_compressed", False) and not tried and "plugin" in text.lower():
+    if (
+        syntax is not None
+        and getattr(syntax, "is_compressed", False)
+        and not tried
+        and "plugin" in text.lower()
+    ):
         return f"no decoder here for DICOM transfer syntax {name}: pip install 'cxr-edge[dicom]'"
     return f"cannot decode DICOM pixel data (transfer syntax {name}; corrupt or unsupported): {text[:160]}"
 
@@ -374,8 +418,9 @@ def preprocess(gray: np.ndarray, size: int, pre: Preprocessing | None = None) ->
     return preprocess_with_mask(gray, None, size, pre)[0]
 
 
-def preprocess_with_mask(gray: np.ndarray, mask: np.ndarray | None, size: int, pre: Preprocessing | None = None
-                         ) -> tuple[np.ndarray, np.ndarray | None]:
+def preprocess_with_mask(
+    gray: np.ndarray, mask: np.ndarray | None, size: int, pre: Preprocessing | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``preprocess`` plus a boolean mask of the film (a lesion, the body) taken through the same geometry."""
     gray, mask = whole_film_steps_with_mask(gray, mask, pre)
     view = np.ascontiguousarray(view_steps(center_crop(resize_short_side(gray, size), size), pre))
@@ -385,6 +430,7 @@ def preprocess_with_mask(gray: np.ndarray, mask: np.ndarray | None, size: int, p
     return view, np.ascontiguousarray(center_crop(scaled, size)) > 127
 
 
-def load_and_preprocess(path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                        pre: Preprocessing | None = None) -> np.ndarray:
+def load_and_preprocess(
+    path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, pre: Preprocessing | None = None
+) -> np.ndarray:
     return preprocess(read_image(path, max_pixels), size, pre)

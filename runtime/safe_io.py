@@ -23,7 +23,9 @@ def refuse_links(folder: Path) -> None:
     links = sorted(p.name for p in Path(folder).iterdir() if p.is_symlink())
     if links:
         shown = ", ".join(repr(name) for name in links[:3]) + (", ..." if len(links) > 3 else "")
-        raise CxrError(f"{folder}: refused, it contains symbolic link(s) {shown} (a bundle holds plain files only)")
+        raise CxrError(
+            f"{folder}: refused, it contains symbolic link(s) {shown} (a bundle holds plain files only)"
+        )
 
 
 @contextmanager
@@ -42,7 +44,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a fresh temporary file and a rename (a link at ``path`` is replaced)."""
+    """Write ``data`` to ``path`` through a fresh temporary file and a rename (a link at ``path`` is
+    replaced)."""
     with atomic_output(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data.encode() if isinstance(data, str) else data)

@@ -17,8 +17,15 @@ def segment(image: np.ndarray, method: str = "slic", n_segments: int = 50, seed:
     from skimage.segmentation import quickshift, slic
 
     if method == "slic":
-        labels = slic(image.astype(np.float64) / 255.0, n_segments=n_segments, compactness=0.08,
-                      sigma=1.0, channel_axis=None, start_label=0, enforce_connectivity=True)
+        labels = slic(
+            image.astype(np.float64) / 255.0,
+            n_segments=n_segments,
+            compactness=0.08,
+            sigma=1.0,
+            channel_axis=None,
+            start_label=0,
+            enforce_connectivity=True,
+        )
     elif method == "quickshift":
         rgb = np.repeat(image[:, :, None], 3, axis=2).astype(np.float64) / 255.0
         labels = quickshift(rgb, kernel_size=4, max_dist=200, ratio=0.2, rng=seed)

@@ -53,8 +53,13 @@ class ServeOptions:
 
 
 def card_reply(bundle: Bundle, backend: Backend, max_batch: int) -> dict:
-    return {"card": public_dict(bundle.card), "card_sha256": sha256_file(bundle.folder / "card.json"),
-            "backend": backend.name, "precision": backend.precision, "max_batch": max_batch}
+    return {
+        "card": public_dict(bundle.card),
+        "card_sha256": sha256_file(bundle.folder / "card.json"),
+        "backend": backend.name,
+        "precision": backend.precision,
+        "max_batch": max_batch,
+    }
 
 
 def python_library_dir() -> str | None:
@@ -73,10 +78,13 @@ def python_library_dir() -> str | None:
 def prepare_stub_environment() -> None:
     libdir = python_library_dir()
     if libdir is None:
-        print(f"warning: {sys.executable} has no shared libpython; Triton's Python stub will use the system's "
-              f"libpython{sys.version_info.major}.{sys.version_info.minor}. If models fail to load, make the venv "
-              f"from the system Python (e.g. /usr/bin/python3.{sys.version_info.minor} -m venv .venv)",
-              file=sys.stderr)
+        print(
+            f"warning: {sys.executable} has no shared libpython; Triton's Python stub will use the system's "
+            f"libpython{sys.version_info.major}.{sys.version_info.minor}. If models fail to load, make the "
+            "venv "
+            f"from the system Python (e.g. /usr/bin/python3.{sys.version_info.minor} -m venv .venv)",
+            file=sys.stderr,
+        )
         return
     current = os.environ.get("LD_LIBRARY_PATH", "")
     if libdir not in current.split(":"):
@@ -98,7 +106,9 @@ class ModelInstance:
         self.size = bundle.card.input.size
 
     def pixels(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        return {"probs": self.backend.run_chunked(np.ascontiguousarray(image, dtype=np.uint8)).astype(np.float32)}
+        return {
+            "probs": self.backend.run_chunked(np.ascontiguousarray(image, dtype=np.uint8)).astype(np.float32)
+        }
 
     def encoded(self, data: np.ndarray) -> dict[str, np.ndarray]:
         count = len(data)
@@ -144,12 +154,16 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                raise CxrError(f"--{what} {port} on {host}: {exc.strerror or exc} (another server running?)") from None
+                raise CxrError(
+                    f"--{what} {port} on {host}: {exc.strerror or exc} (another server running?)"
+                ) from None
     if len(set(ports.values())) != len(ports):
         raise CxrError(f"the HTTP, gRPC and metrics ports must differ, got {sorted(ports.values())}")
 
 
-STOP_REQUESTED = {"value": False}  # set by Ctrl+C / SIGTERM: a serve() that returns without it means Triton died
+STOP_REQUESTED = {
+    "value": False
+}  # set by Ctrl+C / SIGTERM: a serve() that returns without it means Triton died
 
 
 def free_loopback_port() -> int:
@@ -166,31 +180,61 @@ def _interrupt(*_: object) -> None:
 STARTS = 3  # PyTriton 0.7 can lose a race between model instances at load time on a busy machine
 
 
-def _bind_models(triton, instances: list[ModelInstance], options: ServeOptions, size: int, classes: int) -> None:
+def _bind_models(
+    triton, instances: list[ModelInstance], options: ServeOptions, size: int, classes: int
+) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
 
     policy = QueuePolicy(max_queue_size=options.max_queue) if options.max_queue else None
-    batcher = DynamicBatcher(max_queue_delay_microseconds=options.max_queue_delay_us, default_queue_policy=policy)
+    batcher = DynamicBatcher(
+        max_queue_delay_microseconds=options.max_queue_delay_us, default_queue_policy=policy
+    )
     config = ModelConfig(max_batch_size=options.max_batch, batcher=batcher)
     probs = Tensor(name="probs", dtype=np.float32, shape=(classes,))
-    triton.bind(model_name=options.name, infer_func=[_batched(i.pixels) for i in instances],
-                inputs=[Tensor(name="image", dtype=np.uint8, shape=(1, size, size))], outputs=[probs],
-                config=config, strict=True)
-    triton.bind(model_name=f"{options.name}_encoded", infer_func=[_batched(i.encoded) for i in instances],
-                inputs=[Tensor(name="data", dtype=np.bytes_, shape=(1,))],
-                outputs=[probs, Tensor(name="error", dtype=np.bytes_, shape=(1,))], config=config)
-    triton.bind(model_name=f"{options.name}_card", infer_func=_batched(instances[0].card),
-                inputs=[Tensor(name="query", dtype=np.bytes_, shape=(1,))],
-                outputs=[Tensor(name="card", dtype=np.bytes_, shape=(1,))], config=ModelConfig(max_batch_size=8))
+    triton.bind(
+        model_name=options.name,
+        infer_func=[_batched(i.pixels) for i in instances],
+        inputs=[Tensor(name="image", dtype=np.uint8, shape=(1, size, size))],
+        outputs=[probs],
+        config=config,
+        strict=True,
+    )
+    triton.bind(
+        model_name=f"{options.name}_encoded",
+        infer_func=[_batched(i.encoded) for i in instances],
+        inputs=[Tensor(name="data", dtype=np.bytes_, shape=(1,))],
+        outputs=[probs, Tensor(name="error", dtype=np.bytes_, shape=(1,))],
+        config=config,
+    )
+    triton.bind(
+        model_name=f"{options.name}_card",
+        infer_func=_batched(instances[0].card),
+        inputs=[Tensor(name="query", dtype=np.bytes_, shape=(1,))],
+        outputs=[Tensor(name="card", dtype=np.bytes_, shape=(1,))],
+        config=ModelConfig(max_batch_size=8),
+    )
 
 
 def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> None:
     """Start Triton, bind the models, block until SIGINT/SIGTERM; every instance is closed on the way out."""
     _import_pytriton()
-    if options.max_batch < 1 or options.instances < 1 or options.max_queue < 0 or options.max_queue_delay_us < 0:
-        raise CxrUsageError("--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more")
-    check_ports_free(options.host, {"http-port": options.http_port, "grpc-port": options.grpc_port,
-                                    "metrics-port": options.metrics_port})
+    if (
+        options.max_batch < 1
+        or options.instances < 1
+        or options.max_queue < 0
+        or options.max_queue_delay_us < 0
+    ):
+        raise CxrUsageError(
+            "--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more"
+        )
+    check_ports_free(
+        options.host,
+        {
+            "http-port": options.http_port,
+            "grpc-port": options.grpc_port,
+            "metrics-port": options.metrics_port,
+        },
+    )
     prepare_stub_environment()
     from pytriton.exceptions import PyTritonError
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
@@ -207,15 +251,25 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
         print(f"warning: {caution}", file=sys.stderr, flush=True)
     inner_port = free_loopback_port()  # Triton's own HTTP, reached only through the guarded front
     size = bundle.card.input.size
-    limits = GuardLimits(max_request_bytes=max(64 << 20, 8 * options.max_batch * size * size),
-                         max_elements=options.max_batch * size * size)
-    triton_config = TritonConfig(http_address="127.0.0.1", http_port=inner_port, grpc_address=options.host,
-                                 grpc_port=options.grpc_port, metrics_address=options.host,
-                                 metrics_port=options.metrics_port, exit_on_error=True,
-                                 log_file=triton_log_file(options))
+    limits = GuardLimits(
+        max_request_bytes=max(64 << 20, 8 * options.max_batch * size * size),
+        max_elements=options.max_batch * size * size,
+    )
+    triton_config = TritonConfig(
+        http_address="127.0.0.1",
+        http_port=inner_port,
+        grpc_address=options.host,
+        grpc_port=options.grpc_port,
+        metrics_address=options.host,
+        metrics_port=options.metrics_port,
+        exit_on_error=True,
+        log_file=triton_log_file(options),
+    )
     # PyTriton guards admin endpoints with a per-run token; statistics (per-model counts and the batch sizes
     # formed, as public as /metrics) stay readable so load tests and dashboards can see batching.
-    security = TritonSecurityConfig(restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])
+    security = TritonSecurityConfig(
+        restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"]
+    )
     try:
         for attempt in range(1, STARTS + 1):
             try:
@@ -223,21 +277,31 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
                     _bind_models(triton, instances, options, bundle.card.input.size, len(bundle.card.classes))
                     triton.run()
                     STOP_REQUESTED["value"] = False
-                    signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl+C: Triton, proxies, shared memory
+                    signal.signal(
+                        signal.SIGTERM, _interrupt
+                    )  # stop as on Ctrl+C: Triton, proxies, shared memory
                     signal.signal(signal.SIGINT, _interrupt)
                     with GuardedFront(options.host, options.http_port, inner_port, limits):
                         if on_ready is not None:
-                            on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
+                            on_ready(
+                                f"{instances[0].backend.name} {options.precision} ({instances[0].reason})"
+                            )
                         triton.serve()  # returns on Ctrl+C/SIGTERM, and also when tritonserver dies
                 if not STOP_REQUESTED["value"]:
-                    raise CxrError(f"tritonserver stopped by itself (crashed?); see {triton_log_file(options)}")
+                    raise CxrError(
+                        f"tritonserver stopped by itself (crashed?); see {triton_log_file(options)}"
+                    )
                 return
             except (PyTritonError, InferenceServerException) as exc:
                 reason = one_line(exc, 300)
                 if "load failed" not in reason or attempt == STARTS:
                     raise CxrError(f"Triton failed: {reason} (log: {triton_log_file(options)})") from None
-                print(f"warning: a model failed to load ({reason[:120]}...); restarting Triton, "
-                      f"try {attempt + 1} of {STARTS}", file=sys.stderr, flush=True)
+                print(
+                    f"warning: a model failed to load ({reason[:120]}...); restarting Triton, "
+                    f"try {attempt + 1} of {STARTS}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         for instance in instances:
             instance.close()

@@ -22,8 +22,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 log = logging.getLogger(__name__)
 
 INFER_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection",
-              "content-length", "host"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "content-length",
+    "host",
+}
 
 
 @dataclass(frozen=True)
@@ -49,8 +58,10 @@ def request_problem(body: bytes, header_length: int | None, limits: GuardLimits)
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             return "every input needs a shape of whole numbers"
         if math.prod(shape) > limits.max_elements:
-            return (f"input {str(item.get('name'))[:40]!r} declares shape {shape[:6]}: more elements than any "
-                    f"model here takes ({limits.max_elements:,})")
+            return (
+                f"input {str(item.get('name'))[:40]!r} declares shape {shape[:6]}: more elements than any "
+                f"model here takes ({limits.max_elements:,})"
+            )
     return None
 
 
@@ -91,7 +102,9 @@ def _handler(upstream_port: int, limits: GuardLimits) -> type[BaseHTTPRequestHan
             length = int(self.headers.get("Content-Length") or 0)
             if length < 0 or length > limits.max_request_bytes:
                 self.close_connection = True
-                return self._refuse(413, f"request body of {length:,} bytes exceeds {limits.max_request_bytes:,}")
+                return self._refuse(
+                    413, f"request body of {length:,} bytes exceeds {limits.max_request_bytes:,}"
+                )
             body = self.rfile.read(length) if length else b""
             if self.command == "POST" and INFER_PATH.match(self.path.split("?")[0]):
                 header = self.headers.get("Inference-Header-Content-Length")

@@ -49,7 +49,11 @@ class ServerProcess:
 
     def _ready(self) -> bool:
         try:
-            for path in ("/v2/health/ready", f"/v2/models/{self.name}/ready", f"/v2/models/{self.name}_card/ready"):
+            for path in (
+                "/v2/health/ready",
+                f"/v2/models/{self.name}/ready",
+                f"/v2/models/{self.name}_card/ready",
+            ):
                 with urllib.request.urlopen(self.http_url + path, timeout=2) as reply:
                     if reply.status != 200:
                         return False
@@ -64,11 +68,29 @@ class ServerProcess:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def __enter__(self) -> ServerProcess:
-        command = [sys.executable, "-m", "cxr.runtime.cli", "serve", "--model", str(self.bundle), "--name", self.name,
-                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                   "--metrics-port", str(self.metrics_port), "--log-file", f"{self.log}.triton", *self.args]
+        command = [
+            sys.executable,
+            "-m",
+            "cxr.runtime.cli",
+            "serve",
+            "--model",
+            str(self.bundle),
+            "--name",
+            self.name,
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--log-file",
+            f"{self.log}.triton",
+            *self.args,
+        ]
         with open(self.log, "w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -44,8 +44,10 @@ class Settling:
         return self.spread < SPREAD_BOUND
 
     def reason(self, samples: int) -> str:
-        return (f"settled at {samples} samples: top-{self.top_k} segments and signs unchanged over the last "
-                f"{STABLE_FITS - 1} rounds, bootstrap spread {self.spread:.3f} < {SPREAD_BOUND}")
+        return (
+            f"settled at {samples} samples: top-{self.top_k} segments and signs unchanged over the last "
+            f"{STABLE_FITS - 1} rounds, bootstrap spread {self.spread:.3f} < {SPREAD_BOUND}"
+        )
 
 
 def kernel_weights(rows: np.ndarray) -> np.ndarray:
@@ -58,7 +60,8 @@ def kernel_weights(rows: np.ndarray) -> np.ndarray:
 
 
 def bootstrap_spread(rows: np.ndarray, target: np.ndarray, top: list[int], seed: int) -> float:
-    """Largest bootstrap std of a top segment's ridge weight, relative to the largest |weight| of the full fit."""
+    """Largest bootstrap std of a top segment's ridge weight, relative to the largest |weight| of the full
+    fit."""
     from sklearn.linear_model import Ridge
 
     x, weights = rows.astype(np.float64), kernel_weights(rows)

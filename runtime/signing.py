@@ -29,9 +29,12 @@ def generate_key(private_path: Path, public_path: Path) -> None:
     """A new Ed25519 key pair as PEM files (the private one readable by its owner only)."""
     serialization, private_cls, _, _ = _crypto()
     key = private_cls.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     atomic_write(private_path, private)
     private_path.chmod(0o600)
     atomic_write(public_path, public)
@@ -41,10 +44,15 @@ def _load(path: Path, private: bool):
     serialization, private_cls, public_cls, _ = _crypto()
     try:
         data = Path(path).read_bytes()
-        key = (serialization.load_pem_private_key(data, password=None) if private
-               else serialization.load_pem_public_key(data))
+        key = (
+            serialization.load_pem_private_key(data, password=None)
+            if private
+            else serialization.load_pem_public_key(data)
+        )
     except (OSError, ValueError, TypeError) as exc:
-        raise CxrError(f"{path}: not a readable PEM {'private' if private else 'public'} key ({exc})") from None
+        raise CxrError(
+            f"{path}: not a readable PEM {'private' if private else 'public'} key ({exc})"
+        ) from None
     if not isinstance(key, private_cls if private else public_cls):
         raise CxrError(f"{path}: not an Ed25519 key")
     return key
@@ -69,5 +77,7 @@ def verify_card(folder: Path, card_bytes: bytes, public_key: Path) -> None:
     try:
         key.verify(base64.b64decode(path.read_bytes().strip(), validate=True), card_bytes)
     except (invalid, ValueError):
-        raise CxrError(f"{folder}: card.json is not signed by {public_key} (changed since signing, or another "
-                       "key); refused") from None
+        raise CxrError(
+            f"{folder}: card.json is not signed by {public_key} (changed since signing, or another "
+            "key); refused"
+        ) from None

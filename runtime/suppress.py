@@ -1,4 +1,5 @@
-"""Shortcut suppression: the preprocessing steps that hide what a chest film says about the hospital, not the chest.
+"""Shortcut suppression: the preprocessing steps that hide what a chest film says about the hospital, not the
+chest.
 
 COVID-19 films in the public sets are adults from other hospitals than the paediatric pneumonia films; corner
 labels, burned-in markers and the space around the body tell them apart without looking at the lungs. Three
@@ -32,10 +33,14 @@ def body_mask(gray: np.ndarray) -> np.ndarray | None:
     """Boolean mask of the body (convex hull of the largest bright component), or None where none is found."""
     height, width = gray.shape[:2]
     scale = WORK_SIDE / max(height, width)
-    small = cv2.resize(gray, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        gray, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA
+    )
     blurred = cv2.GaussianBlur(small, (5, 5), 0)
     _, bright = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    bright = cv2.morphologyEx(bright, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8))  # text strokes and small markers go
+    bright = cv2.morphologyEx(
+        bright, cv2.MORPH_OPEN, np.ones((5, 5), np.uint8)
+    )  # text strokes and small markers go
     count, labels, stats, _ = cv2.connectedComponentsWithStats(bright, connectivity=8)
     if count < 2:
         return None
@@ -73,8 +78,9 @@ def whole_film_steps(gray: np.ndarray, pre: Preprocessing | None) -> np.ndarray:
     return whole_film_steps_with_mask(gray, None, pre)[0]
 
 
-def whole_film_steps_with_mask(gray: np.ndarray, mask: np.ndarray | None, pre: Preprocessing | None
-                               ) -> tuple[np.ndarray, np.ndarray | None]:
+def whole_film_steps_with_mask(
+    gray: np.ndarray, mask: np.ndarray | None, pre: Preprocessing | None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The same, carrying a same-size mask (a lesion or the body) through the crop, so it stays aligned."""
     if pre is None:
         return gray, mask

@@ -18,17 +18,29 @@ AUTO_CPU_BACKEND = "openvino" if importlib.util.find_spec("openvino") else "onnx
 
 def cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     """Run one of our console scripts as a user would (python -m keeps it tied to this interpreter)."""
-    module = {"cxr-train": "cxr.train.cli", "cxr-export": "cxr.export.cli", "cxr-run": "cxr.runtime.cli",
-              "cxr-bench": "cxr.bench.cli"}[args[0]]
-    result = subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True, timeout=600)
+    module = {
+        "cxr-train": "cxr.train.cli",
+        "cxr-export": "cxr.export.cli",
+        "cxr-run": "cxr.runtime.cli",
+        "cxr-bench": "cxr.bench.cli",
+    }[args[0]]
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args[1:]], capture_output=True, text=True, timeout=600
+    )
     if check is not None:
-        assert result.returncode == check, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        assert result.returncode == check, (
+            f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     """The CLI's error must be one line on stderr starting with 'error:' and no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line and "img/s]" not in line]
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and "it/s]" not in line and "img/s]" not in line
+    ]
     assert "Traceback" not in result.stderr, result.stderr
     assert lines and lines[-1].startswith("error: "), result.stderr
     return lines[-1]
@@ -48,8 +60,18 @@ def trained_run(phantoms: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     from cxr.train.fit import FitConfig, fit
 
     run = tmp_path_factory.mktemp("run")
-    fit(FitConfig(data=phantoms, out=run, arch="dpn_se_tiny", epochs=10, image_size=IMAGE_SIZE, batch_size=16,
-                  lr=3e-3, seed=0))
+    fit(
+        FitConfig(
+            data=phantoms,
+            out=run,
+            arch="dpn_se_tiny",
+            epochs=10,
+            image_size=IMAGE_SIZE,
+            batch_size=16,
+            lr=3e-3,
+            seed=0,
+        )
+    )
     return run
 
 

@@ -95,8 +95,9 @@ class FakeContext:
     def execute_async_v3(self, stream):
         batch_input = self.engine.batch_input
         shape = self.shapes[batch_input]
-        rows = np.frombuffer((ctypes.c_uint8 * int(np.prod(shape))).from_address(self.addresses[batch_input]),
-                             dtype=np.uint8).reshape(shape[0], -1)
+        rows = np.frombuffer(
+            (ctypes.c_uint8 * int(np.prod(shape))).from_address(self.addresses[batch_input]), dtype=np.uint8
+        ).reshape(shape[0], -1)
         if batch_input == "image":
             kept = rows.mean(axis=1, dtype=np.float32) / 255.0
         else:  # the number of segments kept: padding columns (all 0) change nothing
@@ -148,8 +149,14 @@ def fake_trt(engine: FakeEngine, version: str = "10.13.0") -> SimpleNamespace:
     )
 
 
-def explainer_profiles(size: int = 8, batch: int = 64, segments: int = 256) -> dict[str, tuple[tuple[int, ...], ...]]:
+def explainer_profiles(
+    size: int = 8, batch: int = 64, segments: int = 256
+) -> dict[str, tuple[tuple[int, ...], ...]]:
     """The explainer profile as cxr-export build-engine writes it: image/fill/segments fixed, z dynamic."""
     fixed = ((1, 1, size, size),) * 3
-    return {"image": fixed, "fill": fixed, "segments": ((size, size),) * 3,
-            "z": ((1, 1), (batch, 64), (batch, segments))}
+    return {
+        "image": fixed,
+        "fill": fixed,
+        "segments": ((size, size),) * 3,
+        "z": ((1, 1), (batch, 64), (batch, segments)),
+    }

@@ -1,4 +1,5 @@
-"""Backend logic: fixed shapes, TensorRT limits and cleanup (against a fake engine), and ``auto``'s fallback."""
+"""Backend logic: fixed shapes, TensorRT limits and cleanup (against a fake engine), and ``auto``'s
+fallback."""
 
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def test_trt_explainer_takes_its_batch_from_z_and_runs_one_shape(fake_engine):
     assert probs.shape == (100, 2)
     np.testing.assert_allclose(probs[:, 0], rows.sum(axis=1) / 1000.0, rtol=1e-6)
     assert not cudart.live, "every buffer is freed"
-    assert cudart.calls.index("sync", cudart.calls.index("malloc")) < cudart.calls.index("free"), "sync before free"
+    assert cudart.calls.index("sync", cudart.calls.index("malloc")) < cudart.calls.index("free"), (
+        "sync before free"
+    )
 
 
 def test_trt_refused_shape_is_an_error_not_a_silent_stale_run(fake_engine):
@@ -119,7 +122,9 @@ def test_auto_falls_back_when_the_engine_cannot_run_and_says_why_in_one_line(bun
 
     copy = _bundle_with_engine(bundle, tmp_path)
     monkeypatch.setattr(trt_backend, "tensorrt_available", lambda: True)
-    monkeypatch.setattr(trt_backend, "import_cudart", lambda: (_ for _ in ()).throw(CxrError("no CUDA driver")))
+    monkeypatch.setattr(
+        trt_backend, "import_cudart", lambda: (_ for _ in ()).throw(CxrError("no CUDA driver"))
+    )
     backend, reason = select.open_classifier(Bundle.open(copy), "auto", "fp32")
     with backend:
         assert backend.name == AUTO_CPU_BACKEND
@@ -133,7 +138,9 @@ def test_auto_refuses_a_backend_whose_probe_gives_nonsense(bundle, monkeypatch):
     from cxr.runtime.backends.onnxruntime import OrtBackend
     from cxr.runtime.bundle import Bundle
 
-    monkeypatch.setattr(OrtBackend, "run", lambda self, batch: np.full((len(batch), 4), np.nan, dtype=np.float32))
+    monkeypatch.setattr(
+        OrtBackend, "run", lambda self, batch: np.full((len(batch), 4), np.nan, dtype=np.float32)
+    )
     with pytest.raises(CxrError, match="finite"):
         select.open_classifier(Bundle.open(bundle), "onnxruntime", "fp32")
 
@@ -159,7 +166,9 @@ def test_cuda_ep_that_cannot_start_is_one_warning_line(bundle, monkeypatch, capl
 
     class DroppingCuda(real):  # what ORT does when libcudnn cannot load: the session comes up on CPU only
         def __init__(self, path, options, providers, **kwargs):
-            super().__init__(path, options, providers=[p for p in providers if p[0] == "CPUExecutionProvider"], **kwargs)
+            super().__init__(
+                path, options, providers=[p for p in providers if p[0] == "CPUExecutionProvider"], **kwargs
+            )
 
     monkeypatch.setattr(ort, "InferenceSession", DroppingCuda)
     with caplog.at_level(logging.WARNING):
@@ -175,8 +184,10 @@ def test_explainer_runs_one_fixed_shape_on_any_segment_count(bundle, phantoms):
     from cxr.runtime.segment import segment, segment_means
 
     image = load_and_preprocess(sorted(phantoms.rglob("*.png"))[0], 64)
-    with OrtExplainer(bundle / "explain.onnx", "fp32", max_batch=8) as explainer, \
-            OrtBackend(bundle / "model.onnx", "fp32") as classifier:
+    with (
+        OrtExplainer(bundle / "explain.onnx", "fp32", max_batch=8) as explainer,
+        OrtBackend(bundle / "model.onnx", "fp32") as classifier,
+    ):
         explainer.warm_up(64)
         for count in (10, 40):
             segments = segment(image, n_segments=count)

@@ -6,12 +6,26 @@ from tests.conftest import AUTO_CPU_BACKEND, cli
 
 
 def test_latency_and_report(bundle, tmp_path):
-    cli("cxr-bench", "latency", "--model", str(bundle), "--batch-sizes", "1,4", "--warmup-s", "0.1",
-        "--duration-s", "0.4", "--out", str(tmp_path))
+    cli(
+        "cxr-bench",
+        "latency",
+        "--model",
+        str(bundle),
+        "--batch-sizes",
+        "1,4",
+        "--warmup-s",
+        "0.1",
+        "--duration-s",
+        "0.4",
+        "--out",
+        str(tmp_path),
+    )
     results = list(tmp_path.glob("latency_*.json"))
     assert len(results) == 1 and results[0].with_suffix(".png").is_file()
     data = json.loads(results[0].read_text())
-    assert {"pytorch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"} <= set(data["backends"])
+    assert {"pytorch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"} <= set(
+        data["backends"]
+    )
     report = cli("cxr-bench", "report", str(results[0])).stdout
     for name, entry in data["backends"].items():
         assert entry["b1_ms"]["runs"] >= 2 and entry["throughput_img_s"]["4"] > 0
@@ -23,8 +37,23 @@ def test_latency_and_report(bundle, tmp_path):
 def test_lime_benchmark_times_ours_per_precision_against_both_peers(bundle, phantoms, tmp_path):
     pytest.importorskip("captum", reason="captum not installed (pip install 'cxr-edge[bench]')")
     images = sorted((phantoms / "covid19").glob("*.png"))[:3]
-    result = cli("cxr-bench", "lime", "--model", str(bundle), *map(str, images), "--samples", "200", "--sweep", "100",
-                 "--precision", "fp32,fp16", "--peer", "stock,captum", "--out", str(tmp_path))
+    result = cli(
+        "cxr-bench",
+        "lime",
+        "--model",
+        str(bundle),
+        *map(str, images),
+        "--samples",
+        "200",
+        "--sweep",
+        "100",
+        "--precision",
+        "fp32,fp16",
+        "--peer",
+        "stock,captum",
+        "--out",
+        str(tmp_path),
+    )
     data = json.loads((tmp_path / "lime.json").read_text())
     assert (tmp_path / "lime.png").stat().st_size > 1000 and data["images"] == 3
     for precision in ("fp32", "fp16"):
@@ -41,15 +70,32 @@ def test_lime_benchmark_times_ours_per_precision_against_both_peers(bundle, phan
 def test_lime_benchmark_refuses_an_unknown_peer(bundle, tmp_path):
     from tests.conftest import one_line_error
 
-    result = cli("cxr-bench", "lime", "--model", str(bundle), "--peer", "shap", "--out", str(tmp_path), check=2)
+    result = cli(
+        "cxr-bench", "lime", "--model", str(bundle), "--peer", "shap", "--out", str(tmp_path), check=2
+    )
     assert "unknown shap" in one_line_error(result)
 
 
 def test_serve_load_reports_batching_and_equality_with_local(bundle, phantoms, tmp_path):
     pytest.importorskip("pytriton", reason="serving extra not installed")
     out = tmp_path / "load"
-    result = cli("cxr-bench", "serve-load", str(phantoms), "--model", str(bundle), "--clients", "4",
-                 "--max-requests", "120", "--max-seconds", "60", "--max-batch", "8", "--out", str(out))
+    result = cli(
+        "cxr-bench",
+        "serve-load",
+        str(phantoms),
+        "--model",
+        str(bundle),
+        "--clients",
+        "4",
+        "--max-requests",
+        "120",
+        "--max-seconds",
+        "60",
+        "--max-batch",
+        "8",
+        "--out",
+        str(out),
+    )
     report = json.loads((out / "serve_load.json").read_text())
     server = report["server"]
     assert server["requests"] == 120 and server["errors"] == 0

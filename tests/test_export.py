@@ -74,8 +74,19 @@ def test_tampered_file_is_refused(bundle, tmp_path):
 
 def test_parity_passes_then_fails_on_a_perturbed_bundle(bundle, phantoms, tmp_path):
     report, passing = tmp_path / "parity.json", tmp_path / "passing"
-    shutil.copytree(bundle, passing)  # parity writes its results into the card: keep the shared bundle as built
-    ok = cli("cxr-export", "parity", str(passing), str(phantoms), "--backends", "onnx,fp16", "--report", str(report))
+    shutil.copytree(
+        bundle, passing
+    )  # parity writes its results into the card: keep the shared bundle as built
+    ok = cli(
+        "cxr-export",
+        "parity",
+        str(passing),
+        str(phantoms),
+        "--backends",
+        "onnx,fp16",
+        "--report",
+        str(report),
+    )
     data = json.loads(report.read_text())
     assert data["passed"] and data["backends"]["onnx"]["top1_agreement"] == 1.0
     assert "PASS" in ok.stdout
@@ -87,8 +98,24 @@ def test_parity_passes_then_fails_on_a_perturbed_bundle(bundle, phantoms, tmp_pa
             array = onnx.numpy_helper.to_array(init) * 1.5
             init.CopyFrom(onnx.numpy_helper.from_array(array.astype(np.float32), init.name))
     onnx.save(graph, str(broken / "model.onnx"))
-    record_files(broken, read_card(broken).replace(files={k: v for k, v in read_card(broken).files.items() if k != "model.onnx"}), ["model.onnx"])
-    failed = cli("cxr-export", "parity", str(broken), str(phantoms), "--backends", "onnx", "--report", str(tmp_path / "p2.json"), check=1)
+    record_files(
+        broken,
+        read_card(broken).replace(
+            files={k: v for k, v in read_card(broken).files.items() if k != "model.onnx"}
+        ),
+        ["model.onnx"],
+    )
+    failed = cli(
+        "cxr-export",
+        "parity",
+        str(broken),
+        str(phantoms),
+        "--backends",
+        "onnx",
+        "--report",
+        str(tmp_path / "p2.json"),
+        check=1,
+    )
     assert "FAIL" in failed.stdout
     assert json.loads((tmp_path / "p2.json").read_text())["passed"] is False
 
@@ -102,18 +129,23 @@ def test_checkpoint_that_is_not_a_state_dict_is_refused(trained_run, tmp_path):
 
 
 def test_missing_run_and_empty_calibration_folder(bundle, tmp_path):
-    assert "no card.json" in one_line_error(cli("cxr-export", "onnx", str(tmp_path), "--out", str(tmp_path / "b"), check=1))
+    assert "no card.json" in one_line_error(
+        cli("cxr-export", "onnx", str(tmp_path), "--out", str(tmp_path / "b"), check=1)
+    )
     empty = tmp_path / "calib"
     empty.mkdir()
     copy = tmp_path / "b2"
     shutil.copytree(bundle, copy)
-    assert "no readable calibration images" in one_line_error(cli("cxr-export", "int8", str(copy), "--calib", str(empty), check=1))
+    assert "no readable calibration images" in one_line_error(
+        cli("cxr-export", "int8", str(copy), "--calib", str(empty), check=1)
+    )
 
 
 def test_build_engine_without_tensorrt_names_the_extra(bundle):
     pytest.importorskip("cxr.runtime")
     try:
         import tensorrt  # noqa: F401
+
         pytest.skip("TensorRT is installed here")
     except ImportError:
         pass
@@ -148,11 +180,20 @@ def test_sidecar_contents_and_mismatch_messages(tmp_path):
     onnx_file.write_bytes(b"graph")
     plan = tmp_path / "model.fp16.engine"
     plan.write_bytes(b"plan bytes")
-    facts = sidecar_facts("model", "fp16", onnx_file, profile_shapes("model", 64, Profile()), "10.13.2",
-                          {"gpu_name": "Orin", "compute_capability": "8.7"}, 12.0)
+    facts = sidecar_facts(
+        "model",
+        "fp16",
+        onnx_file,
+        profile_shapes("model", 64, Profile()),
+        "10.13.2",
+        {"gpu_name": "Orin", "compute_capability": "8.7"},
+        12.0,
+    )
     write_sidecar(plan, facts)
     stored = read_sidecar(plan)
-    assert stored["source_onnx_sha256"] == sha256_file(onnx_file) and stored["plan_sha256"] == sha256_file(plan)
+    assert stored["source_onnx_sha256"] == sha256_file(onnx_file) and stored["plan_sha256"] == sha256_file(
+        plan
+    )
     assert stored["profile"]["image"]["max"] == [64, 1, 64, 64] and stored["precision"] == "fp16"
     check_sidecar(plan, stored, "10.13.2", "8.7")
     with pytest.raises(CxrError, match="TensorRT 10.13.2.*rebuild"):
@@ -179,8 +220,16 @@ def test_sensitivity_sweep_keeps_the_worst_nodes_in_float(bundle, phantoms, tmp_
     from cxr.export.int8_tune import EXCLUDE_STEPS, nodes_touching, tune
 
     images = draw_images(phantoms, 64, 48, seed=5)
-    result = tune(bundle / "model.onnx", tmp_path / "swept.onnx", classifier_feeds(images[:16]),
-                  classifier_feeds(images[16:]), ("minmax",), 1.01, quantize_int8, log=lambda line: None)
+    result = tune(
+        bundle / "model.onnx",
+        tmp_path / "swept.onnx",
+        classifier_feeds(images[:16]),
+        classifier_feeds(images[16:]),
+        ("minmax",),
+        1.01,
+        quantize_int8,
+        log=lambda line: None,
+    )
     scores = [sqnr for _, sqnr in result.sensitivity]
     assert scores == sorted(scores) and len(scores) > 32
     assert len(result.trials) == 1 + len(EXCLUDE_STEPS)  # an unreachable target walks every step
@@ -188,8 +237,13 @@ def test_sensitivity_sweep_keeps_the_worst_nodes_in_float(bundle, phantoms, tmp_
     assert counts == sorted(counts) and counts[0] >= 1
     worst = next(name for name, _ in result.sensitivity if not name.endswith("weight"))
     kept = tmp_path / "kept.onnx"
-    quantize_int8(bundle / "model.onnx", kept, classifier_feeds(images[:16]), "minmax",
-                  nodes_touching(bundle / "model.onnx", [worst]))
+    quantize_int8(
+        bundle / "model.onnx",
+        kept,
+        classifier_feeds(images[:16]),
+        "minmax",
+        nodes_touching(bundle / "model.onnx", [worst]),
+    )
     graph = onnx.load(str(kept)).graph
     assert any(worst in node.input for node in graph.node)  # consumed as float, not through Q/DQ
     assert not any(node.input[0] == worst for node in graph.node if node.op_type == "QuantizeLinear")
@@ -199,7 +253,12 @@ def test_sensitivity_sweep_keeps_the_worst_nodes_in_float(bundle, phantoms, tmp_
 def test_int8_speed_verdict_is_one_line_only_when_int8_does_not_pay():
     from cxr.export.int8 import speed_verdict
 
-    slow = {"fp32_b1_p50_ms": 10.0, "int8_b1_p50_ms": 24.4, "ratio": 2.44, "cpu_int8": "no VNNI/AMX int8 instructions"}
+    slow = {
+        "fp32_b1_p50_ms": 10.0,
+        "int8_b1_p50_ms": 24.4,
+        "ratio": 2.44,
+        "cpu_int8": "no VNNI/AMX int8 instructions",
+    }
     line = speed_verdict(slow)
     assert line is not None and "\n" not in line and "24.4 ms vs fp32 10.0 ms" in line and "VNNI" in line
     assert speed_verdict({**slow, "int8_b1_p50_ms": 6.0, "ratio": 0.6}) is None

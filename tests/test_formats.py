@@ -39,6 +39,8 @@ def test_optional_imports_name_their_extra():
 
     assert install_hint("tensorrt.plugins") == "pip install 'cxr-edge[trt]' on a machine with an NVIDIA GPU"
     assert install_hint("tritonclient.grpc", extra="export") == "pip install 'cxr-edge[export]'"
-    with pytest.raises(CxrUsageError.__mro__[1], match=r"^signing needs no_such_pkg: pip install no_such_pkg$"):
+    with pytest.raises(
+        CxrUsageError.__mro__[1], match=r"^signing needs no_such_pkg: pip install no_such_pkg$"
+    ):
         require("no_such_pkg.sub", "signing")
     assert require("json", "reading cards").dumps([1]) == "[1]"

@@ -22,8 +22,10 @@ def test_cuda_explainer_matches_the_cpu_at_one_fixed_shape(bundle):
 
     image, fill, segments = _rows_and_image()
     rows = np.random.default_rng(1).integers(0, 2, (70, segments.max() + 1), dtype=np.uint8)
-    with OrtExplainer(bundle / "explain.onnx", "fp32") as gpu, \
-            OrtExplainer(bundle / "explain.onnx", "fp32", providers=[CPU_EP]) as cpu:
+    with (
+        OrtExplainer(bundle / "explain.onnx", "fp32") as gpu,
+        OrtExplainer(bundle / "explain.onnx", "fp32", providers=[CPU_EP]) as cpu,
+    ):
         assert gpu.device == "cuda" and gpu.limits.max_batch == 256
         gpu.warm_up(64)
         gpu.set_image(image, fill, segments)
@@ -38,8 +40,10 @@ def test_parity_precision_on_cuda_with_tf32_off(bundle):
     from cxr.runtime.backends.onnxruntime import CPU_EP, CudaOptions, OrtBackend
 
     pixels = np.random.default_rng(2).integers(0, 256, (5, 1, 64, 64), dtype=np.uint8)
-    with OrtBackend(bundle / "model.onnx", "fp32", cuda=CudaOptions(tf32=False)) as gpu, \
-            OrtBackend(bundle / "model.onnx", "fp32", providers=[CPU_EP]) as cpu:
+    with (
+        OrtBackend(bundle / "model.onnx", "fp32", cuda=CudaOptions(tf32=False)) as gpu,
+        OrtBackend(bundle / "model.onnx", "fp32", providers=[CPU_EP]) as cpu,
+    ):
         assert gpu.device == "cuda"
         assert np.abs(gpu.run(pixels) - cpu.run(pixels)).max() < 1e-4
 

@@ -15,8 +15,11 @@ from tests.test_runtime import _dicom
 
 
 def _png(path, size=80, value=None):
-    image = np.random.default_rng(size).integers(0, 255, (size, size), dtype=np.uint8) if value is None else \
-        np.full((size, size), value, np.uint8)
+    image = (
+        np.random.default_rng(size).integers(0, 255, (size, size), dtype=np.uint8)
+        if value is None
+        else np.full((size, size), value, np.uint8)
+    )
     path.write_bytes(cv2.imencode(".png", image)[1].tobytes())
     return path
 
@@ -46,8 +49,19 @@ def messy_folder(tmp_path):
 def test_every_file_is_judged_by_its_bytes(messy_folder):
     found = discover([str(messy_folder)])
     names = sorted(p.name for p in found.inputs)
-    assert names == sorted(["IM0001.IMA", "CR.1.3.6.1.4.1.5962.1.1.4.1.1.20040826185059.5457", "scan.dcm.bak",
-                            "I0000001.img", "film.tif", "film.bmp", "film.webp", "broken.png", "linked.png"])
+    assert names == sorted(
+        [
+            "IM0001.IMA",
+            "CR.1.3.6.1.4.1.5962.1.1.4.1.1.20040826185059.5457",
+            "scan.dcm.bak",
+            "I0000001.img",
+            "film.tif",
+            "film.bmp",
+            "film.webp",
+            "broken.png",
+            "linked.png",
+        ]
+    )
     assert [p.name for p in found.not_images] == ["README.txt"]
     (broken,) = [p for p in found.inputs if p.name == "broken.png"]
     assert "broken symbolic link" in found.errors[broken]
@@ -72,8 +86,17 @@ def test_unreadable_folder_is_a_failure_with_its_reason(messy_folder, monkeypatc
 
 def test_predict_accounts_for_every_file(bundle, messy_folder, tmp_path):
     out = tmp_path / "out.jsonl"
-    result = cli("cxr-run", "predict", "--model", str(bundle), str(messy_folder), str(tmp_path / "nope.png"),
-                 "--out", str(out), check=2)
+    result = cli(
+        "cxr-run",
+        "predict",
+        "--model",
+        str(bundle),
+        str(messy_folder),
+        str(tmp_path / "nope.png"),
+        "--out",
+        str(out),
+        check=2,
+    )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     failed = [r for r in records if r["error"]]
     assert len(records) == 10 and len(failed) == 2  # 8 images + broken link + missing file
@@ -123,18 +146,24 @@ def _pydicom_file(name):
 
 
 def test_compressed_dicom_decodes_with_the_extra_and_names_it_without():
-    """JPEG-LS needs the [dicom] extra's decoders; without them the error says which syntax and what to install."""
+    """JPEG-LS needs the [dicom] extra's decoders; without them the error says which syntax and what to
+    install."""
     import subprocess
     import sys
 
     pytest.importorskip("pylibjpeg", reason="the [dicom] extra is not installed")
     path = _pydicom_file("MR_small_jpeg_ls_lossless.dcm")
     assert read_image(path).shape == (64, 64)
-    code = ("import sys\nfor name in ('pylibjpeg', 'libjpeg', 'openjpeg', 'jpeg_ls', 'gdcm'):\n    sys.modules[name] = None\n"
-            "from cxr.runtime.preprocess import read_image\nfrom cxr.runtime.errors import CxrError\n"
-            f"try:\n    read_image({path!r})\nexcept CxrError as exc:\n    print(exc)\n")
+    code = (
+        "import sys\nfor name in ('pylibjpeg', 'libjpeg', 'openjpeg', 'jpeg_ls', 'gdcm'):\n    "
+        "sys.modules[name] = None\n"
+        "from cxr.runtime.preprocess import read_image\nfrom cxr.runtime.errors import CxrError\n"
+        f"try:\n    read_image({path!r})\nexcept CxrError as exc:\n    print(exc)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "no decoder here for DICOM transfer syntax JPEG-LS Lossless" in result.stdout, result.stdout + result.stderr
+    assert "no decoder here for DICOM transfer syntax JPEG-LS Lossless" in result.stdout, (
+        result.stdout + result.stderr
+    )
     assert "pip install 'cxr-edge[dicom]'" in result.stdout and result.stdout.count("\n") == 1
 
 
@@ -161,7 +190,9 @@ def test_not_radiographs_are_warned_and_strict_fails_them(bundle, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [bool(r["warnings"]) for r in records] == [True, True, False]
     assert "2 of them with warnings" in result.stderr and result.stderr.count("warning: ") == 2
-    strict = cli("cxr-run", "predict", "--model", str(bundle), *inputs, "--strict", "--out", str(out), check=2)
+    strict = cli(
+        "cxr-run", "predict", "--model", str(bundle), *inputs, "--strict", "--out", str(out), check=2
+    )
     assert "1 predicted" in strict.stderr and "2 failed" in strict.stderr
 
 
@@ -177,4 +208,6 @@ def test_dicom_errors_name_the_attribute_and_stay_on_one_line(tmp_path):
     from cxr.runtime.preprocess import load_image
 
     decoded = load_image(rgb)
-    assert decoded.gray.shape == (80, 96) and any("colour DICOM (RGB) converted" in w for w in decoded.warnings)
+    assert decoded.gray.shape == (80, 96) and any(
+        "colour DICOM (RGB) converted" in w for w in decoded.warnings
+    )

@@ -13,7 +13,9 @@ def test_per_class_scores_match_scikit_learn():
     rng = np.random.default_rng(0)
     truth, guess = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
     guess[:5] = 0
-    expected = np.stack(precision_recall_fscore_support(truth, guess, labels=[0, 1, 2], zero_division=0)[:3], 1)
+    expected = np.stack(
+        precision_recall_fscore_support(truth, guess, labels=[0, 1, 2], zero_division=0)[:3], 1
+    )
     np.testing.assert_allclose(per_class_prf(truth, guess, 3), expected)
 
 
@@ -38,7 +40,9 @@ def test_a_model_no_better_than_its_baseline_has_an_interval_around_zero():
     result = bootstrap(truth, model, baseline, CLASSES, rounds=300, seed=2)
     low, high = result["gain_over_baseline"]["interval_points"]
     assert low < 0 < high
-    assert bootstrap(truth, model, None, CLASSES, rounds=50) == bootstrap(truth, model, None, CLASSES, rounds=50)
+    assert bootstrap(truth, model, None, CLASSES, rounds=50) == bootstrap(
+        truth, model, None, CLASSES, rounds=50
+    )
 
 
 def test_outside_share_weights_segments_by_their_outside_pixels():
@@ -47,3 +51,29 @@ def test_outside_share_weights_segments_by_their_outside_pixels():
     assert outside_share({0: 1.0, 1: 1.0}, segments, body) == 0.25
     assert outside_share({0: 2.0, 1: -5.0}, segments, body) == 0.0
     assert outside_share({0: -1.0}, segments, body) is None
+
+
+def test_ablation_table_has_one_row_per_report(tmp_path):
+    import json
+
+    from cxr.bench.ablation import run_ablation
+    from cxr.runtime.metrics import classification_report
+
+    classes = ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")
+    truth = np.array([0, 1, 2, 3] * 25)
+    paths = []
+    for name, flip, steps in (("on", 10, {"thorax_crop": True, "clahe": True}), ("off", 30, {})):
+        model = truth.copy()
+        model[:flip] = (model[:flip] + 1) % 4
+        baseline = np.roll(truth, 1)
+        report = {"run": str(tmp_path / name), "model": classification_report(truth, model, classes),
+                  "shortcut_baseline": classification_report(truth, baseline, classes),
+                  "intervals": bootstrap(truth, model, baseline, classes, rounds=100), "preprocessing": steps,
+                  "lime_audit": {"positive_weight_outside_body": 0.1 if steps else 0.3, "images": 40}}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(report))
+    text = run_ablation(paths, tmp_path / "clinical.md")
+    rows = [line for line in text.splitlines() if line.startswith("| on ") or line.startswith("| off ")]
+    assert len(rows) == 2 and "thorax_crop, clahe" in rows[0] and "| none |" in rows[1]
+    assert "0.900" in rows[0] and "+90.0" in rows[0] and "10.0 % (40)" in rows[0] and "30.0 % (40)" in rows[1]
+    assert json.loads((tmp_path / "clinical.json").read_text())[1]["accuracy"] == 0.7

@@ -14,8 +14,10 @@ from tests.conftest import cli
 @pytest.fixture(scope="module")
 def sessions(bundle):
     opened = Bundle.open(bundle)
-    with OrtBackend(opened.onnx_path("model", "fp32"), "fp32") as classifier, \
-            OrtExplainer(opened.onnx_path("explain", "fp32"), "fp32") as explainer:
+    with (
+        OrtBackend(opened.onnx_path("model", "fp32"), "fp32") as classifier,
+        OrtExplainer(opened.onnx_path("explain", "fp32"), "fp32") as explainer,
+    ):
         yield classifier, explainer
 
 
@@ -43,12 +45,24 @@ def test_weights_match_stock_lime_on_the_same_rows(sessions, phantoms):
     samples, seed = 300, 4
     stock = LimeImageExplainer(random_state=seed)
     ref = stock.explain_instance(
-        image.astype(np.float64), lambda ims: classifier.run(np.round(ims[:, :, :, 0]).astype(np.uint8)[:, None]),
-        top_labels=1, hide_color=None, num_samples=samples, segmentation_fn=lambda _: segments, random_seed=seed,
+        image.astype(np.float64),
+        lambda ims: classifier.run(np.round(ims[:, :, :, 0]).astype(np.uint8)[:, None]),
+        top_labels=1,
+        hide_color=None,
+        num_samples=samples,
+        segmentation_fn=lambda _: segments,
+        random_seed=seed,
     )
-    rows = np.random.RandomState(seed).randint(0, 2, samples * (segments.max() + 1)).reshape(samples, -1).astype(np.uint8)
+    rows = (
+        np.random.RandomState(seed)
+        .randint(0, 2, samples * (segments.max() + 1))
+        .reshape(samples, -1)
+        .astype(np.uint8)
+    )
     rows[0] = 1  # exactly the rows lime drew
-    ours = explain_image(image, explainer, ExplainConfig(samples=samples, seed=seed), rows=rows, segments=segments)
+    ours = explain_image(
+        image, explainer, ExplainConfig(samples=samples, seed=seed), rows=rows, segments=segments
+    )
     label = ref.top_labels[0]
     assert ours.label == label
     expected = dict(ref.local_exp[label])
@@ -67,7 +81,8 @@ def test_same_seed_identical_different_seed_different(sessions, phantoms):
 
 
 def test_pointing_game_on_planted_lesions(sessions, phantoms, bundle):
-    """The top-3 positive segments overlap the planted lesion for >= 80 % of lesion images the model gets right."""
+    """The top-3 positive segments overlap the planted lesion for >= 80 % of lesion images the model gets
+    right."""
     from cxr.runtime.card import read_card
     from cxr.runtime.preprocess import preprocess_with_mask, read_image
     from cxr.train.synth import read_lesion_masks
@@ -80,9 +95,13 @@ def test_pointing_game_on_planted_lesions(sessions, phantoms, bundle):
         for path in sorted((phantoms / label).glob("*.png"))[:8]:
             image, mask = preprocess_with_mask(read_image(path), masks[f"{label}/{path.name}"], 64, pre)
             explanation = explain_image(image, explainer, ExplainConfig(samples=1000, seed=0))
-            if explanation.label != ["covid19", "normal", "pneumonia_bacterial", "pneumonia_viral"].index(label):
+            if explanation.label != ["covid19", "normal", "pneumonia_bacterial", "pneumonia_viral"].index(
+                label
+            ):
                 continue
-            top = sorted(explanation.weights, key=lambda k: -explanation.weights[k])[:3]  # 3 most supportive segments
+            top = sorted(explanation.weights, key=lambda k: -explanation.weights[k])[
+                :3
+            ]  # 3 most supportive segments
             total += 1
             hits += any((explanation.segments == k)[mask].any() for k in top if explanation.weights[k] > 0)
     assert total >= 18
@@ -91,11 +110,25 @@ def test_pointing_game_on_planted_lesions(sessions, phantoms, bundle):
 
 def test_predict_explain_writes_overlay_and_record(bundle, phantoms, tmp_path):
     image = sorted((phantoms / "covid19").glob("*.png"))[0]
-    result = cli("cxr-run", "predict", "--model", str(bundle), str(image), "--explain", "--samples", "200",
-                 "--explain-dir", str(tmp_path / "ov"), "--seed", "3")
+    result = cli(
+        "cxr-run",
+        "predict",
+        "--model",
+        str(bundle),
+        str(image),
+        "--explain",
+        "--samples",
+        "200",
+        "--explain-dir",
+        str(tmp_path / "ov"),
+        "--seed",
+        "3",
+    )
     record = json.loads(result.stdout.splitlines()[0])
     explanation = record["explanation"]
-    assert explanation["seed"] == 3 and explanation["samples"] == 200 and explanation["label"] == record["label"]
+    assert (
+        explanation["seed"] == 3 and explanation["samples"] == 200 and explanation["label"] == record["label"]
+    )
     assert {"segmentation_s", "model_s", "fit_s"} <= set(explanation["timing"])
     assert len(explanation["weights"]) >= 10
     import cv2
@@ -111,7 +144,17 @@ def test_quickshift_segmenter_and_bad_segmenter(bundle, phantoms):
     assert segment(image, "quickshift").max() >= 1
     from tests.conftest import one_line_error
 
-    result = cli("cxr-run", "predict", "--model", str(bundle), "x.png", "--explain", "--segmenter", "watershed", check=2)
+    result = cli(
+        "cxr-run",
+        "predict",
+        "--model",
+        str(bundle),
+        "x.png",
+        "--explain",
+        "--segmenter",
+        "watershed",
+        check=2,
+    )
     assert "--segmenter" in one_line_error(result)
 
 
@@ -130,8 +173,18 @@ def test_adaptive_lime_stops_when_settled_and_is_reproducible(sessions, phantoms
 
 def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_path):
     images = sorted((phantoms / "covid19").glob("*.png"))[:2]
-    result = cli("cxr-bench", "lime", "--model", str(bundle), *map(str, images), "--fidelity", "--samples", "400",
-                 "--out", str(tmp_path))
+    result = cli(
+        "cxr-bench",
+        "lime",
+        "--model",
+        str(bundle),
+        *map(str, images),
+        "--fidelity",
+        "--samples",
+        "400",
+        "--out",
+        str(tmp_path),
+    )
     data = json.loads((tmp_path / "lime_fidelity.json").read_text())
     assert data["images"] == 2 and data["mean_top5_overlap"] >= 0.6 and data["ort_cpu_fixed_seconds"] > 0
     for row in data["per_image"]:

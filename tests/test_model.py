@@ -32,7 +32,9 @@ def test_se_in_every_dual_path_block_and_parameter_count(name, blocks, millions)
     assert len(se_blocks(model)) == blocks
     params = sum(p.numel() for p in model.parameters()) / 1e6
     assert params == pytest.approx(millions, abs=0.06)
-    plain = sum(p.numel() for p in timm.create_model(name.replace("_se", ""), num_classes=4).parameters()) / 1e6
+    plain = (
+        sum(p.numel() for p in timm.create_model(name.replace("_se", ""), num_classes=4).parameters()) / 1e6
+    )
     assert params > plain
 
 
@@ -57,9 +59,20 @@ def test_image_size_too_small_is_a_user_error():
 
 
 def test_pretrained_unreachable_is_a_clear_error():
-    """In a fresh interpreter, so the hub library reads HF_HUB_OFFLINE when it is imported (not before it is set)."""
-    code = ("import cxr.train.models\nfrom cxr.train.run import build_net\nfrom cxr.runtime.errors import CxrError\n"
-            "try:\n    build_net('dpn68_se', 4, pretrained=True)\nexcept CxrError as exc:\n    print(exc)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0 and "could not load ImageNet weights" in result.stdout, result.stderr[-2000:]
+    """In a fresh interpreter, so the hub library reads HF_HUB_OFFLINE when it is imported (not before it is
+    set)."""
+    code = (
+        "import cxr.train.models\nfrom cxr.train.run import build_net\nfrom cxr.runtime.errors import "
+        "CxrError\n"
+        "try:\n    build_net('dpn68_se', 4, pretrained=True)\nexcept CxrError as exc:\n    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0 and "could not load ImageNet weights" in result.stdout, result.stderr[
+        -2000:
+    ]

@@ -1,4 +1,5 @@
-"""OpenVINO backend: same answers as ONNX Runtime, chosen by auto on a CPU box, covered by latency and parity."""
+"""OpenVINO backend: same answers as ONNX Runtime, chosen by auto on a CPU box, covered by latency and
+parity."""
 
 import json
 
@@ -19,13 +20,19 @@ def test_classifier_and_explainer_match_onnxruntime(bundle, phantoms):
 
     opened = Bundle.open(bundle)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 1, 64, 64), dtype=np.uint8)
-    with OvBackend(bundle / "model.onnx", "fp32") as ov, OrtBackend(bundle / "model.onnx", "fp32", [CPU_EP]) as ort:
+    with (
+        OvBackend(bundle / "model.onnx", "fp32") as ov,
+        OrtBackend(bundle / "model.onnx", "fp32", [CPU_EP]) as ort,
+    ):
         assert np.abs(ov.run(pixels) - ort.run(pixels)).max() < 1e-5
         assert ov.metadata["cxr.classes"] == json.dumps(list(opened.card.classes))
     image = load_and_preprocess(sorted(phantoms.rglob("*.png"))[0], 64)
     segments = segment(image)
     rows = np.random.default_rng(1).integers(0, 2, (40, segments.max() + 1), dtype=np.uint8)
-    with OvExplainer(bundle / "explain.onnx", "fp32") as ov, OrtExplainer(bundle / "explain.onnx", "fp32", [CPU_EP]) as ort:
+    with (
+        OvExplainer(bundle / "explain.onnx", "fp32") as ov,
+        OrtExplainer(bundle / "explain.onnx", "fp32", [CPU_EP]) as ort,
+    ):
         for explainer in (ov, ort):
             explainer.set_image(image, segment_means(image, segments), segments)
         got = np.concatenate([ov.run(rows[:32]), ov.run(rows[32:])])
@@ -36,8 +43,20 @@ def test_classifier_and_explainer_match_onnxruntime(bundle, phantoms):
 def test_auto_picks_openvino_on_a_cpu_box_and_predict_explains_with_it(bundle, phantoms, tmp_path):
     images = [str(p) for p in sorted((phantoms / "normal").glob("*.png"))[:2]]
     out = tmp_path / "out.jsonl"
-    result = cli("cxr-run", "predict", "--model", str(bundle), *images, "--explain", "--samples", "200",
-                 "--explain-dir", str(tmp_path / "overlays"), "--out", str(out))
+    result = cli(
+        "cxr-run",
+        "predict",
+        "--model",
+        str(bundle),
+        *images,
+        "--explain",
+        "--samples",
+        "200",
+        "--explain-dir",
+        str(tmp_path / "overlays"),
+        "--out",
+        str(out),
+    )
     assert "backend: openvino fp32 on cpu (OpenVINO" in result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["backend"] == "openvino" and r["explanation"]["samples"] == 200 for r in records)
@@ -46,8 +65,22 @@ def test_auto_picks_openvino_on_a_cpu_box_and_predict_explains_with_it(bundle, p
 
 
 def test_latency_and_parity_cover_openvino(bundle, phantoms, tmp_path):
-    cli("cxr-bench", "latency", "--model", str(bundle), "--batch-sizes", "2", "--warmup-s", "0.1", "--duration-s", "0.3",
-        "--backends", "onnxruntime-fp32,openvino-fp32", "--out", str(tmp_path))
+    cli(
+        "cxr-bench",
+        "latency",
+        "--model",
+        str(bundle),
+        "--batch-sizes",
+        "2",
+        "--warmup-s",
+        "0.1",
+        "--duration-s",
+        "0.3",
+        "--backends",
+        "onnxruntime-fp32,openvino-fp32",
+        "--out",
+        str(tmp_path),
+    )
     data = json.loads(next(tmp_path.glob("latency_*.json")).read_text())
     assert set(data["backends"]) == {"onnxruntime-fp32", "openvino-fp32"}
     report = tmp_path / "parity.json"
@@ -55,7 +88,16 @@ def test_latency_and_parity_cover_openvino(bundle, phantoms, tmp_path):
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    cli("cxr-export", "parity", str(copy), str(phantoms), "--backends", "onnx,openvino", "--report", str(report))
+    cli(
+        "cxr-export",
+        "parity",
+        str(copy),
+        str(phantoms),
+        "--backends",
+        "onnx,openvino",
+        "--report",
+        str(report),
+    )
     results = json.loads(report.read_text())["backends"]
     assert {"openvino-fp32", "openvino-fp16", "openvino-int8"} <= set(results)
     assert results["openvino-fp32"]["passed"] and results["openvino-fp32"]["max_abs_dprob"] < 1e-4

@@ -7,7 +7,8 @@ from cxr.runtime.metrics import classification_report
 
 
 def _paired(changes: list[tuple[int, int, int]], per_class: int = 150):
-    """Reference predictions all right; then (true class, predicted instead, count) changes for the backend."""
+    """Reference predictions all right; then (true class, predicted instead, count) changes for the
+    backend."""
     labels = np.repeat(np.arange(4), per_class)
     reference = np.eye(4, dtype=np.float32)[labels] * 0.9 + 0.025
     other = reference.copy()
@@ -29,7 +30,9 @@ def test_one_flip_in_a_class_of_150_passes_and_is_reported():
     assert result["flips"] == 1 and result["n"] == 600
     viral = result["classes"]["pneumonia_viral"]
     assert (viral["n"], viral["flips"], viral["lost"], viral["gained"]) == (150, 1, 1, 0)
-    assert result["deltas_pt"]["pneumonia_viral.recall"] < -0.5  # the old fixed 0.5-pt rule would have failed it
+    assert (
+        result["deltas_pt"]["pneumonia_viral.recall"] < -0.5
+    )  # the old fixed 0.5-pt rule would have failed it
 
 
 def test_a_real_shift_in_one_class_fails_by_mcnemar():
@@ -54,12 +57,24 @@ def test_unvalidated_graphs_are_refused_until_parity_passes(bundle, phantoms, tm
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     image = str(sorted((phantoms / "normal").glob("*.png"))[0])
-    line = one_line_error(cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "int8", check=1))
+    line = one_line_error(
+        cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "int8", check=1)
+    )
     assert "int8 graph has never run parity" in line and "--allow-unvalidated" in line
     info = cli("cxr-run", "info", "--model", str(copy)).stdout
     assert "fp32 model    parity passed" in info and "int8 model    parity not run" in info
-    cli("cxr-export", "parity", str(copy), str(phantoms), "--backends", "fp16", "--report", str(tmp_path / "p.json"))
+    cli(
+        "cxr-export",
+        "parity",
+        str(copy),
+        str(phantoms),
+        "--backends",
+        "fp16",
+        "--report",
+        str(tmp_path / "p.json"),
+    )
     cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "fp16")  # passed: no flag needed
     cli("cxr-export", "fp16", str(copy))  # a new fp16 graph has not passed anything yet
     assert "fp16 graph has never run parity" in one_line_error(
-        cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "fp16", check=1))
+        cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "fp16", check=1)
+    )

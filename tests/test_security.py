@@ -18,8 +18,11 @@ def test_a_planted_symlink_is_refused_by_every_command_and_nothing_is_written(bu
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     os.symlink(victim, copy / planted)
-    for args in (["cxr-export", "fp16", str(copy)], ["cxr-run", "info", "--model", str(copy)],
-                 ["cxr-run", "predict", "--model", str(copy), str(victim)]):
+    for args in (
+        ["cxr-export", "fp16", str(copy)],
+        ["cxr-run", "info", "--model", str(copy)],
+        ["cxr-run", "predict", "--model", str(copy), str(victim)],
+    ):
         line = one_line_error(cli(*args, check=1))
         assert "symbolic link" in line and repr(planted) in line
     assert victim.read_text() == "precious\n"
@@ -65,7 +68,9 @@ def test_nan_probabilities_are_an_error_not_covid(bundle, phantoms, monkeypatch)
     opened = Bundle.open(bundle)
     backend = OrtBackend(opened.onnx_path("model", "fp32"), "fp32")
     real = backend.run
-    monkeypatch.setattr(backend, "run", lambda batch: np.where(np.arange(len(batch))[:, None] == 1, np.nan, real(batch)))
+    monkeypatch.setattr(
+        backend, "run", lambda batch: np.where(np.arange(len(batch))[:, None] == 1, np.nan, real(batch))
+    )
     paths = sorted((phantoms / "normal").glob("*.png"))[:3]
     records = list(predict_stream(paths, opened, backend, PredictOptions()))
     assert [r["label"] is None for r in records] == [False, True, False]
@@ -91,23 +96,39 @@ def test_graphs_with_external_data_are_refused(bundle, phantoms, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     graph = onnx.load(str(copy / "model.onnx"))
-    onnx.save_model(graph, str(copy / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+    onnx.save_model(
+        graph,
+        str(copy / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
     card = read_card(copy)
-    record_files(copy, card.replace(files={k: v for k, v in card.files.items() if k != "model.onnx"}),
-                 ["model.onnx", "model.onnx.data"])
+    record_files(
+        copy,
+        card.replace(files={k: v for k, v in card.files.items() if k != "model.onnx"}),
+        ["model.onnx", "model.onnx.data"],
+    )
     image = sorted((phantoms / "covid19").glob("*.png"))[0]
-    line = one_line_error(cli("cxr-run", "predict", "--model", str(copy), str(image), "--backend", "onnxruntime",
-                              check=1))
+    line = one_line_error(
+        cli("cxr-run", "predict", "--model", str(copy), str(image), "--backend", "onnxruntime", check=1)
+    )
     assert "model.onnx" in line and "external data" in line
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"input": {"size": -1}}, "input.size"), ({"input": {"size": "64"}}, "input.size"),
-    ({"input": {"size": 64.5}}, "input.size"), ({"classes": []}, "classes"), ({"classes": "abc"}, "classes"),
-    ({"files": {"../../etc/passwd": "0" * 64}}, "plain files inside the bundle"),
-    ({"files": {"/etc/hostname": "0" * 64}}, "plain files inside the bundle"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"input": {"size": -1}}, "input.size"),
+        ({"input": {"size": "64"}}, "input.size"),
+        ({"input": {"size": 64.5}}, "input.size"),
+        ({"classes": []}, "classes"),
+        ({"classes": "abc"}, "classes"),
+        ({"files": {"../../etc/passwd": "0" * 64}}, "plain files inside the bundle"),
+        ({"files": {"/etc/hostname": "0" * 64}}, "plain files inside the bundle"),
+    ],
+)
 def test_malformed_cards_are_one_line_errors(bundle, tmp_path, change, message):
     import json
 
@@ -127,7 +148,9 @@ def test_deep_or_huge_cards_are_refused_without_a_traceback(bundle, tmp_path):
     assert "nested too deeply" in one_line_error(cli("cxr-run", "info", "--model", str(copy), check=1))
     with open(copy / "card.json", "w") as handle:
         handle.write('{"classes": ["a", "b"], "pad": "' + "x" * (2 << 20) + '"}')
-    assert "more than a model card can be" in one_line_error(cli("cxr-run", "info", "--model", str(copy), check=1))
+    assert "more than a model card can be" in one_line_error(
+        cli("cxr-run", "info", "--model", str(copy), check=1)
+    )
 
 
 def test_info_exits_non_zero_when_a_file_changed(bundle, tmp_path):
@@ -143,13 +166,38 @@ def test_triton_export_never_replaces_a_folder_it_did_not_write(bundle, tmp_path
     repo = tmp_path / "repo"
     (repo / "docs").mkdir(parents=True)
     (repo / "docs" / "notes.md").write_text("mine\n")
-    line = one_line_error(cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--name", "docs",
-                              "--format", "onnx", check=1))
+    line = one_line_error(
+        cli(
+            "cxr-export",
+            "triton",
+            str(bundle),
+            "--out",
+            str(repo),
+            "--name",
+            "docs",
+            "--format",
+            "onnx",
+            check=1,
+        )
+    )
     assert "not a model folder written by cxr-export" in line and "--force" in line
     assert (repo / "docs" / "notes.md").read_text() == "mine\n"
     cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--name", "cxr", "--format", "onnx")
-    cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--name", "cxr", "--format", "onnx")  # ours: replaced
-    cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--name", "docs", "--format", "onnx", "--force")
+    cli(
+        "cxr-export", "triton", str(bundle), "--out", str(repo), "--name", "cxr", "--format", "onnx"
+    )  # ours: replaced
+    cli(
+        "cxr-export",
+        "triton",
+        str(bundle),
+        "--out",
+        str(repo),
+        "--name",
+        "docs",
+        "--format",
+        "onnx",
+        "--force",
+    )
     assert not (repo / "docs" / "notes.md").exists() and (repo / "docs" / "config.pbtxt").is_file()
 
 
@@ -166,8 +214,9 @@ def test_triton_export_checks_the_plan_against_its_sidecar(bundle, tmp_path):
     facts["plan_sha256"] = "0" * 64  # a sidecar that claims another plan
     sidecar.write_text(json.dumps(facts))
     record_files(copy, read_card(copy), [sidecar.name])
-    line = one_line_error(cli("cxr-export", "triton", str(copy), "--out", str(tmp_path / "repo"), "--max-batch", "16",
-                              check=1))
+    line = one_line_error(
+        cli("cxr-export", "triton", str(copy), "--out", str(tmp_path / "repo"), "--max-batch", "16", check=1)
+    )
     assert "does not match its sidecar" in line and not (tmp_path / "repo" / "cxr").exists()
 
 
@@ -177,7 +226,11 @@ def test_the_served_card_holds_no_local_paths(bundle):
     card = read_card(bundle)
     assert card.provenance.get("source_run") and card.training.get("data")  # what the bundle itself keeps
     shown = public_dict(card)
-    assert "source_run" not in shown["provenance"] and "data" not in shown["training"] and "out" not in shown["training"]
+    assert (
+        "source_run" not in shown["provenance"]
+        and "data" not in shown["training"]
+        and "out" not in shown["training"]
+    )
     assert list(shown["classes"]) == list(card.classes) and shown["files"] == card.files
 
 
@@ -189,16 +242,23 @@ def test_a_pinned_digest_refuses_any_other_bundle(bundle, phantoms, tmp_path):
     assert digest.startswith("sha256:") and len(digest) == 7 + 64
     image = str(sorted((phantoms / "covid19").glob("*.png"))[0])
     cli("cxr-run", "predict", "--model", str(copy), image, "--expect-digest", digest)
-    assert f"digest: {digest}" in cli("cxr-run", "info", "--model", str(copy), "--expect-digest", digest).stdout
+    assert (
+        f"digest: {digest}" in cli("cxr-run", "info", "--model", str(copy), "--expect-digest", digest).stdout
+    )
     from cxr.runtime.card import read_card, write_card
 
-    write_card(copy, read_card(copy).replace(metrics={"accuracy": 0.99}), rehash=False)  # any change to the card
-    line = one_line_error(cli("cxr-run", "predict", "--model", str(copy), image, "--expect-digest", digest, check=1))
+    write_card(
+        copy, read_card(copy).replace(metrics={"accuracy": 0.99}), rehash=False
+    )  # any change to the card
+    line = one_line_error(
+        cli("cxr-run", "predict", "--model", str(copy), image, "--expect-digest", digest, check=1)
+    )
     assert "not the expected" in line and digest in line
 
 
 def _dataset(path, pixel_bytes, syntax):
-    """A 64 x 64 8-bit DX DICOM whose pixel data is ``pixel_bytes`` zero bytes, whatever the header declares."""
+    """A 64 x 64 8-bit DX DICOM whose pixel data is ``pixel_bytes`` zero bytes, whatever the header
+    declares."""
     import numpy as np
 
     from tests.test_runtime import _dicom
@@ -233,10 +293,14 @@ def test_a_deflate_bomb_costs_no_memory(tmp_path):
 
     bomb = tmp_path / "bomb.dcm"
     _dataset(bomb, 64 << 20, DeflatedExplicitVRLittleEndian)
-    code = ("import resource, pydicom\nfrom cxr.runtime.preprocess import read_image\nfrom cxr.runtime.errors import CxrError\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            f"try:\n    read_image({str(bomb)!r}, max_pixels=1_000_000)\nexcept CxrError as exc:\n    print(exc)\n"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    code = (
+        "import resource, pydicom\nfrom cxr.runtime.preprocess import read_image\nfrom cxr.runtime.errors "
+        "import CxrError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"try:\n    read_image({str(bomb)!r}, max_pixels=1_000_000)\nexcept CxrError as exc:\n    "
+        "print(exc)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     message, grown_mb = result.stdout.strip().splitlines()
     assert "inflates to more than" in message
@@ -253,15 +317,36 @@ def test_a_signed_bundle_is_trusted_and_any_change_or_other_key_is_refused(bundl
     cli("cxr-export", "keygen", str(tmp_path / "site"))
     cli("cxr-export", "keygen", str(tmp_path / "other"))
     assert (tmp_path / "site.key").stat().st_mode & 0o077 == 0
-    unsigned = one_line_error(cli("cxr-run", "info", "--model", str(copy), "--trusted-key", str(tmp_path / "site.pub"),
-                                  check=1))
+    unsigned = one_line_error(
+        cli("cxr-run", "info", "--model", str(copy), "--trusted-key", str(tmp_path / "site.pub"), check=1)
+    )
     assert "not signed" in unsigned
     cli("cxr-export", "sign", str(copy), "--key", str(tmp_path / "site.key"))
     cli("cxr-run", "predict", "--model", str(copy), image, "--trusted-key", str(tmp_path / "site.pub"))
-    other = one_line_error(cli("cxr-run", "predict", "--model", str(copy), image, "--trusted-key",
-                               str(tmp_path / "other.pub"), check=1))
+    other = one_line_error(
+        cli(
+            "cxr-run",
+            "predict",
+            "--model",
+            str(copy),
+            image,
+            "--trusted-key",
+            str(tmp_path / "other.pub"),
+            check=1,
+        )
+    )
     assert "not signed by" in other
     write_card(copy, read_card(copy).replace(metrics={"accuracy": 0.99}), rehash=False)
-    changed = one_line_error(cli("cxr-run", "predict", "--model", str(copy), image, "--trusted-key",
-                                 str(tmp_path / "site.pub"), check=1))
+    changed = one_line_error(
+        cli(
+            "cxr-run",
+            "predict",
+            "--model",
+            str(copy),
+            image,
+            "--trusted-key",
+            str(tmp_path / "site.pub"),
+            check=1,
+        )
+    )
     assert "changed since signing" in changed

@@ -34,7 +34,8 @@ def server(bundle):
 
 @pytest.fixture(scope="module")
 def inputs(phantoms, tmp_path_factory) -> Path:
-    """Some phantoms plus the bad files local predict already handles: each must fail the same way remotely."""
+    """Some phantoms plus the bad files local predict already handles: each must fail the same way
+    remotely."""
     folder = tmp_path_factory.mktemp("serve_inputs")
     for path in sorted(phantoms.rglob("*.png"))[::12]:
         (folder / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
@@ -55,10 +56,31 @@ def _without_backend(records: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
 def test_predict_through_the_server_equals_local(server, bundle, inputs, tmp_path, scheme):
-    local = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), "--out", str(tmp_path / "local.jsonl"), check=2)
+    local = cli(
+        "cxr-run",
+        "predict",
+        str(inputs),
+        "--model",
+        str(bundle),
+        "--out",
+        str(tmp_path / "local.jsonl"),
+        check=2,
+    )
     url = server.http_url if scheme == "http" else server.grpc_url
-    remote = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), "--server", url, "--batch-size", "5",
-                 "--out", str(tmp_path / "remote.jsonl"), check=2)
+    remote = cli(
+        "cxr-run",
+        "predict",
+        str(inputs),
+        "--model",
+        str(bundle),
+        "--server",
+        url,
+        "--batch-size",
+        "5",
+        "--out",
+        str(tmp_path / "remote.jsonl"),
+        check=2,
+    )
     mine, theirs = _records(tmp_path / "local.jsonl"), _records(tmp_path / "remote.jsonl")
     assert len(mine) == len(theirs) == len(list(inputs.iterdir()))
     assert [r["error"] for r in mine] == [r["error"] for r in theirs]
@@ -67,7 +89,9 @@ def test_predict_through_the_server_equals_local(server, bundle, inputs, tmp_pat
         assert a["path"] == b["path"] and a["label"] == b["label"]
         if a["probs"]:
             assert max(abs(a["probs"][c] - b["probs"][c]) for c in a["probs"]) <= 2e-6
-    assert {r["backend"] for r in theirs} == {f"triton:{AUTO_CPU_BACKEND}"} and theirs[0]["precision"] == "fp32"
+    assert {r["backend"] for r in theirs} == {f"triton:{AUTO_CPU_BACKEND}"} and theirs[0][
+        "precision"
+    ] == "fp32"
     assert "3 failed" in local.stderr and "3 failed" in remote.stderr
     metrics = urllib.request.urlopen(server.metrics_url, timeout=5).read().decode()
     assert 'nv_inference_request_success{model="cxr"' in metrics
@@ -103,12 +127,19 @@ def _still_serving(server: ServerProcess) -> None:
     assert client.infer("cxr", _good_request(httpclient, count=1)).as_numpy("probs").shape == (1, 4)
 
 
-@pytest.mark.parametrize("shape, datatype, message", [
-    ((2, 1, IMAGE_SIZE, IMAGE_SIZE), "FP32", "expects 'uint8'"),
-    ((2, 1, 10, 10), "UINT8", "unexpected shape"),
-    ((2, IMAGE_SIZE, IMAGE_SIZE), "UINT8", "unexpected shape"),
-    ((40, 1, IMAGE_SIZE, IMAGE_SIZE), "UINT8", "more elements than any model here takes"),  # the HTTP front
-])
+@pytest.mark.parametrize(
+    "shape, datatype, message",
+    [
+        ((2, 1, IMAGE_SIZE, IMAGE_SIZE), "FP32", "expects 'uint8'"),
+        ((2, 1, 10, 10), "UINT8", "unexpected shape"),
+        ((2, IMAGE_SIZE, IMAGE_SIZE), "UINT8", "unexpected shape"),
+        (
+            (40, 1, IMAGE_SIZE, IMAGE_SIZE),
+            "UINT8",
+            "more elements than any model here takes",
+        ),  # the HTTP front
+    ],
+)
 def test_malformed_tensors_are_refused_and_the_server_keeps_serving(server, shape, datatype, message):
     client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
     request = httpclient.InferInput("image", list(shape), datatype)
@@ -122,16 +153,31 @@ def test_malformed_tensors_are_refused_and_the_server_keeps_serving(server, shap
 def test_garbage_and_disconnecting_clients_do_not_hurt_the_server(server):
     import urllib.error
 
-    garbage = urllib.request.Request(f"{server.http_url}/v2/models/cxr/infer", data=b"{not json", method="POST")
+    garbage = urllib.request.Request(
+        f"{server.http_url}/v2/models/cxr/infer", data=b"{not json", method="POST"
+    )
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(garbage, timeout=10)
     assert caught.value.code in (400, 500) and "error" in json.loads(caught.value.read())
-    body = json.dumps({"inputs": [{"name": "image", "shape": [1, 1, IMAGE_SIZE, IMAGE_SIZE], "datatype": "UINT8",
-                                   "data": [0] * IMAGE_SIZE * IMAGE_SIZE}]}).encode()
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1, 1, IMAGE_SIZE, IMAGE_SIZE],
+                    "datatype": "UINT8",
+                    "data": [0] * IMAGE_SIZE * IMAGE_SIZE,
+                }
+            ]
+        }
+    ).encode()
     for sent in (body[:100], body):  # hang up mid-body, and hang up before reading the reply
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=5) as sock:
-            sock.sendall(b"POST /v2/models/cxr/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + sent)
+            sock.sendall(
+                b"POST /v2/models/cxr/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + sent
+            )
     time.sleep(0.5)
     _still_serving(server)
 
@@ -170,7 +216,9 @@ def test_burst_beyond_the_queue_is_rejected_then_stop_leaves_nothing_behind(bund
         _still_serving(server)
         port = server.http_port
     assert server.returncode == 0, server.tail()
-    leftovers = [line for line in os.popen("ps -eo args").read().splitlines() if f"--http-port={port}" in line]
+    leftovers = [
+        line for line in os.popen("ps -eo args").read().splitlines() if f"--http-port={port}" in line
+    ]
     assert leftovers == []
     time.sleep(1)
     ours = [name for name in set(os.listdir("/dev/shm")) - shm_before if str(server.process.pid) in name]
@@ -194,23 +242,42 @@ def test_server_timing_out_gives_one_error_per_file(bundle, inputs):
     try:
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        result = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), "--server", url, "--timeout", "1",
-                     "--batch-size", "2", check=2)
+        result = cli(
+            "cxr-run",
+            "predict",
+            str(inputs),
+            "--model",
+            str(bundle),
+            "--server",
+            url,
+            "--timeout",
+            "1",
+            "--batch-size",
+            "2",
+            check=2,
+        )
         records = [json.loads(line) for line in result.stdout.splitlines()]
         timed_out = [r for r in records if r["error"] and r["error"].startswith(f"server {url}")]
         assert len(timed_out) == len(records) - 3
-        assert any("timed out" in r["error"].lower() or "timeout" in r["error"].lower() for r in timed_out), timed_out[0]
-        assert time.monotonic() - started < 30  # gives up after 3 failures in a row instead of waiting per batch
+        assert any("timed out" in r["error"].lower() or "timeout" in r["error"].lower() for r in timed_out), (
+            timed_out[0]
+        )
+        assert (
+            time.monotonic() - started < 30
+        )  # gives up after 3 failures in a row instead of waiting per batch
     finally:
         silent.close()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--server", "ftp://x:1"], "--server must look like http://HOST:PORT"),
-    (["--server", "http://localhost:99999"], "port is not a number"),
-    (["--server", "http://127.0.0.1:1", "--explain"], "--explain runs on the local backend"),
-    (["--server", "http://127.0.0.1:1", "--timeout", "0"], "--timeout must be more than 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--server", "ftp://x:1"], "--server must look like http://HOST:PORT"),
+        (["--server", "http://localhost:99999"], "port is not a number"),
+        (["--server", "http://127.0.0.1:1", "--explain"], "--explain runs on the local backend"),
+        (["--server", "http://127.0.0.1:1", "--timeout", "0"], "--timeout must be more than 0"),
+    ],
+)
 def test_bad_client_options_are_one_line_errors(bundle, inputs, args, message):
     result = cli("cxr-run", "predict", str(inputs), "--model", str(bundle), *args, check=2)  # usage: exit 2
     assert message in one_line_error(result)
@@ -225,14 +292,19 @@ def test_server_for_another_model_is_refused(server, bundle, inputs, tmp_path):
     shutil.copytree(bundle, other)
     card = read_card(other)
     write_card(other, card.replace(classes=tuple(reversed(card.classes))))
-    result = cli("cxr-run", "predict", str(inputs), "--model", str(other), "--server", server.http_url, check=1)
+    result = cli(
+        "cxr-run", "predict", str(inputs), "--model", str(other), "--server", server.http_url, check=1
+    )
     assert "serves another model" in one_line_error(result) and "classes" in one_line_error(result)
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["--model", "/no/such/bundle"], "not a folder", 1),
-    (["--max-batch", "0"], "--max-batch and --instances must be at least 1", 2),
-])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--model", "/no/such/bundle"], "not a folder", 1),
+        (["--max-batch", "0"], "--max-batch and --instances must be at least 1", 2),
+    ],
+)
 def test_bad_serve_options_are_one_line_errors(bundle, args, message, code):
     base = ["--model", str(bundle)] if args[0] != "--model" else []
     result = cli("cxr-run", "serve", *base, *args, "--http-port", str(free_port()), check=code)
@@ -246,17 +318,33 @@ def test_busy_port_and_missing_engine_are_one_line_errors(bundle):
         port = str(busy.getsockname()[1])
         result = cli("cxr-run", "serve", "--model", str(bundle), "--http-port", port, check=1)
     assert f"--http-port {port} on 127.0.0.1" in one_line_error(result) and "in use" in one_line_error(result)
-    result = cli("cxr-run", "serve", "--model", str(bundle), "--backend", "tensorrt", "--http-port", str(free_port()),
-                 "--grpc-port", str(free_port()), "--metrics-port", str(free_port()), check=1)
+    result = cli(
+        "cxr-run",
+        "serve",
+        "--model",
+        str(bundle),
+        "--backend",
+        "tensorrt",
+        "--http-port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        "--metrics-port",
+        str(free_port()),
+        check=1,
+    )
     assert "--backend tensorrt" in one_line_error(result)
 
 
 @pytest.mark.parametrize("shape", [[1, 1, 1_000_000, 1_000_000], [1, 1, 100_000, 100_000]])
 def test_a_huge_declared_shape_with_one_byte_does_not_hurt_the_server(server, shape):
-    """~100 bytes declaring a terabyte: refused at once (fixed dims in the config), and the server keeps serving."""
+    """~100 bytes declaring a terabyte: refused at once (fixed dims in the config), and the server keeps
+    serving."""
     import urllib.error
 
-    body = json.dumps({"inputs": [{"name": "image", "shape": shape, "datatype": "UINT8", "data": [0]}]}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "image", "shape": shape, "datatype": "UINT8", "data": [0]}]}
+    ).encode()
     request = urllib.request.Request(f"{server.http_url}/v2/models/cxr/infer", data=body, method="POST")
     started = time.monotonic()
     with pytest.raises(urllib.error.HTTPError) as caught:
@@ -269,12 +357,12 @@ def test_serve_exits_non_zero_when_tritonserver_dies(bundle):
     import subprocess
 
     with ServerProcess(bundle) as dying:
-        pids = subprocess.run(["pgrep", "-f", f"tritonserver .*--grpc-port {dying.grpc_port} "],
-                              capture_output=True, text=True).stdout.split()
+        pids = subprocess.run(
+            ["pgrep", "-f", f"tritonserver .*--grpc-port {dying.grpc_port} "], capture_output=True, text=True
+        ).stdout.split()
         assert pids, "tritonserver not found"
         for pid in pids:
             os.kill(int(pid), signal.SIGKILL)
         dying.process.wait(timeout=120)
         assert dying.process.returncode == 1
         assert "tritonserver stopped by itself" in dying.tail(40)
-

@@ -16,7 +16,8 @@ ON = Preprocessing(thorax_crop=True, clahe=True, border_mask=0.05)
 
 
 def _film(height: int = 300, width: int = 400) -> np.ndarray:
-    """A dark frame, a bright body ellipse left of centre, and a bright 'R' marker block in the top-right corner."""
+    """A dark frame, a bright body ellipse left of centre, and a bright 'R' marker block in the top-right
+    corner."""
     film = np.full((height, width), 15, np.uint8)
     cv2.ellipse(film, (150, 160), (110, 130), 0, 0, 360, 170, -1)
     cv2.ellipse(film, (110, 150), (35, 80), 0, 0, 360, 60, -1)  # a dark lung inside the body
@@ -72,10 +73,15 @@ def test_training_and_runtime_make_the_same_pixels(phantoms):
 def test_card_records_suppression_and_old_graphs_still_match(bundle):
     card = read_card(bundle)
     assert card.preprocessing.thorax_crop and card.preprocessing.clahe  # the recipe's defaults were trained
-    old_card = card.replace(preprocessing=Preprocessing(mean=card.preprocessing.mean, std=card.preprocessing.std))
+    old_card = card.replace(
+        preprocessing=Preprocessing(mean=card.preprocessing.mean, std=card.preprocessing.std)
+    )
     old_graph = graph_metadata(old_card)
-    legacy = {k: v for k, v in json.loads(old_graph["cxr.preprocessing"]).items()
-              if k not in ("thorax_crop", "clahe", "border_mask")}
+    legacy = {
+        k: v
+        for k, v in json.loads(old_graph["cxr.preprocessing"]).items()
+        if k not in ("thorax_crop", "clahe", "border_mask")
+    }
     old_graph["cxr.preprocessing"] = json.dumps(legacy)  # a graph exported before these keys existed
     assert metadata_mismatch(old_card, old_graph) is None
     assert "preprocessing" in metadata_mismatch(card, old_graph)  # a card turning a step on is not that graph

@@ -71,10 +71,19 @@ def test_metrics_match_hand_computed_values():
     y_pred = [0, 0, 1, 1, 1, 2, 3, 3]
     report = classification_report(y_true, y_pred, classes)
     assert report["accuracy"] == pytest.approx(6 / 8)
-    assert report["per_class"]["covid19"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8), "support": 3}
+    assert report["per_class"]["covid19"] == {
+        "precision": 1.0,
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(0.8),
+        "support": 3,
+    }
     assert report["per_class"]["normal"]["precision"] == pytest.approx(2 / 3)
     assert report["per_class"]["pneumonia_viral"]["f1"] == pytest.approx(2 / 3)
-    assert report["covid_vs_rest"] == {"precision": 1.0, "recall": pytest.approx(2 / 3), "f1": pytest.approx(0.8)}
+    assert report["covid_vs_rest"] == {
+        "precision": 1.0,
+        "recall": pytest.approx(2 / 3),
+        "f1": pytest.approx(0.8),
+    }
     assert report["confusion"][0] == [2, 1, 0, 0]
     assert report["macro_f1"] == pytest.approx(np.mean([0.8, 0.8, 2 / 3, 2 / 3]))
 
@@ -94,8 +103,18 @@ def test_evaluate_uses_validation_split_and_reports_shortcut_baseline(trained_ru
     import cv2
 
     out = tmp_path / "eval.json"
-    result = cli("cxr-train", "evaluate", str(trained_run), str(phantoms), "--out", str(out), "--lime-audit", "3",
-                 "--lime-samples", "100")
+    result = cli(
+        "cxr-train",
+        "evaluate",
+        str(trained_run),
+        str(phantoms),
+        "--out",
+        str(out),
+        "--lime-audit",
+        "3",
+        "--lime-samples",
+        "100",
+    )
     report = json.loads(out.read_text())
     split = json.loads((trained_run / "split.json").read_text())
     assert report["scope"].startswith("validation split")
@@ -119,7 +138,17 @@ def test_same_seed_same_result_on_cpu(phantoms, tmp_path):
 
     runs = []
     for name in ("a", "b"):
-        fit(FitConfig(data=phantoms, out=tmp_path / name, arch="dpn_se_tiny", epochs=1, image_size=48, batch_size=32, seed=5))
+        fit(
+            FitConfig(
+                data=phantoms,
+                out=tmp_path / name,
+                arch="dpn_se_tiny",
+                epochs=1,
+                image_size=48,
+                batch_size=32,
+                seed=5,
+            )
+        )
         runs.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
@@ -135,11 +164,14 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
     assert len(loaded.images) == 12 and len(loaded.skipped) == 2
 
 
-@pytest.mark.parametrize("setup,message", [
-    ("missing", "does not exist"),
-    ("empty", "no class sub-folders"),
-    ("empty_class", "class folder has no images"),
-])
+@pytest.mark.parametrize(
+    "setup,message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "no class sub-folders"),
+        ("empty_class", "class folder has no images"),
+    ],
+)
 def test_bad_data_folders_are_one_line_errors(tmp_path, setup, message):
     data = tmp_path / "data"
     if setup != "missing":
@@ -148,15 +180,29 @@ def test_bad_data_folders_are_one_line_errors(tmp_path, setup, message):
         (data / "a").mkdir()
         (data / "b").mkdir()
         (data / "a" / "x.png").write_bytes(b"")
-    result = cli("cxr-train", "fit", str(data), "--out", str(tmp_path / "run"), "--arch", "dpn_se_tiny", check=1)
+    result = cli(
+        "cxr-train", "fit", str(data), "--out", str(tmp_path / "run"), "--arch", "dpn_se_tiny", check=1
+    )
     assert message in one_line_error(result)
 
 
 def test_bad_arch_and_size_are_one_line_errors(phantoms, tmp_path):
-    result = cli("cxr-train", "fit", str(phantoms), "--out", str(tmp_path / "r"), "--arch", "resnet5O", check=1)
+    result = cli(
+        "cxr-train", "fit", str(phantoms), "--out", str(tmp_path / "r"), "--arch", "resnet5O", check=1
+    )
     assert "unknown --arch" in one_line_error(result)
-    result = cli("cxr-train", "fit", str(phantoms), "--out", str(tmp_path / "r"), "--arch", "dpn_se_tiny",
-                 "--image-size", "20", check=2)
+    result = cli(
+        "cxr-train",
+        "fit",
+        str(phantoms),
+        "--out",
+        str(tmp_path / "r"),
+        "--arch",
+        "dpn_se_tiny",
+        "--image-size",
+        "20",
+        check=2,
+    )
     assert "too small" in one_line_error(result)
 
 
@@ -178,9 +224,34 @@ def test_real_dataset_layout_and_patient_ids(real_data):
 
 def _torchrun_fit(data: Path, out: Path, seed: int) -> subprocess.CompletedProcess:
     """2 processes, gloo on CPU, exactly as the README's multi-GPU command but with --device cpu."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "cxr.train.cli", "fit", str(data), "--out", str(out), "--arch", "dpn_se_tiny", "--epochs", "6",
-               "--image-size", "48", "--batch-size", "8", "--lr", "3e-3", "--seed", str(seed), "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "cxr.train.cli",
+        "fit",
+        str(data),
+        "--out",
+        str(out),
+        "--arch",
+        "dpn_se_tiny",
+        "--epochs",
+        "6",
+        "--image-size",
+        "48",
+        "--batch-size",
+        "8",
+        "--lr",
+        "3e-3",
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -18,7 +18,9 @@ from tests.conftest import IMAGE_SIZE, cli, one_line_error
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_onnx_repository_matches_the_graph(bundle, tmp_path, precision):
     repo = tmp_path / "repo"
-    cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--precision", precision, "--max-batch", "32")
+    cli(
+        "cxr-export", "triton", str(bundle), "--out", str(repo), "--precision", precision, "--max-batch", "32"
+    )
     model_dir = repo / "cxr"
     config = read_config(model_dir)
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
@@ -29,7 +31,10 @@ def test_onnx_repository_matches_the_graph(bundle, tmp_path, precision):
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
     assert (model_dir / "labels.txt").read_text().split() == list(read_card(bundle).classes)
     served = model_dir / "1" / "model.onnx"
-    assert served.read_bytes() == (bundle / ("model.onnx" if precision == "fp32" else f"model.{precision}.onnx")).read_bytes()
+    assert (
+        served.read_bytes()
+        == (bundle / ("model.onnx" if precision == "fp32" else f"model.{precision}.onnx")).read_bytes()
+    )
     note = (model_dir / "CLIENTS.md").read_text()
     assert f"short side is {IMAGE_SIZE}" in note and "cropped to the body" in note and "CLAHE" in note
     assert validate_repository(repo, "cxr") == []
@@ -38,12 +43,27 @@ def test_onnx_repository_matches_the_graph(bundle, tmp_path, precision):
 
 def test_hand_edited_config_is_caught(bundle, tmp_path):
     repo = tmp_path / "repo"
-    cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--precision", "fp32", "--kind", "cpu", "--max-batch", "8")
+    cli(
+        "cxr-export",
+        "triton",
+        str(bundle),
+        "--out",
+        str(repo),
+        "--precision",
+        "fp32",
+        "--kind",
+        "cpu",
+        "--max-batch",
+        "8",
+    )
     path = repo / "cxr" / "config.pbtxt"
     good = path.read_text()
     assert "KIND_CPU" in good
-    path.write_text(good.replace("TYPE_UINT8", "TYPE_FP32").replace(f"dims: {IMAGE_SIZE}", "dims: 99", 1)
-                    .replace('name: "probs"', 'name: "scores"'))
+    path.write_text(
+        good.replace("TYPE_UINT8", "TYPE_FP32")
+        .replace(f"dims: {IMAGE_SIZE}", "dims: 99", 1)
+        .replace('name: "probs"', 'name: "scores"')
+    )
     problems = validate_repository(repo, "cxr")
     text = " | ".join(problems)
     assert "TYPE_FP32 but the graph has TYPE_UINT8" in text
@@ -65,9 +85,16 @@ def _bundle_with_plan(bundle: Path, tmp_path: Path, max_batch: int) -> Path:
     shutil.copytree(bundle, copy)
     plan = copy / "model.fp16.engine"
     plan.write_bytes(b"placeholder plan")
-    profile = {"image": {"min": [1, 1, IMAGE_SIZE, IMAGE_SIZE], "opt": [8, 1, IMAGE_SIZE, IMAGE_SIZE],
-                         "max": [max_batch, 1, IMAGE_SIZE, IMAGE_SIZE]}}
-    write_sidecar(plan, {"graph": "model", "precision": "fp16", "profile": profile, "source_onnx": "model.fp16.onnx"})
+    profile = {
+        "image": {
+            "min": [1, 1, IMAGE_SIZE, IMAGE_SIZE],
+            "opt": [8, 1, IMAGE_SIZE, IMAGE_SIZE],
+            "max": [max_batch, 1, IMAGE_SIZE, IMAGE_SIZE],
+        }
+    }
+    write_sidecar(
+        plan, {"graph": "model", "precision": "fp16", "profile": profile, "source_onnx": "model.fp16.onnx"}
+    )
     record_files(copy, read_card(copy), [plan.name, f"{plan.name}.json"])
     return copy
 
@@ -89,14 +116,17 @@ def test_plan_repository_uses_the_engine_profile(bundle, tmp_path):
     assert any("outside the engine profile 1..16" in p for p in validate_repository(repo, "cxr"))
 
 
-@pytest.mark.parametrize("args, message, code", [
-    (["--format", "tensorrt"], "no model.fp16.engine", 1),  # the bundle lacks it: not a usage error
-    (["--kind", "tpu"], "--kind must be one of gpu, cpu", 2),
-    (["--trt-accelerator", "--kind", "cpu"], "--trt-accelerator applies to the ONNX graph on a GPU", 2),
-    (["--max-batch", "0"], "--max-batch and --instances must be at least 1", 2),
-    (["--precision", "fp8"], "--precision must be one of", 2),
-    (["--name", "../evil"], "--name must be letters", 2),
-])
+@pytest.mark.parametrize(
+    "args, message, code",
+    [
+        (["--format", "tensorrt"], "no model.fp16.engine", 1),  # the bundle lacks it: not a usage error
+        (["--kind", "tpu"], "--kind must be one of gpu, cpu", 2),
+        (["--trt-accelerator", "--kind", "cpu"], "--trt-accelerator applies to the ONNX graph on a GPU", 2),
+        (["--max-batch", "0"], "--max-batch and --instances must be at least 1", 2),
+        (["--precision", "fp8"], "--precision must be one of", 2),
+        (["--name", "../evil"], "--name must be letters", 2),
+    ],
+)
 def test_bad_triton_options_are_one_line_errors(bundle, tmp_path, args, message, code):
     result = cli("cxr-export", "triton", str(bundle), "--out", str(tmp_path / "repo"), *args, check=code)
     assert message in one_line_error(result)
@@ -104,7 +134,9 @@ def test_bad_triton_options_are_one_line_errors(bundle, tmp_path, args, message,
 
 def _tritonserver_with_onnxruntime() -> tuple[str, str] | None:
     """A full Triton server (NGC container or install) with the ONNX Runtime backend; PyTriton's has none."""
-    binary = os.environ.get("TRITONSERVER", shutil.which("tritonserver") or "/opt/tritonserver/bin/tritonserver")
+    binary = os.environ.get(
+        "TRITONSERVER", shutil.which("tritonserver") or "/opt/tritonserver/bin/tritonserver"
+    )
     backends = os.environ.get("TRITON_BACKENDS", str(Path(binary).parent.parent / "backends"))
     if Path(binary).is_file() and (Path(backends) / "onnxruntime").is_dir():
         return binary, backends
@@ -121,8 +153,21 @@ def test_real_triton_server_loads_the_repository(bundle, tmp_path):
     repo = tmp_path / "repo"
     cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--precision", "fp32", "--kind", "cpu")
     binary, backends = found
-    server = subprocess.Popen([binary, "--model-repository", str(repo), "--backend-directory", backends,
-                               "--http-port", "18900", "--grpc-port", "18901", "--metrics-port", "18902"])
+    server = subprocess.Popen(
+        [
+            binary,
+            "--model-repository",
+            str(repo),
+            "--backend-directory",
+            backends,
+            "--http-port",
+            "18900",
+            "--grpc-port",
+            "18901",
+            "--metrics-port",
+            "18902",
+        ]
+    )
     try:
         client = http.InferenceServerClient("127.0.0.1:18900")
         for _ in range(120):

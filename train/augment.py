@@ -34,21 +34,26 @@ class PaperAugment:
         centre = (self.size / 2.0, self.size / 2.0)
         matrix = cv2.getRotationMatrix2D(centre, angle, scale)
         out = cv2.warpAffine(
-            np.ascontiguousarray(out), matrix, (self.size, self.size),
-            flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101,
+            np.ascontiguousarray(out),
+            matrix,
+            (self.size, self.size),
+            flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_REFLECT_101,
         )
         return np.ascontiguousarray(out)
 
 
 def evaluation_view(image: np.ndarray, size: int, pre: Preprocessing | None = None) -> np.ndarray:
-    """The runtime's deterministic view (centre crop, then the card's border band) of an image already at short
+    """The runtime's deterministic view (centre crop, then the card's border band) of an image already at
+    short
     side = size after ``whole_film_steps``: what ``cxr.runtime.preprocess.preprocess`` gives."""
     return np.ascontiguousarray(view_steps(center_crop(image, size), pre))
 
 
 @dataclass
 class CornerErase:
-    """Training-only: with probability ``p`` per corner, a random-size square (5-20 % of the side) filled with a
+    """Training-only: with probability ``p`` per corner, a random-size square (5-20 % of the side) filled with
+    a
     random grey, so burned-in corner labels and markers stop being a reliable cue."""
 
     p: float = 0.5

@@ -23,43 +23,84 @@ def synth(
     from cxr.train.synth import MASKS_FILE, write_phantoms
 
     counts = write_phantoms(out, per_class, size, seed)
-    print(f"wrote {sum(counts.values())} phantoms ({per_class} per class, {size} px) to {out}; "
-          f"lesion masks in {out / MASKS_FILE}")
+    print(
+        f"wrote {sum(counts.values())} phantoms ({per_class} per class, {size} px) to {out}; "
+        f"lesion masks in {out / MASKS_FILE}"
+    )
 
 
 @app.command()
 def fit(
-    data: Path = typer.Argument(..., help="ImageFolder: one sub-folder per class (optional manifest.csv with patient_id)."),
+    data: Path = typer.Argument(
+        ..., help="ImageFolder: one sub-folder per class (optional manifest.csv with patient_id)."
+    ),
     out: Path = typer.Option(..., "--out", help="Run folder to write."),
     arch: str = typer.Option("dpn92_se", help="dpn92_se, dpn68_se, dpn_se_tiny, or any timm architecture."),
     epochs: int = typer.Option(10, help="Training epochs."),
     image_size: int = typer.Option(224, help="Input size (short side scaled to it, then cropped)."),
     batch_size: int = typer.Option(16, help="Batch size."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3, or 3e-4 with --pretrained)."),
+    lr: Optional[float] = typer.Option(
+        None, help="Peak learning rate (default 1e-3, or 3e-4 with --pretrained)."
+    ),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same result on CPU."),
-    val_split: float = typer.Option(0.2, help="Validation fraction (patient-disjoint when manifest.csv has patient_id)."),
-    no_augment: bool = typer.Option(False, "--no-augment", help="Turn off the paper's augmentation (ablation)."),
-    pretrained: bool = typer.Option(False, "--pretrained", help="Start from timm's ImageNet weights (needs internet)."),
+    val_split: float = typer.Option(
+        0.2, help="Validation fraction (patient-disjoint when manifest.csv has patient_id)."
+    ),
+    no_augment: bool = typer.Option(
+        False, "--no-augment", help="Turn off the paper's augmentation (ablation)."
+    ),
+    pretrained: bool = typer.Option(
+        False, "--pretrained", help="Start from timm's ImageNet weights (needs internet)."
+    ),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
-    balance: str = typer.Option("weights", help="Class imbalance: weights (weighted loss), sampler "
-                                                "(class-balanced draws) or none."),
+    balance: str = typer.Option(
+        "weights", help="Class imbalance: weights (weighted loss), sampler (class-balanced draws) or none."
+    ),
     warmup: float = typer.Option(0.15, help="Share of steps warming up before the cosine decay."),
     label_smoothing: float = typer.Option(0.1, help="Label smoothing of the loss (0: off)."),
-    patience: int = typer.Option(0, help="Stop after this many epochs without a better validation macro-F1 (0: off)."),
-    thorax_crop: bool = typer.Option(True, "--thorax-crop/--no-thorax-crop",
-                                     help="Crop each film to the body (shortcut suppression; the runtime repeats it)."),
-    clahe: bool = typer.Option(True, "--clahe/--no-clahe", help="Contrast-limited histogram equalisation (same)."),
-    border_mask: float = typer.Option(0.0, help="Blank this fraction of the side at each edge of the view (same)."),
-    erase_corners: float = typer.Option(0.5, help="Training only: chance per corner of erasing a random square."),
+    patience: int = typer.Option(
+        0, help="Stop after this many epochs without a better validation macro-F1 (0: off)."
+    ),
+    thorax_crop: bool = typer.Option(
+        True,
+        "--thorax-crop/--no-thorax-crop",
+        help="Crop each film to the body (shortcut suppression; the runtime repeats it).",
+    ),
+    clahe: bool = typer.Option(
+        True, "--clahe/--no-clahe", help="Contrast-limited histogram equalisation (same)."
+    ),
+    border_mask: float = typer.Option(
+        0.0, help="Blank this fraction of the side at each edge of the view (same)."
+    ),
+    erase_corners: float = typer.Option(
+        0.5, help="Training only: chance per corner of erasing a random square."
+    ),
 ) -> None:
     """Train a model; writes model.pt, card.json, metrics.json, confusion.png, curves.png."""
     from cxr.train.config import FitConfig
 
-    config = FitConfig(data=data, out=out, arch=arch, epochs=epochs, image_size=image_size, batch_size=batch_size,
-                       lr=lr, seed=seed, val_split=val_split, augment=not no_augment, pretrained=pretrained,
-                       device=device, balance=balance, warmup=warmup, label_smoothing=label_smoothing,
-                       patience=patience, thorax_crop=thorax_crop, clahe=clahe, border_mask=border_mask,
-                       erase_corners=erase_corners)  # checked here, before torch is imported
+    config = FitConfig(
+        data=data,
+        out=out,
+        arch=arch,
+        epochs=epochs,
+        image_size=image_size,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        val_split=val_split,
+        augment=not no_augment,
+        pretrained=pretrained,
+        device=device,
+        balance=balance,
+        warmup=warmup,
+        label_smoothing=label_smoothing,
+        patience=patience,
+        thorax_crop=thorax_crop,
+        clahe=clahe,
+        border_mask=border_mask,
+        erase_corners=erase_corners,
+    )  # checked here, before torch is imported
     from cxr.train.fit import fit as run_fit
 
     run_fit(config)
@@ -69,13 +110,20 @@ def fit(
 def evaluate(
     run: Path = typer.Argument(..., help="Run folder from 'cxr-train fit'."),
     data: Path = typer.Argument(..., help="Labelled ImageFolder to evaluate on."),
-    out: Optional[Path] = typer.Option(None, "--out", help="JSON report (default RUN/evaluation.json); a PNG beside it."),
-    lime_audit: int = typer.Option(0, "--lime-audit", help="Explain this many images and report the share of "
-                                                           "positive LIME weight outside the body (0: off)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="JSON report (default RUN/evaluation.json); a PNG beside it."
+    ),
+    lime_audit: int = typer.Option(
+        0,
+        "--lime-audit",
+        help="Explain this many images and report the share of "
+        "positive LIME weight outside the body (0: off).",
+    ),
     lime_samples: int = typer.Option(300, help="LIME samples per audited image."),
     seed: int = typer.Option(0, help="Seed of the bootstrap, the baseline and the audit's picks."),
 ) -> None:
-    """Per-class P/R/F1 with bootstrap 95 % intervals, the shortcut baseline on the same images and the gain over
+    """Per-class P/R/F1 with bootstrap 95 % intervals, the shortcut baseline on the same images and the gain
+    over
     it with its interval, optionally a LIME audit; JSON plus one PNG page."""
     if lime_audit < 0 or lime_samples < 10:
         from cxr.runtime.errors import CxrUsageError
@@ -106,7 +154,9 @@ def shortcut(
     else:
         _, test_samples = scan_image_folder(test, classes)
         train_samples, where = samples, str(test)
-    report = shortcut_baseline(load_images(train_samples, image_size), load_images(test_samples, image_size), classes, seed)
+    report = shortcut_baseline(
+        load_images(train_samples, image_size), load_images(test_samples, image_size), classes, seed
+    )
     print(format_report(report, f"shortcut baseline on {where}"))
 
 

@@ -60,5 +60,6 @@ class FitConfig:
             raise CxrError(f"{self.data}: data folder does not exist (expected one sub-folder per class)")
 
     def suppression(self) -> Preprocessing:
-        """The card's preprocessing steps this run trains with (mean/std are the network's, filled in later)."""
+        """The card's preprocessing steps this run trains with (mean/std are the network's, filled in
+        later)."""
         return Preprocessing(thorax_crop=self.thorax_crop, clahe=self.clahe, border_mask=self.border_mask)

@@ -36,7 +36,9 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def scan_image_folder(root: Path, classes: tuple[str, ...] | None = None) -> tuple[tuple[str, ...], list[Sample]]:
+def scan_image_folder(
+    root: Path, classes: tuple[str, ...] | None = None
+) -> tuple[tuple[str, ...], list[Sample]]:
     """One sub-folder per class. Class order: the card's (if given), the paper's 4 classes, else sorted."""
     root = Path(root)
     if not root.exists():
@@ -64,7 +66,8 @@ def scan_image_folder(root: Path, classes: tuple[str, ...] | None = None) -> tup
 
 
 def read_patient_ids(root: Path) -> dict[str, str]:
-    """``manifest.csv`` (columns ``file``, ``patient_id``) -> {relative path: patient id}; empty when absent."""
+    """``manifest.csv`` (columns ``file``, ``patient_id``) -> {relative path: patient id}; empty when
+    absent."""
     manifest = Path(root) / "manifest.csv"
     if not manifest.is_file():
         return {}
@@ -75,10 +78,9 @@ def read_patient_ids(root: Path) -> dict[str, str]:
     return {row["file"]: row["patient_id"] for row in rows if row.get("patient_id")}
 
 
-def split_samples(
-    samples: list[Sample], val_split: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
-    """Stratified split that keeps every patient on one side (StratifiedGroupKFold, first fold = validation)."""
+def split_samples(samples: list[Sample], val_split: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Stratified split that keeps every patient on one side (StratifiedGroupKFold, first fold =
+    validation)."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     if not 0.0 < val_split < 1.0:
@@ -104,8 +106,11 @@ class LoadedImages:
     skipped: list[tuple[str, str]]
 
 
-def _decode(sample: Sample, size: int, pre: Preprocessing | None) -> tuple[np.ndarray | None, tuple[int, int] | str]:
-    """One file after the whole-film suppression steps, at short side ``size``, with its original shape, or None
+def _decode(
+    sample: Sample, size: int, pre: Preprocessing | None
+) -> tuple[np.ndarray | None, tuple[int, int] | str]:
+    """One file after the whole-film suppression steps, at short side ``size``, with its original shape, or
+    None
     and the reason it is unreadable. The view steps (border band) follow the crop: see ``view_steps``."""
     try:
         gray = read_image(sample.path)
@@ -114,15 +119,26 @@ def _decode(sample: Sample, size: int, pre: Preprocessing | None) -> tuple[np.nd
     return resize_short_side(whole_film_steps(gray, pre), size), gray.shape[:2]
 
 
-def load_images(samples: list[Sample], size: int, desc: str = "loading", disable: bool = False,
-                pre: Preprocessing | None = None) -> LoadedImages:
+def load_images(
+    samples: list[Sample],
+    size: int,
+    desc: str = "loading",
+    disable: bool = False,
+    pre: Preprocessing | None = None,
+) -> LoadedImages:
     """Decode in threads (OpenCV and pydicom's decoders release the GIL); order follows ``samples``."""
     images, labels, shapes, kept, skipped = [], [], [], [], []
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         decoded = pool.map(lambda sample: _decode(sample, size, pre), samples)
-        for sample, (image, info) in tqdm(zip(samples, decoded), total=len(samples), desc=desc, unit="img",
-                                          leave=False, disable=disable or len(samples) < 50):
+        for sample, (image, info) in tqdm(
+            zip(samples, decoded),
+            total=len(samples),
+            desc=desc,
+            unit="img",
+            leave=False,
+            disable=disable or len(samples) < 50,
+        ):
             if image is None:
                 skipped.append((sample.rel, info))
                 continue

@@ -41,8 +41,10 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():
-        raise CxrError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
-                       "use --nproc-per-node at most the GPU count")
+        raise CxrError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible: "
+            "use --nproc-per-node at most the GPU count"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -57,8 +59,9 @@ def init_distributed(device_name: str, timeout_s: int = 1800) -> DistContext:
     device = pick_device(device_name, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None
+        )
     return DistContext(dist.get_rank(), dist.get_world_size(), device, distributed=True)
 
 

@@ -29,9 +29,17 @@ from cxr.train.shortcut import shortcut_predictions
 log = logging.getLogger(__name__)
 
 
-def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 16, lime_audit_images: int = 0,
-             lime_samples: int = 300, seed: int = 0) -> dict[str, Any]:
-    """Metrics with bootstrap intervals, the shortcut baseline on the same images (raw films: the shortcut lives
+def evaluate(
+    run: Path,
+    data: Path,
+    out: Path | None = None,
+    batch_size: int = 16,
+    lime_audit_images: int = 0,
+    lime_samples: int = 300,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics with bootstrap intervals, the shortcut baseline on the same images (raw films: the shortcut
+    lives
     there), the paired gain, and optionally the LIME audit; writes JSON and one PNG page."""
     card, model = load_run(run)
     classes, samples = scan_image_folder(data, card.classes)
@@ -50,9 +58,14 @@ def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 1
     views = [evaluation_view(im, size, card.preprocessing) for im in loaded.images]
     predicted = predict_probs(model.net, model.adapter, views, torch.device("cpu"), batch_size).argmax(1)
     report = classification_report(loaded.labels, predicted, classes)
-    result: dict[str, Any] = {"run": str(run), "data": str(data), "scope": scope, "model": report,
-                              "preprocessing": asdict(card.preprocessing),
-                              "skipped": [{"file": f, "error": e} for f, e in loaded.skipped]}
+    result: dict[str, Any] = {
+        "run": str(run),
+        "data": str(data),
+        "scope": scope,
+        "model": report,
+        "preprocessing": asdict(card.preprocessing),
+        "skipped": [{"file": f, "error": e} for f, e in loaded.skipped],
+    }
     baseline = None
     baseline_train = _baseline_training_samples(trained_on, split, classes)
     if baseline_train:
@@ -62,23 +75,36 @@ def evaluate(run: Path, data: Path, out: Path | None = None, batch_size: int = 1
     result["intervals"] = bootstrap(loaded.labels, predicted, baseline, classes, seed=seed)
     if lime_audit_images > 0:
         picks = np.random.default_rng(seed).permutation(len(loaded.samples))[:lime_audit_images]
-        result["lime_audit"] = lime_audit(model, card, [loaded.samples[i].path for i in picks], lime_samples, seed)
+        result["lime_audit"] = lime_audit(
+            model, card, [loaded.samples[i].path for i in picks], lime_samples, seed
+        )
     out = Path(out) if out else Path(run) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(result, indent=2) + "\n")
-    plot_evaluation_page(result, classes, out.with_suffix(".png"), f"{card.arch} on {Path(data).name}: {scope}")
+    plot_evaluation_page(
+        result, classes, out.with_suffix(".png"), f"{card.arch} on {Path(data).name}: {scope}"
+    )
     log.info(format_report(report, f"{card.arch} on {data} ({scope})"))
     if baseline is not None:
         log.info("")
-        log.info(format_report(result["shortcut_baseline"], "shortcut baseline (image statistics only, same images)"))
+        log.info(
+            format_report(
+                result["shortcut_baseline"], "shortcut baseline (image statistics only, same images)"
+            )
+        )
         gain = result["intervals"]["gain_over_baseline"]
         low, high = gain["interval_points"]
-        log.info(f"\nthe network adds {gain['points']:+.1f} accuracy points over image statistics alone "
-              f"(95 % interval {low:+.1f} to {high:+.1f})")
+        log.info(
+            f"\nthe network adds {gain['points']:+.1f} accuracy points over image statistics alone "
+            f"(95 % interval {low:+.1f} to {high:+.1f})"
+        )
     if "lime_audit" in result:
         audit = result["lime_audit"]
-        log.info(f"LIME audit: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight lies outside the "
-              f"body ({audit['images']} images, {audit['samples']} samples each)")
+        log.info(
+            f"LIME audit: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight lies "
+            "outside the "
+            f"body ({audit['images']} images, {audit['samples']} samples each)"
+        )
     log.info(f"wrote {out} and {out.with_suffix('.png')}")
     return result
 
@@ -93,4 +119,3 @@ def _baseline_training_samples(
         train = set(split["train"])
         samples = [s for s in samples if s.rel in train]
     return samples
-

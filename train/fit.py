@@ -81,28 +81,37 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     train = load_images(train_samples, config.image_size, "loading train", disable=quiet, pre=steps_pre)
     val = load_images(val_samples, config.image_size, "loading val", disable=quiet, pre=steps_pre)
     if len(train.images) == 0 or len(val.images) == 0:
-        raise CxrError(f"{config.data}: no readable images left after skipping {len(train.skipped) + len(val.skipped)}")
+        raise CxrError(
+            f"{config.data}: no readable images left after skipping {len(train.skipped) + len(val.skipped)}"
+        )
     mean, std = net_mean_std(net)
     adapter = GrayToNet(mean, std).to(device)
     net.to(device)
     if device.type == "cuda":
         net.to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ctx.distributed else net
-    sampler = DistributedSampler(range(len(train.images)), num_replicas=ctx.world_size, rank=ctx.rank,
-                                 shuffle=True, seed=config.seed)
+    model = (
+        DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        if ctx.distributed
+        else net
+    )
+    sampler = DistributedSampler(
+        range(len(train.images)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
+    )
     lr = config.lr or (3e-4 if config.pretrained else 1e-3)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = config.epochs * max(1, int(np.ceil(len(sampler) / config.batch_size)))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=config.warmup,
-                                                   anneal_strategy="cos")
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=config.warmup, anneal_strategy="cos"
+    )
     weights = class_weights(train.labels, len(classes)).to(device) if config.balance == "weights" else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     augment = PaperAugment(config.image_size) if config.augment else None
     erase = CornerErase(config.erase_corners)
-    val_views = [evaluation_view(im, config.image_size, steps_pre) for im in val.images] if ctx.is_main else []
+    val_views = (
+        [evaluation_view(im, config.image_size, steps_pre) for im in val.images] if ctx.is_main else []
+    )
     if ctx.is_main:
         config.out.mkdir(parents=True, exist_ok=True)
 
@@ -113,16 +122,26 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
         sampler.set_epoch(epoch)
         order = np.fromiter(sampler, dtype=np.int64)
         if config.balance == "sampler":
-            order = balanced_order(train.labels, np.random.default_rng([config.seed, epoch]))[ctx.rank::ctx.world_size]
+            order = balanced_order(train.labels, np.random.default_rng([config.seed, epoch]))[
+                ctx.rank :: ctx.world_size
+            ]
         rng = np.random.default_rng([config.seed, epoch, ctx.rank])
         model.train()
         losses, seen, epoch_start = [], 0, time.perf_counter()
-        bar = tqdm(range(0, len(order), config.batch_size), desc=f"epoch {epoch}/{config.epochs}", unit="batch",
-                   disable=quiet)
+        bar = tqdm(
+            range(0, len(order), config.batch_size),
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            disable=quiet,
+        )
         for start in bar:
             idx = order[start : start + config.batch_size]
-            views = [view_steps(erase(augment(train.images[i], rng), rng), steps_pre) if augment
-                     else evaluation_view(train.images[i], config.image_size, steps_pre) for i in idx]
+            views = [
+                view_steps(erase(augment(train.images[i], rng), rng), steps_pre)
+                if augment
+                else evaluation_view(train.images[i], config.image_size, steps_pre)
+                for i in idx
+            ]
             pixels = to_batch(views, device)
             target = torch.from_numpy(train.labels[idx]).to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
@@ -138,34 +157,47 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
         train_seconds = time.perf_counter() - epoch_start
         if ctx.is_main:
             row, report = _validate(net, adapter, val_views, val, classes, config, device)
-            row.update(epoch=epoch, train_loss=float(np.mean(losses)),
-                       train_images_per_s=seen * ctx.world_size / train_seconds)
+            row.update(
+                epoch=epoch,
+                train_loss=float(np.mean(losses)),
+                train_images_per_s=seen * ctx.world_size / train_seconds,
+            )
             history.append(row)
-            log.info(f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
-                       f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)")
+            log.info(
+                f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
+                f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)"
+            )
             if report["macro_f1"] > best["val_macro_f1"]:
                 best = {**row, "report": report}
                 with atomic_output(config.out / MODEL_FILE) as tmp:
                     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
         if should_stop(ctx, config.patience, epoch, history, best):
             if ctx.is_main:
-                log.info(f"early stop after epoch {epoch}: no better validation macro-F1 for {config.patience} epochs")
+                log.info(
+                    f"early stop after epoch {epoch}: no better validation macro-F1 for {config.patience} "
+                    "epochs"
+                )
                 best["stopped_early_after"] = epoch
             break
         barrier(ctx)
     if not ctx.is_main:
         return None
-    return _write_run(config, classes, train, val, history, best, mean, std, time.perf_counter() - started, ctx)
+    return _write_run(
+        config, classes, train, val, history, best, mean, std, time.perf_counter() - started, ctx
+    )
 
 
 def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """An epoch of draws (with replacement) in which every class is equally likely: the sampler form of balancing."""
+    """An epoch of draws (with replacement) in which every class is equally likely: the sampler form of
+    balancing."""
     counts = np.bincount(labels)
     weights = 1.0 / counts[labels]
     return rng.choice(len(labels), size=len(labels), replace=True, p=weights / weights.sum())
 
 
-def should_stop(ctx: DistContext, patience: int, epoch: int, history: list[dict[str, Any]], best: dict[str, Any]) -> bool:
+def should_stop(
+    ctx: DistContext, patience: int, epoch: int, history: list[dict[str, Any]], best: dict[str, Any]
+) -> bool:
     """Early stopping on validation macro-F1, decided on rank 0 and shared so every rank leaves together."""
     if patience <= 0:
         return False
@@ -177,44 +209,75 @@ def should_stop(ctx: DistContext, patience: int, epoch: int, history: list[dict[
     return stop
 
 
-def _validate(net: nn.Module, adapter: GrayToNet, views: list[np.ndarray], val: LoadedImages,
-              classes: tuple[str, ...], config: FitConfig, device: torch.device) -> tuple[dict[str, Any], dict]:
+def _validate(
+    net: nn.Module,
+    adapter: GrayToNet,
+    views: list[np.ndarray],
+    val: LoadedImages,
+    classes: tuple[str, ...],
+    config: FitConfig,
+    device: torch.device,
+) -> tuple[dict[str, Any], dict]:
     """Rank 0 only, on the unwrapped module (DDP's forward would wait for the other ranks)."""
     probs = predict_probs(net, adapter, views, device, config.batch_size)
-    val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs) + 1e-12), torch.from_numpy(val.labels)))
+    val_loss = float(
+        nn.functional.nll_loss(torch.log(torch.from_numpy(probs) + 1e-12), torch.from_numpy(val.labels))
+    )
     report = classification_report(val.labels, probs.argmax(1), classes)
     row = {"val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
     return row, report
 
 
 def _write_run(
-    config: FitConfig, classes: tuple[str, ...], train: LoadedImages, val: LoadedImages,
-    history: list[dict[str, Any]], best: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...],
-    seconds: float, ctx: DistContext,
+    config: FitConfig,
+    classes: tuple[str, ...],
+    train: LoadedImages,
+    val: LoadedImages,
+    history: list[dict[str, Any]],
+    best: dict[str, Any],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    seconds: float,
+    ctx: DistContext,
 ) -> dict[str, Any]:
     out = config.out
     report = best["report"]
     split = {"train": [s.rel for s in train.samples], "val": [s.rel for s in val.samples]}
     atomic_write(out / SPLIT_FILE, json.dumps(split, indent=1) + "\n")
     skipped = train.skipped + val.skipped
-    metrics = {"best_epoch": best["epoch"], "stopped_early_after": best.get("stopped_early_after"),
-               "val": report, "history": history,
-               "skipped": [{"file": f, "error": e} for f, e in skipped]}
+    metrics = {
+        "best_epoch": best["epoch"],
+        "stopped_early_after": best.get("stopped_early_after"),
+        "val": report,
+        "history": history,
+        "skipped": [{"file": f, "error": e} for f, e in skipped],
+    }
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     plot_confusion(report["confusion"], classes, out / "confusion.png", f"validation, epoch {best['epoch']}")
     plot_curves(history, out / "curves.png")
     training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     training.update(
-        data=str(Path(config.data).resolve()), best_epoch=best["epoch"], n_train=len(train.images),
-        n_val=len(val.images), skipped=len(skipped), seconds=round(seconds, 1), device=str(ctx.device),
+        data=str(Path(config.data).resolve()),
+        best_epoch=best["epoch"],
+        n_train=len(train.images),
+        n_val=len(val.images),
+        skipped=len(skipped),
+        seconds=round(seconds, 1),
+        device=str(ctx.device),
         world_size=ctx.world_size,
         torch=torch.__version__,
     )
     card = Card(
-        classes=classes, arch=config.arch, input=InputSpec(size=config.image_size),
-        preprocessing=replace(config.suppression(), mean=mean, std=std), training=training,
-        metrics={"val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"],
-                 "val_covid_vs_rest": report.get("covid_vs_rest")},
+        classes=classes,
+        arch=config.arch,
+        input=InputSpec(size=config.image_size),
+        preprocessing=replace(config.suppression(), mean=mean, std=std),
+        training=training,
+        metrics={
+            "val_accuracy": report["accuracy"],
+            "val_macro_f1": report["macro_f1"],
+            "val_covid_vs_rest": report.get("covid_vs_rest"),
+        },
         provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "cxr-train fit"},
     )
     write_card(out, card)

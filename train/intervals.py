@@ -27,9 +27,16 @@ def _interval(values: np.ndarray) -> list[float]:
     return [round(float(low), 4), round(float(high), 4)]
 
 
-def bootstrap(y_true: Sequence[int], model: Sequence[int], baseline: Sequence[int] | None, classes: Sequence[str],
-              rounds: int = ROUNDS, seed: int = 0) -> dict[str, Any]:
-    """Percentile intervals over ``rounds`` resamples of the images (seeded: the same inputs give the same report)."""
+def bootstrap(
+    y_true: Sequence[int],
+    model: Sequence[int],
+    baseline: Sequence[int] | None,
+    classes: Sequence[str],
+    rounds: int = ROUNDS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile intervals over ``rounds`` resamples of the images (seeded: the same inputs give the same
+    report)."""
     y_true, model = np.asarray(y_true, dtype=np.int64), np.asarray(model, dtype=np.int64)
     base = None if baseline is None else np.asarray(baseline, dtype=np.int64)
     count, n = len(classes), len(y_true)
@@ -45,14 +52,23 @@ def bootstrap(y_true: Sequence[int], model: Sequence[int], baseline: Sequence[in
             base_accuracy.append(np.mean(y_true[draw] == base[draw]))
     prf_array = np.asarray(prf)
     result: dict[str, Any] = {
-        "rounds": rounds, "seed": seed, "accuracy": _interval(np.asarray(accuracy)),
+        "rounds": rounds,
+        "seed": seed,
+        "accuracy": _interval(np.asarray(accuracy)),
         "macro_f1": _interval(np.asarray(macro_f1)),
-        "per_class": {name: {metric: _interval(prf_array[:, i, j]) for j, metric in
-                             enumerate(("precision", "recall", "f1"))} for i, name in enumerate(classes)},
+        "per_class": {
+            name: {
+                metric: _interval(prf_array[:, i, j])
+                for j, metric in enumerate(("precision", "recall", "f1"))
+            }
+            for i, name in enumerate(classes)
+        },
     }
     if base is not None:
         gain = np.asarray(accuracy) - np.asarray(base_accuracy)
         result["baseline_accuracy"] = _interval(np.asarray(base_accuracy))
-        result["gain_over_baseline"] = {"points": round(100 * float(np.mean(y_true == model) - np.mean(y_true == base)), 2),
-                                        "interval_points": [round(100 * v, 2) for v in _interval(gain)]}
+        result["gain_over_baseline"] = {
+            "points": round(100 * float(np.mean(y_true == model) - np.mean(y_true == base)), 2),
+            "interval_points": [round(100 * v, 2) for v in _interval(gain)],
+        }
     return result

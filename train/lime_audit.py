@@ -2,7 +2,8 @@
 
 Runs the runtime's own LIME (``cxr.runtime.explain``) against the PyTorch model of a run, through the same
 in-graph composition the exported explainer uses (``cxr.export.graphs.Explainer``), so the audit of a run and
-the maps a bundle draws come from one method. The body is ``cxr.runtime.suppress.body_mask`` on the whole film,
+the maps a bundle draws come from one method. The body is ``cxr.runtime.suppress.body_mask`` on the whole
+film,
 taken through the card's preprocessing geometry.
 """
 
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 
 class TorchExplainer(ExplainerBackend):
-    """The explainer graph's PyTorch module behind the runtime's ExplainerBackend contract (CPU, fixed batch)."""
+    """The explainer graph's PyTorch module behind the runtime's ExplainerBackend contract (CPU, fixed
+    batch)."""
 
     name, precision, provider = "pytorch", "fp32", "torch eager"
 
@@ -34,13 +36,15 @@ class TorchExplainer(ExplainerBackend):
         self.limits = BatchLimits(max_batch=batch)
         self.feeds: dict[str, torch.Tensor] = {}
 
-    def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
         self.columns = 64 * int(np.ceil((int(segments.max()) + 1) / 64))
-        self.feeds = {"image": torch.from_numpy(np.ascontiguousarray(image[None, None])),
-                      "fill": torch.from_numpy(np.ascontiguousarray(fill[None, None])),
-                      "segments": torch.from_numpy(np.ascontiguousarray(segments, dtype=np.int32))}
+        self.feeds = {
+            "image": torch.from_numpy(np.ascontiguousarray(image[None, None])),
+            "fill": torch.from_numpy(np.ascontiguousarray(fill[None, None])),
+            "segments": torch.from_numpy(np.ascontiguousarray(segments, dtype=np.int32)),
+        }
 
-    def run(self, z: np.ndarray) -> np.ndarray:
+    def _run(self, z: np.ndarray) -> np.ndarray:
         block = self.fixed_block(z)
         with torch.no_grad():
             probs = self.module(**self.feeds, z=torch.from_numpy(block))
@@ -53,12 +57,17 @@ def outside_share(weights: dict[int, float], segments: np.ndarray, body: np.ndar
     total = sum(positive.values())
     if total <= 0:
         return None
-    outside = sum(w * float(np.mean(~body[segments == k])) for k, w in positive.items() if (segments == k).any())
+    outside = sum(
+        w * float(np.mean(~body[segments == k])) for k, w in positive.items() if (segments == k).any()
+    )
     return outside / total
 
 
-def lime_audit(model: Classifier, card: Card, paths: list[Path], samples: int = 300, seed: int = 0) -> dict[str, Any]:
-    """Mean share of positive LIME weight outside the body over ``paths`` (films with no body found are skipped)."""
+def lime_audit(
+    model: Classifier, card: Card, paths: list[Path], samples: int = 300, seed: int = 0
+) -> dict[str, Any]:
+    """Mean share of positive LIME weight outside the body over ``paths`` (films with no body found are
+    skipped)."""
     explainer = TorchExplainer(model)
     shares, skipped = [], 0
     config = ExplainConfig(samples=samples, seed=seed)
@@ -79,6 +88,10 @@ def lime_audit(model: Classifier, card: Card, paths: list[Path], samples: int = 
             shares.append(share)
     if not shares:
         raise CxrError("LIME audit: no image had a body region and a positive explanation")
-    return {"images": len(shares), "skipped": skipped, "samples": samples,
-            "positive_weight_outside_body": round(float(np.mean(shares)), 4),
-            "per_image": [round(s, 4) for s in shares]}
+    return {
+        "images": len(shares),
+        "skipped": skipped,
+        "samples": samples,
+        "positive_weight_outside_body": round(float(np.mean(shares)), 4),
+        "per_image": [round(s, 4) for s in shares],
+    }

@@ -12,7 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from cxr.runtime.safe_io import atomic_output
 
 
-def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "") -> None:
+def plot_confusion(
+    confusion: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = ""
+) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4.8))
     image = ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=35, ha="right")
@@ -22,7 +24,9 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     peak = max(max(row) for row in confusion) or 1
     for i, row in enumerate(confusion):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+            ax.text(
+                j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black"
+            )
     ax.set_title(title or "confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -50,7 +54,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def plot_evaluation_page(result: dict[str, Any], classes: Sequence[str], path: Path, title: str) -> None:
-    """One page a clinician can read: per-class recall/precision with 95 % intervals next to the shortcut baseline,
+    """One page a clinician can read: per-class recall/precision with 95 % intervals next to the shortcut
+    baseline,
     accuracy and the gain with its interval, the confusion matrix, and the LIME audit when it ran."""
     model, base, intervals = result["model"], result.get("shortcut_baseline"), result["intervals"]
     fig = plt.figure(figsize=(11, 8.5))
@@ -60,11 +65,23 @@ def plot_evaluation_page(result: dict[str, Any], classes: Sequence[str], path: P
         values = [model["per_class"][c][metric] for c in classes]
         low = [values[i] - intervals["per_class"][c][metric][0] for i, c in enumerate(classes)]
         high = [intervals["per_class"][c][metric][1] - values[i] for i, c in enumerate(classes)]
-        ax.bar([i - 0.2 for i in range(len(classes))], values, 0.4, yerr=[low, high], capsize=3, label="model",
-               color="#2b6cb0")
+        ax.bar(
+            [i - 0.2 for i in range(len(classes))],
+            values,
+            0.4,
+            yerr=[low, high],
+            capsize=3,
+            label="model",
+            color="#2b6cb0",
+        )
         if base:
-            ax.bar([i + 0.2 for i in range(len(classes))], [base["per_class"][c][metric] for c in classes], 0.4,
-                   label="shortcut baseline", color="#bbbbbb")
+            ax.bar(
+                [i + 0.2 for i in range(len(classes))],
+                [base["per_class"][c][metric] for c in classes],
+                0.4,
+                label="shortcut baseline",
+                color="#bbbbbb",
+            )
         ax.set_xticks(range(len(classes)), [c.replace("pneumonia_", "pneum. ") for c in classes], rotation=20)
         ax.set_ylim(0, 1.05)
         ax.set_title(f"{metric} per class (95 % bootstrap interval)")
@@ -76,30 +93,42 @@ def plot_evaluation_page(result: dict[str, Any], classes: Sequence[str], path: P
     peak = max(max(row) for row in model["confusion"]) or 1
     for i, row in enumerate(model["confusion"]):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+            ax.text(
+                j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black"
+            )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (model)")
     ax = fig.add_subplot(grid[1, 1])
     ax.axis("off")
     acc = intervals["accuracy"]
-    lines = [f"images: {model['n']}   ({result['scope']})",
-             f"model accuracy {model['accuracy']:.3f}  [{acc[0]:.3f}, {acc[1]:.3f}]",
-             f"model macro-F1 {model['macro_f1']:.3f}"]
+    lines = [
+        f"images: {model['n']}   ({result['scope']})",
+        f"model accuracy {model['accuracy']:.3f}  [{acc[0]:.3f}, {acc[1]:.3f}]",
+        f"model macro-F1 {model['macro_f1']:.3f}",
+    ]
     if base:
         gain = intervals["gain_over_baseline"]
-        lines += [f"shortcut baseline accuracy {base['accuracy']:.3f}",
-                  f"gain over the baseline: {gain['points']:+.1f} points",
-                  f"   95 % interval [{gain['interval_points'][0]:+.1f}, {gain['interval_points'][1]:+.1f}]",
-                  "   " + ("the network beats image statistics" if gain["interval_points"][0] > 0
-                           else "NOT shown to beat image statistics alone")]
+        lines += [
+            f"shortcut baseline accuracy {base['accuracy']:.3f}",
+            f"gain over the baseline: {gain['points']:+.1f} points",
+            f"   95 % interval [{gain['interval_points'][0]:+.1f}, {gain['interval_points'][1]:+.1f}]",
+            "   "
+            + (
+                "the network beats image statistics"
+                if gain["interval_points"][0] > 0
+                else "NOT shown to beat image statistics alone"
+            ),
+        ]
     if "covid_vs_rest" in model:
         covid = model["covid_vs_rest"]
         lines.append(f"COVID-19 vs rest: recall {covid['recall']:.3f}, precision {covid['precision']:.3f}")
     if "lime_audit" in result:
         audit = result["lime_audit"]
-        lines.append(f"LIME: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight outside the body "
-                     f"({audit['images']} images)")
+        lines.append(
+            f"LIME: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight outside the body "
+            f"({audit['images']} images)"
+        )
     ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=10)
     fig.suptitle(title)
     fig.tight_layout()

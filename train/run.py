@@ -1,4 +1,5 @@
-"""A training run folder: ``model.pt`` (state dict only), ``card.json``, metrics, split. Build and load models."""
+"""A training run folder: ``model.pt`` (state dict only), ``card.json``, metrics, split. Build and load
+models."""
 
 from __future__ import annotations
 
@@ -61,7 +62,9 @@ def check_image_size(net: nn.Module, size: int, arch: str) -> None:
         with torch.no_grad():
             net(torch.zeros(1, 3, size, size))
     except RuntimeError as exc:
-        raise CxrUsageError(f"--image-size {size} is too small for {arch}: {str(exc).splitlines()[0][:160]}") from None
+        raise CxrUsageError(
+            f"--image-size {size} is too small for {arch}: {str(exc).splitlines()[0][:160]}"
+        ) from None
     finally:
         net.train(was_training)
 
@@ -74,7 +77,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CxrError(
-            f"{path}: not a plain state dict (refusing to unpickle arbitrary objects): {str(exc).splitlines()[0][:160]}"
+            f"{path}: not a plain state dict (refusing to unpickle arbitrary objects): "
+            f"{str(exc).splitlines()[0][:160]}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrError(f"{path}: not a state dict of tensors")
@@ -90,7 +94,9 @@ def load_run(run: Path) -> tuple[Card, Classifier]:
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
-        raise CxrError(f"{run / MODEL_FILE}: weights do not fit {card.arch}: {str(exc).splitlines()[0][:160]}") from None
+        raise CxrError(
+            f"{run / MODEL_FILE}: weights do not fit {card.arch}: {str(exc).splitlines()[0][:160]}"
+        ) from None
     model = Classifier(GrayToNet(card.preprocessing.mean, card.preprocessing.std), net)
     return card, model.eval()
 

@@ -20,8 +20,21 @@ def shortcut_features(loaded: LoadedImages) -> np.ndarray:
     for image, (height, width) in zip(loaded.images, loaded.original_shapes):
         thumb = cv2.resize(image, (8, 8), interpolation=cv2.INTER_AREA).astype(np.float32).ravel() / 255.0
         stats = np.percentile(image, [1, 5, 25, 50, 75, 95, 99]) / 255.0
-        rows.append(np.concatenate([[width / height, np.log(height), np.log(width),
-                                     image.mean() / 255.0, image.std() / 255.0], stats, thumb]))
+        rows.append(
+            np.concatenate(
+                [
+                    [
+                        width / height,
+                        np.log(height),
+                        np.log(width),
+                        image.mean() / 255.0,
+                        image.std() / 255.0,
+                    ],
+                    stats,
+                    thumb,
+                ]
+            )
+        )
     return np.asarray(rows, dtype=np.float32)
 
 
@@ -34,5 +47,7 @@ def shortcut_predictions(train: LoadedImages, test: LoadedImages, seed: int = 0)
     return model.predict(shortcut_features(test))
 
 
-def shortcut_baseline(train: LoadedImages, test: LoadedImages, classes: tuple[str, ...], seed: int = 0) -> dict[str, Any]:
+def shortcut_baseline(
+    train: LoadedImages, test: LoadedImages, classes: tuple[str, ...], seed: int = 0
+) -> dict[str, Any]:
     return classification_report(test.labels, shortcut_predictions(train, test, seed), classes)

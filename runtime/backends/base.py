@@ -6,11 +6,16 @@ graphs), so the helpers here keep shapes fixed: a short batch is padded and the 
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+# The graphs' tensor names: the runtime binds them, the exporter (cxr.export.graphs) writes them.
+IMAGE, FILL, SEGMENTS, Z, PROBS = "image", "fill", "segments", "z", "probs"
+CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS = (IMAGE,), (PROBS,)
+EXPLAINER_INPUTS, EXPLAINER_OUTPUTS = (IMAGE, FILL, SEGMENTS, Z), (PROBS,)
 Z_COLUMNS = 64  # explainer rows are padded to a multiple of this many segment columns (~50 SLIC segments fit)
 
 
@@ -55,32 +60,78 @@ def pad_z(z: np.ndarray, rows: int, columns: int) -> np.ndarray:
 def image_feeds(image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarray]:
     """The per-image explainer inputs as every explainer graph takes them: 1x1xHxW uint8 twice, HxW int32."""
     size = image.shape[-2:]
-    return {"image": np.ascontiguousarray(image.reshape(1, 1, *size), dtype=np.uint8),
-            "fill": np.ascontiguousarray(fill.reshape(1, 1, *size), dtype=np.uint8),
-            "segments": np.ascontiguousarray(segments, dtype=np.int32)}
+    return {
+        IMAGE: np.ascontiguousarray(image.reshape(1, 1, *size), dtype=np.uint8),
+        FILL: np.ascontiguousarray(fill.reshape(1, 1, *size), dtype=np.uint8),
+        SEGMENTS: np.ascontiguousarray(segments, dtype=np.int32),
+    }
 
 
-class Backend(ABC):
-    """Classifier: ``run(N x 1 x S x S uint8) -> N x classes float32``. Use as a context manager."""
+CONTRACT_FIELDS = ("name", "precision", "device", "provider", "metadata", "limits")
+
+
+class _SealedAfterInit(ABCMeta):
+    """Seals a backend when its ``__init__`` returns: what it said it is (name, precision, limits ...) stays
+    so."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        instance = super().__call__(*args, **kwargs)
+        object.__setattr__(instance, "_sealed", True)
+        return instance
+
+
+class _Contract(metaclass=_SealedAfterInit):
+    """What every classifier and explainer backend tells its users, fixed once it is open; a context
+    manager."""
 
     name: str = ""
     precision: str = ""
     device: str = "cpu"  # where it runs: cpu, cuda, server (shown in reports)
     provider: str = ""  # what runs it there, e.g. CUDAExecutionProvider, TensorRT 10.13
-    metadata: dict[str, str] = {}  # the graph's cxr.* metadata (classes, input, preprocessing), where it has one
+    metadata: dict[
+        str, str
+    ] = {}  # the graph's cxr.* metadata (classes, input, preprocessing), where it has one
     limits: BatchLimits = BatchLimits()
 
-    @abstractmethod
-    def run(self, batch: np.ndarray) -> np.ndarray: ...
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in CONTRACT_FIELDS and getattr(self, "_sealed", False):
+            raise AttributeError(f"{type(self).__name__}.{key} is fixed once the backend is open")
+        super().__setattr__(key, value)
 
     def close(self) -> None:  # noqa: B027  (optional hook)
         pass
 
-    def __enter__(self) -> Backend:
+    def __enter__(self) -> Any:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_uint8(value: Any, what: str, ndim: int) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype != np.uint8 or value.ndim != ndim:
+        got = (
+            f"{value.dtype} with {value.ndim} dims" if isinstance(value, np.ndarray) else type(value).__name__
+        )
+        raise ValueError(f"{what} must be a uint8 array with {ndim} dims, got {got}")
+    return value
+
+
+class Backend(_Contract):
+    """Classifier: ``run(N x 1 x S x S uint8) -> N x classes float32``, N within ``limits``; checked here once
+    for
+    every backend, which implements ``_run``."""
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        _check_uint8(batch, "a classifier batch", 4)
+        if batch.shape[1] != 1 or batch.shape[2] != batch.shape[3]:
+            raise ValueError(f"a classifier batch is N x 1 x S x S, got {batch.shape}")
+        if not 1 <= len(batch) <= self.limits.max_batch:
+            raise ValueError(f"{len(batch)} images exceed this backend's batch of 1..{self.limits.max_batch}")
+        return self._run(batch)
+
+    @abstractmethod
+    def _run(self, batch: np.ndarray) -> np.ndarray: ...
 
     def run_chunked(self, batch: np.ndarray) -> np.ndarray:
         """Split a batch to fit the backend's limits."""
@@ -88,53 +139,61 @@ class Backend(ABC):
         return np.concatenate([self.run(batch[i : i + step]) for i in range(0, len(batch), step)])
 
 
-class ExplainerBackend(ABC):
+class ExplainerBackend(_Contract):
     """LIME: ``set_image`` sends image, fill and segment map once; ``run(z)`` sends only on/off rows.
 
-    ``run`` takes at most ``limits.max_batch`` rows and always executes that fixed batch (padded).
+    ``run`` takes at most ``limits.max_batch`` rows and always executes that fixed batch (padded). Inputs are
+    checked here for every backend, which implements ``_set_image`` and ``_run``.
     """
 
-    name: str = ""
-    precision: str = ""
-    device: str = "cpu"
-    provider: str = ""
-    metadata: dict[str, str] = {}
-    limits: BatchLimits = BatchLimits()
     bytes_sent: int = 0
     columns: int = 0  # width of the padded on/off rows for the current image (0: set_image not called yet)
+    segment_count: int = 0
 
-    @abstractmethod
-    def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None: ...
+    def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
+        _check_uint8(image, "the image", 2)
+        _check_uint8(fill, "the fill image", 2)
+        if fill.shape != image.shape or getattr(segments, "shape", None) != image.shape:
+            raise ValueError(
+                f"image, fill and segments must share one H x W, got {image.shape}, {fill.shape}, "
+                f"{getattr(segments, 'shape', None)}"
+            )
+        if not np.issubdtype(segments.dtype, np.integer) or segments.min() < 0:
+            raise ValueError("segments must be non-negative integer labels")
+        self.segment_count = int(segments.max()) + 1
+        self._set_image(image, fill, segments)
 
-    @abstractmethod
-    def run(self, z: np.ndarray) -> np.ndarray: ...
-
-    def fixed_block(self, z: np.ndarray) -> np.ndarray:
-        """``z`` as the one fixed ``max_batch x columns`` block every call runs (counted in ``bytes_sent``)."""
+    def run(self, z: np.ndarray) -> np.ndarray:
+        _check_uint8(z, "on/off rows z", 2)
         if not self.columns:
             raise RuntimeError("set_image() must come before run()")
-        if len(z) > self.limits.max_batch:
-            raise ValueError(f"{len(z)} rows exceed the explainer batch {self.limits.max_batch}")
+        if not 1 <= len(z) <= self.limits.max_batch or z.shape[1] > self.columns:
+            raise ValueError(f"z of shape {z.shape} does not fit 1..{self.limits.max_batch} x {self.columns}")
+        return self._run(z)
+
+    @abstractmethod
+    def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _run(self, z: np.ndarray) -> np.ndarray: ...
+
+    def fixed_block(self, z: np.ndarray) -> np.ndarray:
+        """``z`` as the one fixed ``max_batch x columns`` block every call runs (counted in
+        ``bytes_sent``)."""
         block = pad_z(np.asarray(z, dtype=np.uint8), self.limits.max_batch, self.columns)
         self.bytes_sent += block.nbytes
         return block
 
     def warm_up(self, size: int, runs: int = 1) -> None:
-        """Full padded batches on a blank image, so per-shape tuning happens at open, not on the first patient."""
+        """Full padded batches on a blank image, so per-shape tuning happens at open, not on the first
+        patient."""
         blank = np.zeros((size, size), dtype=np.uint8)
-        segments = (np.arange(size * size, dtype=np.int32).reshape(size, size) * 16 // (size * size)).astype(np.int32)
+        segments = (np.arange(size * size, dtype=np.int32).reshape(size, size) * 16 // (size * size)).astype(
+            np.int32
+        )
         self.set_image(blank, blank, segments)
         for _ in range(runs):
             probs = self.run(np.ones((1, 16), dtype=np.uint8))
         if not np.all(np.isfinite(probs)):
             raise RuntimeError("the explainer returned non-finite probabilities on a blank image")
         self.bytes_sent = 0
-
-    def close(self) -> None:  # noqa: B027
-        pass
-
-    def __enter__(self) -> ExplainerBackend:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -16,9 +16,12 @@ from typing import Any
 
 import numpy as np
 from cxr.runtime.backends.base import (
+    EXPLAINER_INPUTS,
+    PROBS,
     Backend,
     BatchLimits,
     ExplainerBackend,
+    Z,
     bucket,
     image_feeds,
     pad_rows,
@@ -32,13 +35,16 @@ TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", 
 PREFERRED_PROVIDERS = (TRT_EP, CUDA_EP, CPU_EP)
 NVINFER_LIBRARIES = ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so")
 GPU_EXPLAIN_BATCH, CPU_EXPLAIN_BATCH = 256, 32  # H200 fp16: 0.338 s per explanation at 256, 0.354 s at 128
-CUDA_FIX = ("the CUDA EP could not start (cuDNN/cuBLAS/CUDA runtime not found); running on the CPU. Fix: "
-            "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the nvidia-*/lib folders on LD_LIBRARY_PATH")
+CUDA_FIX = (
+    "the CUDA EP could not start (cuDNN/cuBLAS/CUDA runtime not found); running on the CPU. Fix: "
+    "pip install 'onnxruntime-gpu[cuda,cudnn]', or put the nvidia-*/lib folders on LD_LIBRARY_PATH"
+)
 
 
 @functools.cache
 def tensorrt_ep_loads() -> bool:
-    """onnxruntime-gpu lists its TensorRT EP even where TensorRT is absent; it can only run where libnvinfer loads."""
+    """onnxruntime-gpu lists its TensorRT EP even where TensorRT is absent; it can only run where libnvinfer
+    loads."""
     for name in NVINFER_LIBRARIES:
         try:
             ctypes.CDLL(name)
@@ -49,7 +55,8 @@ def tensorrt_ep_loads() -> bool:
 
 
 def available_providers() -> list[str]:
-    """The providers this install can actually use, best first (the TensorRT EP only where libnvinfer loads)."""
+    """The providers this install can actually use, best first (the TensorRT EP only where libnvinfer
+    loads)."""
     import onnxruntime as ort
 
     present = set(ort.get_available_providers())
@@ -66,7 +73,8 @@ def gpu_providers() -> list[str]:
 class CudaOptions:
     """How the CUDA EP runs a graph. Exhaustive cuDNN search is always on (paid once per fixed shape).
 
-    tf32: TF32 tensor cores for fp32 (off for parity: ~1e-3 |dprob| otherwise); cuda_graph: replay one captured
+    tf32: TF32 tensor cores for fp32 (off for parity: ~1e-3 |dprob| otherwise); cuda_graph: replay one
+    captured
     graph; nhwc: ORT's channels-last convolutions. NHWC is off: on an H200 the dpn92_se explainer ran 0.412 s
     (fp16) and 0.498 s (fp32) per explanation with it, 0.338 s and 0.425 s without (explain_variants.json).
     """
@@ -76,31 +84,46 @@ class CudaOptions:
     cuda_graph: bool = False
 
     def provider_options(self) -> dict[str, str]:
-        options = {"cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": str(int(self.tf32)),
-                   "prefer_nhwc": str(int(self.nhwc))}
+        options = {
+            "cudnn_conv_algo_search": "EXHAUSTIVE",
+            "use_tf32": str(int(self.tf32)),
+            "prefer_nhwc": str(int(self.nhwc)),
+        }
         if self.cuda_graph:
             options["enable_cuda_graph"] = "1"
         return options
 
 
-def _create(path: Path, providers: list[str], threads: int, cuda: CudaOptions, data: bytes | None = None) -> Any:
+def _create(
+    path: Path, providers: list[str], threads: int, cuda: CudaOptions, data: bytes | None = None
+) -> Any:
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(4)  # cuDNN's "no execution plan" lines while it searches: noise, not errors
+    ort.set_default_logger_severity(
+        4
+    )  # cuDNN's "no execution plan" lines while it searches: noise, not errors
     options = ort.SessionOptions()
     options.log_severity_level = 4  # ORT's multi-line EP errors; what matters is reported in one line below
     if threads:
         options.intra_op_num_threads = threads
     chosen = [(p, cuda.provider_options() if p == CUDA_EP else {}) for p in providers]
     # enable_fallback=0: no silent retry on the CPU behind an "EP Error" block; failures are ours to handle
-    return ort.InferenceSession(str(path) if data is None else data, options, providers=chosen, enable_fallback=0)
+    return ort.InferenceSession(
+        str(path) if data is None else data, options, providers=chosen, enable_fallback=0
+    )
 
 
-def open_session(path: Path, providers: list[str] | None = None, threads: int = 0,
-                 cuda: CudaOptions = CudaOptions(), data: bytes | None = None) -> tuple[Any, CudaOptions]:
+def open_session(
+    path: Path,
+    providers: list[str] | None = None,
+    threads: int = 0,
+    cuda: CudaOptions = CudaOptions(),
+    data: bytes | None = None,
+) -> tuple[Any, CudaOptions]:
     """An InferenceSession on the best usable providers, and the CUDA options it really got. If the CUDA EP
     refuses NHWC or a CUDA graph for this graph, it is opened again without them; a CUDA EP that cannot start
-    at all is one warning line. ``data``: the graph's verified bytes (then ``path`` only names it); a graph that
+    at all is one warning line. ``data``: the graph's verified bytes (then ``path`` only names it); a graph
+    that
     needs external data files cannot load from bytes, which is how such graphs are refused."""
     wanted = providers or available_providers()
     try:
@@ -108,7 +131,9 @@ def open_session(path: Path, providers: list[str] | None = None, threads: int = 
     except Exception as exc:
         plain = CudaOptions(tf32=cuda.tf32, nhwc=False, cuda_graph=False)
         if CUDA_EP not in wanted or cuda == plain:
-            external = " (graphs with external data files are refused)" if "external" in str(exc).lower() else ""
+            external = (
+                " (graphs with external data files are refused)" if "external" in str(exc).lower() else ""
+            )
             raise CxrError(f"{path}: ONNX Runtime cannot load it{external}: {one_line(exc, 200)}") from None
         log.info("%s: CUDA EP refused %s (%s); opening it without", path.name, cuda, one_line(exc))
         return open_session(path, wanted, threads, plain, data)
@@ -124,12 +149,20 @@ def session_device(session: Any) -> tuple[str, str]:
 
 
 class OrtBackend(Backend):
-    """Classifier. On a GPU a short batch is padded to a power-of-two bucket, so only a few shapes are searched."""
+    """Classifier. On a GPU a short batch is padded to a power-of-two bucket, so only a few shapes are
+    searched."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, precision: str, providers: list[str] | None = None, max_batch: int = 64,
-                 cuda: CudaOptions = CudaOptions(), data: bytes | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        precision: str,
+        providers: list[str] | None = None,
+        max_batch: int = 64,
+        cuda: CudaOptions = CudaOptions(),
+        data: bytes | None = None,
+    ) -> None:
         self.session, self.cuda = open_session(path, providers, cuda=cuda, data=data)
         self.precision = precision
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
@@ -138,7 +171,7 @@ class OrtBackend(Backend):
         self.input_name = self.session.get_inputs()[0].name
         self.limits = BatchLimits(1, max_batch)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         count = len(batch)
         if self.device != "cpu":
@@ -147,7 +180,8 @@ class OrtBackend(Backend):
 
 
 class OrtExplainer(ExplainerBackend):
-    """LIME batches at one fixed shape: ``batch x 64k`` rows, image/fill/segments bound on the device once per image.
+    """LIME batches at one fixed shape: ``batch x 64k`` rows, image/fill/segments bound on the device once per
+    image.
 
     Inputs and the output are OrtValues on the session's device, updated in place, so the bindings (and a
     CUDA graph, where ORT could capture one) stay valid from batch to batch.
@@ -155,8 +189,15 @@ class OrtExplainer(ExplainerBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, precision: str, providers: list[str] | None = None, max_batch: int | None = None,
-                 cuda: CudaOptions = CudaOptions(cuda_graph=True), data: bytes | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        precision: str,
+        providers: list[str] | None = None,
+        max_batch: int | None = None,
+        cuda: CudaOptions = CudaOptions(cuda_graph=True),
+        data: bytes | None = None,
+    ) -> None:
         self.path = path
         self.data = data
         self.precision = precision
@@ -172,17 +213,22 @@ class OrtExplainer(ExplainerBackend):
         self._binding: Any = None
 
     def _value(self, name: str, array: np.ndarray) -> Any:
-        """Copy ``array`` into the named device buffer, (re)allocating and binding it only when its shape changes."""
+        """Copy ``array`` into the named device buffer, (re)allocating and binding it only when its shape
+        changes."""
         import onnxruntime as ort
 
         value = self._values.get(name)
         if value is not None and tuple(value.shape()) == array.shape:
             value.update_inplace(array)
             return value
-        if value is not None and self.cuda_graph:  # a captured graph replays fixed addresses: drop it, keep going
+        if (
+            value is not None and self.cuda_graph
+        ):  # a captured graph replays fixed addresses: drop it, keep going
             self._drop_graph(f"input {name} changed shape {tuple(value.shape())} -> {array.shape}")
         device = "cuda" if self.device == "cuda" else "cpu"
-        value = ort.OrtValue.ortvalue_from_numpy(array.copy(), device, 0)  # on CPU it wraps (never alias callers)
+        value = ort.OrtValue.ortvalue_from_numpy(
+            array.copy(), device, 0
+        )  # on CPU it wraps (never alias callers)
         self._values[name] = value
         self._binding = None
         return value
@@ -198,34 +244,37 @@ class OrtExplainer(ExplainerBackend):
         if not isinstance(classes, int):
             raise CxrError(f"{self.path}: the explainer's output width is not fixed")
         device = "cuda" if self.device == "cuda" else "cpu"
-        self._values["probs"] = ort.OrtValue.ortvalue_from_shape_and_type((batch, classes), np.float32, device, 0)
+        self._values[PROBS] = ort.OrtValue.ortvalue_from_shape_and_type(
+            (batch, classes), np.float32, device, 0
+        )
         binding = self.session.io_binding()
-        for name in ("image", "fill", "segments", "z"):
+        for name in EXPLAINER_INPUTS:
             binding.bind_ortvalue_input(name, self._values[name])
-        binding.bind_ortvalue_output("probs", self._values["probs"])
+        binding.bind_ortvalue_output(PROBS, self._values[PROBS])
         self._binding = binding
 
-    def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
         feeds = image_feeds(image, fill, segments)
         for name, array in feeds.items():
             self._value(name, array)
         self.columns = z_columns(int(segments.max()) + 1)
         self.bytes_sent += sum(v.nbytes for v in feeds.values())
 
-    def run(self, z: np.ndarray) -> np.ndarray:
-        self._value("z", self.fixed_block(z))
+    def _run(self, z: np.ndarray) -> np.ndarray:
+        self._value(Z, self.fixed_block(z))
         self._bind()
         self.session.run_with_iobinding(self._binding)
         self._binding.synchronize_outputs()
-        return self._values["probs"].numpy()[: len(z)].copy()  # on CPU numpy() is a view of the reused buffer
+        return self._values[PROBS].numpy()[: len(z)].copy()  # on CPU numpy() is a view of the reused buffer
 
     def _drop_graph(self, why: str) -> None:
         """Reopen the session without a CUDA graph (its buffers are rebound on the next run)."""
         log.info("%s: CUDA graph off (%s)", self.path.name, why)
-        self.session, self.cuda = open_session(self.path, self.providers, cuda=replace(self.cuda, cuda_graph=False),
-                                               data=self.data)
+        self.session, self.cuda = open_session(
+            self.path, self.providers, cuda=replace(self.cuda, cuda_graph=False), data=self.data
+        )
         self.cuda_graph = False
-        self._values = {k: v for k, v in self._values.items() if k != "probs"}
+        self._values = {k: v for k, v in self._values.items() if k != PROBS}
         self._binding = None
 
     def warm_up(self, size: int, runs: int = 1) -> None:

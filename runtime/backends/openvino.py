@@ -17,6 +17,7 @@ from cxr.runtime.backends.base import (
     Backend,
     BatchLimits,
     ExplainerBackend,
+    Z,
     bucket,
     image_feeds,
     pad_rows,
@@ -61,8 +62,9 @@ class _Compiled:
             try:
                 compiled = self.core.compile_model(model, DEVICE)
             except Exception as exc:
-                raise CxrError(f"{self.path}: OpenVINO cannot compile it for {shapes}: "
-                               f"{one_line(exc, 160)}") from None
+                raise CxrError(
+                    f"{self.path}: OpenVINO cannot compile it for {shapes}: {one_line(exc, 160)}"
+                ) from None
             self._requests[key] = compiled.create_infer_request()
         return self._requests[key]
 
@@ -85,19 +87,22 @@ class OvBackend(Backend):
         self.input_name = self.graph.model.inputs[0].get_any_name()
         self.limits = BatchLimits(1, max_batch)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         count = len(batch)
         return self.graph.run({self.input_name: pad_rows(batch, bucket(count, self.limits))})[:count]
 
 
 class OvExplainer(ExplainerBackend):
-    """LIME batches at one fixed shape (``batch x 64k`` on/off rows); image, fill and segments kept per image."""
+    """LIME batches at one fixed shape (``batch x 64k`` on/off rows); image, fill and segments kept per
+    image."""
 
     name = "openvino"
     device = "cpu"
 
-    def __init__(self, path: Path, precision: str, data: bytes | None = None, max_batch: int = EXPLAIN_BATCH) -> None:
+    def __init__(
+        self, path: Path, precision: str, data: bytes | None = None, max_batch: int = EXPLAIN_BATCH
+    ) -> None:
         self.graph = _Compiled(path, data)
         self.precision = precision
         self.provider = f"OpenVINO {self.graph.ov.__version__.split('-')[0]} {DEVICE}"
@@ -106,10 +111,10 @@ class OvExplainer(ExplainerBackend):
         self.bytes_sent = 0
         self._feeds: dict[str, np.ndarray] = {}
 
-    def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
         self._feeds = image_feeds(image, fill, segments)
         self.columns = z_columns(int(segments.max()) + 1)
         self.bytes_sent += sum(v.nbytes for v in self._feeds.values())
 
-    def run(self, z: np.ndarray) -> np.ndarray:
-        return self.graph.run({**self._feeds, "z": self.fixed_block(z)})[: len(z)]
+    def _run(self, z: np.ndarray) -> np.ndarray:
+        return self.graph.run({**self._feeds, Z: self.fixed_block(z)})[: len(z)]

@@ -1,4 +1,5 @@
-"""``--backend auto``: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO -> ONNX Runtime CPU, each chosen only after
+"""``--backend auto``: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO -> ONNX Runtime CPU, each chosen only
+after
 it ran.
 
 Every candidate must answer a one-image probe before it is used; what was tried and why it was skipped is
@@ -44,8 +45,9 @@ class Openers:
     openvino: Callable[[Path, bytes], Opened]
 
 
-def _candidates(bundle: Bundle, backend: str, precision: str, graph: str, open_: Openers
-                ) -> tuple[list[tuple[str, Callable[[], Opened]]], list[str]]:
+def _candidates(
+    bundle: Bundle, backend: str, precision: str, graph: str, open_: Openers
+) -> tuple[list[tuple[str, Callable[[], Opened]]], list[str]]:
     """(name, opener) pairs to try in order, and the reasons others were not even tried.
 
     auto: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO (CPU) -> ONNX Runtime CPU."""
@@ -67,18 +69,26 @@ def _candidates(bundle: Bundle, backend: str, precision: str, graph: str, open_:
         else:
             found.append(("tensorrt", lambda: open_.tensorrt(engine, bundle.verified_bytes(engine.name))))
         if backend == "tensorrt" and not found:
-            hint = (f"; build it on this machine: 'cxr-export build-engine {bundle.folder} --precision {precision}'"
-                    if engine is None else "")
+            hint = (
+                f"; build it on this machine: 'cxr-export build-engine {bundle.folder} --precision "
+                f"{precision}'"
+                if engine is None
+                else ""
+            )
             raise CxrError(f"--backend {skipped[0]}{hint}")
     if backend == "tensorrt":
         return found, skipped
-    path = bundle.onnx_path(graph, precision)  # checks it is there and listed; loaded below from verified bytes
+    path = bundle.onnx_path(
+        graph, precision
+    )  # checks it is there and listed; loaded below from verified bytes
     data = lambda: bundle.verified_bytes(path.name)  # noqa: E731  (read when, and each time, a candidate opens)
     if backend == "onnxruntime":
         found.append(("onnxruntime", lambda: open_.onnxruntime(path, data(), None)))
         return found, skipped
     if backend == "auto" and gpu_providers():
-        found.append(("onnxruntime-cuda", lambda: _on_gpu(open_.onnxruntime(path, data(), gpu_providers() + [CPU_EP]))))
+        found.append(
+            ("onnxruntime-cuda", lambda: _on_gpu(open_.onnxruntime(path, data(), gpu_providers() + [CPU_EP])))
+        )
     if openvino_available():
         found.append(("openvino", lambda: open_.openvino(path, data())))
     elif backend == "openvino":
@@ -98,9 +108,11 @@ def _on_gpu(opened: Opened) -> Opened:
     return opened
 
 
-def _first_that_runs(candidates: list[tuple[str, Callable[[], Opened]]], skipped: list[str],
-                     probe: Callable[[Opened], None]) -> tuple[Opened, str]:
-    """Open and probe each candidate in turn; the first that answers wins. A single candidate's failure is fatal."""
+def _first_that_runs(
+    candidates: list[tuple[str, Callable[[], Opened]]], skipped: list[str], probe: Callable[[Opened], None]
+) -> tuple[Opened, str]:
+    """Open and probe each candidate in turn; the first that answers wins. A single candidate's failure is
+    fatal."""
     for index, (name, opener) in enumerate(candidates):
         opened = None
         try:
@@ -121,7 +133,8 @@ def _first_that_runs(candidates: list[tuple[str, Callable[[], Opened]]], skipped
 
 
 def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
-    """The card's classes, input and preprocessing must be the ones the graph was exported with: an edited card
+    """The card's classes, input and preprocessing must be the ones the graph was exported with: an edited
+    card
     (classes reordered or renamed) would pass every hash check and mislabel every image."""
     mismatch = metadata_mismatch(card, backend.metadata)
     if mismatch:
@@ -129,15 +142,19 @@ def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
 
 
 def check_validated(bundle: Bundle, backend: Backend, allow_unvalidated: bool) -> str | None:
-    """Refuse a graph or engine that failed parity or never ran it, unless allowed; returns the warning to show
+    """Refuse a graph or engine that failed parity or never ran it, unless allowed; returns the warning to
+    show
     when allowed. (The fp32 ONNX graph counts as validated: export compares it with PyTorch.)"""
     engine = backend.name == "tensorrt"
     state = parity_state(bundle.card, backend.precision, engine)
     if state == "passed" or backend.name not in ("tensorrt", "onnxruntime", "openvino"):
         return None
     what = f"the {backend.precision} {'engine' if engine else 'graph'}"
-    line = (f"{what} {'FAILED parity' if state == 'failed' else 'has never run parity'} against the PyTorch model "
-            f"(run 'cxr-export parity {bundle.folder} DATA')")
+    line = (
+        f"{what} {'FAILED parity' if state == 'failed' else 'has never run parity'} against the PyTorch "
+        "model "
+        f"(run 'cxr-export parity {bundle.folder} DATA')"
+    )
     if not allow_unvalidated:
         raise CxrError(f"{line}; refused (--allow-unvalidated to use it anyway)")
     return f"{line}; used anyway (--allow-unvalidated)"
@@ -147,12 +164,15 @@ def probe_classifier(backend: Backend, size: int, classes: int) -> None:
     """One blank image must give one finite row of ``classes`` probabilities."""
     probs = backend.run(np.zeros((1, 1, size, size), dtype=np.uint8))
     if probs.shape != (1, classes) or not np.all(np.isfinite(probs)):
-        raise CxrError(f"the probe gave {probs.shape} values (finite: {bool(np.all(np.isfinite(probs)))}), "
-                       f"expected 1 x {classes} finite probabilities")
+        raise CxrError(
+            f"the probe gave {probs.shape} values (finite: {bool(np.all(np.isfinite(probs)))}), "
+            f"expected 1 x {classes} finite probabilities"
+        )
 
 
-def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp32", tf32: bool = True
-                    ) -> tuple[Backend, str]:
+def open_classifier(
+    bundle: Bundle, backend: str = "auto", precision: str = "fp32", tf32: bool = True
+) -> tuple[Backend, str]:
     """The first backend that runs a one-image probe, and the line that says what runs and what was skipped.
 
     ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs).
@@ -163,9 +183,11 @@ def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp3
 
     openers = Openers(
         tensorrt=lambda plan, data: TrtBackend(plan, precision, data),
-        onnxruntime=lambda path, data, providers: OrtBackend(path, precision, providers,
-                                                             cuda=CudaOptions(tf32=tf32), data=data),
-        openvino=lambda path, data: OvBackend(path, precision, data))
+        onnxruntime=lambda path, data, providers: OrtBackend(
+            path, precision, providers, cuda=CudaOptions(tf32=tf32), data=data
+        ),
+        openvino=lambda path, data: OvBackend(path, precision, data),
+    )
     candidates, skipped = _candidates(bundle, backend, precision, "model", openers)
     size, classes = bundle.card.input.size, len(bundle.card.classes)
 
@@ -176,7 +198,9 @@ def open_classifier(bundle: Bundle, backend: str = "auto", precision: str = "fp3
     return _first_that_runs(candidates, skipped, probe)
 
 
-def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32") -> tuple[ExplainerBackend, str]:
+def open_explainer(
+    bundle: Bundle, backend: str = "auto", precision: str = "fp32"
+) -> tuple[ExplainerBackend, str]:
     """The LIME explainer, warmed up (its fixed batch shape searched once) before the first image."""
     from cxr.runtime.backends.onnxruntime import OrtExplainer
     from cxr.runtime.backends.openvino import OvExplainer
@@ -186,7 +210,8 @@ def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32
     openers = Openers(
         tensorrt=lambda plan, data: TrtExplainer(plan, precision, data),
         onnxruntime=lambda path, data, providers: OrtExplainer(path, precision, providers, data=data),
-        openvino=lambda path, data: OvExplainer(path, precision, data))
+        openvino=lambda path, data: OvExplainer(path, precision, data),
+    )
     candidates, skipped = _candidates(bundle, backend, precision, "explain", openers)
     size = bundle.card.input.size
 
@@ -200,7 +225,8 @@ def open_explainer(bundle: Bundle, backend: str = "auto", precision: str = "fp32
 
 
 def runnable_here(bundle: Bundle, graph: str = "model") -> list[tuple[str, str]]:
-    """(backend, precision) for every file of ``graph`` in the bundle whose runtime is installed here: ONNX Runtime
+    """(backend, precision) for every file of ``graph`` in the bundle whose runtime is installed here: ONNX
+    Runtime
     and OpenVINO for each ONNX graph, TensorRT for each engine. (Installed, not probed: ``open_*`` probes.)"""
     from cxr.runtime.backends.openvino import openvino_available
     from cxr.runtime.backends.tensorrt import tensorrt_available

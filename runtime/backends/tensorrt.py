@@ -14,9 +14,11 @@ from typing import Any
 
 import numpy as np
 from cxr.runtime.backends.base import (
+    PROBS,
     Backend,
     BatchLimits,
     ExplainerBackend,
+    Z,
     bucket,
     image_feeds,
     pad_rows,
@@ -64,7 +66,8 @@ def device_facts() -> dict[str, str]:
 
 
 def check_call(ok: bool, what: str) -> None:
-    """TensorRT's setters answer False instead of raising; a False here would run on stale shapes or addresses."""
+    """TensorRT's setters answer False instead of raising; a False here would run on stale shapes or
+    addresses."""
     if not ok:
         raise CxrError(f"TensorRT refused {what}")
 
@@ -101,7 +104,9 @@ class TrtEngine:
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(data)  # the very bytes whose hash was checked
         if self.engine is None:
-            raise CxrError(f"{plan}: TensorRT could not deserialise the plan; rebuild it with 'cxr-export build-engine'")
+            raise CxrError(
+                f"{plan}: TensorRT could not deserialise the plan; rebuild it with 'cxr-export build-engine'"
+            )
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise CxrError(f"{plan}: TensorRT could not create an execution context (GPU memory?)")
@@ -114,10 +119,16 @@ class TrtEngine:
             is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
             (self.inputs if is_input else self.outputs).append(name)
             if is_input:
-                self.profiles[name] = tuple(tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(name, 0))
+                self.profiles[name] = tuple(
+                    tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape(name, 0)
+                )
                 self.set_shape(name, self.profiles[name][2])
         for name in self.inputs + self.outputs:
-            shape = self.profiles[name][2] if name in self.profiles else tuple(self.context.get_tensor_shape(name))
+            shape = (
+                self.profiles[name][2]
+                if name in self.profiles
+                else tuple(self.context.get_tensor_shape(name))
+            )
             self._allocate(name, shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))))
 
     def batch_limits(self, name: str) -> BatchLimits:
@@ -143,7 +154,9 @@ class TrtEngine:
         device, capacity, host = self.buffers[name]
         array = np.ascontiguousarray(array, dtype=host.dtype)
         if array.nbytes > capacity:
-            raise CxrError(f"input {name} of shape {array.shape} exceeds the engine profile max {self.profiles[name][2]}")
+            raise CxrError(
+                f"input {name} of shape {array.shape} exceeds the engine profile max {self.profiles[name][2]}"
+            )
         self.set_shape(name, array.shape)
         host[: array.size] = array.ravel()
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -159,7 +172,11 @@ class TrtEngine:
             device, _, host = self.buffers[name]
             shape = tuple(self.context.get_tensor_shape(name))
             count = int(np.prod(shape))
-            cuda_call(self.cudart.cudaMemcpyAsync(host.ctypes.data, device, count * host.itemsize, kind, self.stream))
+            cuda_call(
+                self.cudart.cudaMemcpyAsync(
+                    host.ctypes.data, device, count * host.itemsize, kind, self.stream
+                )
+            )
             results[name] = (host, shape, count)
         cuda_call(self.cudart.cudaStreamSynchronize(self.stream))
         return {name: host[:count].reshape(shape).copy() for name, (host, shape, count) in results.items()}
@@ -194,7 +211,7 @@ class TrtBackend(Backend):
         self.input_name = self.engine.inputs[0]
         self.limits = self.engine.batch_limits(self.input_name)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> np.ndarray:
         count = len(batch)
         self.engine.copy_input(self.input_name, pad_rows(batch, bucket(count, self.limits)))
         return self.engine.execute()[self.engine.outputs[0]][:count].astype(np.float32)
@@ -214,12 +231,12 @@ class TrtExplainer(ExplainerBackend):
         self.engine = TrtEngine(plan, data)
         self.precision = precision
         self.provider = f"TensorRT {self.engine.version}"
-        self.limits = self.engine.batch_limits("z")
-        self.max_segments = self.engine.profiles["z"][2][1]
-        self.min_segments = self.engine.profiles["z"][0][1]
+        self.limits = self.engine.batch_limits(Z)
+        self.max_segments = self.engine.profiles[Z][2][1]
+        self.min_segments = self.engine.profiles[Z][0][1]
         self.bytes_sent = 0
 
-    def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
+    def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
         count = int(segments.max()) + 1
         if count > self.max_segments:
             raise CxrError(f"{count} segments exceed the engine profile's {self.max_segments}")
@@ -227,9 +244,9 @@ class TrtExplainer(ExplainerBackend):
         for name, array in image_feeds(image, fill, segments).items():
             self.bytes_sent += self.engine.copy_input(name, array)
 
-    def run(self, z: np.ndarray) -> np.ndarray:
-        self.engine.copy_input("z", self.fixed_block(z))
-        return self.engine.execute()["probs"][: len(z)].astype(np.float32)
+    def _run(self, z: np.ndarray) -> np.ndarray:
+        self.engine.copy_input(Z, self.fixed_block(z))
+        return self.engine.execute()[PROBS][: len(z)].astype(np.float32)
 
     def close(self) -> None:
         self.engine.close()

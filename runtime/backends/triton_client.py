@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-from cxr.runtime.backends.base import Backend, BatchLimits
+from cxr.runtime.backends.base import IMAGE, PROBS, Backend, BatchLimits
 from cxr.runtime.card import Card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.optional import install_hint, require
@@ -47,7 +47,10 @@ def model_mismatch(local: Card, served: dict[str, Any]) -> str | None:
     card = served.get("card", {})
     ours = json.loads(json.dumps(local.to_dict()))  # tuples -> lists, as the server's JSON has them
     checks = {
-        "model.onnx sha256": (ours.get("files", {}).get("model.onnx"), card.get("files", {}).get("model.onnx")),
+        "model.onnx sha256": (
+            ours.get("files", {}).get("model.onnx"),
+            card.get("files", {}).get("model.onnx"),
+        ),
         "classes": (ours.get("classes"), card.get("classes")),
         "input": (ours.get("input"), card.get("input")),
         "preprocessing": (ours.get("preprocessing"), card.get("preprocessing")),
@@ -64,10 +67,18 @@ class TritonClientBackend(Backend):
             raise CxrUsageError("--timeout must be more than 0 seconds")
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.scheme, self.address = parse_server_url(url)
-        self.name, self.precision = "triton", ""
         self.failures, self.last_error = 0, ""
         self._client: Any = None
         self._module: Any = None
+        self.unreachable = ""  # why the card query failed (a down server is not fatal: each image then fails)
+        try:
+            info = self._query_card()
+        except CxrError as exc:
+            self.unreachable, info = str(exc), {}
+        self.served: dict[str, Any] | None = info or None
+        self.name = f"triton:{info.get('backend', '?')}" if info else "triton"
+        self.precision = info.get("precision", "")
+        self.limits = BatchLimits(1, max(1, int(info.get("max_batch", 64))))
 
     def _connect(self) -> tuple[Any, Any]:
         if self._client is None:
@@ -79,7 +90,8 @@ class TritonClientBackend(Backend):
                 else:
                     module = require("tritonclient.http", "--server")
                     self._client = module.InferenceServerClient(
-                        self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+                        self.address, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+                    )
             except ImportError:
                 raise CxrError(f"--server needs tritonclient: {install_hint('tritonclient')}") from None
             self._module = module
@@ -87,7 +99,10 @@ class TritonClientBackend(Backend):
 
     def _infer(self, model: str, name: str, data: np.ndarray, datatype: str, output: str) -> np.ndarray:
         if self.failures >= CONSECUTIVE_FAILURES_TO_GIVE_UP:
-            raise CxrError(f"server {self.url}: gave up after {self.failures} failed requests in a row ({self.last_error})")
+            raise CxrError(
+                f"server {self.url}: gave up after {self.failures} failed requests in a row "
+                f"({self.last_error})"
+            )
         try:
             client, module = self._connect()
             request = module.InferInput(name, list(data.shape), datatype)
@@ -108,20 +123,28 @@ class TritonClientBackend(Backend):
         return values
 
     def server_card(self) -> dict[str, Any]:
-        """The card and backend the server runs (from the NAME_card model)."""
-        reply = self._infer(f"{self.model_name}_card", "query", np.array([[b"card"]], dtype=object), "BYTES", "card")
+        """The card and backend the server runs, as asked when this client was opened."""
+        if self.served is None:
+            raise CxrError(self.unreachable)
+        return self.served
+
+    def _query_card(self) -> dict[str, Any]:
+        """Ask the NAME_card model which card and backend the server runs."""
+        reply = self._infer(
+            f"{self.model_name}_card", "query", np.array([[b"card"]], dtype=object), "BYTES", "card"
+        )
         try:
             info = json.loads(bytes(reply.reshape(-1)[0]))
         except (ValueError, TypeError):
             raise CxrError(f"server {self.url}: {self.model_name}_card did not reply with JSON") from None
-        self.name = f"triton:{info.get('backend', '?')}"
-        self.precision = info.get("precision", "")
-        batch = int(info.get("max_batch", 64))
-        self.limits = BatchLimits(1, max(1, batch))
+        if not isinstance(info, dict):
+            raise CxrError(f"server {self.url}: {self.model_name}_card did not reply with a JSON object")
         return info
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        probs = self._infer(self.model_name, "image", np.ascontiguousarray(batch, dtype=np.uint8), "UINT8", "probs")
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        probs = self._infer(
+            self.model_name, IMAGE, np.ascontiguousarray(batch, dtype=np.uint8), "UINT8", PROBS
+        )
         if probs.shape[0] != batch.shape[0]:
             raise CxrError(f"server {self.url}: {probs.shape[0]} results for {batch.shape[0]} images")
         return probs.astype(np.float32)

@@ -1,4 +1,5 @@
-"""The one bridge from runtime pixels to the network: uint8 grayscale N x 1 x H x W -> normalised N x 3 x H x W.
+"""The one bridge from runtime pixels to the network: uint8 grayscale N x 1 x H x W -> normalised N x 3 x H x
+W.
 
 Training runs every batch through it and export puts it inside the ONNX graph, so the bedside runtime
 hands the engine raw uint8 pixels and train/serve skew cannot creep in.

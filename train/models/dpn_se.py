@@ -3,7 +3,8 @@
 Cheng et al. 2021 add SE to DPN-92. Here the SE block sits on the output of each block's last 1x1 conv,
 before that output is split into the residual and the dense path (reduction 16). The network is timm's
 ``DPN`` (so ``--pretrained`` loads timm's ImageNet DPN weights unchanged); SE is inserted after the weights
-are loaded. Registered with timm: ``timm.create_model("dpn92_se", num_classes=4)`` after ``import cxr.train.models``.
+are loaded. Registered with timm: ``timm.create_model("dpn92_se", num_classes=4)`` after ``import
+cxr.train.models``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def dpn131_se(pretrained: bool = False, **kwargs) -> DPN:
 
 @register_model
 def dpn_se_tiny(pretrained: bool = False, **kwargs) -> DPN:
-    """A ~0.45 M-parameter DPN-SE for CPU tests: the same block structure (4 stages, SE everywhere), tiny widths."""
+    """A ~0.45 M-parameter DPN-SE for CPU tests: the same block structure (4 stages, SE everywhere), tiny
+    widths."""
     if pretrained:
         raise ValueError("dpn_se_tiny has no pretrained weights")
     args = dict(small=True, num_init_features=16, k_r=16, groups=4, k_sec=(1, 1, 1, 1), inc_sec=(8, 8, 8, 16))
