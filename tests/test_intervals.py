@@ -66,10 +66,14 @@ def test_ablation_table_has_one_row_per_report(tmp_path):
         model = truth.copy()
         model[:flip] = (model[:flip] + 1) % 4
         baseline = np.roll(truth, 1)
-        report = {"run": str(tmp_path / name), "model": classification_report(truth, model, classes),
-                  "shortcut_baseline": classification_report(truth, baseline, classes),
-                  "intervals": bootstrap(truth, model, baseline, classes, rounds=100), "preprocessing": steps,
-                  "lime_audit": {"positive_weight_outside_body": 0.1 if steps else 0.3, "images": 40}}
+        report = {
+            "run": str(tmp_path / name),
+            "model": classification_report(truth, model, classes),
+            "shortcut_baseline": classification_report(truth, baseline, classes),
+            "intervals": bootstrap(truth, model, baseline, classes, rounds=100),
+            "preprocessing": steps,
+            "lime_audit": {"positive_weight_outside_body": 0.1 if steps else 0.3, "images": 40},
+        }
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(report))
     text = run_ablation(paths, tmp_path / "clinical.md")
