@@ -34,6 +34,7 @@ class Trial:
     """One quantised graph: how it was made and how well it agrees with fp32 on the check images."""
 
     method: str
+    reduce_range: bool
     excluded: list[str]
     agreement: float
     max_abs_dprob: float
@@ -42,6 +43,7 @@ class Trial:
 @dataclass
 class TuneResult:
     method: str
+    reduce_range: bool
     excluded: list[str]
     agreement: float
     trials: list[Trial] = field(default_factory=list)
@@ -132,20 +134,29 @@ def tune(
     """Pick the calibration method, then the fewest float-kept nodes reaching ``target`` agreement; writes
     ``dst``.
 
-    ``quantize(src, dst, feeds, method, exclude, cache)`` makes one graph (``cxr.export.int8.quantize_int8``).
+    Each method is also tried with 7-bit weights (``reduce_range``, from the same cached ranges): x86 CPUs
+    without VNNI multiply u8 x s8 pairs into saturating 16-bit sums, which full-range weights can overflow.
+
+    ``quantize(src, dst, feeds, method, exclude, cache, reduce_range)`` makes one graph
+    (``cxr.export.int8.quantize_int8``).
     """
     reference = predict(src, check)
     trials: list[Trial] = []
     with tempfile.TemporaryDirectory() as tmp:
         caches = {m: Path(tmp) / f"{m}.ranges.json" for m in methods}
-        candidates = {m: Path(tmp) / f"{m}.onnx" for m in methods}
+        candidates = {}
         for method in methods:
-            quantize(src, candidates[method], calib, method, [], caches[method])
-            trials.append(Trial(method, [], *score(candidates[method], reference, check)))
-            log(f"  {method}: agreement {trials[-1].agreement:.3f} on {len(reference)} held-out images")
-        best = max(trials, key=lambda t: (t.agreement, -t.max_abs_dprob))
-        chosen = candidates[best.method]
-        result = TuneResult(best.method, [], best.agreement, trials)
+            for reduce in (False, True):
+                path = candidates[method, reduce] = Path(tmp) / f"{method}{'-7bit' if reduce else ''}.onnx"
+                quantize(src, path, calib, method, [], caches[method], reduce)
+                trials.append(Trial(method, reduce, [], *score(path, reference, check)))
+                log(
+                    f"  {method}{', 7-bit weights' if reduce else ''}: agreement {trials[-1].agreement:.3f} "
+                    f"on {len(reference)} held-out images"
+                )
+        best = max(trials, key=lambda t: (t.agreement, -t.max_abs_dprob, not t.reduce_range))
+        chosen = candidates[best.method, best.reduce_range]
+        result = TuneResult(best.method, best.reduce_range, [], best.agreement, trials)
         if best.agreement < target:
             result.sensitivity = tensor_sensitivity(src, chosen, check[:2])
             for count in EXCLUDE_STEPS[
@@ -153,8 +164,10 @@ def tune(
             ]:
                 excluded = nodes_touching(src, [name for name, _ in result.sensitivity[:count]])
                 trial_path = Path(tmp) / f"exclude{count}.onnx"
-                quantize(src, trial_path, calib, best.method, excluded, caches[best.method])
-                trial = Trial(best.method, excluded, *score(trial_path, reference, check))
+                quantize(
+                    src, trial_path, calib, best.method, excluded, caches[best.method], best.reduce_range
+                )
+                trial = Trial(best.method, best.reduce_range, excluded, *score(trial_path, reference, check))
                 trials.append(trial)
                 log(
                     f"  {best.method}, {count} most sensitive tensor(s) kept in float ({len(excluded)} "

@@ -208,7 +208,12 @@ def test_sidecar_contents_and_mismatch_messages(tmp_path):
 def test_int8_choice_is_measured_and_recorded(bundle):
     notes = read_card(bundle).provenance["int8"]["model"]
     trials = notes["trials"]
-    assert [t["method"] for t in trials[:2]] == ["minmax", "percentile"]
+    assert [(t["method"], t["reduce_range"]) for t in trials[:4]] == [
+        ("minmax", False),
+        ("minmax", True),
+        ("percentile", False),
+        ("percentile", True),
+    ]
     best = max(t["agreement"] for t in trials)
     assert notes["held_out_agreement"] == round(best, 4) and notes["calibration"] in ("minmax", "percentile")
     speed = read_card(bundle).provenance["int8"]["speed_onnxruntime_cpu"]
@@ -232,8 +237,8 @@ def test_sensitivity_sweep_keeps_the_worst_nodes_in_float(bundle, phantoms, tmp_
     )
     scores = [sqnr for _, sqnr in result.sensitivity]
     assert scores == sorted(scores) and len(scores) > 32
-    assert len(result.trials) == 1 + len(EXCLUDE_STEPS)  # an unreachable target walks every step
-    counts = [len(t.excluded) for t in result.trials[1:]]
+    assert len(result.trials) == 2 + len(EXCLUDE_STEPS)  # an unreachable target walks every step
+    counts = [len(t.excluded) for t in result.trials[2:]]
     assert counts == sorted(counts) and counts[0] >= 1
     worst = next(name for name, _ in result.sensitivity if not name.endswith("weight"))
     kept = tmp_path / "kept.onnx"
