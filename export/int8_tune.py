@@ -158,7 +158,8 @@ def tune(
         chosen = candidates[best.method, best.reduce_range]
         result = TuneResult(best.method, best.reduce_range, [], best.agreement, trials)
         if best.agreement < target:
-            result.sensitivity = tensor_sensitivity(src, chosen, check[:2])
+            # two images: every activation of the graph is held for each (dpn92_se at 224: ~0.6 GB an image)
+            result.sensitivity = tensor_sensitivity(src, chosen, [{k: v[:2] for k, v in check[0].items()}])
             for count in EXCLUDE_STEPS[
                 : int(np.searchsorted(EXCLUDE_STEPS, len(result.sensitivity), "right"))
             ]:
@@ -182,17 +183,36 @@ def tune(
     return result
 
 
-def b1_p50_ms(path: Path, feed: dict[str, np.ndarray], runs: int = 15) -> float:
-    """Median single-image latency on ONNX Runtime CPU after two warm-up runs."""
-    session = _session(path)
-    for _ in range(2):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
+def b1_p50_ms(backend: Any, image: np.ndarray, runs: int = 15) -> float:
+    """Median single-image latency of an open classifier backend after two warm-up runs."""
+    with backend:
+        for _ in range(2):
+            backend.run(image)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            backend.run(image)
+            times.append(time.perf_counter() - start)
     return round(1000 * float(np.median(times)), 2)
+
+
+def cpu_speed(fp32: Path, int8: Path, image: np.ndarray) -> dict[str, Any]:
+    """fp32 vs int8 b1 p50 on each CPU backend installed here (ONNX Runtime; OpenVINO, which auto prefers)."""
+    from cxr.runtime.backends.onnxruntime import CPU_EP, OrtBackend
+    from cxr.runtime.backends.openvino import OvBackend, openvino_available
+
+    openers = {"onnxruntime": lambda path, p: OrtBackend(path, p, providers=[CPU_EP])}
+    if openvino_available():
+        openers["openvino"] = lambda path, p: OvBackend(path, p)
+    speed: dict[str, Any] = {"cpu_int8": cpu_int8_features()}
+    for name, open_ in openers.items():
+        row = {
+            "fp32_b1_p50_ms": b1_p50_ms(open_(fp32, "fp32"), image),
+            "int8_b1_p50_ms": b1_p50_ms(open_(int8, "int8"), image),
+        }
+        row["ratio"] = round(row["int8_b1_p50_ms"] / row["fp32_b1_p50_ms"], 2)
+        speed[name] = row
+    return speed
 
 
 def cpu_int8_features() -> str:

@@ -30,8 +30,8 @@ class ExplainConfig:
     seed: int = 0
     n_segments: int = 50
     adaptive: bool = False  # --samples auto: stop when the map is settled (runtime/settle.py)
-    min_samples: int = 200  # first check
-    round_size: int = 100  # samples between checks
+    min_samples: int = 150  # first check
+    round_size: int = 50  # samples between checks (three equal fits: the earliest stop is at 250)
 
     def __post_init__(self) -> None:
         if self.samples < 10:
