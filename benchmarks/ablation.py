@@ -25,6 +25,8 @@ def ablation_row(report: dict[str, Any], name: str) -> dict[str, Any]:
     model, intervals = report["model"], report["intervals"]
     pre = report.get("preprocessing", {})
     steps = [key for key in SUPPRESSION_KEYS if pre.get(key)]
+    if report.get("erase_corners"):
+        steps.append(f"erase_corners {report['erase_corners']:g}")
     gain = intervals.get("gain_over_baseline", {})
     audit = report.get("lime_audit", {})
     return {
@@ -77,7 +79,9 @@ def run_ablation(reports: list[Path], out: Path, title: str = "Shortcut-suppress
         report = json.loads(Path(path).read_text())
         card = Path(report.get("run", "")) / "card.json"
         if card.is_file():
-            report.setdefault("arch", json.loads(card.read_text()).get("arch", ""))
+            facts = json.loads(card.read_text())
+            report.setdefault("arch", facts.get("arch", ""))
+            report.setdefault("erase_corners", facts.get("training", {}).get("erase_corners", 0))
         rows.append(ablation_row(report, Path(report.get("run", path.parent)).name))
     text = f"# {title}\n\n{ablation_table(rows)}\n"
     atomic_write(out, text)
