@@ -117,8 +117,7 @@ def int8(
         f"wrote {', '.join(report.written)} in {bundle} ({model['calibration']} calibration{held}; "
         f"kept in float: {kept})"
     )
-    for line in report.lines:
-        print(line)
+    print(report.verdict)
     print_digest(bundle)
 
 

@@ -111,10 +111,6 @@ def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
                 opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds
             )
             written.append(f"{graph}.fp16.onnx")
-    card = record_files(opened.folder, opened.card, written)
-    record_files(
-        opened.folder,
-        forget_parity(card.replace(provenance={**card.provenance, "fp16": notes}), ["fp16"]),
-        [],
-    )
+    card = opened.card.replace(provenance={**opened.card.provenance, "fp16": notes})
+    record_files(opened.folder, forget_parity(card, ["fp16"]), written)
     return written, notes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -92,6 +92,9 @@ def quantize_int8(
     }
     if not feeds:
         raise CxrError("int8: no calibration inputs")
+    if method != "minmax":  # histograms: the first HISTOGRAM_IMAGES images only
+        counts = np.cumsum([len(next(iter(feed.values()))) for feed in feeds])
+        feeds = feeds[: max(1, int(np.searchsorted(counts, HISTOGRAM_IMAGES, "right")))]
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
@@ -119,13 +122,17 @@ def quantize_int8(
                 },
             )
         reader.bar.close()
+    return {**graph_notes(method, reduce_range, list(exclude or [])), "calibration_batches": len(feeds)}
+
+
+def graph_notes(method: str, reduce_range: bool, kept_in_float: list[str]) -> dict[str, Any]:
+    """How one int8 graph was made, as the card records it."""
     return {
         "format": "QDQ",
         "activations": "int8 symmetric",
         "weights": weights_note(reduce_range),
         "calibration": method,
-        "calibration_batches": len(feeds),
-        "kept_in_float": list(exclude or []),
+        "kept_in_float": kept_in_float,
         "float_ops": list(FLOAT_OPS),
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -158,7 +165,7 @@ class Int8Report:
 
     written: list[str]
     notes: dict[str, Any]
-    lines: list[str] = field(default_factory=list)
+    verdict: str  # whether int8 pays on this CPU, one line
 
 
 def draw_images(
@@ -218,37 +225,19 @@ def export_int8(
         )
     src, dst = opened.verified("model.onnx"), opened.folder / "model.int8.onnx"
     feeds = classifier_feeds(calib_images)
-
-    def quantize(
-        source: Path,
-        target_path: Path,
-        _feeds: Any,
-        method: str,
-        exclude: list[str],
-        cache: Path,
-        reduce: bool,
-    ) -> dict:
-        few = feeds if method == "minmax" else feeds[: HISTOGRAM_IMAGES // 4]
-        return quantize_int8(source, target_path, few, method, exclude, cache, reduce)
-
     if check_images:
         log(
             f"choosing int8 calibration on {len(check_images)} held-out images (target agreement "
             f"{target:.0%})"
         )
-        result = tune(src, dst, feeds, classifier_feeds(check_images), methods, target, quantize, log)
+        result = tune(src, dst, feeds, classifier_feeds(check_images), methods, target, log)
         model_notes = {
-            "format": "QDQ",
-            "activations": "int8 symmetric",
-            "weights": weights_note(result.reduce_range),
-            "calibration": result.method,
-            "kept_in_float": result.excluded,
+            **graph_notes(result.method, result.reduce_range, result.excluded),
             "held_out_images": len(check_images),
             "held_out_agreement": round(result.agreement, 4),
             "calibration_images": len(calib_images),
             "trials": [t.__dict__ for t in result.trials],
             "most_sensitive": result.sensitivity[:8],
-            "peak_rss_mb": peak_rss_mb(),
         }
         reduce_range = result.reduce_range
     else:
@@ -266,18 +255,9 @@ def export_int8(
         written.append("explain.int8.onnx")
     speed = cpu_speed(src, dst, np.ascontiguousarray(calib_images[0][None, None]))
     notes["speed_cpu"] = speed
-    card = record_files(opened.folder, opened.card, written)
-    record_files(
-        opened.folder,
-        forget_parity(
-            card.replace(provenance={**card.provenance, "int8": {**notes, "images": len(calib_images)}}),
-            ["int8"],
-        ),
-        [],
-    )
-    report = Int8Report(written, notes)
-    report.lines.append(speed_verdict(speed))
-    return report
+    provenance = {**opened.card.provenance, "int8": {**notes, "images": len(calib_images)}}
+    record_files(opened.folder, forget_parity(opened.card.replace(provenance=provenance), ["int8"]), written)
+    return Int8Report(written, notes, speed_verdict(speed))
 
 
 def speed_verdict(speed: dict[str, Any]) -> str:
@@ -294,9 +274,8 @@ def speed_verdict(speed: dict[str, Any]) -> str:
     if paying:
         return f"int8 pays on this CPU with {', '.join(paying)}: b1 p50 int8 vs fp32 {numbers}"
     return (
-        f"int8 does not pay on this CPU (b1 p50 int8 vs fp32: {numbers}; {speed['cpu_int8']}): serve "
-        "fp32/fp16 here, "
-        "or build a TensorRT int8 engine on the GPU"
+        f"int8 does not pay on this CPU (b1 p50 int8 vs fp32: {numbers}; {speed['cpu_int8']}): "
+        "serve fp32/fp16 here, or build a TensorRT int8 engine on the GPU"
     )
 
 

@@ -5,9 +5,8 @@ Every decision is taken on images the calibration did not see (``check`` feeds),
 1. each calibration method is calibrated once (its ranges cached) and scored by top-1 agreement;
 2. a per-layer sensitivity sweep ranks tensors by their local quantisation noise (activations and weights:
    ONNX Runtime's ``qdq_loss_debug``, SQNR before vs after each tensor's own Q/DQ pair), then keeps the worst
-   1, 2, 4, ... tensors in float (their producer and consumer nodes excluded) until the agreement target is
-   met,
-   re-quantised from the cached ranges, so no second calibration;
+   1, 2, 4, ... tensors in float (their producer and consumer nodes excluded) until the agreement target
+   is met, re-quantised from the cached ranges, so no second calibration;
 3. b1 latency of fp32 vs int8 on this CPU, so the command can say in one line when int8 does not pay here.
 """
 
@@ -50,18 +49,12 @@ class TuneResult:
     sensitivity: list[tuple[str, float]] = field(default_factory=list)
 
 
-def _session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def predict(path: Path, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
-    """Probabilities of one graph over all feeds (CPU, so every trial is judged the same way)."""
-    session = _session(path)
-    return np.concatenate([session.run(None, feed)[0] for feed in feeds])
+    """Probabilities of one graph over all feeds (ORT CPU, so every trial is judged the same way)."""
+    from cxr.runtime.backends.onnxruntime import CPU_EP, OrtBackend
+
+    with OrtBackend(path, "int8", providers=[CPU_EP]) as backend:
+        return np.concatenate([backend.run_chunked(feed["image"]) for feed in feeds])
 
 
 def score(path: Path, reference: np.ndarray, feeds: list[dict[str, np.ndarray]]) -> tuple[float, float]:
@@ -128,7 +121,6 @@ def tune(
     check: list[dict[str, np.ndarray]],
     methods: tuple[str, ...],
     target: float,
-    quantize: Any,
     log: Any = logger.info,
 ) -> TuneResult:
     """Pick the calibration method, then the fewest float-kept nodes reaching ``target`` agreement; writes
@@ -137,9 +129,10 @@ def tune(
     Each method is also tried with 7-bit weights (``reduce_range``, from the same cached ranges): x86 CPUs
     without VNNI multiply u8 x s8 pairs into saturating 16-bit sums, which full-range weights can overflow.
 
-    ``quantize(src, dst, feeds, method, exclude, cache, reduce_range)`` makes one graph
-    (``cxr.export.int8.quantize_int8``).
+    Each graph is made by ``cxr.export.int8.quantize_int8``.
     """
+    from cxr.export.int8 import quantize_int8 as quantize
+
     reference = predict(src, check)
     trials: list[Trial] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -233,7 +233,6 @@ def test_sensitivity_sweep_keeps_the_worst_nodes_in_float(bundle, phantoms, tmp_
         classifier_feeds(images[16:]),
         ("minmax",),
         1.01,
-        quantize_int8,
         log=lambda line: None,
     )
     scores = [sqnr for _, sqnr in result.sensitivity]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from cxr.export.graphs import Explainer
-from cxr.runtime.backends.base import BatchLimits, ExplainerBackend
+from cxr.runtime.backends.base import BatchLimits, ExplainerBackend, z_columns
 from cxr.runtime.card import Card
 from cxr.runtime.errors import CxrError
 from cxr.runtime.explain import ExplainConfig, explain_image
@@ -37,7 +37,7 @@ class TorchExplainer(ExplainerBackend):
         self.feeds: dict[str, torch.Tensor] = {}
 
     def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
-        self.columns = 64 * int(np.ceil((int(segments.max()) + 1) / 64))
+        self.columns = z_columns(int(segments.max()) + 1)
         self.feeds = {
             "image": torch.from_numpy(np.ascontiguousarray(image[None, None])),
             "fill": torch.from_numpy(np.ascontiguousarray(fill[None, None])),
