@@ -7,6 +7,7 @@ records, steps.txt); a step that failed leaves its keys null, never a guess.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,23 @@ def predict_explain_timing(records_path: Path) -> dict[str, Any] | None:
     }
 
 
+def predict_opening(log_path: Path) -> dict[str, float] | None:
+    """From the closing line of ``predict``: seconds from start to the first record, and to open each
+    graph."""
+    found = re.search(
+        r"first result ([\d.]+) s after start \(classifier open ([\d.]+) s(?:, explainer ([\d.]+) s)?",
+        log_path.read_text(errors="replace") if log_path.is_file() else "",
+    )
+    if not found:
+        return None
+    first, classifier, explainer = found.groups()
+    return {
+        "first_result_s": float(first),
+        "classifier_open_s": float(classifier),
+        "explainer_open_s": float(explainer) if explainer else None,
+    }
+
+
 def throughput(latency: dict[str, Any] | None, backend: str, batch: str = "64") -> float | None:
     entry = (latency or {}).get("backends", {}).get(backend)
     return round(entry["throughput_img_s"][batch], 1) if entry else None
@@ -80,6 +98,7 @@ def summarise(out: Path) -> dict[str, Any]:
         "speedup_vs_captum": lime.get("speedup_vs_captum"),
         "stock_lime_s_per_image": lime.get("stock_lime", {}).get("total_s"),
         "predict_explain_fp16": predict,
+        "predict_explain_fp16_opening": predict_opening(out / "predict_explain.log"),
         "predict_explain_fp16_step_s": steps.get("predict_explain", {}).get("seconds"),
         "ort_fp16_b64_img_s": throughput(latency, "onnxruntime-fp16"),
         "ort_fp32_b64_img_s": throughput(latency, "onnxruntime-fp32"),
@@ -101,6 +120,7 @@ def summarise(out: Path) -> dict[str, Any]:
         or None,
         "parity_n": (parity or {}).get("n"),
         "explain_variants": _read(out / "explain_variants.json"),
+        "fp16_variants": _read(out / "fp16_variants.json"),
         "fit_val": {k: (fit or {}).get("val", {}).get(k) for k in ("n", "accuracy", "macro_f1")}
         if fit
         else None,

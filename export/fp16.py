@@ -1,7 +1,10 @@
 """``cxr-export fp16``: mixed-precision graphs for strongly typed FP16 engines (TensorRT 11 has no FP16 flag).
 
 Inputs and outputs keep their types (uint8 in, fp32 out). Nodes whose fp32 activations on real-looking
-inputs come near the fp16 range, and numerically touchy ops (softmax, reductions), stay in fp32.
+inputs come near the fp16 range, and numerically touchy ops (softmax, reductions), stay in fp32. The SE
+gates' spatial means become GlobalAveragePool first: pooling accumulates in fp32 inside cuDNN and TensorRT,
+so it runs in fp16 without the two Casts (one over the whole activation map) that a ReduceMean kept in fp32
+costs in every block.
 """
 
 from __future__ import annotations
@@ -54,8 +57,34 @@ def overflowing_nodes(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
     return sorted(flagged)
 
 
-def convert_fp16(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> dict[str, object]:
-    """Write the mixed-precision graph; returns what was kept in fp32 (recorded in the card)."""
+def spatial_means_to_pooling(model: onnx.ModelProto) -> int:
+    """Rewrite ``ReduceMean(x, axes=[2, 3], keepdims=1)`` on 4-D ``x`` as ``GlobalAveragePool(x)`` (the same
+    numbers) in place; returns how many. Opset 18+ ReduceMean takes its axes as an input and is left alone."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    ranks = {
+        v.name: len(v.type.tensor_type.shape.dim)
+        for v in [*inferred.graph.value_info, *inferred.graph.input]
+        if v.type.tensor_type.HasField("shape")
+    }
+    rewritten = 0
+    for node in model.graph.node:
+        if node.op_type != "ReduceMean" or len(node.input) != 1 or ranks.get(node.input[0]) != 4:
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = sorted(a % 4 for a in attributes.get("axes", []))
+        if axes == [2, 3] and attributes.get("keepdims", 1) == 1:
+            node.op_type = "GlobalAveragePool"
+            del node.attribute[:]
+            rewritten += 1
+    return rewritten
+
+
+def convert_fp16(
+    src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], pool_spatial_means: bool = True
+) -> dict[str, object]:
+    """Write the mixed-precision graph; returns what was kept in fp32 (recorded in the card).
+    ``pool_spatial_means=False`` keeps the SE means as fp32 ReduceMean (the earlier export, for
+    benchmarks)."""
     from onnxruntime.transformers import float16  # ORT's maintained copy of onnxconverter-common's converter
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -63,6 +92,7 @@ def convert_fp16(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> di
     for node_index, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{node_index}"
+    pooled = spatial_means_to_pooling(model) if pool_spatial_means else 0
     kept = overflowing_nodes(model, feeds)
     try:
         converted = float16.convert_float_to_float16(
@@ -79,7 +109,7 @@ def convert_fp16(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> di
     with atomic_output(dst) as tmp:
         onnx.save(sorted_model.model, str(tmp))
     onnx.checker.check_model(str(dst), full_check=True)
-    return {"fp32_ops": ALWAYS_FP32_OPS, "fp32_nodes_overflow": kept}
+    return {"fp32_ops": ALWAYS_FP32_OPS, "fp32_nodes_overflow": kept, "spatial_means_pooled": pooled}
 
 
 def probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -84,9 +85,10 @@ def predict(
     from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.inputs import discover, not_images_line
     from cxr.runtime.output import RecordWriter
-    from cxr.runtime.predict import PredictOptions, predict_stream
+    from cxr.runtime.predict import OpeningExplainer, PredictOptions, predict_stream
     from cxr.runtime.segment import SEGMENTERS
 
+    started = time.perf_counter()
     if segmenter not in SEGMENTERS:
         raise CxrUsageError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")
     if top_k < 0:
@@ -101,13 +103,18 @@ def predict(
         classifier, reason = _open_server(server, server_model, timeout, bundle, backend, precision, explain)
     else:
         classifier, reason = open_classifier(bundle, backend, precision or "fp32")
-    failed, warned, shown = 0, 0, set()
+    classifier_open_s = time.perf_counter() - started
+    failed, warned, shown, first_result_s = 0, 0, set(), None
     with classifier:
         print(f"backend: {reason}", file=sys.stderr)
         caution = check_validated(bundle, classifier, allow_unvalidated) if server is None else None
         if caution:
             print(f"warning: {caution}", file=sys.stderr)
-        explainer = open_explainer(bundle, classifier.name, classifier.precision)[0] if explain else None
+        explainer = (  # its warm-up overlaps reading and classifying the first batch
+            OpeningExplainer(lambda: open_explainer(bundle, classifier.name, classifier.precision)[0])
+            if explain
+            else None
+        )
         try:
             options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir, strict)
             with RecordWriter(out, bundle.card.classes) as writer:
@@ -116,6 +123,7 @@ def predict(
                     warned += bool(record["warnings"]) and record["error"] is None
                     _warn_once(record, shown)
                     writer.write(record)
+                    first_result_s = first_result_s or time.perf_counter() - started
         finally:
             if explainer is not None:
                 explainer.close()
@@ -125,9 +133,21 @@ def predict(
         f"{failed} failed (see their 'error')" if failed else "",
         not_images_line(found.not_images) if found.not_images else "",
         f"wrote {out}" if out else "",
+        _opening_line(first_result_s, classifier_open_s, explainer.open_s if explainer else None),
     ]
     print("; ".join(p for p in parts if p), file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _opening_line(first_result_s: float | None, classifier_s: float, explainer_s: float | None) -> str:
+    """How long the first answer took and what opening cost (the explainer's warm-up overlaps the first
+    batch)."""
+    if first_result_s is None:
+        return ""
+    explainer = f", explainer {explainer_s:.1f} s beside it" if explainer_s is not None else ""
+    return (
+        f"first result {first_result_s:.1f} s after start (classifier open {classifier_s:.1f} s{explainer})"
+    )
 
 
 def explain_options(samples: str, max_samples: int, segmenter: str, num_features: int, seed: int):

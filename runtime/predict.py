@@ -1,10 +1,16 @@
-"""Predict (and optionally explain) a stream of inputs in batches, one record per input, errors per input."""
+"""Predict (and optionally explain) a stream of inputs in batches, one record per input, errors per input.
+
+With explanations each record is yielded as soon as its map is done (not after its whole batch), and the
+explainer may still be opening on a background thread while the first batch is read and classified: the
+first answer comes as early as the slower of the two allows.
+"""
 
 from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,32 @@ class PredictOptions:
     strict: bool = False  # a warning (not a radiograph? colour? tiny?) fails the input instead
 
 
+class OpeningExplainer:
+    """An explainer opened (and warmed up: its cuDNN search) on a background thread; ``get()`` waits for it.
+
+    ``open_s`` is how long opening took, once it is done; ``close()`` waits for the opening and closes it.
+    """
+
+    def __init__(self, opener: Callable[[], ExplainerBackend]) -> None:
+        self.open_s: float | None = None
+        self._started = time.perf_counter()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="open-explainer")
+        self._future = self._pool.submit(self._open, opener)
+
+    def _open(self, opener: Callable[[], ExplainerBackend]) -> ExplainerBackend:
+        explainer = opener()
+        self.open_s = time.perf_counter() - self._started
+        return explainer
+
+    def get(self) -> ExplainerBackend:
+        return self._future.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self._future.exception() is None:
+            self._future.result().close()
+
+
 def _record(path: Path, backend: Backend, error: str | None = None) -> dict[str, Any]:
     return {
         "path": str(path),
@@ -51,7 +83,7 @@ def predict_stream(
     bundle: Bundle,
     backend: Backend,
     options: PredictOptions,
-    explainer: ExplainerBackend | None = None,
+    explainer: ExplainerBackend | OpeningExplainer | None = None,
     known_errors: dict[Path, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs
@@ -89,31 +121,34 @@ def predict_stream(
             for i in good:
                 records[i]["error"] = str(exc)
             probs, good = [], []
-        if good:
-            for i, row in zip(good, probs):
-                record = records[i]
-                if not np.all(np.isfinite(row)):
-                    record["error"] = (
-                        f"{chunk[i]}: the model returned non-finite probabilities "
-                        "(damaged or tampered weights?); no label given"
-                    )
-                    continue
-                record["label"] = classes[int(np.argmax(row))]
-                record["probs"] = {c: round(float(p), 6) for c, p in zip(classes, row)}
-                if options.top_k:
-                    order = np.argsort(-row)[: options.top_k]
-                    record["top_k"] = [[classes[j], round(float(row[j]), 6)] for j in order]
-                if explainer is not None and options.explain is not None:
-                    try:
-                        record["explanation"] = _explain(
-                            images[i], chunk[i], start + i, bundle, explainer, options
-                        )
-                    except CxrError as exc:
-                        record["error"] = f"explanation failed: {exc}"
-        for record in records:
+        rows = dict(zip(good, probs))
+        for i, record in enumerate(records):
+            labelled = i in rows and _label(record, rows[i], classes, options.top_k)
+            if labelled and explainer is not None and options.explain is not None:
+                ready = explainer.get() if isinstance(explainer, OpeningExplainer) else explainer
+                try:
+                    record["explanation"] = _explain(images[i], chunk[i], start + i, bundle, ready, options)
+                except CxrError as exc:
+                    record["error"] = f"explanation failed: {exc}"
             bar.update(1)
             yield record
     bar.close()
+
+
+def _label(record: dict[str, Any], row: np.ndarray, classes: list[str], top_k: int) -> bool:
+    """Fill the record's label and probabilities from one output row; False (and an error) if not finite."""
+    if not np.all(np.isfinite(row)):
+        record["error"] = (
+            f"{record['path']}: the model returned non-finite probabilities "
+            "(damaged or tampered weights?); no label given"
+        )
+        return False
+    record["label"] = classes[int(np.argmax(row))]
+    record["probs"] = {c: round(float(p), 6) for c, p in zip(classes, row)}
+    if top_k:
+        order = np.argsort(-row)[:top_k]
+        record["top_k"] = [[classes[j], round(float(row[j]), 6)] for j in order]
+    return True
 
 
 def _explain(

@@ -35,6 +35,31 @@ def test_bundle_graphs_pass_checker_and_match_pytorch(bundle, trained_run):
     assert (fp16.argmax(1) == expected.argmax(1)).all()
 
 
+def test_fp16_graph_pools_se_means_in_fp16(bundle):
+    """Every SE gate's spatial mean is a GlobalAveragePool in fp16: no Cast pair around it."""
+    from cxr.export.fp16 import spatial_means_to_pooling
+
+    fp32 = onnx.load(str(bundle / "model.onnx"))
+    means = sum(n.op_type == "ReduceMean" for n in fp32.graph.node)
+    fp16 = onnx.load(str(bundle / "model.fp16.onnx"))
+    ops = [n.op_type for n in fp16.graph.node]
+    assert means > 0 and "ReduceMean" not in ops and ops.count("GlobalAveragePool") >= means
+    producer = {out: n.op_type for n in fp16.graph.node for out in n.output}
+    pools = [n for n in fp16.graph.node if n.op_type == "GlobalAveragePool"]
+    assert all(producer[n.input[0]] != "Cast" for n in pools)  # pooled in fp16, not cast to fp32 first
+    assert spatial_means_to_pooling(fp16) == 0  # nothing left to rewrite
+    over_channels = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("ReduceMean", ["x"], ["y"], axes=[1], keepdims=1)],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1, 8, 8])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 17)],
+    )
+    assert spatial_means_to_pooling(over_channels) == 0  # a mean over channels is not a pooling
+
+
 def test_int8_graph_is_qdq_and_agrees(bundle, phantoms):
     from cxr.runtime.preprocess import load_and_preprocess
 

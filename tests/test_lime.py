@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from cxr.runtime.backends.onnxruntime import OrtBackend, OrtExplainer
 from cxr.runtime.bundle import Bundle
+from cxr.runtime.errors import CxrError
 from cxr.runtime.explain import ExplainConfig, explain_image
 from cxr.runtime.preprocess import load_and_preprocess
 from cxr.runtime.segment import segment, segment_means
@@ -109,13 +110,16 @@ def test_pointing_game_on_planted_lesions(sessions, phantoms, bundle):
 
 
 def test_predict_explain_writes_overlay_and_record(bundle, phantoms, tmp_path):
-    image = sorted((phantoms / "covid19").glob("*.png"))[0]
+    from cxr.bench.gpu_summary import predict_opening
+
+    image, second = sorted((phantoms / "covid19").glob("*.png"))[:2]
     result = cli(
         "cxr-run",
         "predict",
         "--model",
         str(bundle),
         str(image),
+        str(second),
         "--explain",
         "--samples",
         "200",
@@ -125,6 +129,10 @@ def test_predict_explain_writes_overlay_and_record(bundle, phantoms, tmp_path):
         "3",
     )
     record = json.loads(result.stdout.splitlines()[0])
+    assert len(result.stdout.splitlines()) == 2
+    (tmp_path / "predict.log").write_text(result.stderr)
+    opening = predict_opening(tmp_path / "predict.log")  # what gpu_summary reads from the closing line
+    assert 0 < opening["classifier_open_s"] < opening["first_result_s"] and opening["explainer_open_s"] > 0
     explanation = record["explanation"]
     assert (
         explanation["seed"] == 3 and explanation["samples"] == 200 and explanation["label"] == record["label"]
@@ -137,6 +145,30 @@ def test_predict_explain_writes_overlay_and_record(bundle, phantoms, tmp_path):
     assert picture is not None and picture.shape[0] >= 400
     red = (picture[:, :, 2].astype(int) - picture[:, :, 0]) > 60
     assert red.any()
+
+
+def test_opening_explainer_waits_and_passes_failures_on():
+    from cxr.runtime.predict import OpeningExplainer
+
+    class Closable:
+        closed = False
+
+        def close(self):
+            self.closed = True
+
+    opening = OpeningExplainer(Closable)
+    ready = opening.get()
+    opening.close()
+    assert ready.closed and opening.open_s is not None and opening.open_s >= 0
+
+    def broken():
+        raise CxrError("explain.onnx: cannot load")
+
+    failing = OpeningExplainer(broken)
+    with pytest.raises(CxrError, match="cannot load"):
+        failing.get()
+    failing.close()  # nothing opened, nothing to close, no second error
+    assert failing.open_s is None
 
 
 def test_quickshift_segmenter_and_bad_segmenter(bundle, phantoms):
