@@ -45,7 +45,8 @@ step predict_explain 200 "$PY" -m cxr.runtime.cli predict --model "$OUT/bundle" 
   --precision fp16 --explain --explain-dir "$OUT/overlays" --out "$OUT/predict_explain_fp16.jsonl"
 step fp16_variants 150 "$PY" -m cxr.bench.fp16_variants "$OUT/bundle" "$OUT" $(head -n 6 "$OUT/explain40.txt")
 step latency 200 "$PY" -m cxr.bench.cli latency --model "$OUT/bundle" --batch-sizes 64 --warmup-s 1 --duration-s 3 \
-  --backends pytorch-fp32,pytorch-fp16,onnxruntime-fp32,onnxruntime-fp16 --out "$OUT"
+  --backends pytorch-fp32,pytorch-fp16,onnxruntime-fp32,onnxruntime-fp16,onnxruntime-exhaustive-fp32,onnxruntime-exhaustive-fp16 \
+  --out "$OUT"
 step latency_compile 200 "$PY" -m cxr.bench.cli latency --model "$OUT/bundle" --batch-sizes 64 --warmup-s 1 \
   --duration-s 3 --backends torch-compile-fp16 --out "$OUT/compile"
 step info 120 "$PY" -m cxr.runtime.cli info --model "$OUT/bundle"

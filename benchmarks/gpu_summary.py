@@ -102,6 +102,8 @@ def summarise(out: Path) -> dict[str, Any]:
         "predict_explain_fp16_step_s": steps.get("predict_explain", {}).get("seconds"),
         "ort_fp16_b64_img_s": throughput(latency, "onnxruntime-fp16"),
         "ort_fp32_b64_img_s": throughput(latency, "onnxruntime-fp32"),
+        "ort_fp16_exhaustive_b64_img_s": throughput(latency, "onnxruntime-exhaustive-fp16"),
+        "ort_fp32_exhaustive_b64_img_s": throughput(latency, "onnxruntime-exhaustive-fp32"),
         "torch_eager_fp16_b64_img_s": throughput(latency, "pytorch-fp16"),
         "torch_eager_fp32_b64_img_s": throughput(latency, "pytorch-fp32"),
         "torch_compile_fp16_b64_img_s": throughput(latency, "torch-compile-fp16"),

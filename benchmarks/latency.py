@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from cxr.runtime.errors import CxrError
 log = logging.getLogger(__name__)
 
 Runner = Callable[[np.ndarray], np.ndarray]
+EXHAUSTIVE = "onnxruntime-exhaustive"  # ONNX Runtime CUDA with cuDNN's exhaustive search (not what ships)
 
 
 def _timed_runs(run: Runner, batch: np.ndarray, seconds: float, min_runs: int = 5) -> list[float]:
@@ -61,6 +63,7 @@ def measure(
 def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Callable[[], Any]]]:
     """(name, precision, opener) for PyTorch (eager fp32; on CUDA also eager and compiled fp16 channels-last),
     each ORT graph and each engine present here."""
+    from cxr.runtime.backends.onnxruntime import gpu_providers
     from cxr.runtime.backends.select import runnable_here
 
     found = []
@@ -84,15 +87,24 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
     makers = {"onnxruntime": _ort_runner, "openvino": _ov_runner, "tensorrt": _trt_runner}
     for backend, precision in runnable_here(bundle):
         found.append((backend, precision, lambda b=backend, p=precision: makers[b](bundle, p)))
+        if (
+            backend == "onnxruntime" and gpu_providers()
+        ):  # the shipped heuristic search, and exhaustive beside it
+            found.append((EXHAUSTIVE, precision, lambda p=precision: _ort_runner(bundle, p, exhaustive=True)))
     if wanted:
         found = [f for f in found if f[0] in wanted or f"{f[0]}-{f[1]}" in wanted]
     return found
 
 
-def _ort_runner(bundle: Bundle, precision: str) -> tuple[Runner, Callable[[], None]]:
-    from cxr.runtime.backends.onnxruntime import OrtBackend
+def _ort_runner(
+    bundle: Bundle, precision: str, exhaustive: bool = False
+) -> tuple[Runner, Callable[[], None]]:
+    """The classifier as the runtime opens it (cuDNN's heuristic search on CUDA), or with exhaustive
+    search."""
+    from cxr.runtime.backends.onnxruntime import CLASSIFIER_CUDA, OrtBackend
 
-    backend = OrtBackend(bundle.onnx_path("model", precision), precision, max_batch=1024)
+    cuda = replace(CLASSIFIER_CUDA, search="EXHAUSTIVE") if exhaustive else CLASSIFIER_CUDA
+    backend = OrtBackend(bundle.onnx_path("model", precision), precision, max_batch=1024, cuda=cuda)
     return backend.run, backend.close
 
 

@@ -27,6 +27,7 @@ def test_cuda_explainer_matches_the_cpu_at_one_fixed_shape(bundle):
         OrtExplainer(bundle / "explain.onnx", "fp32", providers=[CPU_EP]) as cpu,
     ):
         assert gpu.device == "cuda" and gpu.limits.max_batch == 256
+        assert gpu.session.get_provider_options()[CUDA_EP]["cudnn_conv_algo_search"] == "EXHAUSTIVE"
         gpu.warm_up(64)
         gpu.set_image(image, fill, segments)
         cpu.set_image(image, fill, segments)
@@ -55,4 +56,6 @@ def test_auto_names_the_provider_that_ran(bundle):
     backend, reason = open_classifier(Bundle.open(bundle), "auto", "fp16")
     with backend:
         assert backend.device == "cuda"
+        options = backend.session.get_provider_options()[CUDA_EP]
+        assert options["cudnn_conv_algo_search"] == "HEURISTIC"  # the classifier skips the per-shape search
     assert reason.startswith("onnxruntime fp16 on cuda (") and "\n" not in reason

@@ -71,27 +71,35 @@ def gpu_providers() -> list[str]:
 
 @dataclass(frozen=True)
 class CudaOptions:
-    """How the CUDA EP runs a graph. Exhaustive cuDNN search is always on (paid once per fixed shape).
+    """How the CUDA EP runs a graph.
 
-    tf32: TF32 tensor cores for fp32 (off for parity: ~1e-3 |dprob| otherwise); cuda_graph: replay one
-    captured
-    graph; nhwc: ORT's channels-last convolutions. NHWC is off: on an H200 the dpn92_se explainer ran 0.412 s
-    (fp16) and 0.498 s (fp32) per explanation with it, 0.338 s and 0.425 s without (explain_variants.json).
+    search: cuDNN's algorithm search, paid again for every new input shape. EXHAUSTIVE times every algorithm
+    (on an H100 about 3 s per shape for dpn92_se, 2 to 4 s at open for the explainer's one fixed shape) and
+    pays back over the 4 batches of every explanation; HEURISTIC costs 0.3 to 0.8 s per shape and runs the
+    classifier's b64 batch within ~10 % (27 vs 25 ms), so the classifier, which sees several batch sizes and
+    a few calls, uses it (CLASSIFIER_CUDA). tf32: TF32 tensor cores for fp32 (off for parity: ~1e-3 |dprob|
+    otherwise). cuda_graph: replay one captured graph. nhwc: ORT's channels-last convolutions, off: on an
+    H200 the dpn92_se explainer ran 0.412 s (fp16) and 0.498 s (fp32) per explanation with it, 0.338 s and
+    0.425 s without (explain_variants.json).
     """
 
     tf32: bool = True
     nhwc: bool = False
     cuda_graph: bool = False
+    search: str = "EXHAUSTIVE"
 
     def provider_options(self) -> dict[str, str]:
         options = {
-            "cudnn_conv_algo_search": "EXHAUSTIVE",
+            "cudnn_conv_algo_search": self.search,
             "use_tf32": str(int(self.tf32)),
             "prefer_nhwc": str(int(self.nhwc)),
         }
         if self.cuda_graph:
             options["enable_cuda_graph"] = "1"
         return options
+
+
+CLASSIFIER_CUDA = CudaOptions(search="HEURISTIC")
 
 
 def _create(
@@ -129,7 +137,7 @@ def open_session(
     try:
         session = _create(path, wanted, threads, cuda, data)
     except Exception as exc:
-        plain = CudaOptions(tf32=cuda.tf32, nhwc=False, cuda_graph=False)
+        plain = replace(cuda, nhwc=False, cuda_graph=False)
         if CUDA_EP not in wanted or cuda == plain:
             external = (
                 " (graphs with external data files are refused)" if "external" in str(exc).lower() else ""
@@ -160,7 +168,7 @@ class OrtBackend(Backend):
         precision: str,
         providers: list[str] | None = None,
         max_batch: int = 64,
-        cuda: CudaOptions = CudaOptions(),
+        cuda: CudaOptions = CLASSIFIER_CUDA,
         data: bytes | None = None,
     ) -> None:
         self.session, self.cuda = open_session(path, providers, cuda=cuda, data=data)

@@ -9,7 +9,7 @@ one line (the reason shown to the user), never an error block. A backend named e
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -177,14 +177,14 @@ def open_classifier(
 
     ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs).
     """
-    from cxr.runtime.backends.onnxruntime import CudaOptions, OrtBackend
+    from cxr.runtime.backends.onnxruntime import CLASSIFIER_CUDA, OrtBackend
     from cxr.runtime.backends.openvino import OvBackend
     from cxr.runtime.backends.tensorrt import TrtBackend
 
     openers = Openers(
         tensorrt=lambda plan, data: TrtBackend(plan, precision, data),
         onnxruntime=lambda path, data, providers: OrtBackend(
-            path, precision, providers, cuda=CudaOptions(tf32=tf32), data=data
+            path, precision, providers, cuda=replace(CLASSIFIER_CUDA, tf32=tf32), data=data
         ),
         openvino=lambda path, data: OvBackend(path, precision, data),
     )
