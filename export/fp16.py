@@ -127,8 +127,8 @@ def probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, 
 
 def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
     """model.fp16.onnx / explain.fp16.onnx for every fp32 graph in the bundle, recorded in the card (whose
-    fp16
-    parity result is forgotten: a new graph has not passed yet). Returns (files written, notes per graph)."""
+    fp16 parity result is forgotten: a new graph has not passed yet). Returns (files written, notes per
+    graph)."""
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
 

@@ -139,9 +139,8 @@ def compare(
 
 def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
     """(label, backend, precision) for every requested backend this bundle and machine can run: 'onnx',
-    'fp16',
-    'int8' are ONNX Runtime on that graph, 'engine' every TensorRT engine, 'openvino' OpenVINO on every
-    graph."""
+    'fp16', 'int8' are ONNX Runtime on that graph, 'engine' every TensorRT engine, 'openvino' OpenVINO on
+    every graph."""
     unknown = [item for item in wanted if item not in PARITY_BACKENDS]
     if unknown:
         raise CxrUsageError(f"--backends: unknown {unknown[0]!r}; choose from {', '.join(PARITY_BACKENDS)}")

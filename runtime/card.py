@@ -222,8 +222,7 @@ def read_card(folder: Path) -> Card:
 
 def card_digest(data: bytes) -> str:
     """The bundle digest: sha256 of card.json's bytes. The card lists the sha256 of every file, and every file
-    is
-    checked against it before use, so pinning this digest pins the whole bundle."""
+    is checked against it before use, so pinning this digest pins the whole bundle."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 

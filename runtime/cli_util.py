@@ -2,8 +2,7 @@
 
 A CxrError (bad file, bad bundle, missing backend) is ``error: ...`` and exit 1; a usage error (unknown
 command or option, a bad or missing value, a CxrUsageError) is one ``error: ...`` line and exit 2, click's
-convention;
-a bare command prints its help and exits 2. A command may return its exit code.
+convention; a bare command prints its help and exits 2. A command may return its exit code.
 """
 
 from __future__ import annotations
@@ -45,8 +44,7 @@ ABORTS = _classes("Abort", typer.Abort)
 
 def configure_logging(verbosity: int, stream: TextIO) -> None:
     """The library logs (``logging``); the CLI decides what is shown: -1 quiet (warnings and errors, no
-    progress
-    bars), 0 what a person follows (info), 1 verbose (debug)."""
+    progress bars), 0 what a person follows (info), 1 verbose (debug)."""
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(

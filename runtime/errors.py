@@ -3,8 +3,7 @@
 
 def one_line(value: object, limit: int | None = None) -> str:
     """An exception's (or any) text on one line, whitespace collapsed, cut to ``limit`` characters; an
-    exception
-    without text gives its class name."""
+    exception without text gives its class name."""
     text = " ".join(str(value).split())[:limit]
     return text or (type(value).__name__ if isinstance(value, BaseException) else "")
 

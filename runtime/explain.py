@@ -89,8 +89,7 @@ def lime_fit(
 
 def warm_host(seed: int = 0) -> None:
     """Run segmentation and lime's fit once on a toy problem, so their imports and first-call costs (about 1
-    s)
-    are paid when the explainer opens, not by the first patient's image."""
+    s) are paid when the explainer opens, not by the first patient's image."""
     rng = np.random.default_rng(seed)
     toy = rng.integers(0, 256, (32, 32), dtype=np.uint8)
     segment(toy, "slic", 8, seed)

@@ -29,8 +29,7 @@ def install_hint(module: str, extra: str | None = None) -> str:
 
 def require(module: str, purpose: str, extra: str | None = None) -> ModuleType:
     """``importlib.import_module(module)``; if it is missing, ``CxrError('<purpose> needs <pkg>: pip install
-    ...')``.
-    ``extra`` names the extra where the package serves several (tritonclient: serve, export)."""
+    ...')``. ``extra`` names the extra where the package serves several (tritonclient: serve, export)."""
     try:
         return importlib.import_module(module)
     except ImportError:

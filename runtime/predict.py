@@ -87,8 +87,8 @@ def predict_stream(
     known_errors: dict[Path, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs
-    that
-    failed before reading (a broken link, an unreadable folder) and the reason each gets in its record."""
+    that failed before reading (a broken link, an unreadable folder) and the reason each gets in its
+    record."""
     known_errors = known_errors or {}
     classes, size = bundle.card.classes, bundle.card.input.size
     if options.batch_size < 1:

@@ -2,9 +2,8 @@
 
 decode (PNG/JPEG 8/16-bit, DICOM) -> grayscale uint8 -> [thorax crop, CLAHE] -> short side to ``size`` ->
 centre crop -> [border band]; the bracketed steps are the card's shortcut suppression
-(``cxr.runtime.suppress``).
-Every problem with a file is a one-line ``CxrError``, so a batch can record it and go on.
-"""
+(``cxr.runtime.suppress``). Every problem with a file is a one-line ``CxrError``, so a batch can record it and
+go on."""
 
 from __future__ import annotations
 
@@ -321,8 +320,7 @@ def _max_decoded_bytes(max_pixels: int) -> int:
 
 def _check_inflated_size(data: bytes, path: str, max_pixels: int) -> None:
     """A deflated dataset is inflated here first under a hard cap (pydicom would inflate it whole): a 2 MB
-    file
-    must not become gigabytes in memory."""
+    file must not become gigabytes in memory."""
     import zlib
 
     if DEFLATED_SYNTAX not in data[:4096]:

@@ -45,16 +45,14 @@ class PaperAugment:
 
 def evaluation_view(image: np.ndarray, size: int, pre: Preprocessing | None = None) -> np.ndarray:
     """The runtime's deterministic view (centre crop, then the card's border band) of an image already at
-    short
-    side = size after ``whole_film_steps``: what ``cxr.runtime.preprocess.preprocess`` gives."""
+    short side = size after ``whole_film_steps``: what ``cxr.runtime.preprocess.preprocess`` gives."""
     return np.ascontiguousarray(view_steps(center_crop(image, size), pre))
 
 
 @dataclass
 class CornerErase:
     """Training-only: with probability ``p`` per corner, a random-size square (5-20 % of the side) filled with
-    a
-    random grey, so burned-in corner labels and markers stop being a reliable cue."""
+    a random grey, so burned-in corner labels and markers stop being a reliable cue."""
 
     p: float = 0.5
 

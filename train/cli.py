@@ -123,8 +123,7 @@ def evaluate(
     seed: int = typer.Option(0, help="Seed of the bootstrap, the baseline and the audit's picks."),
 ) -> None:
     """Per-class P/R/F1 with bootstrap 95 % intervals, the shortcut baseline on the same images and the gain
-    over
-    it with its interval, optionally a LIME audit; JSON plus one PNG page."""
+    over it with its interval, optionally a LIME audit; JSON plus one PNG page."""
     if lime_audit < 0 or lime_samples < 10:
         from cxr.runtime.errors import CxrUsageError
 

@@ -110,8 +110,7 @@ def _decode(
     sample: Sample, size: int, pre: Preprocessing | None
 ) -> tuple[np.ndarray | None, tuple[int, int] | str]:
     """One file after the whole-film suppression steps, at short side ``size``, with its original shape, or
-    None
-    and the reason it is unreadable. The view steps (border band) follow the crop: see ``view_steps``."""
+    None and the reason it is unreadable. The view steps (border band) follow the crop: see ``view_steps``."""
     try:
         gray = read_image(sample.path)
     except CxrError as exc:

@@ -39,8 +39,7 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics with bootstrap intervals, the shortcut baseline on the same images (raw films: the shortcut
-    lives
-    there), the paired gain, and optionally the LIME audit; writes JSON and one PNG page."""
+    lives there), the paired gain, and optionally the LIME audit; writes JSON and one PNG page."""
     card, model = load_run(run)
     classes, samples = scan_image_folder(data, card.classes)
     split = read_split(run)

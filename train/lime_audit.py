@@ -3,8 +3,7 @@
 Runs the runtime's own LIME (``cxr.runtime.explain``) against the PyTorch model of a run, through the same
 in-graph composition the exported explainer uses (``cxr.export.graphs.Explainer``), so the audit of a run and
 the maps a bundle draws come from one method. The body is ``cxr.runtime.suppress.body_mask`` on the whole
-film,
-taken through the card's preprocessing geometry.
+film, taken through the card's preprocessing geometry.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
 
 def plot_evaluation_page(result: dict[str, Any], classes: Sequence[str], path: Path, title: str) -> None:
     """One page a clinician can read: per-class recall/precision with 95 % intervals next to the shortcut
-    baseline,
-    accuracy and the gain with its interval, the confusion matrix, and the LIME audit when it ran."""
+    baseline, accuracy and the gain with its interval, the confusion matrix, and the LIME audit when it
+    ran."""
     model, base, intervals = result["model"], result.get("shortcut_baseline"), result["intervals"]
     fig = plt.figure(figsize=(11, 8.5))
     grid = fig.add_gridspec(2, 2, height_ratios=[1.1, 1])

@@ -119,8 +119,7 @@ def _check_uint8(value: Any, what: str, ndim: int) -> np.ndarray:
 
 class Backend(_Contract):
     """Classifier: ``run(N x 1 x S x S uint8) -> N x classes float32``, N within ``limits``; checked here once
-    for
-    every backend, which implements ``_run``."""
+    for every backend, which implements ``_run``."""
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         _check_uint8(batch, "a classifier batch", 4)

@@ -131,8 +131,7 @@ def open_session(
     """An InferenceSession on the best usable providers, and the CUDA options it really got. If the CUDA EP
     refuses NHWC or a CUDA graph for this graph, it is opened again without them; a CUDA EP that cannot start
     at all is one warning line. ``data``: the graph's verified bytes (then ``path`` only names it); a graph
-    that
-    needs external data files cannot load from bytes, which is how such graphs are refused."""
+    that needs external data files cannot load from bytes, which is how such graphs are refused."""
     wanted = providers or available_providers()
     try:
         session = _create(path, wanted, threads, cuda, data)

@@ -1,6 +1,5 @@
 """``--backend auto``: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO -> ONNX Runtime CPU, each chosen only
-after
-it ran.
+after it ran.
 
 Every candidate must answer a one-image probe before it is used; what was tried and why it was skipped is
 one line (the reason shown to the user), never an error block. A backend named explicitly gets no fallback.
@@ -134,8 +133,7 @@ def _first_that_runs(
 
 def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
     """The card's classes, input and preprocessing must be the ones the graph was exported with: an edited
-    card
-    (classes reordered or renamed) would pass every hash check and mislabel every image."""
+    card (classes reordered or renamed) would pass every hash check and mislabel every image."""
     mismatch = metadata_mismatch(card, backend.metadata)
     if mismatch:
         raise BundleRefused(f"refused: {mismatch} (card.json was edited after export)")
@@ -143,8 +141,7 @@ def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
 
 def check_validated(bundle: Bundle, backend: Backend, allow_unvalidated: bool) -> str | None:
     """Refuse a graph or engine that failed parity or never ran it, unless allowed; returns the warning to
-    show
-    when allowed. (The fp32 ONNX graph counts as validated: export compares it with PyTorch.)"""
+    show when allowed. (The fp32 ONNX graph counts as validated: export compares it with PyTorch.)"""
     engine = backend.name == "tensorrt"
     state = parity_state(bundle.card, backend.precision, engine)
     if state == "passed" or backend.name not in ("tensorrt", "onnxruntime", "openvino"):
@@ -226,8 +223,8 @@ def open_explainer(
 
 def runnable_here(bundle: Bundle, graph: str = "model") -> list[tuple[str, str]]:
     """(backend, precision) for every file of ``graph`` in the bundle whose runtime is installed here: ONNX
-    Runtime
-    and OpenVINO for each ONNX graph, TensorRT for each engine. (Installed, not probed: ``open_*`` probes.)"""
+    Runtime and OpenVINO for each ONNX graph, TensorRT for each engine. (Installed, not probed: ``open_*``
+    probes.)"""
     from cxr.runtime.backends.openvino import openvino_available
     from cxr.runtime.backends.tensorrt import tensorrt_available
 

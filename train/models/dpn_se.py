@@ -4,8 +4,7 @@ Cheng et al. 2021 add SE to DPN-92. Here the SE block sits on the output of each
 before that output is split into the residual and the dense path (reduction 16). The network is timm's
 ``DPN`` (so ``--pretrained`` loads timm's ImageNet DPN weights unchanged); SE is inserted after the weights
 are loaded. Registered with timm: ``timm.create_model("dpn92_se", num_classes=4)`` after ``import
-cxr.train.models``.
-"""
+cxr.train.models``."""
 
 from __future__ import annotations
 
