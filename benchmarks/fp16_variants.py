@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cxr.bench.explain_variants import timed_explanations
 from cxr.bench.latency import measure as classifier_latency
 from cxr.export.fp16 import convert_fp16, probe_feeds
 from cxr.runtime.backends.onnxruntime import OrtBackend, OrtExplainer
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.explain import ExplainConfig, explain_image, warm_host
+from cxr.runtime.explain import warm_host
 from cxr.runtime.preprocess import load_and_preprocess
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,7 @@ def explainer_timing(path: Path, size: int, images: list[np.ndarray]) -> dict[st
         session_s = time.perf_counter() - started
         explainer.warm_up(size)
         warm_up_s = time.perf_counter() - started - session_s
-        times = []
-        for image in images:
-            start = time.perf_counter()
-            explain_image(image, explainer, ExplainConfig())
-            times.append(time.perf_counter() - start)
+        times = timed_explanations(explainer, images)
         return {
             "device": explainer.device,
             "batch": explainer.limits.max_batch,
