@@ -5,6 +5,26 @@ import pytest
 from tests.conftest import AUTO_CPU_BACKEND, cli
 
 
+def test_fp16_variants_measures_both_exports(bundle, phantoms, tmp_path):
+    import onnx
+    from cxr.bench.fp16_variants import compare, earlier_graphs
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.preprocess import load_and_preprocess
+
+    opened = Bundle.open(bundle)
+    earlier = earlier_graphs(opened, tmp_path)
+    means = [
+        sum(n.op_type == "ReduceMean" for n in onnx.load(str(path)).graph.node)
+        for path in (earlier["model"], bundle / "model.onnx")
+    ]
+    assert means[0] == means[1] > 0  # the SE means kept as ReduceMean, as exports used to
+    image = load_and_preprocess(sorted((phantoms / "normal").glob("*.png"))[0], opened.card.input.size)
+    results = compare(opened, tmp_path, [image, image])
+    assert set(results) == {"pooled_fp16", "reducemean_fp32"}
+    for result in results.values():
+        assert result["classifier_b64_img_s"] > 0 and result["explainer"]["steady_s_per_image"] > 0
+
+
 def test_latency_and_report(bundle, tmp_path):
     cli(
         "cxr-bench",
