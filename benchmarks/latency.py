@@ -85,11 +85,10 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
     except ImportError:
         pass
     makers = {"onnxruntime": _ort_runner, "openvino": _ov_runner, "tensorrt": _trt_runner}
+    on_cuda = bool(gpu_providers())  # ORT on CUDA: the shipped heuristic search, and exhaustive beside it
     for backend, precision in runnable_here(bundle):
         found.append((backend, precision, lambda b=backend, p=precision: makers[b](bundle, p)))
-        if (
-            backend == "onnxruntime" and gpu_providers()
-        ):  # the shipped heuristic search, and exhaustive beside it
+        if backend == "onnxruntime" and on_cuda:
             found.append((EXHAUSTIVE, precision, lambda p=precision: _ort_runner(bundle, p, exhaustive=True)))
     if wanted:
         found = [f for f in found if f[0] in wanted or f"{f[0]}-{f[1]}" in wanted]

@@ -123,7 +123,8 @@ def predict(
                     warned += bool(record["warnings"]) and record["error"] is None
                     _warn_once(record, shown)
                     writer.write(record)
-                    first_result_s = first_result_s or time.perf_counter() - started
+                    if first_result_s is None:
+                        first_result_s = time.perf_counter() - started
         finally:
             if explainer is not None:
                 explainer.close()

@@ -94,6 +94,7 @@ def predict_stream(
     if options.batch_size < 1:
         raise CxrUsageError("--batch-size must be at least 1")
     batch_size = min(options.batch_size, backend.limits.max_batch)
+    get_explainer = explainer.get if isinstance(explainer, OpeningExplainer) else lambda: explainer
     bar = tqdm(
         total=len(paths), unit="img", desc="explain" if explainer else "predict", disable=len(paths) < 2
     )
@@ -125,7 +126,7 @@ def predict_stream(
         for i, record in enumerate(records):
             labelled = i in rows and _label(record, rows[i], classes, options.top_k)
             if labelled and explainer is not None and options.explain is not None:
-                ready = explainer.get() if isinstance(explainer, OpeningExplainer) else explainer
+                ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
                 try:
                     record["explanation"] = _explain(images[i], chunk[i], start + i, bundle, ready, options)
                 except CxrError as exc:

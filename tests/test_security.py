@@ -166,38 +166,17 @@ def test_triton_export_never_replaces_a_folder_it_did_not_write(bundle, tmp_path
     repo = tmp_path / "repo"
     (repo / "docs").mkdir(parents=True)
     (repo / "docs" / "notes.md").write_text("mine\n")
-    line = one_line_error(
-        cli(
-            "cxr-export",
-            "triton",
-            str(bundle),
-            "--out",
-            str(repo),
-            "--name",
-            "docs",
-            "--format",
-            "onnx",
-            check=1,
-        )
-    )
+
+    def export(name: str, *extra: str, check: int = 0):
+        args = ("triton", str(bundle), "--out", str(repo), "--name", name, "--format", "onnx", *extra)
+        return cli("cxr-export", *args, check=check)
+
+    line = one_line_error(export("docs", check=1))
     assert "not a model folder written by cxr-export" in line and "--force" in line
     assert (repo / "docs" / "notes.md").read_text() == "mine\n"
-    cli("cxr-export", "triton", str(bundle), "--out", str(repo), "--name", "cxr", "--format", "onnx")
-    cli(
-        "cxr-export", "triton", str(bundle), "--out", str(repo), "--name", "cxr", "--format", "onnx"
-    )  # ours: replaced
-    cli(
-        "cxr-export",
-        "triton",
-        str(bundle),
-        "--out",
-        str(repo),
-        "--name",
-        "docs",
-        "--format",
-        "onnx",
-        "--force",
-    )
+    export("cxr")
+    export("cxr")  # ours: replaced
+    export("docs", "--force")
     assert not (repo / "docs" / "notes.md").exists() and (repo / "docs" / "config.pbtxt").is_file()
 
 
