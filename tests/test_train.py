@@ -153,6 +153,41 @@ def test_same_seed_same_result_on_cpu(phantoms, tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def fit_cli(data: Path, out: Path, *options: str, check: int):
+    """``cxr-train fit DATA --out OUT OPTIONS``, expected to exit with ``check``."""
+    return cli("cxr-train", "fit", str(data), "--out", str(out), *options, check=check)
+
+
+def test_init_fine_tunes_from_an_earlier_run(trained_run, phantoms, tmp_path):
+    from cxr.train.fit import FitConfig, fit
+
+    start = torch.load(trained_run / "model.pt", weights_only=True)
+    out = tmp_path / "tuned"
+    fit(
+        FitConfig(
+            data=phantoms, out=out, arch="dpn_se_tiny", epochs=1, image_size=64, lr=1e-7, init=trained_run
+        )
+    )
+    tuned = torch.load(out / "model.pt", weights_only=True)
+    weights = [k for k, v in start.items() if v.is_floating_point() and "running" not in k]
+    assert all(torch.allclose(start[k], tuned[k], atol=1e-4) for k in weights)
+    assert json.loads((out / "metrics.json").read_text())["val"]["accuracy"] >= 0.85
+    assert json.loads((out / "card.json").read_text())["training"]["init"] == str(trained_run)
+
+
+def test_init_mismatch_and_conflicts_are_one_line_errors(trained_run, phantoms, tmp_path):
+    from cxr.runtime.errors import CxrError, CxrUsageError
+    from cxr.train.config import FitConfig
+
+    with pytest.raises(CxrUsageError, match="give one"):
+        FitConfig(data=phantoms, out=tmp_path / "a", init=trained_run, pretrained=True)
+    with pytest.raises(CxrError, match="not a run folder"):
+        FitConfig(data=phantoms, out=tmp_path / "a", init=phantoms)
+    result = fit_cli(phantoms, tmp_path / "r", "--arch", "resnet18", "--init", str(trained_run), check=1)
+    assert "they must match" in one_line_error(result)
+    assert not (tmp_path / "r" / "model.pt").exists()
+
+
 def test_unreadable_images_are_skipped_and_counted(tmp_path):
     from cxr.train.synth import write_phantoms
 
@@ -187,22 +222,9 @@ def test_bad_data_folders_are_one_line_errors(tmp_path, setup, message):
 
 
 def test_bad_arch_and_size_are_one_line_errors(phantoms, tmp_path):
-    result = cli(
-        "cxr-train", "fit", str(phantoms), "--out", str(tmp_path / "r"), "--arch", "resnet5O", check=1
-    )
+    result = fit_cli(phantoms, tmp_path / "r", "--arch", "resnet5O", check=1)
     assert "unknown --arch" in one_line_error(result)
-    result = cli(
-        "cxr-train",
-        "fit",
-        str(phantoms),
-        "--out",
-        str(tmp_path / "r"),
-        "--arch",
-        "dpn_se_tiny",
-        "--image-size",
-        "20",
-        check=2,
-    )
+    result = fit_cli(phantoms, tmp_path / "r", "--arch", "dpn_se_tiny", "--image-size", "20", check=2)
     assert "too small" in one_line_error(result)
 
 

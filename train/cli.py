@@ -40,7 +40,7 @@ def fit(
     image_size: int = typer.Option(224, help="Input size (short side scaled to it, then cropped)."),
     batch_size: int = typer.Option(16, help="Batch size."),
     lr: Optional[float] = typer.Option(
-        None, help="Peak learning rate (default 1e-3, or 3e-4 with --pretrained)."
+        None, help="Peak learning rate (default 1e-3, or 3e-4 with --pretrained or --init)."
     ),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same result on CPU."),
     val_split: float = typer.Option(
@@ -51,6 +51,11 @@ def fit(
     ),
     pretrained: bool = typer.Option(
         False, "--pretrained", help="Start from timm's ImageNet weights (needs internet)."
+    ),
+    init: Optional[Path] = typer.Option(
+        None,
+        metavar="<run>",
+        help="Start from an earlier run's weights (same --arch and classes): fine-tune on new images.",
     ),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     balance: str = typer.Option(
@@ -91,6 +96,7 @@ def fit(
         val_split=val_split,
         augment=not no_augment,
         pretrained=pretrained,
+        init=init,
         device=device,
         balance=balance,
         warmup=warmup,

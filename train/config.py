@@ -25,6 +25,7 @@ class FitConfig:
     val_split: float = 0.2
     augment: bool = True
     pretrained: bool = False
+    init: Path | None = None  # an earlier run folder whose weights this run starts from (fine-tuning)
     device: str = "auto"
     # the recipe
     balance: str = "weights"  # class-weighted loss, a class-balanced sampler, or neither
@@ -54,6 +55,10 @@ class FitConfig:
             raise CxrUsageError(f"--border-mask must be in [0, 0.25), got {self.border_mask}")
         if self.patience < 0:
             raise CxrUsageError(f"--patience must be 0 (off) or more, got {self.patience}")
+        if self.init is not None and self.pretrained:
+            raise CxrUsageError("--init and --pretrained both choose the starting weights: give one")
+        if self.init is not None and not (Path(self.init) / "model.pt").is_file():
+            raise CxrError(f"{self.init}: not a run folder (no model.pt from 'cxr-train fit' to start from)")
         if self.device not in DEVICES:
             raise CxrUsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not Path(self.data).is_dir():

@@ -28,7 +28,14 @@ from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_s
 from cxr.train.distributed import DistContext, barrier, init_distributed, shutdown
 from cxr.train.models.adapter import GrayToNet
 from cxr.train.plots import plot_confusion, plot_curves
-from cxr.train.run import MODEL_FILE, SPLIT_FILE, build_net, check_image_size, net_mean_std
+from cxr.train.run import (
+    MODEL_FILE,
+    SPLIT_FILE,
+    build_net,
+    check_image_size,
+    load_init_weights,
+    net_mean_std,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -76,6 +83,8 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     classes, samples = scan_image_folder(config.data)
     train_samples, val_samples = split_samples(samples, config.val_split, config.seed)
     net = build_net(config.arch, len(classes), config.pretrained)
+    if config.init is not None:
+        load_init_weights(net, config.init, config.arch, classes, config.suppression())
     check_image_size(net, config.image_size, config.arch)
     steps_pre = config.suppression()
     train = load_images(train_samples, config.image_size, "loading train", disable=quiet, pre=steps_pre)
@@ -97,7 +106,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     sampler = DistributedSampler(
         range(len(train.images)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
     )
-    lr = config.lr or (3e-4 if config.pretrained else 1e-3)
+    lr = config.lr or (3e-4 if config.pretrained or config.init else 1e-3)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = config.epochs * max(1, int(np.ceil(len(sampler) / config.batch_size)))
     schedule = torch.optim.lr_scheduler.OneCycleLR(

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 from pathlib import Path
 
 import torch
-from cxr.runtime.card import Card, read_card
+from cxr.runtime.card import Card, Preprocessing, read_card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.train.models.adapter import Classifier, GrayToNet
 from torch import nn
@@ -16,6 +17,7 @@ from torch import nn
 MODEL_FILE = "model.pt"
 SPLIT_FILE = "split.json"
 MIN_IMAGE_SIZE = 32
+log = logging.getLogger(__name__)
 
 
 def check_arch(arch: str) -> str:
@@ -83,6 +85,33 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CxrError(f"{path}: not a state dict of tensors")
     return state
+
+
+def load_init_weights(net: nn.Module, run: Path, arch: str, classes: list[str], pre: Preprocessing) -> None:
+    """Fine-tuning: copy an earlier run's weights into ``net``; its arch and classes must be this run's.
+
+    A run trained with other preprocessing steps still loads (a hospital may switch suppression on), but the
+    log says so: the weights first saw other pixels.
+    """
+    card = read_card(Path(run))
+    if card.arch != arch or list(card.classes) != list(classes):
+        raise CxrError(
+            f"{run}: --init run is {card.arch} with classes {', '.join(card.classes)}; this run is {arch} "
+            f"with {', '.join(classes)} (they must match)"
+        )
+    try:
+        net.load_state_dict(load_state_dict(Path(run) / MODEL_FILE))
+    except RuntimeError as exc:
+        raise CxrError(
+            f"{run / MODEL_FILE}: weights do not fit {arch}: {str(exc).splitlines()[0][:160]}"
+        ) from None
+    earlier, now = suppression_of(card.preprocessing), suppression_of(pre)
+    if earlier != now:
+        log.warning(f"--init {run} was trained with {earlier}; this run uses {now}")
+
+
+def suppression_of(pre: Preprocessing) -> dict[str, object]:
+    return {"thorax_crop": pre.thorax_crop, "clahe": pre.clahe, "border_mask": pre.border_mask}
 
 
 def load_run(run: Path) -> tuple[Card, Classifier]:
