@@ -94,10 +94,17 @@ def int8(
         help="Further held-out images that choose the calibration and the layers kept "
         "in float (0: no choosing, first --calibration method, nothing kept).",
     ),
+    check_data: Optional[Path] = typer.Option(
+        None,
+        metavar="<path>",
+        help="Folder of held-out images for that choice (default: more of --calib). Use images the "
+        "model never trained on, such as its validation split: on training images agreement looks better "
+        "than it is.",
+    ),
     calibration: str = typer.Option(
-        "minmax,percentile",
-        help="Methods to try, best held-out agreement wins: "
-        "minmax, percentile, entropy (histogram methods see 16 images).",
+        "minmax,percentile,nncf",
+        help="Methods to try, best held-out agreement wins: minmax, percentile, entropy (ONNX Runtime; "
+        "histogram methods see 16 images), nncf (NNCF: every image, with bias correction).",
     ),
     agreement: float = typer.Option(
         FORMATS["int8"].parity.min_agreement, help="Top-1 agreement with fp32 the sensitivity sweep aims for."
@@ -109,9 +116,9 @@ def int8(
     from cxr.export.int8 import export_int8
 
     methods = tuple(m.strip() for m in calibration.split(",") if m.strip())
-    report = export_int8(bundle, calib, samples, check, seed, methods, agreement)
+    report = export_int8(bundle, calib, samples, check, seed, methods, agreement, check_data=check_data)
     model = report.notes["model"]
-    kept = ", ".join(model["kept_in_float"]) or "none"
+    kept = kept_summary(model["kept_in_float"])
     held = f", held-out agreement {model['held_out_agreement']:.3f}" if "held_out_agreement" in model else ""
     print(
         f"wrote {', '.join(report.written)} in {bundle} ({model['calibration']} calibration{held}; "
@@ -119,6 +126,13 @@ def int8(
     )
     print(report.verdict)
     print_digest(bundle)
+
+
+def kept_summary(nodes: list[str], shown: int = 4) -> str:
+    """The float-kept nodes for the one summary line: all when few, else a count (the card lists them)."""
+    if len(nodes) <= shown:
+        return ", ".join(nodes) or "none"
+    return f"{len(nodes)} nodes, e.g. {', '.join(nodes[:2])} (all in card.json)"
 
 
 @app.command("build-engine")

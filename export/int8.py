@@ -92,6 +92,11 @@ def quantize_int8(
     }
     if not feeds:
         raise CxrError("int8: no calibration inputs")
+    if method == "nncf":
+        from cxr.export.int8_nncf import quantize_nncf
+
+        quantize_nncf(src, dst, feeds, [*nodes_of_types(src, FLOAT_OPS), *(exclude or [])], reduce_range)
+        return {**graph_notes(method, reduce_range, list(exclude or [])), "calibration_batches": len(feeds)}
     if method != "minmax":  # histograms: the first HISTOGRAM_IMAGES images only
         counts = np.cumsum([len(next(iter(feed.values()))) for feed in feeds])
         feeds = feeds[: max(1, int(np.searchsorted(counts, HISTOGRAM_IMAGES, "right")))]
@@ -193,13 +198,19 @@ def export_int8(
     samples: int = 64,
     check: int = 64,
     seed: int = 0,
-    methods: tuple[str, ...] = ("minmax", "percentile"),
+    methods: tuple[str, ...] = ("minmax", "percentile", "nncf"),
     target: float = 0.98,
     log: Any = None,
+    check_data: Path | None = None,
 ) -> Int8Report:
     """model.int8.onnx (method and float-kept layers chosen by measurement on held-out images) and
     explain.int8.onnx (min/max: its segment count varies, so histograms cannot be merged), recorded in the
-    card."""
+    card.
+
+    The held-out images are ``check_data`` when given, else further images of ``calib``. Images the model
+    trained on make agreement look better than it is (their predictions have wide margins), so a folder the
+    model never saw, such as its validation split, chooses better.
+    """
     from cxr.export.int8_tune import METHODS, cpu_speed, tune
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
@@ -214,26 +225,36 @@ def export_int8(
             "(it must name at least one)"
         )
     opened = Bundle.open(bundle_dir)
-    images = draw_images(calib, opened.card.input.size, samples + check, seed, opened.card.preprocessing)
+    size, pre = opened.card.input.size, opened.card.preprocessing
+    drawn = samples + (check if check_data is None else 0)
+    images = draw_images(calib, size, drawn, seed, pre)
     if not images:
         raise CxrError(f"{calib}: no readable calibration images")
     calib_images, check_images = images[:samples], images[samples:]
+    if check_data is not None and check:
+        check_images = draw_images(check_data, size, check, seed, pre)
     if check and len(check_images) < 8:
+        source = (
+            f"{check_data}: {len(check_images)} readable images"
+            if check_data
+            else f"{calib}: {len(images)} readable images for --samples plus the held-out ones"
+        )
         raise CxrError(
-            f"{calib}: {len(images)} readable images; int8 needs --samples plus at least 8 held-out "
-            "images to choose the calibration by measurement (or --check 0 to skip choosing)"
+            f"{source}; int8 needs at least 8 held-out images to choose the calibration by measurement "
+            "(or --check 0 to skip choosing)"
         )
     src, dst = opened.verified("model.onnx"), opened.folder / "model.int8.onnx"
     feeds = classifier_feeds(calib_images)
     if check_images:
         log(
-            f"choosing int8 calibration on {len(check_images)} held-out images (target agreement "
-            f"{target:.0%})"
+            f"choosing int8 calibration on {len(check_images)} held-out images from "
+            f"{check_data or calib} (target agreement {target:.0%})"
         )
         result = tune(src, dst, feeds, classifier_feeds(check_images), methods, target, log)
         model_notes = {
             **graph_notes(result.method, result.reduce_range, result.excluded),
             "held_out_images": len(check_images),
+            "held_out_from": "check-data" if check_data else "calibration folder",
             "held_out_agreement": round(result.agreement, 4),
             "calibration_images": len(calib_images),
             "trials": [t.__dict__ for t in result.trials],

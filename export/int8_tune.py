@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from cxr.runtime.safe_io import atomic_write
 
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile", "entropy", "nncf")
 EXCLUDE_STEPS = (1, 2, 4, 8, 16, 32)
 logger = logging.getLogger(__name__)
 FASTER_RATIO = 0.7  # int8 b1 p50 must be at most this share of fp32 to be called worth having
@@ -150,9 +150,12 @@ def tune(
         best = max(trials, key=lambda t: (t.agreement, -t.max_abs_dprob, not t.reduce_range))
         chosen = candidates[best.method, best.reduce_range]
         result = TuneResult(best.method, best.reduce_range, [], best.agreement, trials)
-        if best.agreement < target:
+        ranked = ranking_graph(trials, candidates, best)
+        if best.agreement < target and ranked is None:
+            log("  no ONNX Runtime candidate to rank tensors by: nothing kept in float")
+        elif best.agreement < target:
             # two images: every activation of the graph is held for each (dpn92_se at 224: ~0.6 GB an image)
-            result.sensitivity = tensor_sensitivity(src, chosen, [{k: v[:2] for k, v in check[0].items()}])
+            result.sensitivity = tensor_sensitivity(src, ranked, [{k: v[:2] for k, v in check[0].items()}])
             for count in EXCLUDE_STEPS[
                 : int(np.searchsorted(EXCLUDE_STEPS, len(result.sensitivity), "right"))
             ]:
@@ -174,6 +177,18 @@ def tune(
                     break
         atomic_write(dst, chosen.read_bytes())
     return result
+
+
+def ranking_graph(trials: list[Trial], candidates: dict[tuple[str, bool], Path], best: Trial) -> Path | None:
+    """The graph whose Q/DQ pairs rank the tensors: the best one, or if NNCF made it (its Q/DQ names are
+    not the ones ORT's debugger pairs up), the best ORT-made one. Float-model names index both."""
+    if best.method != "nncf":
+        return candidates[best.method, best.reduce_range]
+    made_by_ort = [t for t in trials if t.method != "nncf"]
+    if not made_by_ort:
+        return None
+    runner_up = max(made_by_ort, key=lambda t: (t.agreement, -t.max_abs_dprob))
+    return candidates[runner_up.method, runner_up.reduce_range]
 
 
 def b1_p50_ms(backend: Any, image: np.ndarray, runs: int = 15) -> float:

@@ -16,6 +16,7 @@ EXTRAS = {
     "tritonclient": ("serve", ""),
     "cryptography": ("sign", ""),
     "pydicom": ("dicom", ""),
+    "nncf": ("export", ""),
 }
 
 

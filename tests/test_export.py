@@ -166,6 +166,71 @@ def test_missing_run_and_empty_calibration_folder(bundle, tmp_path):
     )
 
 
+def test_int8_check_data_chooses_on_other_images_and_says_so(bundle, phantoms, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted((phantoms / "normal").iterdir())[:3]:
+        shutil.copy(path, few / path.name)
+    args = ("cxr-export", "int8", str(copy), "--calib", str(phantoms), "--samples", "8", "--check", "16")
+    error = one_line_error(cli(*args, "--check-data", str(few), check=1))
+    assert f"{few}: 3 readable images; int8 needs at least 8 held-out images" in error
+    result = cli(*args, "--check-data", str(phantoms / "covid19"), "--calibration", "minmax")
+    notes = read_card(copy).provenance["int8"]["model"]
+    assert notes["held_out_from"] == "check-data" and notes["held_out_images"] == 16
+    assert notes["calibration_images"] == 8
+    assert "held-out agreement" in result.stdout
+
+
+def test_nncf_graph_is_signed_qdq_keeps_excluded_nodes_float_and_agrees(bundle, phantoms, tmp_path):
+    from cxr.export.int8 import classifier_feeds, draw_images, quantize_int8
+    from cxr.export.int8_tune import predict
+
+    images = draw_images(phantoms, 64, 40, seed=3)
+    source = onnx.load(str(bundle / "model.onnx")).graph
+    kept = next(node.name for node in source.node if node.op_type == "Conv")
+    out = tmp_path / "nncf.onnx"
+    notes = quantize_int8(bundle / "model.onnx", out, classifier_feeds(images[:24]), "nncf", [kept])
+    assert notes["calibration"] == "nncf" and notes["kept_in_float"] == [kept]
+    graph = onnx.load(str(out)).graph
+    points = {i.name: i for i in graph.initializer}
+    pairs = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(pairs) > 20
+    for node in pairs:  # TensorRT's explicit quantisation takes signed int8 with zero point 0 only
+        zero = onnx.numpy_helper.to_array(points[node.input[2]])
+        assert zero.dtype == np.int8 and not zero.any(), node.name
+    conv = next(n for n in graph.node if n.name == kept)
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert all(producers.get(name) != "DequantizeLinear" for name in conv.input)
+    feeds = classifier_feeds(images[24:])
+    agree = predict(out, feeds).argmax(1) == predict(bundle / "model.onnx", feeds).argmax(1)
+    assert agree.mean() >= 0.9
+
+
+def test_sensitivity_is_ranked_on_an_ort_graph_when_nncf_wins(tmp_path):
+    from cxr.export.int8_tune import Trial, ranking_graph
+
+    trials = [
+        Trial("minmax", False, [], 0.90, 0.2),
+        Trial("percentile", True, [], 0.95, 0.1),
+        Trial("nncf", False, [], 0.97, 0.1),
+    ]
+    paths = {(t.method, t.reduce_range): tmp_path / f"{t.method}{t.reduce_range}.onnx" for t in trials}
+    assert ranking_graph(trials, paths, trials[1]) == paths["percentile", True]
+    assert ranking_graph(trials, paths, trials[2]) == paths["percentile", True]
+    assert ranking_graph(trials[2:], paths, trials[2]) is None
+
+
+def test_kept_in_float_line_stays_short():
+    from cxr.export.cli import kept_summary
+
+    assert kept_summary([]) == "none"
+    assert kept_summary(["a", "b"]) == "a, b"
+    many = [f"/net/n{i}" for i in range(79)]
+    assert kept_summary(many) == "79 nodes, e.g. /net/n0, /net/n1 (all in card.json)"
+
+
 def test_build_engine_without_tensorrt_names_the_extra(bundle):
     pytest.importorskip("cxr.runtime")
     try:
@@ -233,14 +298,20 @@ def test_sidecar_contents_and_mismatch_messages(tmp_path):
 def test_int8_choice_is_measured_and_recorded(bundle):
     notes = read_card(bundle).provenance["int8"]["model"]
     trials = notes["trials"]
-    assert [(t["method"], t["reduce_range"]) for t in trials[:4]] == [
+    assert [(t["method"], t["reduce_range"]) for t in trials[:6]] == [
         ("minmax", False),
         ("minmax", True),
         ("percentile", False),
         ("percentile", True),
+        ("nncf", False),
+        ("nncf", True),
     ]
     best = max(t["agreement"] for t in trials)
-    assert notes["held_out_agreement"] == round(best, 4) and notes["calibration"] in ("minmax", "percentile")
+    assert notes["held_out_agreement"] == round(best, 4) and notes["calibration"] in (
+        "minmax",
+        "percentile",
+        "nncf",
+    )
     speed = read_card(bundle).provenance["int8"]["speed_cpu"]
     assert speed["onnxruntime"]["int8_b1_p50_ms"] > 0 and speed["onnxruntime"]["fp32_b1_p50_ms"] > 0
     assert ("openvino" in speed) == (AUTO_CPU_BACKEND == "openvino")
