@@ -119,7 +119,7 @@ def int8(
     report = export_int8(bundle, calib, samples, check, seed, methods, agreement, check_data=check_data)
     model = report.notes["model"]
     kept = kept_summary(model["kept_in_float"])
-    held = f", held-out agreement {model['held_out_agreement']:.3f}" if "held_out_agreement" in model else ""
+    held = f", held-out agreement {model['held_out_agreement']:.4f}" if "held_out_agreement" in model else ""
     print(
         f"wrote {', '.join(report.written)} in {bundle} ({model['calibration']} calibration{held}; "
         f"kept in float: {kept})"
