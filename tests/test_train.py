@@ -175,6 +175,15 @@ def test_init_fine_tunes_from_an_earlier_run(trained_run, phantoms, tmp_path):
     assert json.loads((out / "card.json").read_text())["training"]["init"] == str(trained_run)
 
 
+def test_init_overlap_counts_validation_images_the_earlier_run_trained_on(trained_run, phantoms, tmp_path):
+    from cxr.train.run import init_overlap
+
+    split = json.loads((trained_run / "split.json").read_text())
+    assert init_overlap(trained_run, phantoms, split["val"]) == 0
+    assert init_overlap(trained_run, phantoms, split["val"] + split["train"][:3]) == 3
+    assert init_overlap(trained_run, tmp_path, split["train"]) == 0  # other data: nothing shared
+
+
 def test_init_mismatch_and_conflicts_are_one_line_errors(trained_run, phantoms, tmp_path):
     from cxr.runtime.errors import CxrError, CxrUsageError
     from cxr.train.config import FitConfig

@@ -33,6 +33,7 @@ from cxr.train.run import (
     SPLIT_FILE,
     build_net,
     check_image_size,
+    init_overlap,
     load_init_weights,
     net_mean_std,
 )
@@ -85,6 +86,12 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     net = build_net(config.arch, len(classes), config.pretrained)
     if config.init is not None:
         load_init_weights(net, config.init, config.arch, classes, config.suppression())
+        seen = init_overlap(config.init, config.data, [s.rel for s in val_samples])
+        if seen and ctx.is_main:
+            log.warning(
+                f"{seen} of {len(val_samples)} validation images were training images of --init "
+                f"{config.init}: validation scores are optimistic (keep its --seed and --val-split)"
+            )
     check_image_size(net, config.image_size, config.arch)
     steps_pre = config.suppression()
     train = load_images(train_samples, config.image_size, "loading train", disable=quiet, pre=steps_pre)

@@ -110,6 +110,14 @@ def load_init_weights(net: nn.Module, run: Path, arch: str, classes: list[str], 
         log.warning(f"--init {run} was trained with {earlier}; this run uses {now}")
 
 
+def init_overlap(run: Path, data: Path, val_rels: list[str]) -> int:
+    """How many of this run's validation images the ``--init`` run trained on (same data folder): a nonzero
+    count makes this run's validation scores optimistic."""
+    split, card = read_split(run), read_card(Path(run))
+    same_data = Path(str(card.training.get("data", ""))).resolve() == Path(data).resolve()
+    return len(set(split["train"]) & set(val_rels)) if split and same_data else 0
+
+
 def suppression_of(pre: Preprocessing) -> dict[str, object]:
     return {"thorax_crop": pre.thorax_crop, "clahe": pre.clahe, "border_mask": pre.border_mask}
 
