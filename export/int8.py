@@ -103,7 +103,7 @@ def quantize_int8(
     if method == "nncf":
         from cxr.export.int8_nncf import quantize_nncf
 
-        quantize_nncf(src, dst, feeds, [*nodes_of_types(src, FLOAT_OPS), *(exclude or [])], reduce_range)
+        quantize_nncf(src, dst, feeds, list(exclude or []), reduce_range, FLOAT_OPS)  # reads src once
         return {**graph_notes(method, reduce_range, list(exclude or [])), "calibration_batches": len(feeds)}
     if method != "minmax":  # histograms: the first HISTOGRAM_IMAGES images only
         counts = np.cumsum([len(next(iter(feed.values()))) for feed in feeds])
