@@ -101,3 +101,31 @@ def test_latency_and_parity_cover_openvino(bundle, phantoms, tmp_path):
     results = json.loads(report.read_text())["backends"]
     assert {"openvino-fp32", "openvino-fp16", "openvino-int8"} <= set(results)
     assert results["openvino-fp32"]["passed"] and results["openvino-fp32"]["max_abs_dprob"] < 1e-4
+
+
+def test_explain_streams_divide_the_batch_within_the_cores():
+    from cxr.runtime.backends.openvino import explain_streams
+
+    assert [explain_streams(cores) for cores in (1, 2, 3, 4, 16)] == [1, 2, 2, 4, 4]
+    assert explain_streams(16, batch=6) == 2
+    assert explain_streams(8, batch=33) == 1
+
+
+def test_explainer_streams_keep_row_order(bundle, phantoms):
+    from cxr.runtime.backends.onnxruntime import CPU_EP, OrtExplainer
+    from cxr.runtime.backends.openvino import OvExplainer
+    from cxr.runtime.preprocess import load_and_preprocess
+    from cxr.runtime.segment import segment, segment_means
+
+    image = load_and_preprocess(sorted(phantoms.rglob("*.png"))[1], 64)
+    segments = segment(image)
+    rows = np.random.default_rng(2).integers(0, 2, (29, segments.max() + 1), dtype=np.uint8)
+    with OrtExplainer(bundle / "explain.onnx", "fp32", [CPU_EP]) as ort:
+        ort.set_image(image, segment_means(image, segments), segments)
+        want = ort.run(rows)
+    for streams in (1, 2, 4):
+        with OvExplainer(bundle / "explain.onnx", "fp32") as ov:
+            ov.streams = streams
+            ov.set_image(image, segment_means(image, segments), segments)
+            got = ov.run(rows)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, streams
