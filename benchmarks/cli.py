@@ -53,7 +53,7 @@ def lime(
         "fp32", help="Comma-separated precisions of our explainer, e.g. fp16,fp32."
     ),
     backend: str = typer.Option(
-        "auto", help="auto, tensorrt or onnxruntime (ours, and stock lime's classifier)."
+        "auto", help="auto, tensorrt, onnxruntime or openvino (ours, and stock lime's classifier)."
     ),
     peer: str = typer.Option(
         "stock", help="Comma-separated peers: stock (lime), captum (Captum Lime on PyTorch), none."

@@ -80,12 +80,12 @@ def predict(
 ) -> int:
     """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if
     some failed."""
-    from cxr.runtime.backends.select import check_validated, open_classifier, open_explainer
+    from cxr.runtime.backends.select import check_validated
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.inputs import discover, not_images_line
     from cxr.runtime.output import RecordWriter
-    from cxr.runtime.predict import OpeningExplainer, PredictOptions, predict_stream
+    from cxr.runtime.predict import PredictOptions, predict_stream
     from cxr.runtime.segment import SEGMENTERS
 
     started = time.perf_counter()
@@ -99,23 +99,19 @@ def predict(
         explain_dir = (out.parent if out else Path(".")) / "explanations"
     found = discover(inputs)
     paths = found.inputs
+    explainer = None
     if server is not None:
         classifier, reason = _open_server(server, server_model, timeout, bundle, backend, precision, explain)
     else:
-        classifier, reason = open_classifier(bundle, backend, precision or "fp32")
+        classifier, reason, explainer = _open_local(bundle, backend, precision or "fp32", explain)
     classifier_open_s = time.perf_counter() - started
     failed, warned, shown, first_result_s = 0, 0, set(), None
     with classifier:
-        print(f"backend: {reason}", file=sys.stderr)
-        caution = check_validated(bundle, classifier, allow_unvalidated) if server is None else None
-        if caution:
-            print(f"warning: {caution}", file=sys.stderr)
-        explainer = (  # its warm-up overlaps reading and classifying the first batch
-            OpeningExplainer(lambda: open_explainer(bundle, classifier.name, classifier.precision)[0])
-            if explain
-            else None
-        )
         try:
+            print(f"backend: {reason}", file=sys.stderr)
+            caution = check_validated(bundle, classifier, allow_unvalidated) if server is None else None
+            if caution:
+                print(f"warning: {caution}", file=sys.stderr)
             options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir, strict)
             with RecordWriter(out, bundle.card.classes) as writer:
                 for record in predict_stream(paths, bundle, classifier, options, explainer, found.errors):
@@ -173,6 +169,29 @@ def _warn_once(record: dict, shown: set[str]) -> None:
                 f"warning: {record['path']}: {text} (shown once; every record lists its warnings)",
                 file=sys.stderr,
             )
+
+
+def _open_local(bundle, backend: str, precision: str, explain: bool):
+    """The classifier, and with ``--explain`` the explainer opening beside it from the start: its warm-up (the
+    cuDNN search on a GPU) is the longest part of the first answer, so it overlaps the classifier's open and
+    the first batch. Once the classifier is open the explainer must match its backend and precision."""
+    from cxr.runtime.backends.select import open_classifier, open_explainer
+    from cxr.runtime.predict import OpeningExplainer
+
+    explainer = OpeningExplainer(lambda: open_explainer(bundle, backend, precision)[0]) if explain else None
+    try:
+        classifier, reason = open_classifier(bundle, backend, precision)
+    except BaseException:
+        if explainer is not None:
+            explainer.close()
+        raise
+    if explainer is not None:
+        explainer.match(
+            classifier.name,
+            classifier.precision,
+            lambda: open_explainer(bundle, classifier.name, classifier.precision)[0],
+        )
+    return classifier, reason, explainer
 
 
 def _open_server(

@@ -36,7 +36,8 @@ class PredictOptions:
 
 
 class OpeningExplainer:
-    """An explainer opened (and warmed up: its cuDNN search) on a background thread; ``get()`` waits for it.
+    """An explainer opened (and warmed up: its cuDNN search) on a background thread, beside the classifier;
+    ``get()`` waits for it.
 
     ``open_s`` is how long opening took, once it is done; ``close()`` waits for the opening and closes it.
     """
@@ -51,6 +52,24 @@ class OpeningExplainer:
         explainer = opener()
         self.open_s = time.perf_counter() - self._started
         return explainer
+
+    def match(self, name: str, precision: str, reopen: Callable[[], ExplainerBackend]) -> None:
+        """Once the classifier is open: keep the explainer if it runs on the same backend and precision, else
+        (``auto`` resolved otherwise, or opening failed) close it and open the matching one, still off the
+        main thread."""
+        first = self._future
+
+        def matching() -> ExplainerBackend:
+            try:
+                explainer = first.result()
+            except Exception:
+                return self._open(reopen)
+            if (explainer.name, explainer.precision) == (name, precision):
+                return explainer
+            explainer.close()
+            return self._open(reopen)
+
+        self._future = self._pool.submit(matching)
 
     def get(self) -> ExplainerBackend:
         return self._future.result()

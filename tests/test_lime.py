@@ -171,6 +171,39 @@ def test_opening_explainer_waits_and_passes_failures_on():
     assert failing.open_s is None
 
 
+def test_opening_explainer_is_replaced_when_it_does_not_match_the_classifier():
+    from cxr.runtime.predict import OpeningExplainer
+
+    class Opened:
+        def __init__(self, name, precision="fp32"):
+            self.name, self.precision, self.closed = name, precision, False
+
+        def close(self):
+            self.closed = True
+
+    first = Opened("openvino")
+    kept = OpeningExplainer(lambda: first)
+    kept.match("openvino", "fp32", lambda: Opened("never"))
+    assert kept.get() is first and not first.closed
+    kept.close()
+
+    other = Opened("onnxruntime")
+    swapped = OpeningExplainer(lambda: other)
+    swapped.match("openvino", "fp32", lambda: Opened("openvino"))
+    got = swapped.get()
+    assert other.closed and (got.name, got.precision) == ("openvino", "fp32") and swapped.open_s >= 0
+    swapped.close()
+    assert got.closed
+
+    def broken():
+        raise CxrError("explain.engine: cannot load")
+
+    retried = OpeningExplainer(broken)
+    retried.match("onnxruntime", "fp16", lambda: Opened("onnxruntime", "fp16"))
+    assert retried.get().precision == "fp16"
+    retried.close()
+
+
 def test_quickshift_segmenter_and_bad_segmenter(bundle, phantoms):
     image = _image(phantoms)
     assert segment(image, "quickshift").max() >= 1
