@@ -1,0 +1,59 @@
+"""``python -m cxr.bench.ov_streams BUNDLE IMAGE [SAMPLES] [REPEATS]``: the OpenVINO explainer with one stream
+against parallel streams, interleaved in one process on one real image.
+
+The host's speed drifts by ±20 % over minutes, so the two settings alternate and the medians are compared: the
+evidence behind ``explain_streams`` in ``runtime/backends/openvino.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from cxr.runtime.backends.openvino import OvExplainer, explain_streams
+from cxr.runtime.bundle import Bundle
+from cxr.runtime.explain import ExplainConfig, explain_image
+from cxr.runtime.preprocess import load_and_preprocess
+
+
+def compare_streams(bundle_dir: Path, image_path: Path, samples: int = 320, repeats: int = 3) -> dict:
+    """Seconds per fixed-budget explanation with 1 and with ``explain_streams()`` streams, and their ratio."""
+    bundle = Bundle.open(bundle_dir)
+    size = bundle.card.input.size
+    image = load_and_preprocess(image_path, size)
+    config = ExplainConfig(samples=samples, seed=0)
+    path = bundle.onnx_path("explain", "fp32")
+    settings = sorted({1, explain_streams()})
+    explainers = {}
+    for streams in settings:
+        explainers[streams] = OvExplainer(path, "fp32", bundle.verified_bytes(path.name))
+        explainers[streams].streams = streams
+        explainers[streams].warm_up(size)
+    seconds: dict[int, list[float]] = {streams: [] for streams in settings}
+    weights = {}
+    for _ in range(repeats):
+        for streams, explainer in explainers.items():
+            started = time.perf_counter()
+            weights[streams] = explain_image(image, explainer, config).weights
+            seconds[streams].append(time.perf_counter() - started)
+    for explainer in explainers.values():
+        explainer.close()
+    medians = {streams: float(np.median(times)) for streams, times in seconds.items()}
+    return {
+        "bundle": str(bundle_dir),
+        "image": str(image_path),
+        "samples": samples,
+        "seconds": seconds,
+        "median_s": medians,
+        "ratio": medians[settings[-1]] / medians[1],
+        "same_weights": len({json.dumps(w, sort_keys=True) for w in weights.values()}) == 1,
+    }
+
+
+if __name__ == "__main__":
+    arguments = sys.argv[1:]
+    result = compare_streams(Path(arguments[0]), Path(arguments[1]), *(int(a) for a in arguments[2:4]))
+    print(json.dumps(result, indent=2))
