@@ -5,8 +5,9 @@ NVIDIA GPU (about half ONNX Runtime's CPU latency for dpn92_se on a 2-core EPYC)
 read from their verified bytes and compiled for fixed shapes, one compiled model per shape, kept: the
 classifier per power-of-two batch bucket, the explainer for its one padded LIME batch.
 
-The explainer's batch is split over parallel OpenVINO streams (throughput mode): on the 2-core EPYC, dpn92_se
-LIME rows cost 0.8-0.85x of one 2-thread stream at batch 32 (``benchmarks/results/cpu-2core/lime-auto``).
+The explainer's batch is split over parallel OpenVINO streams (throughput mode): on the 2-core EPYC, a
+dpn92_se explanation with 2 streams took 0.86x the time of one 2-thread stream, same weights, interleaved in
+one process (``benchmarks/ov_streams.py``, ``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224``).
 The classifier keeps latency mode: one image at a time is what a bedside request needs.
 """
 
@@ -48,7 +49,8 @@ def import_openvino() -> Any:
 def explain_streams(cores: int | None = None, batch: int = EXPLAIN_BATCH) -> int:
     """Parallel streams for LIME batches: the largest power of two within the usable cores, at most
     EXPLAIN_STREAMS_MAX (each stream keeps a few threads and several rows), and dividing ``batch``."""
-    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    if cores is None:  # the cores this process may use (no affinity call on macOS or Windows)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     streams = 1 << (max(1, min(cores, EXPLAIN_STREAMS_MAX, batch)).bit_length() - 1)
     while batch % streams:
         streams //= 2
