@@ -129,3 +129,28 @@ def test_explainer_streams_keep_row_order(bundle, phantoms):
             ov.set_image(image, segment_means(image, segments), segments)
             got = ov.run(rows)
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, streams
+
+
+def test_every_openvino_compile_asks_for_f32_compute(bundle):
+    """bf16 (AMX, AVX512_BF16 CPUs) or f16 compute would run a graph validated as fp32 at lower precision."""
+    from cxr.runtime.backends.openvino import OvBackend, OvExplainer
+
+    asked = []
+    with (
+        OvBackend(bundle / "model.onnx", "fp32") as classifier,
+        OvExplainer(bundle / "explain.onnx", "fp32") as ex,
+    ):
+        for graph in (classifier.graph, ex.graph):
+            compile_model = graph.core.compile_model
+            graph.core = type("Recording", (), {})()
+            graph.core.compile_model = lambda model, device, config, real=compile_model: (
+                asked.append(config) or real(model, device, config)
+            )
+        classifier.run(np.zeros((1, 1, 64, 64), dtype=np.uint8))
+        ex.streams = 2
+        image = np.zeros((64, 64), dtype=np.uint8)
+        segments = (np.arange(64 * 64).reshape(64, 64) // 512).astype(np.int32)
+        ex.set_image(image, image, segments)
+        ex.run(np.ones((3, 8), dtype=np.uint8))
+    assert len(asked) == 2 and all(config["INFERENCE_PRECISION_HINT"] == "f32" for config in asked)
+    assert {config["PERFORMANCE_HINT"] for config in asked} == {"LATENCY", "THROUGHPUT"}

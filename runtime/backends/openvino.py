@@ -36,6 +36,9 @@ from cxr.runtime.optional import require
 DEVICE = "CPU"
 EXPLAIN_BATCH = 32
 EXPLAIN_STREAMS_MAX = 4
+# OpenVINO computes in bf16 by default where the CPU has AVX512_BF16/AMX (f16 on some ARM): the graph that was
+# validated as fp32 would then run at lower precision under an fp32 label. Every compile asks for f32 compute.
+ACCURATE = {"INFERENCE_PRECISION_HINT": "f32"}
 
 
 def openvino_available() -> bool:
@@ -76,7 +79,7 @@ class _Compiled:
         model = self.model.clone()
         model.reshape({name: list(shape) for name, shape in shapes.items()})
         try:
-            return self.core.compile_model(model, DEVICE, config)
+            return self.core.compile_model(model, DEVICE, {**ACCURATE, **config})
         except Exception as exc:
             raise CxrError(
                 f"{self.path}: OpenVINO cannot compile it for {shapes}: {one_line(exc, 160)}"
