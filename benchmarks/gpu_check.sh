@@ -2,7 +2,8 @@
 # GPU check, end to end on one NVIDIA GPU (about 6 min on an H100): train dpn92_se on real chest X-rays with CUDA,
 # export fp32/fp16, parity on the GPU, LIME (ours fp16/fp32 vs Captum and stock lime), predict --explain over 40
 # real images, the fp16 graphs against the earlier export (fp16_variants), latency (ORT-CUDA vs PyTorch eager /
-# torch.compile), the GPU tests, then summary.json. (explain_variants, batch x layout, is run on its own.)
+# torch.compile), the first map in a fresh process per explainer batch (cold_start), the GPU tests, then
+# summary.json. (explain_variants, batch x layout, is run on its own.)
 # Installs nothing from the network: onnxruntime-gpu and missing wheels come as in ../shared/gpu/README.md.
 # Each step has its own time limit; a failed step is logged in steps.txt and the rest still run.
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR DATA_DIR [EPOCHS=6] [PYTHON=python3]
@@ -43,6 +44,7 @@ step lime 240 "$PY" -m cxr.bench.cli lime --model "$OUT/bundle" $(head -n 11 "$O
   --precision fp16,fp32 --peer captum,stock --out "$OUT"
 step predict_explain 200 "$PY" -m cxr.runtime.cli predict --model "$OUT/bundle" $(cat "$OUT/explain40.txt") \
   --precision fp16 --explain --explain-dir "$OUT/overlays" --out "$OUT/predict_explain_fp16.jsonl"
+step cold_start 150 "$PY" -m cxr.bench.cold_start "$OUT/bundle" "$OUT" "$(head -n 1 "$OUT/explain40.txt")"
 step fp16_variants 150 "$PY" -m cxr.bench.fp16_variants "$OUT/bundle" "$OUT" $(head -n 6 "$OUT/explain40.txt")
 step latency 200 "$PY" -m cxr.bench.cli latency --model "$OUT/bundle" --batch-sizes 64 --warmup-s 1 --duration-s 3 \
   --backends pytorch-fp32,pytorch-fp16,onnxruntime-fp32,onnxruntime-fp16,onnxruntime-exhaustive-fp32,onnxruntime-exhaustive-fp16 \

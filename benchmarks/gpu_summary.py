@@ -122,6 +122,11 @@ def summarise(out: Path) -> dict[str, Any]:
         or None,
         "parity_n": (parity or {}).get("n"),
         "explain_variants": _read(out / "explain_variants.json"),
+        "cold_start": {
+            key: {k: v for k, v in value.items() if k.startswith("median_")}
+            for key, value in (_read(out / "cold_start.json") or {}).get("variants", {}).items()
+        }
+        or None,
         "fp16_variants": _read(out / "fp16_variants.json"),
         "fit_val": {k: (fit or {}).get("val", {}).get(k) for k in ("n", "accuracy", "macro_f1")}
         if fit

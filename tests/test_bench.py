@@ -25,6 +25,18 @@ def test_fp16_variants_measures_both_exports(bundle, phantoms, tmp_path):
         assert result["classifier_b64_img_s"] > 0 and result["explainer"]["steady_s_per_image"] > 0
 
 
+def test_cold_start_times_the_first_map_in_a_fresh_process(bundle, phantoms):
+    from cxr.bench.cold_start import cold_start
+
+    image = sorted((phantoms / "normal").glob("*.png"))[0]
+    result = cold_start(bundle, image, "fp32:16,fp8:16", rounds=1, samples=64)
+    run = result["variants"]["fp32:16"]["runs"][0]
+    assert run["device"] == "cpu" and run["first_image_s"] > run["open_s"] > 0 and run["steady_s"] > 0
+    assert result["variants"]["fp32:16"]["median_first_image_s"] == run["first_image_s"]
+    assert "fp8" in result["variants"]["fp8:16"]["runs"][0]["error"]
+    assert result["variants"]["fp8:16"]["median_first_image_s"] is None
+
+
 def test_latency_and_report(bundle, tmp_path):
     cli(
         "cxr-bench",

@@ -1,0 +1,118 @@
+"""``python -m cxr.bench.cold_start BUNDLE OUT IMAGE [VARIANTS] [ROUNDS]``: the first explanation in a fresh
+process, per explainer precision and batch.
+
+What a user waits for before the first map: interpreter start, imports, CUDA and cuDNN loading, the session,
+the warm-up (cuDNN's exhaustive search runs once per shape, and costs more at a larger batch) and one
+explanation. A larger batch is faster afterwards, so the batch trades the first image against the rest. Each
+variant runs in its own process, the order alternates between rounds, and a second explanation in the same
+process gives the steady time. VARIANTS: ``fp16:64,fp16:128,fp16:256,fp32:256`` (precision:batch).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_VARIANTS = "fp16:64,fp16:128,fp16:256,fp32:256"
+MARK = "cold-start-result "
+
+
+def child(
+    bundle_dir: str, image_path: str, precision: str, batch: int, samples: int, launched: float
+) -> dict[str, Any]:
+    """Runs inside the fresh process: open, warm up and explain the image twice. ``launched``: the parent's
+    wall clock when it started this process."""
+    started = time.perf_counter()
+    from cxr.runtime.backends.onnxruntime import OrtExplainer
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.explain import ExplainConfig, explain_image
+    from cxr.runtime.preprocess import load_and_preprocess
+
+    bundle = Bundle.open(Path(bundle_dir))
+    image = load_and_preprocess(Path(image_path), bundle.card.input.size, pre=bundle.card.preprocessing)
+    imported = time.perf_counter()
+    path = bundle.onnx_path("explain", precision)
+    explainer = OrtExplainer(path, precision, data=bundle.verified_bytes(path.name), max_batch=batch)
+    with explainer:
+        explainer.warm_up(bundle.card.input.size)
+        opened = time.perf_counter()
+        explain_image(image, explainer, ExplainConfig(samples=samples))
+        first, first_wall = time.perf_counter(), time.time()
+        explain_image(image, explainer, ExplainConfig(samples=samples))
+        second = time.perf_counter()
+        return {
+            "device": explainer.device,
+            "first_image_s": first_wall - launched,
+            "imports_s": imported - started,
+            "open_s": opened - imported,
+            "first_explanation_s": first - opened,
+            "steady_s": second - first,
+        }
+
+
+def run_variant(bundle: Path, image: Path, precision: str, batch: int, samples: int) -> dict[str, Any]:
+    """One fresh process; ``first_image_s`` is from its launch to the first map."""
+    arguments = [str(bundle), str(image), precision, str(batch), str(samples), repr(time.time())]
+    done = subprocess.run(
+        [sys.executable, "-m", "cxr.bench.cold_start", "--child", *arguments],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+    if done.returncode or not lines:
+        error = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"precision": precision, "batch": batch, "error": error}
+    return {"precision": precision, "batch": batch, **json.loads(lines[-1][len(MARK) :])}
+
+
+def cold_start(
+    bundle: Path, image: Path, variants: str = DEFAULT_VARIANTS, rounds: int = 2, samples: int = 1000
+):
+    """Every variant ``rounds`` times, in forward then reverse order; medians per variant."""
+    parsed = [(p, int(b)) for p, b in (v.split(":") for v in variants.split(","))]
+    runs: dict[str, list[dict[str, Any]]] = {f"{p}:{b}": [] for p, b in parsed}
+    for index in range(rounds):
+        for precision, batch in parsed if index % 2 == 0 else parsed[::-1]:
+            runs[f"{precision}:{batch}"].append(run_variant(bundle, image, precision, batch, samples))
+    summary = {}
+    for key, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        summary[key] = {
+            "runs": results,
+            **{
+                f"median_{field}": float(np.median([r[field] for r in good])) if good else None
+                for field in ("first_image_s", "open_s", "steady_s")
+            },
+        }
+    return {"image": str(image), "samples": samples, "rounds": rounds, "variants": summary}
+
+
+def main() -> None:
+    arguments = sys.argv[1:]
+    if arguments[0] == "--child":
+        bundle, image, precision, batch, samples, launched = arguments[1:]
+        print(MARK + json.dumps(child(bundle, image, precision, int(batch), int(samples), float(launched))))
+        return
+    bundle, out, image, *rest = arguments
+    result = cold_start(Path(bundle), Path(image), *(rest[:1] or [DEFAULT_VARIANTS]), *map(int, rest[1:2]))
+    for key, value in result["variants"].items():
+        if value["median_first_image_s"] is None:
+            print(f"{key:>9}: failed: {value['runs'][0].get('error')}")
+            continue
+        print(
+            f"{key:>9}: first image {value['median_first_image_s']:.2f} s after launch (open "
+            f"{value['median_open_s']:.2f} s), then {value['median_steady_s']:.3f} s per image"
+        )
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "cold_start.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
