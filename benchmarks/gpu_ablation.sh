@@ -3,14 +3,20 @@
 # step on/off, and a ResNet-50 (timm, from scratch) as the paper's comparison; each run evaluated on its
 # patient-disjoint validation split with bootstrap intervals, the shortcut baseline and a LIME audit; one table.
 # Usage: bash benchmarks/gpu_ablation.sh OUT_DIR DATA_DIR [EPOCHS=30] [PYTHON=python3]
-# ARCH=dpn_se_tiny SIZE=64 DEVICE=cpu EPOCHS=1 AUDIT=4: a dry run on a CPU.
+# JOBS=N runs N variants at once: one fit leaves an H100 mostly idle (its augmentation is one CPU core), so
+# 6 jobs on a 16-core machine take about the time of two. MAX_MINUTES=M stops each fit after the epoch
+# that spends M minutes (the run is still written). ARCH=dpn_se_tiny SIZE=64 DEVICE=cpu EPOCHS=1 AUDIT=4:
+# a dry run on a CPU.
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: gpu_ablation.sh OUT_DIR DATA_DIR [EPOCHS] [PYTHON]}")
 DATA=$(realpath "${2:?usage: gpu_ablation.sh OUT_DIR DATA_DIR [EPOCHS] [PYTHON]}")
 EPOCHS=${3:-30}
 PY=${4:-python3}
 ARCH=${ARCH:-dpn92_se} SIZE=${SIZE:-224} DEVICE=${DEVICE:-cuda} AUDIT=${AUDIT:-40} COMPARE=${COMPARE:-resnet50}
+JOBS=${JOBS:-1} MAX_MINUTES=${MAX_MINUTES:-0}
 mkdir -p "$OUT"
+# parallel jobs share the cores instead of each starting one thread per core
+[ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 source benchmarks/steps.sh
@@ -22,20 +28,28 @@ declare -A VARIANTS=(
   [no_clahe]="--no-clahe"
   [no_erase]="--erase-corners 0"
 )
-reports=()
 fit_and_evaluate() {  # NAME ARCH EXTRA_OPTIONS...
   local name=$1 arch=$2; shift 2
   step "fit_$name" 1800 "$PY" -m cxr.train.cli fit "$DATA" --arch "$arch" --image-size "$SIZE" --epochs "$EPOCHS" \
-    --batch-size 32 --device "$DEVICE" --patience 8 --out "$OUT/$name" "$@"
+    --batch-size 32 --device "$DEVICE" --patience 8 --max-minutes "$MAX_MINUTES" --out "$OUT/$name" "$@"
   step "evaluate_$name" 900 "$PY" -m cxr.train.cli evaluate "$OUT/$name" "$DATA" --lime-audit "$AUDIT" \
-    --out "$OUT/$name/evaluation.json"
-  [ -f "$OUT/$name/evaluation.json" ] && reports+=("$OUT/$name/evaluation.json")
+    --device "$DEVICE" --out "$OUT/$name/evaluation.json"
 }
-for name in all_on all_off no_crop no_clahe no_erase; do
-  # shellcheck disable=SC2086
-  fit_and_evaluate "$name" "$ARCH" ${VARIANTS[$name]}
+names=(all_on all_off no_crop no_clahe no_erase)
+for name in "${names[@]}" "${COMPARE}_all_on"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  if [ "$name" = "${COMPARE}_all_on" ]; then
+    fit_and_evaluate "$name" "$COMPARE" &
+  else
+    # shellcheck disable=SC2086
+    fit_and_evaluate "$name" "$ARCH" ${VARIANTS[$name]} &
+  fi
 done
-fit_and_evaluate "${COMPARE}_all_on" "$COMPARE"
+wait
+reports=()
+for name in "${names[@]}" "${COMPARE}_all_on"; do
+  [ -f "$OUT/$name/evaluation.json" ] && reports+=("$OUT/$name/evaluation.json")
+done
 step table 60 "$PY" -m cxr.bench.cli ablation "${reports[@]}" --out "$OUT/clinical.md" \
   --title "Shortcut suppression, $ARCH @ $SIZE on $(basename "$DATA") ($EPOCHS epochs, $DEVICE)"
 cat "$OUT/clinical.md"

@@ -128,9 +128,53 @@ def test_evaluate_uses_validation_split_and_reports_shortcut_baseline(trained_ru
     assert f"{gain['points']:+.1f} accuracy points" in result.stdout
     assert report["lime_audit"]["images"] == 3 and len(report["lime_audit"]["per_image"]) == 3
     assert report["preprocessing"]["thorax_crop"] is True
+    assert report["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # --device auto
     page = cv2.imread(str(out.with_suffix(".png")))
     assert page is not None and page.shape[:2] == (850, 1100)
     assert "covid19 vs rest" in result.stdout
+
+
+def test_max_minutes_stops_after_the_epoch_that_spends_it_and_writes_the_run(phantoms, tmp_path):
+    from cxr.train.fit import FitConfig, fit
+
+    out = tmp_path / "budget"
+    fit(
+        FitConfig(
+            data=phantoms,
+            out=out,
+            arch="dpn_se_tiny",
+            epochs=5,
+            image_size=48,
+            batch_size=32,
+            max_minutes=1e-4,
+        )
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["history"]) == 1 and metrics["best_epoch"] == 1
+    assert metrics["stopped_early_after"] == 1 and metrics["stop_reason"] == "time budget"
+    assert (out / "model.pt").is_file() and (out / "card.json").is_file()
+    assert json.loads((out / "card.json").read_text())["training"]["max_minutes"] == 1e-4
+
+
+def test_bad_max_minutes_and_evaluate_device_are_one_line_errors(trained_run, phantoms, tmp_path):
+    result = fit_cli(phantoms, tmp_path / "r", "--max-minutes", "-1", check=2)
+    assert "--max-minutes must be 0" in one_line_error(result)
+    result = cli("cxr-train", "evaluate", str(trained_run), str(phantoms), "--device", "tpu", check=2)
+    assert "--device must be cpu, cuda or auto" in one_line_error(result)
+    assert not (trained_run / "evaluation.json").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible to PyTorch")
+def test_evaluate_on_the_gpu_gives_the_cpu_answers(trained_run, phantoms, tmp_path):
+    from cxr.train.evaluate import evaluate
+
+    on_cpu = evaluate(trained_run, phantoms, tmp_path / "cpu.json", lime_audit_images=2, device="cpu")
+    on_gpu = evaluate(trained_run, phantoms, tmp_path / "gpu.json", lime_audit_images=2, device="cuda")
+    assert on_gpu["device"].startswith("cuda") and on_cpu["device"] == "cpu"
+    assert on_gpu["model"]["confusion"] == on_cpu["model"]["confusion"]
+    shares = np.array(on_gpu["lime_audit"]["per_image"]) - np.array(on_cpu["lime_audit"]["per_image"])
+    assert np.abs(shares).max() < 0.02
 
 
 def test_same_seed_same_result_on_cpu(phantoms, tmp_path):

@@ -66,6 +66,11 @@ def fit(
     patience: int = typer.Option(
         0, help="Stop after this many epochs without a better validation macro-F1 (0: off)."
     ),
+    max_minutes: float = typer.Option(
+        0.0,
+        help="Stop after the epoch that spends this many minutes of training (0: no budget); the run is "
+        "written as usual, with the best epoch so far.",
+    ),
     thorax_crop: bool = typer.Option(
         True,
         "--thorax-crop/--no-thorax-crop",
@@ -102,6 +107,7 @@ def fit(
         warmup=warmup,
         label_smoothing=label_smoothing,
         patience=patience,
+        max_minutes=max_minutes,
         thorax_crop=thorax_crop,
         clahe=clahe,
         border_mask=border_mask,
@@ -127,6 +133,9 @@ def evaluate(
     ),
     lime_samples: int = typer.Option(300, help="LIME samples per audited image."),
     seed: int = typer.Option(0, help="Seed of the bootstrap, the baseline and the audit's picks."),
+    device: str = typer.Option(
+        "auto", help="cpu, cuda or auto (the GPU when PyTorch sees one): where the network and the audit run."
+    ),
 ) -> None:
     """Per-class P/R/F1 with bootstrap 95 % intervals, the shortcut baseline on the same images and the gain
     over it with its interval, optionally a LIME audit; JSON plus one PNG page."""
@@ -136,7 +145,9 @@ def evaluate(
         raise CxrUsageError("--lime-audit must be 0 or more and --lime-samples at least 10")
     from cxr.train.evaluate import evaluate as run_evaluate
 
-    run_evaluate(run, data, out, lime_audit_images=lime_audit, lime_samples=lime_samples, seed=seed)
+    run_evaluate(
+        run, data, out, lime_audit_images=lime_audit, lime_samples=lime_samples, seed=seed, device=device
+    )
 
 
 @app.command()

@@ -32,6 +32,7 @@ class FitConfig:
     warmup: float = 0.15  # share of steps warming up before the cosine decay
     label_smoothing: float = 0.1
     patience: int = 0  # stop after this many epochs without a better validation macro-F1 (0: never)
+    max_minutes: float = 0.0  # stop after the epoch that spends this training budget (0: no budget)
     # shortcut suppression (cxr.runtime.suppress), recorded in the card so the runtime repeats it
     thorax_crop: bool = True
     clahe: bool = True
@@ -53,6 +54,8 @@ class FitConfig:
             raise CxrUsageError("--label-smoothing must be in [0, 1) and --erase-corners in [0, 1]")
         if not 0.0 <= self.border_mask < 0.25:
             raise CxrUsageError(f"--border-mask must be in [0, 0.25), got {self.border_mask}")
+        if not self.max_minutes >= 0:
+            raise CxrUsageError(f"--max-minutes must be 0 (no budget) or more, got {self.max_minutes}")
         if self.patience < 0:
             raise CxrUsageError(f"--patience must be 0 (off) or more, got {self.patience}")
         if self.init is not None and self.pretrained:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from cxr.runtime.errors import CxrError
 from cxr.runtime.metrics import classification_report, format_report
 from cxr.runtime.safe_io import atomic_write
 from cxr.train.augment import evaluation_view
 from cxr.train.data import Sample, load_images, scan_image_folder
+from cxr.train.distributed import pick_device
 from cxr.train.fit import predict_probs
 from cxr.train.intervals import bootstrap
 from cxr.train.lime_audit import lime_audit
@@ -37,10 +37,14 @@ def evaluate(
     lime_audit_images: int = 0,
     lime_samples: int = 300,
     seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Metrics with bootstrap intervals, the shortcut baseline on the same images (raw films: the shortcut
-    lives there), the paired gain, and optionally the LIME audit; writes JSON and one PNG page."""
+    lives there), the paired gain, and optionally the LIME audit; writes JSON and one PNG page. ``device``
+    (cpu, cuda, auto) runs the network; the numbers are the same up to float rounding."""
+    on = pick_device(device)
     card, model = load_run(run)
+    model.to(on)
     classes, samples = scan_image_folder(data, card.classes)
     split = read_split(run)
     trained_on = Path(card.training.get("data", "")) if card.training.get("data") else None
@@ -55,11 +59,12 @@ def evaluate(
     if not loaded.images:
         raise CxrError(f"{data}: no readable images")
     views = [evaluation_view(im, size, card.preprocessing) for im in loaded.images]
-    predicted = predict_probs(model.net, model.adapter, views, torch.device("cpu"), batch_size).argmax(1)
+    predicted = predict_probs(model.net, model.adapter, views, on, batch_size).argmax(1)
     report = classification_report(loaded.labels, predicted, classes)
     result: dict[str, Any] = {
         "run": str(run),
         "data": str(data),
+        "device": str(on),
         "scope": scope,
         "model": report,
         "preprocessing": asdict(card.preprocessing),
@@ -75,7 +80,7 @@ def evaluate(
     if lime_audit_images > 0:
         picks = np.random.default_rng(seed).permutation(len(loaded.samples))[:lime_audit_images]
         result["lime_audit"] = lime_audit(
-            model, card, [loaded.samples[i].path for i in picks], lime_samples, seed
+            model, card, [loaded.samples[i].path for i in picks], lime_samples, seed, on
         )
     out = Path(out) if out else Path(run) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -187,13 +187,17 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                 best = {**row, "report": report}
                 with atomic_output(config.out / MODEL_FILE) as tmp:
                     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
-        if should_stop(ctx, config.patience, epoch, history, best):
+        out_of_time = config.max_minutes > 0 and time.perf_counter() - started > 60 * config.max_minutes
+        if should_stop(ctx, config.patience, epoch, best, out_of_time):
             if ctx.is_main:
-                log.info(
-                    f"early stop after epoch {epoch}: no better validation macro-F1 for {config.patience} "
-                    "epochs"
+                why = (
+                    f"the --max-minutes budget ({config.max_minutes:g} min) is spent"
+                    if out_of_time
+                    else f"no better validation macro-F1 for {config.patience} epochs"
                 )
+                log.info(f"stopped after epoch {epoch}: {why}; the best epoch is kept")
                 best["stopped_early_after"] = epoch
+                best["stop_reason"] = "time budget" if out_of_time else "patience"
             break
         barrier(ctx)
     if not ctx.is_main:
@@ -212,12 +216,13 @@ def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def should_stop(
-    ctx: DistContext, patience: int, epoch: int, history: list[dict[str, Any]], best: dict[str, Any]
+    ctx: DistContext, patience: int, epoch: int, best: dict[str, Any], out_of_time: bool = False
 ) -> bool:
-    """Early stopping on validation macro-F1, decided on rank 0 and shared so every rank leaves together."""
-    if patience <= 0:
+    """Early stopping on validation macro-F1 or a spent time budget, decided on rank 0 and shared so every
+    rank leaves together (ranks' clocks differ, so the broadcast also runs when only a budget is set)."""
+    if patience <= 0 and not out_of_time and not ctx.distributed:
         return False
-    stop = ctx.is_main and epoch - best.get("epoch", epoch) >= patience
+    stop = ctx.is_main and (out_of_time or (patience > 0 and epoch - best.get("epoch", epoch) >= patience))
     if ctx.distributed:
         flag = torch.tensor([int(stop)], device=ctx.device)
         torch.distributed.broadcast(flag, src=0)
@@ -264,6 +269,7 @@ def _write_run(
     metrics = {
         "best_epoch": best["epoch"],
         "stopped_early_after": best.get("stopped_early_after"),
+        "stop_reason": best.get("stop_reason"),
         "val": report,
         "history": history,
         "skipped": [{"file": f, "error": e} for f, e in skipped],
