@@ -5,7 +5,8 @@ What a user waits for before the first map: interpreter start, imports, CUDA and
 the warm-up (cuDNN's exhaustive search runs once per shape, and costs more at a larger batch) and one
 explanation. A larger batch is faster afterwards, so the batch trades the first image against the rest. Each
 variant runs in its own process, the order alternates between rounds, and a second explanation in the same
-process gives the steady time. VARIANTS: ``fp16:64,fp16:128,fp16:256,fp32:256`` (precision:batch).
+process gives the steady time. VARIANTS: ``fp16:256:heuristic,fp16:256,fp16:128,fp32:256``
+(precision:batch[:cuDNN search, default exhaustive]). The host warms up beside the device, as in ``predict``.
 """
 
 from __future__ import annotations
@@ -14,34 +15,48 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DEFAULT_VARIANTS = "fp16:64,fp16:128,fp16:256,fp32:256"
+DEFAULT_VARIANTS = "fp16:256:heuristic,fp16:256,fp16:128,fp32:256"
 MARK = "cold-start-result "
 
 
 def child(
-    bundle_dir: str, image_path: str, precision: str, batch: int, samples: int, launched: float
+    bundle_dir: str,
+    image_path: str,
+    precision: str,
+    batch: int,
+    samples: int,
+    launched: float,
+    search: str = "exhaustive",
 ) -> dict[str, Any]:
     """Runs inside the fresh process: open, warm up and explain the image twice. ``launched``: the parent's
     wall clock when it started this process."""
     started = time.perf_counter()
     from cxr.bench.explain_variants import timed_explanations
-    from cxr.runtime.backends.onnxruntime import OrtExplainer
+    from cxr.runtime.backends.onnxruntime import EXPLAINER_CUDA, OrtExplainer
     from cxr.runtime.bundle import Bundle
-    from cxr.runtime.explain import ExplainConfig
+    from cxr.runtime.explain import ExplainConfig, warm_host_beside
     from cxr.runtime.preprocess import load_and_preprocess
 
     bundle = Bundle.open(Path(bundle_dir))
     image = load_and_preprocess(Path(image_path), bundle.card.input.size, pre=bundle.card.preprocessing)
     loaded = time.perf_counter()
     path = bundle.onnx_path("explain", precision)
-    explainer = OrtExplainer(path, precision, data=bundle.verified_bytes(path.name), max_batch=batch)
-    with explainer:
-        explainer.warm_up(bundle.card.input.size)
+    cuda = replace(EXPLAINER_CUDA, search=search.upper())
+
+    def open_and_warm() -> OrtExplainer:
+        opened = OrtExplainer(
+            path, precision, data=bundle.verified_bytes(path.name), max_batch=batch, cuda=cuda
+        )
+        opened.warm_up(bundle.card.input.size)
+        return opened
+
+    with warm_host_beside(open_and_warm) as explainer:
         opened, opened_wall = time.perf_counter(), time.time()
         first, steady = timed_explanations(explainer, [image, image], ExplainConfig(samples=samples))
         return {
@@ -54,9 +69,11 @@ def child(
         }
 
 
-def run_variant(bundle: Path, image: Path, precision: str, batch: int, samples: int) -> dict[str, Any]:
+def run_variant(
+    bundle: Path, image: Path, precision: str, batch: int, samples: int, search: str = "exhaustive"
+) -> dict[str, Any]:
     """One fresh process; ``first_image_s`` is from its launch to the first map."""
-    arguments = [str(bundle), str(image), precision, str(batch), str(samples), repr(time.time())]
+    arguments = [str(bundle), str(image), precision, str(batch), str(samples), repr(time.time()), search]
     done = subprocess.run(
         [sys.executable, "-m", "cxr.bench.cold_start", "--child", *arguments],
         capture_output=True,
@@ -66,19 +83,25 @@ def run_variant(bundle: Path, image: Path, precision: str, batch: int, samples: 
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode or not lines:
         error = (done.stderr.strip().splitlines() or ["?"])[-1]
-        return {"precision": precision, "batch": batch, "error": error}
-    return {"precision": precision, "batch": batch, **json.loads(lines[-1][len(MARK) :])}
+        return {"precision": precision, "batch": batch, "search": search, "error": error}
+    return {"precision": precision, "batch": batch, "search": search, **json.loads(lines[-1][len(MARK) :])}
+
+
+def parse_variant(text: str) -> tuple[str, str, int, str]:
+    """``fp16:256`` or ``fp16:256:heuristic`` -> (key, precision, batch, search)."""
+    precision, batch, *search = text.strip().split(":")
+    return text.strip(), precision, int(batch), (search[0] if search else "exhaustive").lower()
 
 
 def cold_start(
     bundle: Path, image: Path, variants: str = DEFAULT_VARIANTS, rounds: int = 2, samples: int = 1000
 ):
     """Every variant ``rounds`` times, in forward then reverse order; medians per variant."""
-    parsed = [(p, int(b)) for p, b in (v.split(":") for v in variants.split(","))]
-    runs: dict[str, list[dict[str, Any]]] = {f"{p}:{b}": [] for p, b in parsed}
+    parsed = [parse_variant(v) for v in variants.split(",")]
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key, *_ in parsed}
     for index in range(rounds):
-        for precision, batch in parsed if index % 2 == 0 else parsed[::-1]:
-            runs[f"{precision}:{batch}"].append(run_variant(bundle, image, precision, batch, samples))
+        for key, precision, batch, search in parsed if index % 2 == 0 else parsed[::-1]:
+            runs[key].append(run_variant(bundle, image, precision, batch, samples, search))
     summary = {}
     for key, results in runs.items():
         good = [r for r in results if "error" not in r]
@@ -95,17 +118,18 @@ def cold_start(
 def main() -> None:
     arguments = sys.argv[1:]
     if arguments[0] == "--child":
-        bundle, image, precision, batch, samples, launched = arguments[1:]
-        print(MARK + json.dumps(child(bundle, image, precision, int(batch), int(samples), float(launched))))
+        bundle, image, precision, batch, samples, launched, search = arguments[1:]
+        result = child(bundle, image, precision, int(batch), int(samples), float(launched), search)
+        print(MARK + json.dumps(result))
         return
     bundle, out, image, *rest = arguments
     result = cold_start(Path(bundle), Path(image), *(rest[:1] or [DEFAULT_VARIANTS]), *map(int, rest[1:2]))
     for key, value in result["variants"].items():
         if value["median_first_image_s"] is None:
-            print(f"{key:>9}: failed: {value['runs'][0].get('error')}")
+            print(f"{key:>18}: failed: {value['runs'][0].get('error')}")
             continue
         print(
-            f"{key:>9}: first image {value['median_first_image_s']:.2f} s after launch (open "
+            f"{key:>18}: first image {value['median_first_image_s']:.2f} s after launch (open "
             f"{value['median_open_s']:.2f} s), then {value['median_steady_s']:.3f} s per image"
         )
     Path(out).mkdir(parents=True, exist_ok=True)

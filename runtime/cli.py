@@ -103,7 +103,7 @@ def predict(
     if server is not None:
         classifier, reason = _open_server(server, server_model, timeout, bundle, backend, precision, explain)
     else:
-        classifier, reason, explainer = _open_local(bundle, backend, precision or "fp32", explain)
+        classifier, reason, explainer = _open_local(bundle, backend, precision or "fp32", explain, len(paths))
     classifier_open_s = time.perf_counter() - started
     failed, warned, shown, first_result_s = 0, 0, set(), None
     with classifier:
@@ -171,14 +171,17 @@ def _warn_once(record: dict, shown: set[str]) -> None:
             )
 
 
-def _open_local(bundle, backend: str, precision: str, explain: bool):
+def _open_local(bundle, backend: str, precision: str, explain: bool, images: int):
     """The classifier, and with ``--explain`` the explainer opening beside it from the start: its warm-up (the
     cuDNN search on a GPU) is the longest part of the first answer, so it overlaps the classifier's open and
-    the first batch. Once the classifier is open the explainer must match its backend and precision."""
+    the first batch. Once the classifier is open the explainer must match its backend and precision.
+    ``images``: the job's size (a short one opens the explainer with a quicker search)."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
     from cxr.runtime.predict import OpeningExplainer
 
-    explainer = OpeningExplainer(lambda: open_explainer(bundle, backend, precision)[0]) if explain else None
+    explainer = (
+        OpeningExplainer(lambda: open_explainer(bundle, backend, precision, images)[0]) if explain else None
+    )
     try:
         classifier, reason = open_classifier(bundle, backend, precision)
     except BaseException:
@@ -189,7 +192,7 @@ def _open_local(bundle, backend: str, precision: str, explain: bool):
         explainer.match(
             classifier.name,
             classifier.precision,
-            lambda: open_explainer(bundle, classifier.name, classifier.precision)[0],
+            lambda: open_explainer(bundle, classifier.name, classifier.precision, images)[0],
         )
     return classifier, reason, explainer
 

@@ -9,14 +9,18 @@ so the same image + seed + backend give identical weights.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.errors import CxrUsageError
 from cxr.runtime.segment import segment, segment_means
 from cxr.runtime.settle import Settling
+
+T = TypeVar("T")
 
 KERNEL_WIDTH = 0.25
 ALL_FEATURES = 100000  # lime's default num_features: every segment gets a weight
@@ -95,6 +99,17 @@ def warm_host(seed: int = 0) -> None:
     segment(toy, "slic", 8, seed)
     rows = sample_rows(rng, 20, 8)
     lime_fit(rows, rng.random((20, 2)), 0, seed)
+
+
+def warm_host_beside(open_device: Callable[[], T]) -> T:
+    """``open_device()`` (an explainer's open and device warm-up) with ``warm_host`` on a second thread: they
+    overlap (ONNX Runtime and OpenVINO release the GIL while they build and search), so the host's ~1 s of
+    imports is not added to the first image's wait."""
+    with ThreadPoolExecutor(1, thread_name_prefix="warm-host") as pool:
+        host = pool.submit(warm_host)
+        opened = open_device()
+        host.result()
+    return opened
 
 
 def explain_image(

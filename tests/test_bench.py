@@ -29,10 +29,15 @@ def test_cold_start_times_the_first_map_in_a_fresh_process(bundle, phantoms):
     from cxr.bench.cold_start import cold_start
 
     image = sorted((phantoms / "normal").glob("*.png"))[0]
-    result = cold_start(bundle, image, "fp32:16,fp8:16", rounds=1, samples=64)
+    result = cold_start(bundle, image, "fp32:16,fp8:16,fp16:32:heuristic", rounds=1, samples=64)
     run = result["variants"]["fp32:16"]["runs"][0]
     assert run["device"] == "cpu" and run["first_image_s"] > run["open_s"] > 0 and run["steady_s"] > 0
     assert result["variants"]["fp32:16"]["median_first_image_s"] == run["first_image_s"]
+    assert (
+        run["search"] == "exhaustive"
+        and result["variants"]["fp16:32:heuristic"]["runs"][0]["search"] == "heuristic"
+    )
+    assert result["variants"]["fp16:32:heuristic"]["median_steady_s"] > 0
     assert "fp8" in result["variants"]["fp8:16"]["runs"][0]["error"]
     assert result["variants"]["fp8:16"]["median_first_image_s"] is None
 

@@ -204,6 +204,45 @@ def test_opening_explainer_is_replaced_when_it_does_not_match_the_classifier():
     retried.close()
 
 
+def test_host_warms_up_beside_the_device_and_errors_pass_through(monkeypatch):
+    import threading
+
+    import cxr.runtime.explain as explain
+
+    host_running, seen = threading.Event(), {}
+
+    def host_warm_up():
+        seen["thread"] = threading.current_thread().name
+        host_running.set()
+
+    monkeypatch.setattr(explain, "warm_host", host_warm_up)
+    # the device open waits for the host warm-up: it can only finish if both run at once
+    assert explain.warm_host_beside(lambda: host_running.wait(timeout=10)) is True
+    assert seen["thread"].startswith("warm-host")
+
+    def failing_open():
+        raise CxrError("explain.onnx: cannot load")
+
+    with pytest.raises(CxrError, match="cannot load"):
+        explain.warm_host_beside(failing_open)
+
+
+def test_a_short_job_opens_the_explainer_with_the_quick_search(bundle):
+    from cxr.runtime.backends.onnxruntime import EXPLAINER_CUDA, QUICK_OPEN_IMAGES, explainer_cuda
+    from cxr.runtime.backends.select import open_explainer
+    from cxr.runtime.bundle import Bundle
+
+    quick = explainer_cuda(1)
+    assert quick.search == "HEURISTIC" and quick.cuda_graph and quick == explainer_cuda(QUICK_OPEN_IMAGES)
+    for images in (QUICK_OPEN_IMAGES + 1, None):
+        assert explainer_cuda(images) == EXPLAINER_CUDA and EXPLAINER_CUDA.search == "EXHAUSTIVE"
+    opened = Bundle.open(bundle)
+    with open_explainer(opened, "onnxruntime", "fp16", images=3)[0] as short:
+        assert short.cuda.search == "HEURISTIC"
+    with open_explainer(opened, "onnxruntime", "fp16")[0] as long_lived:
+        assert long_lived.cuda.search == "EXHAUSTIVE"
+
+
 def test_quickshift_segmenter_and_bad_segmenter(bundle, phantoms):
     image = _image(phantoms)
     assert segment(image, "quickshift").max() >= 1
