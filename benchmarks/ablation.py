@@ -1,6 +1,6 @@
 """``cxr-bench ablation``: one table from several ``cxr-train evaluate`` reports (a suppression ablation, the
-paper's comparison networks): accuracy with its interval, the shortcut baseline, the gain with its interval,
-viral and bacterial F1, and the LIME audit, one row per run."""
+paper's comparison networks): the epochs each run trained, accuracy with its interval, the shortcut baseline,
+the gain with its interval, viral and bacterial F1, and the LIME audit, one row per run."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def ablation_row(report: dict[str, Any], name: str) -> dict[str, Any]:
     return {
         "run": name,
         "arch": report.get("arch", ""),
+        "epochs": report.get("epochs", "-"),
         "suppression": ", ".join(steps) or "none",
         "n": model["n"],
         "accuracy": model["accuracy"],
@@ -48,9 +49,9 @@ def ablation_row(report: dict[str, Any], name: str) -> dict[str, Any]:
 
 def ablation_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | arch | suppression | n | accuracy [95 %] | shortcut baseline | gain, points [95 %] "
+        "| run | arch | suppression | epochs | n | accuracy [95 %] | shortcut baseline | gain, points [95 %] "
         "| F1 viral | F1 bacterial | LIME + weight outside body |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = "-" if r["baseline_accuracy"] is None else f"{r['baseline_accuracy']:.3f}"
@@ -65,11 +66,22 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
             else f"{100 * r['lime_outside_body']:.1f} % ({r['lime_images']})"
         )
         lines.append(
-            f"| {r['run']} | {r['arch']} | {r['suppression']} | {r['n']} | {r['accuracy']:.3f} "
-            f"{_interval(r['accuracy_interval'])} | {base} | {gain} | {r['f1_viral']:.3f} "
-            f"| {r['f1_bacterial']:.3f} | {lime} |"
+            f"| {r['run']} | {r['arch']} | {r['suppression']} | {r['epochs']} | {r['n']} "
+            f"| {r['accuracy']:.3f} {_interval(r['accuracy_interval'])} | {base} | {gain} "
+            f"| {r['f1_viral']:.3f} | {r['f1_bacterial']:.3f} | {lime} |"
         )
     return "\n".join(lines)
+
+
+def epochs_trained(run: Path, asked: int | None) -> str:
+    """``15 of 30 (time budget)``: a run cut short trained a different schedule, and the table must say so."""
+    metrics = run / "metrics.json"
+    if not metrics.is_file():
+        return "-"
+    facts = json.loads(metrics.read_text())
+    trained = len(facts.get("history", []))
+    reason = f" ({facts['stop_reason']})" if facts.get("stop_reason") else ""
+    return f"{trained} of {asked}{reason}" if asked else f"{trained}{reason}"
 
 
 def run_ablation(reports: list[Path], out: Path, title: str = "Shortcut-suppression ablation") -> str:
@@ -82,6 +94,7 @@ def run_ablation(reports: list[Path], out: Path, title: str = "Shortcut-suppress
             facts = json.loads(card.read_text())
             report.setdefault("arch", facts.get("arch", ""))
             report.setdefault("erase_corners", facts.get("training", {}).get("erase_corners", 0))
+            report.setdefault("epochs", epochs_trained(card.parent, facts.get("training", {}).get("epochs")))
         rows.append(ablation_row(report, Path(report.get("run", path.parent)).name))
     text = f"# {title}\n\n{ablation_table(rows)}\n"
     atomic_write(out, text)

@@ -76,8 +76,15 @@ def test_ablation_table_has_one_row_per_report(tmp_path):
         }
         paths.append(tmp_path / f"{name}.json")
         paths[-1].write_text(json.dumps(report))
+    (tmp_path / "on").mkdir()  # the "on" run's folder: 15 of 30 epochs, cut by a time budget
+    (tmp_path / "on" / "card.json").write_text(json.dumps({"arch": "dpn92_se", "training": {"epochs": 30}}))
+    history = [{"epoch": e} for e in range(1, 16)]
+    (tmp_path / "on" / "metrics.json").write_text(
+        json.dumps({"history": history, "stop_reason": "time budget"})
+    )
     text = run_ablation(paths, tmp_path / "clinical.md")
     rows = [line for line in text.splitlines() if line.startswith("| on ") or line.startswith("| off ")]
     assert len(rows) == 2 and "thorax_crop, clahe" in rows[0] and "| none |" in rows[1]
+    assert "| dpn92_se |" in rows[0] and "| 15 of 30 (time budget) |" in rows[0] and "| none | - |" in rows[1]
     assert "0.900" in rows[0] and "+90.0" in rows[0] and "10.0 % (40)" in rows[0] and "30.0 % (40)" in rows[1]
     assert json.loads((tmp_path / "clinical.json").read_text())[1]["accuracy"] == 0.7
