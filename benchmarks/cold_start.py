@@ -89,8 +89,13 @@ def run_variant(
 
 def parse_variant(text: str) -> tuple[str, str, int, str]:
     """``fp16:256`` or ``fp16:256:heuristic`` -> (key, precision, batch, search)."""
-    precision, batch, *search = text.strip().split(":")
-    return text.strip(), precision, int(batch), (search[0] if search else "exhaustive").lower()
+    parts = text.strip().split(":")
+    search = parts[2].lower() if len(parts) == 3 else "exhaustive"
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or search not in ("exhaustive", "heuristic"):
+        raise SystemExit(
+            f"error: variant {text!r}: write precision:batch[:exhaustive|heuristic], e.g. fp16:256"
+        )
+    return text.strip(), parts[0], int(parts[1]), search
 
 
 def cold_start(

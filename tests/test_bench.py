@@ -38,6 +38,9 @@ def test_cold_start_times_the_first_map_in_a_fresh_process(bundle, phantoms):
         and result["variants"]["fp16:32:heuristic"]["runs"][0]["search"] == "heuristic"
     )
     assert result["variants"]["fp16:32:heuristic"]["median_steady_s"] > 0
+    for bad in ("fp16", "fp16:big", "fp16:32:fast"):
+        with pytest.raises(SystemExit, match="precision:batch"):
+            cold_start(bundle, image, bad)
     assert "fp8" in result["variants"]["fp8:16"]["runs"][0]["error"]
     assert result["variants"]["fp8:16"]["median_first_image_s"] is None
 
