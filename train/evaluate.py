@@ -80,7 +80,7 @@ def evaluate(
     if lime_audit_images > 0:
         picks = np.random.default_rng(seed).permutation(len(loaded.samples))[:lime_audit_images]
         result["lime_audit"] = lime_audit(
-            model, card, [loaded.samples[i].path for i in picks], lime_samples, seed, on
+            model, card, [loaded.samples[i].path for i in picks], lime_samples, seed
         )
     out = Path(out) if out else Path(run) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,10 +30,10 @@ class TorchExplainer(ExplainerBackend):
 
     name, precision, provider = "pytorch", "fp32", "torch eager"
 
-    def __init__(self, model: Classifier, batch: int = 32) -> None:
+    def __init__(self, model: Classifier, batch: int | None = None) -> None:
         self.module = Explainer(model).eval()
         self.device = next(model.parameters()).device
-        self.limits = BatchLimits(max_batch=batch)
+        self.limits = BatchLimits(max_batch=batch or (128 if self.device.type == "cuda" else 32))
         self.feeds: dict[str, torch.Tensor] = {}
 
     def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
@@ -70,14 +70,10 @@ def lime_audit(
     paths: list[Path],
     samples: int = 300,
     seed: int = 0,
-    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Mean share of positive LIME weight outside the body over ``paths`` (films with no body found are
-    skipped). ``device``: where the model runs (default: where it is); a GPU takes a larger batch."""
-    if device is not None:
-        model.to(device)
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    explainer = TorchExplainer(model, batch=128 if on_gpu else 32)
+    skipped), explained on the model's device (a GPU takes a larger batch)."""
+    explainer = TorchExplainer(model)
     shares, skipped = [], 0
     config = ExplainConfig(samples=samples, seed=seed)
     for path in tqdm(paths, desc="LIME audit", unit="img", disable=len(paths) < 2):
