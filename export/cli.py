@@ -111,8 +111,8 @@ def int8(
     ),
     seed: int = typer.Option(0, help="Which images are drawn."),
 ) -> None:
-    """Explicit Q/DQ model.int8.onnx / explain.int8.onnx calibrated on real images, checked on held-out
-    ones."""
+    """Explicit Q/DQ model.int8.onnx calibrated on real images and checked on held-out ones, and
+    explain.int8.onnx: that same int8 network behind the LIME composer."""
     from cxr.export.int8 import export_int8
 
     methods = tuple(m.strip() for m in calibration.split(",") if m.strip())

@@ -17,7 +17,6 @@ import numpy as np
 from cxr.runtime.card import Preprocessing
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.safe_io import atomic_output
-from cxr.runtime.segment import segment, segment_means
 from tqdm import tqdm
 
 
@@ -50,33 +49,6 @@ class FeedReader:
 def classifier_feeds(images: list[np.ndarray], batch: int = 4) -> list[dict[str, np.ndarray]]:
     stacked = np.stack(images)[:, None]
     return [{"image": stacked[i : i + batch]} for i in range(0, len(stacked), batch)]
-
-
-def explainer_feeds(
-    images: list[np.ndarray], seed: int = 0, rows: int = 4, rows_per_feed: int = 2
-) -> list[dict[str, np.ndarray]]:
-    """Realistic explainer inputs: each image's SLIC map, its segment-mean fill, and random on/off rows.
-
-    Calibration holds every activation of one feed at once (dpn92_se at 224: ~0.6 GB a row), so an image's
-    ``rows`` go in feeds of ``rows_per_feed``: the same samples, half the peak memory of one 4-row feed.
-    """
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for image in images:
-        segments = segment(image)
-        z = rng.integers(0, 2, (rows, int(segments.max()) + 1), dtype=np.uint8)
-        z[0] = 1
-        fill = segment_means(image, segments)[None, None]
-        for start in range(0, rows, rows_per_feed):
-            feeds.append(
-                {
-                    "image": image[None, None],
-                    "fill": fill,
-                    "segments": segments,
-                    "z": z[start : start + rows_per_feed],
-                }
-            )
-    return feeds
 
 
 def quantize_int8(
@@ -212,13 +184,14 @@ def export_int8(
     check_data: Path | None = None,
 ) -> Int8Report:
     """model.int8.onnx (method and float-kept layers chosen by measurement on held-out images) and
-    explain.int8.onnx (min/max: its segment count varies, so histograms cannot be merged), recorded in the
-    card.
+    explain.int8.onnx (that same int8 network behind the LIME composer, so the explainer's unperturbed row
+    is the classifier's answer), recorded in the card.
 
     The held-out images are ``check_data`` when given, else further images of ``calib``. Images the model
     trained on make agreement look better than it is (their predictions have wide margins), so a folder the
     model never saw, such as its validation split, chooses better.
     """
+    from cxr.export.compose import explainer_from_classifier
     from cxr.export.int8_tune import METHODS, cpu_speed, tune
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
@@ -268,19 +241,15 @@ def export_int8(
             "trials": [t.__dict__ for t in result.trials],
             "most_sensitive": result.sensitivity[:8],
         }
-        reduce_range = result.reduce_range
     else:
         model_notes = quantize_int8(src, dst, feeds, methods[0])
-        reduce_range = False
     written, notes = ["model.int8.onnx"], {"model": model_notes}
     if opened.has("explain.onnx"):
-        notes["explain"] = quantize_int8(
-            opened.verified("explain.onnx"),
-            opened.folder / "explain.int8.onnx",
-            explainer_feeds(calib_images[:16], seed),
-            "minmax",
-            reduce_range=reduce_range,
-        )
+        explainer_from_classifier(dst, opened.folder / "explain.int8.onnx", size)
+        notes["explain"] = {
+            "graph": "model.int8.onnx behind the in-graph LIME composer (cxr.export.compose)",
+            "calibration": model_notes["calibration"],
+        }
         written.append("explain.int8.onnx")
     speed = cpu_speed(src, dst, np.ascontiguousarray(calib_images[0][None, None]))
     notes["speed_cpu"] = speed

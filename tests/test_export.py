@@ -73,6 +73,60 @@ def test_int8_graph_is_qdq_and_agrees(bundle, phantoms):
     assert np.mean(reference.argmax(1) == quantized.argmax(1)) >= 0.98
 
 
+def _lime_feeds(bundle, phantoms, rows: int = 6):
+    """One phantom's image, fill, segments and seeded on/off rows (row 0 all on), and the images they make."""
+    from cxr.runtime.preprocess import load_and_preprocess
+    from cxr.runtime.segment import segment, segment_means
+
+    image = load_and_preprocess(sorted(phantoms.rglob("*.png"))[1], 64)
+    segments = segment(image, "slic", 12, 0)
+    fill = segment_means(image, segments)
+    z = np.random.default_rng(5).integers(0, 2, (rows, int(segments.max()) + 1), dtype=np.uint8)
+    z[0] = 1
+    composed = np.where(z[:, segments].astype(bool), image, fill)[:, None]  # what LIME means by each row
+    feeds = {"image": image[None, None], "fill": fill[None, None], "segments": segments, "z": z}
+    return feeds, composed
+
+
+def test_int8_explainer_is_the_int8_classifier_behind_the_composer(bundle, phantoms):
+    """explain.int8.onnx gives, per on/off row, model.int8.onnx's answer on the image that row composes: row 0
+    is the int8 classifier's answer, and no second int8 calibration exists to disagree with it."""
+    feeds, composed = _lime_feeds(bundle, phantoms)
+    explained = _ort(bundle / "explain.int8.onnx", feeds)
+    assert np.abs(explained - _ort(bundle / "model.int8.onnx", {"image": composed})).max() < 1e-5
+    notes = read_card(bundle).provenance["int8"]
+    assert notes["explain"]["calibration"] == notes["model"]["calibration"]
+    assert "model.int8.onnx" in notes["explain"]["graph"]
+    assert read_metadata(bundle / "explain.int8.onnx") == read_metadata(bundle / "model.int8.onnx")
+
+
+def test_composer_matches_the_exported_explainer(bundle, phantoms, tmp_path):
+    """The ONNX composer is graphs.Explainer: behind the fp32 classifier it gives explain.onnx's rows."""
+    from cxr.export.compose import explainer_from_classifier
+
+    feeds, _ = _lime_feeds(bundle, phantoms)
+    explainer_from_classifier(bundle / "model.onnx", tmp_path / "explain.onnx", 64)
+    onnx.checker.check_model(str(tmp_path / "explain.onnx"), full_check=True)
+    ours, exported = _ort(tmp_path / "explain.onnx", feeds), _ort(bundle / "explain.onnx", feeds)
+    assert ours.shape == (6, 4) and np.abs(ours - exported).max() < 1e-5
+
+
+def test_composer_refuses_a_classifier_that_does_not_cast_its_input(tmp_path):
+    from cxr.export.compose import explainer_from_classifier
+
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["probs"])],
+        "g",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.UINT8, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("probs", onnx.TensorProto.UINT8, [1, 1, 8, 8])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    with pytest.raises(CxrError, match="must feed only Cast nodes"):
+        explainer_from_classifier(tmp_path / "m.onnx", tmp_path / "e.onnx", 8)
+    assert not (tmp_path / "e.onnx").exists()
+
+
 def test_metadata_round_trip_and_card_hashes(bundle):
     card = read_card(bundle)
     metadata = read_metadata(bundle / "model.onnx")
