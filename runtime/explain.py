@@ -58,6 +58,8 @@ class Explanation:
     bytes_sent: int
     samples: int = 0  # samples the fit used
     stopped: str = ""  # why sampling stopped
+    # the explainer graph's own top class of row 0: another precision may rank a near tie the other way
+    explainer_top: int = -1
 
 
 def sample_rows(rng: np.random.Generator, samples: int, segments: int) -> np.ndarray:
@@ -118,9 +120,13 @@ def explain_image(
     config: ExplainConfig,
     rows: np.ndarray | None = None,
     segments: np.ndarray | None = None,
+    label: int | None = None,
 ) -> Explanation:
-    """Explain the top class of one preprocessed uint8 image (``rows``/``segments`` may be given, for
-    tests)."""
+    """Explain one preprocessed uint8 image (``rows``/``segments`` may be given, for tests).
+
+    ``label``: the class to explain, normally the classifier's answer, so the map never shows another class
+    than the record when the explainer graph (another precision or calibration) ranks a near tie the other
+    way. Default: the explainer's own top class of the unperturbed image."""
     started = time.perf_counter()
     if segments is None:
         segments = segment(image, config.segmenter, config.n_segments, config.seed)
@@ -143,9 +149,9 @@ def explain_image(
         if settling is not None and done_rows >= min(next_check, len(rows)):
             checked = time.perf_counter()
             probs = np.concatenate(outputs)
-            label = int(np.argmax(probs[0]))
-            fitted = lime_fit(rows[:done_rows], probs, label, config.seed)[0]
-            settled = settling.check(fitted, rows[:done_rows], probs, label)
+            explained = int(np.argmax(probs[0])) if label is None else label
+            fitted = lime_fit(rows[:done_rows], probs, explained, config.seed)[0]
+            settled = settling.check(fitted, rows[:done_rows], probs, explained)
             check_seconds += time.perf_counter() - checked
             if settled:
                 stopped = settling.reason(done_rows)
@@ -155,7 +161,8 @@ def explain_image(
     rows = rows[:done_rows]
     probs = np.concatenate(outputs)
     modelled = time.perf_counter()
-    label = int(np.argmax(probs[0]))
+    top = int(np.argmax(probs[0]))
+    label = top if label is None else label
     weights, intercept, score = lime_fit(rows, probs, label, config.seed)
     done = time.perf_counter()
     timing = {
@@ -178,6 +185,7 @@ def explain_image(
         backend.bytes_sent - bytes_before,
         len(rows),
         stopped,
+        top,
     )
 
 
@@ -188,7 +196,7 @@ def top_segments(weights: dict[int, float], count: int) -> list[int]:
 def explanation_record(
     explanation: Explanation, classes: tuple[str, ...], config: ExplainConfig, overlay: str | None
 ) -> dict[str, Any]:
-    return {
+    record = {
         "label": classes[explanation.label],
         "weights": {str(k): round(v, 6) for k, v in sorted(explanation.weights.items())},
         "overlay": overlay,
@@ -200,3 +208,9 @@ def explanation_record(
         "score": round(explanation.score, 4),
         "timing": {k: round(v, 4) for k, v in explanation.timing.items()},
     }
+    if explanation.explainer_top not in (-1, explanation.label):
+        record["note"] = (
+            f"the explainer graph ranks {classes[explanation.explainer_top]} first on this image; the map "
+            f"explains {classes[explanation.label]}, the classifier's answer"
+        )
+    return record

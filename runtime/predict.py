@@ -147,7 +147,10 @@ def predict_stream(
             if labelled and explainer is not None and options.explain is not None:
                 ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
                 try:
-                    record["explanation"] = _explain(images[i], chunk[i], start + i, bundle, ready, options)
+                    label = int(np.argmax(rows[i]))
+                    record["explanation"] = _explain(
+                        images[i], chunk[i], start + i, bundle, ready, options, label
+                    )
                 except CxrError as exc:
                     record["error"] = f"explanation failed: {exc}"
             bar.update(1)
@@ -178,9 +181,11 @@ def _explain(
     bundle: Bundle,
     explainer: ExplainerBackend,
     options: PredictOptions,
+    label: int,
 ) -> dict[str, Any]:
+    """The map of ``label``, the class the record reports (not the explainer graph's own top class)."""
     config = options.explain
-    explanation = explain_image(image, explainer, config)
+    explanation = explain_image(image, explainer, config, label=label)
     overlay = None
     if options.explain_dir is not None:
         started = time.perf_counter()

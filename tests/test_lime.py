@@ -9,7 +9,7 @@ from cxr.runtime.explain import ExplainConfig, explain_image
 from cxr.runtime.preprocess import load_and_preprocess
 from cxr.runtime.segment import segment, segment_means
 
-from tests.conftest import cli
+from tests.conftest import cli, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,31 @@ def test_same_seed_identical_different_seed_different(sessions, phantoms):
     c = explain_image(image, explainer, ExplainConfig(samples=200, seed=2))
     assert a.weights == b.weights
     assert a.weights != c.weights
+
+
+def test_the_map_explains_the_label_it_is_given_and_says_when_the_explainer_ranks_otherwise(
+    sessions, phantoms
+):
+    """predict passes the classifier's answer: an explainer graph that ranks a near tie the other way (another
+    precision or calibration) must not paint a different class than the record names."""
+    from cxr.runtime.explain import explanation_record, lime_fit, sample_rows
+
+    _, explainer = sessions
+    image = _image(phantoms, "covid19")
+    config = ExplainConfig(samples=200, seed=1)
+    own = explain_image(image, explainer, config)
+    other = (own.label + 1) % 4
+    told = explain_image(image, explainer, config, label=other)
+    assert own.explainer_top == told.explainer_top == own.label and told.label == other
+    rows = sample_rows(np.random.default_rng(1), 200, int(told.segments.max()) + 1)
+    explainer.set_image(image, segment_means(image, told.segments), told.segments)
+    step = explainer.limits.max_batch
+    probs = np.concatenate([explainer.run(rows[i : i + step]) for i in range(0, 200, step)])
+    assert told.weights == lime_fit(rows, probs, other, 1)[0]  # the fit of the class it was told
+    classes = ("covid19", "normal", "pneumonia_bacterial", "pneumonia_viral")
+    record = explanation_record(told, classes, config, None)
+    assert record["label"] == classes[other] and classes[own.label] in record["note"]
+    assert "note" not in explanation_record(own, classes, config, None)
 
 
 def test_pointing_game_on_planted_lesions(sessions, phantoms, bundle):
@@ -284,6 +309,8 @@ def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_pa
         str(bundle),
         *map(str, images),
         "--fidelity",
+        "--precision",
+        "int8",
         "--samples",
         "400",
         "--out",
@@ -291,6 +318,13 @@ def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_pa
     )
     data = json.loads((tmp_path / "lime_fidelity.json").read_text())
     assert data["images"] == 2 and data["mean_top5_overlap"] >= 0.6 and data["ort_cpu_fixed_seconds"] > 0
+    assert data["precision"] == "int8" and " int8 on cpu" in data["runs_on"]
+    assert " fp32 on cpu" in data["reference_runs_on"]
+    assert data["same_label"] == np.mean([row["same_label"] for row in data["per_image"]])
     for row in data["per_image"]:
         assert len(row["curves"]["fixed"]) == 11 and row["samples_auto"] <= 400
     assert "top-5 overlap" in result.stdout and (tmp_path / "lime_fidelity.png").stat().st_size > 1000
+    error = one_line_error(
+        cli("cxr-bench", "lime", "--model", str(bundle), "--fidelity", "--precision", "fp32,int8", check=2)
+    )
+    assert error == "error: --fidelity takes one --precision, got 'fp32,int8'"
