@@ -131,6 +131,30 @@ def test_explainer_streams_keep_row_order(bundle, phantoms):
         assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, streams
 
 
+def test_int8_explainer_runs_one_stream_and_others_keep_streams_only_when_they_agree(bundle, monkeypatch):
+    """int8 compiled for 2 streams gave wrong rows in some process starts on the AVX2 host (one stream never
+    did): int8 runs one stream; fp32 checks a probe batch both ways at open and falls back to one stream,
+    saying so, when they differ."""
+    from cxr.runtime.backends import openvino
+
+    monkeypatch.setattr(openvino, "explain_streams", lambda batch: 2)
+    with openvino.OvExplainer(bundle / "explain.int8.onnx", "int8") as ov:
+        assert ov.streams == 1 and "int8: parallel int8 streams gave wrong rows" in ov.provider
+    with openvino.OvExplainer(bundle / "explain.onnx", "fp32") as ov:
+        assert ov.streams == 2 and ov.provider.endswith(", 2 streams")
+        assert all(key[0] == 2 for key in ov.graph._requests)  # the one-stream compile was dropped
+    honest = openvino._Compiled.run_split
+    monkeypatch.setattr(
+        openvino._Compiled,
+        "run_split",
+        lambda graph, feeds, split, streams: honest(graph, feeds, split, streams) + 0.01 * (streams > 1),
+    )
+    with openvino.OvExplainer(bundle / "explain.onnx", "fp32") as ov:
+        assert ov.streams == 1 and ov.provider.endswith(
+            ", 1 stream (parallel streams disagreed with one stream on a probe batch)"
+        )
+
+
 def test_every_openvino_compile_asks_for_f32_compute(bundle):
     """bf16 (AMX, AVX512_BF16 CPUs) or f16 compute would run a graph validated as fp32 at lower precision."""
     from cxr.runtime.backends.openvino import OvBackend, OvExplainer
@@ -146,6 +170,7 @@ def test_every_openvino_compile_asks_for_f32_compute(bundle):
             graph.core.compile_model = lambda model, device, config, real=compile_model: (
                 asked.append(config) or real(model, device, config)
             )
+        ex.graph._requests.clear()  # the open's probe compiled before the recorder: compile again
         classifier.run(np.zeros((1, 1, 64, 64), dtype=np.uint8))
         ex.streams = 2
         image = np.zeros((64, 64), dtype=np.uint8)

@@ -9,6 +9,13 @@ The explainer's batch is split over parallel OpenVINO streams (throughput mode):
 dpn92_se explanation with 2 streams took 0.86x the time of one 2-thread stream, same weights, interleaved in
 one process (``benchmarks/ov_streams.py``, ``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224``).
 The classifier keeps latency mode: one image at a time is what a bedside request needs.
+
+Parallel streams must give one stream's numbers. On the 2-core AVX2 EPYC (no VNNI, OpenVINO 2026.4), an int8
+explainer compiled for 2 streams came out wrong in 1 to 2 process starts of 6-8, more often under load:
+every row off by up to 0.37 (dpn92_se) or 0.98 (the test model) in probability against ONNX Runtime, for the
+whole life of that compile, while one stream matched ONNX Runtime every time; fp32 never did this. So int8
+runs one stream, and for the other precisions the open runs one probe batch both ways and keeps the streams
+only if they agree (``STREAMS_AGREE``), else it runs one stream; the provider string says which.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from cxr.runtime.backends.base import (
+    IMAGE,
     Backend,
     BatchLimits,
     ExplainerBackend,
@@ -39,6 +47,7 @@ EXPLAIN_STREAMS_MAX = 4
 # OpenVINO computes in bf16 by default where the CPU has AVX512_BF16/AMX (f16 on some ARM): the graph that was
 # validated as fp32 would then run at lower precision under an fp32 label. Every compile asks for f32 compute.
 ACCURATE = {"INFERENCE_PRECISION_HINT": "f32"}
+STREAMS_AGREE = 1e-4  # largest probability difference allowed between parallel streams and one stream
 
 
 def openvino_available() -> bool:
@@ -92,6 +101,10 @@ class _Compiled:
                 shapes, {"PERFORMANCE_HINT": "LATENCY"}
             ).create_infer_request()
         return self._requests[key]
+
+    def forget(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Drop the latency-mode compile for ``shapes`` (its memory), if there is one."""
+        self._requests.pop(tuple(sorted(shapes.items())), None)
 
     def queue(self, shapes: dict[str, tuple[int, ...]], streams: int) -> Any:
         """An AsyncInferQueue of ``streams`` requests on a throughput-mode model with that many streams."""
@@ -157,13 +170,25 @@ class OvExplainer(ExplainerBackend):
     ) -> None:
         self.graph = _Compiled(path, data)
         self.precision = precision
-        self.streams = explain_streams(batch=max_batch)
-        version = self.graph.ov.__version__.split("-")[0]
-        self.provider = f"OpenVINO {version} {DEVICE}, {self.streams} stream{'s' * (self.streams > 1)}"
         self.metadata = self.graph.metadata
         self.limits = BatchLimits(1, max_batch)
         self.bytes_sent = 0
         self._feeds: dict[str, np.ndarray] = {}
+        self.streams, why = explain_streams(batch=max_batch), ""
+        if precision == "int8" and self.streams > 1:
+            self.streams, why = 1, " (int8: parallel int8 streams gave wrong rows on an AVX2 CPU)"
+        elif self.streams > 1 and not self.streams_agree(self.image_size()):
+            self.streams, why = 1, " (parallel streams disagreed with one stream on a probe batch)"
+        version = self.graph.ov.__version__.split("-")[0]
+        plural = "s" * (self.streams > 1)
+        self.provider = f"OpenVINO {version} {DEVICE}, {self.streams} stream{plural}{why}"
+
+    def image_size(self) -> int:
+        """The side of the explainer graph's fixed 1 x 1 x S x S image input."""
+        shape = self.graph.model.input(IMAGE).get_partial_shape()
+        if not shape.is_static:
+            raise CxrError(f"{self.graph.path}: the explainer's image input has no fixed size ({shape})")
+        return int(shape[-1].get_length())
 
     def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
         self._feeds = image_feeds(image, fill, segments)
@@ -172,3 +197,21 @@ class OvExplainer(ExplainerBackend):
 
     def _run(self, z: np.ndarray) -> np.ndarray:
         return self.graph.run_split({**self._feeds, Z: self.fixed_block(z)}, Z, self.streams)[: len(z)]
+
+    def streams_agree(self, size: int, seed: int = 0) -> bool:
+        """One probe batch (a seeded random image, 16 segments, random rows) on the parallel streams and on
+        one stream: True if no probability differs by more than STREAMS_AGREE. The one-stream compile is
+        kept only when it is needed (they disagree)."""
+        rng = np.random.default_rng(seed)
+        image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+        segments = (np.arange(size * size).reshape(size, size) * 16 // (size * size)).astype(np.int32)
+        self.set_image(image, np.full_like(image, 128), segments)
+        block = self.fixed_block(rng.integers(0, 2, (self.limits.max_batch, 16), dtype=np.uint8))
+        feeds = {**self._feeds, Z: block}
+        parallel = self.graph.run_split(feeds, Z, self.streams)
+        single = self.graph.run(feeds)
+        self.bytes_sent = 0
+        agree = bool(np.abs(parallel - single).max() <= STREAMS_AGREE)
+        if agree and self.streams > 1:
+            self.graph.forget({name: value.shape for name, value in feeds.items()})
+        return agree
