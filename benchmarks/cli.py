@@ -50,7 +50,9 @@ def lime(
     segmenter: str = typer.Option("slic", help="slic or quickshift."),
     sweep: str = typer.Option("250,500,1000", help="Sample counts timed for our explainer (first image)."),
     precision: str = typer.Option(
-        "fp32", help="Comma-separated precisions of our explainer, e.g. fp16,fp32."
+        "fp32",
+        help="Comma-separated precisions of our explainer, e.g. fp16,fp32 (with --fidelity: one, the "
+        "precision of --samples auto; the reference map stays fp32).",
     ),
     backend: str = typer.Option(
         "auto", help="auto, tensorrt, onnxruntime or openvino (ours, and stock lime's classifier)."
@@ -81,7 +83,9 @@ def lime(
     if fidelity:
         from cxr.bench.lime_fidelity import run_fidelity
 
-        run_fidelity(model, out, paths, samples, seed, backend)
+        if len(precisions) != 1:
+            raise CxrUsageError(f"--fidelity takes one --precision, got {precision!r}")
+        run_fidelity(model, out, paths, samples, seed, backend, precision=precisions[0])
         return
     run_lime_bench(
         model,
