@@ -57,6 +57,17 @@ def pad_z(z: np.ndarray, rows: int, columns: int) -> np.ndarray:
     return block
 
 
+PROBE_SEGMENTS = 16
+
+
+def grid_segments(size: int, count: int = PROBE_SEGMENTS) -> np.ndarray:
+    """A size x size segment map of ``count`` equal horizontal bands (0..count-1): the segments of the
+    warm-up and probe batches, which need a valid map but no real image."""
+    return (np.arange(size * size, dtype=np.int64).reshape(size, size) * count // (size * size)).astype(
+        np.int32
+    )
+
+
 def image_feeds(image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarray]:
     """The per-image explainer inputs as every explainer graph takes them: 1x1xHxW uint8 twice, HxW int32."""
     size = image.shape[-2:]
@@ -187,12 +198,9 @@ class ExplainerBackend(_Contract):
         """Full padded batches on a blank image, so per-shape tuning happens at open, not on the first
         patient."""
         blank = np.zeros((size, size), dtype=np.uint8)
-        segments = (np.arange(size * size, dtype=np.int32).reshape(size, size) * 16 // (size * size)).astype(
-            np.int32
-        )
-        self.set_image(blank, blank, segments)
+        self.set_image(blank, blank, grid_segments(size))
         for _ in range(runs):
-            probs = self.run(np.ones((1, 16), dtype=np.uint8))
+            probs = self.run(np.ones((1, PROBE_SEGMENTS), dtype=np.uint8))
         if not np.all(np.isfinite(probs)):
             raise RuntimeError("the explainer returned non-finite probabilities on a blank image")
         self.bytes_sent = 0

@@ -28,11 +28,13 @@ from typing import Any
 import numpy as np
 from cxr.runtime.backends.base import (
     IMAGE,
+    PROBE_SEGMENTS,
     Backend,
     BatchLimits,
     ExplainerBackend,
     Z,
     bucket,
+    grid_segments,
     image_feeds,
     pad_rows,
     z_columns,
@@ -94,8 +96,12 @@ class _Compiled:
                 f"{self.path}: OpenVINO cannot compile it for {shapes}: {one_line(exc, 160)}"
             ) from None
 
+    @staticmethod
+    def _latency_key(shapes: dict[str, tuple[int, ...]]) -> tuple:
+        return tuple(sorted(shapes.items()))
+
     def request(self, shapes: dict[str, tuple[int, ...]]) -> Any:
-        key = tuple(sorted(shapes.items()))
+        key = self._latency_key(shapes)
         if key not in self._requests:
             self._requests[key] = self._compile(
                 shapes, {"PERFORMANCE_HINT": "LATENCY"}
@@ -104,7 +110,7 @@ class _Compiled:
 
     def forget(self, shapes: dict[str, tuple[int, ...]]) -> None:
         """Drop the latency-mode compile for ``shapes`` (its memory), if there is one."""
-        self._requests.pop(tuple(sorted(shapes.items())), None)
+        self._requests.pop(self._latency_key(shapes), None)
 
     def queue(self, shapes: dict[str, tuple[int, ...]], streams: int) -> Any:
         """An AsyncInferQueue of ``streams`` requests on a throughput-mode model with that many streams."""
@@ -204,9 +210,9 @@ class OvExplainer(ExplainerBackend):
         kept only when it is needed (they disagree)."""
         rng = np.random.default_rng(seed)
         image = rng.integers(0, 256, (size, size), dtype=np.uint8)
-        segments = (np.arange(size * size).reshape(size, size) * 16 // (size * size)).astype(np.int32)
-        self.set_image(image, np.full_like(image, 128), segments)
-        block = self.fixed_block(rng.integers(0, 2, (self.limits.max_batch, 16), dtype=np.uint8))
+        self.set_image(image, np.full_like(image, 128), grid_segments(size))
+        rows = rng.integers(0, 2, (self.limits.max_batch, PROBE_SEGMENTS), dtype=np.uint8)
+        block = self.fixed_block(rows)
         feeds = {**self._feeds, Z: block}
         parallel = self.graph.run_split(feeds, Z, self.streams)
         single = self.graph.run(feeds)
