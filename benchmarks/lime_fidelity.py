@@ -9,6 +9,10 @@ clinician validated, never against another int8 map):
   one by one (the fill image shows through); a faithful map drops it fast, so a lower area under the curve
   is better;
 - samples and seconds used, and the same against the fixed budget on ONNX Runtime CPU (the issue's baseline).
+
+Each image costs minutes on a CPU, so the rows so far are saved after every image
+(``lime_fidelity.partial.json``); a rerun with the same bundle, budget, seed, precision and backends reuses
+the rows of images already measured there or in an earlier ``lime_fidelity.json``, and says how many.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import ExplainConfig, Explanation, explain_image, top_segments
+from cxr.runtime.safe_io import atomic_write
 from cxr.runtime.segment import segment_means
 
 log = logging.getLogger(__name__)
 
 DELETION_STEPS = 10
+PARTIAL = "lime_fidelity.partial.json"
 
 
 def deletion_curve(explanation: Explanation, image: np.ndarray, backend: ExplainerBackend) -> list[float]:
@@ -80,7 +86,21 @@ def run_fidelity(
         if precision != "fp32":  # the same backend kind as the reference, so only the precision differs
             ours, ours_reason = open_explainer(bundle, explainer.name, precision)
             stack.enter_context(ours)
+        settings = {
+            "model": bundle.digest,
+            "budget": budget,
+            "seed": seed,
+            "precision": precision,
+            "runs_on": ours_reason.split(";")[0],
+            "reference_runs_on": reason.split(";")[0],
+        }
+        done = earlier_rows(out, settings)
         for index, image in enumerate(images):
+            name = str(image_paths[index]) if image_paths else "phantom"
+            if name in done:
+                rows.append({**done[name], "resumed": True})
+                log.info(f"  {index + 1}/{len(images)}: measured by an earlier run, reused")
+                continue
             started = time.perf_counter()
             reference = explain_image(image, explainer, fixed_config)
             fixed_s = time.perf_counter() - started
@@ -93,7 +113,7 @@ def run_fidelity(
             }
             rows.append(
                 {
-                    "image": str(image_paths[index]) if image_paths else "phantom",
+                    "image": name,
                     "label": reference.label,
                     "same_label": adaptive.label == reference.label,
                     **compare_maps(reference, adaptive),
@@ -110,16 +130,18 @@ def run_fidelity(
                 f"  {index + 1}/{len(images)}: top-5 overlap {rows[-1]['top5_overlap']:.1f}, "
                 f"{adaptive.samples} samples, {auto_s:.2f} s vs {fixed_s:.2f} s"
             )
+            save_partial(out, settings, rows)
     baseline = ort_cpu_baseline(bundle, images[:baseline_images], fixed_config)
+    resumed = sum(bool(r.get("resumed")) for r in rows)
+    if resumed:
+        log.info(f"reused {resumed} of {len(rows)} images measured by an earlier run with the same settings")
     summary = {
+        **settings,
         "environment": environment(),
         "arch": bundle.card.arch,
         "input_size": bundle.card.input.size,
         "images": len(rows),
-        "budget": budget,
-        "precision": precision,
-        "runs_on": ours_reason.split(";")[0],
-        "reference_runs_on": reason.split(";")[0],
+        "images_resumed": resumed,
         "mean_top5_overlap": float(np.mean([r["top5_overlap"] for r in rows])),
         "same_label": float(np.mean([r["same_label"] for r in rows])),
         "mean_spearman": float(np.mean([r["spearman"] for r in rows])),
@@ -134,11 +156,32 @@ def run_fidelity(
     summary["auto_vs_fixed_time"] = summary["mean_seconds_auto"] / summary["mean_seconds_fixed"]
     summary["auto_vs_ort_cpu_fixed_time"] = summary["mean_seconds_auto"] / baseline if baseline else None
     out.mkdir(parents=True, exist_ok=True)
-    (out / "lime_fidelity.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "lime_fidelity.json", json.dumps(summary, indent=2) + "\n")
+    (out / PARTIAL).unlink(missing_ok=True)
     plot_fidelity(summary, out / "lime_fidelity.png")
     log.info(format_fidelity(summary))
     log.info(f"wrote {out / 'lime_fidelity.json'} and {out / 'lime_fidelity.png'}")
     return summary
+
+
+def earlier_rows(out: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Rows, by image, that an interrupted (partial) or finished run in ``out`` measured with these
+    settings."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name in ("lime_fidelity.json", PARTIAL):
+        try:
+            earlier = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(earlier, dict) and all(earlier.get(k) == v for k, v in settings.items()):
+            rows.update({r["image"]: r for r in earlier.get("per_image", []) if r.get("image") != "phantom"})
+    return rows
+
+
+def save_partial(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """The rows so far, so an interrupted run loses at most the image it was on."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / PARTIAL, json.dumps({**settings, "per_image": rows}, indent=2) + "\n")
 
 
 def ort_cpu_baseline(bundle: Bundle, images: list[np.ndarray], config: ExplainConfig) -> float | None:

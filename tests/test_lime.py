@@ -328,3 +328,32 @@ def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_pa
         cli("cxr-bench", "lime", "--model", str(bundle), "--fidelity", "--precision", "fp32,int8", check=2)
     )
     assert error == "error: --fidelity takes one --precision, got 'fp32,int8'"
+
+
+def test_fidelity_run_resumes_after_an_interruption(bundle, phantoms, tmp_path, monkeypatch):
+    import cxr.bench.lime_fidelity as fidelity
+
+    images = sorted((phantoms / "normal").glob("*.png"))[:2]
+    real_explain, calls = fidelity.explain_image, []
+
+    def explain_then_stop(image, backend, config, label=None):
+        calls.append(config.adaptive)
+        if len(calls) > 2:  # the second image's reference map: the run is cut off here
+            raise KeyboardInterrupt
+        return real_explain(image, backend, config, label=label)
+
+    monkeypatch.setattr(fidelity, "explain_image", explain_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        fidelity.run_fidelity(bundle, tmp_path, images, 200, 0, "onnxruntime", baseline_images=1)
+    partial = json.loads((tmp_path / fidelity.PARTIAL).read_text())
+    assert [row["image"] for row in partial["per_image"]] == [str(images[0])]
+    assert not (tmp_path / "lime_fidelity.json").exists()
+
+    monkeypatch.setattr(fidelity, "explain_image", real_explain)
+    summary = fidelity.run_fidelity(bundle, tmp_path, images, 200, 0, "onnxruntime", baseline_images=1)
+    assert summary["images"] == 2 and summary["images_resumed"] == 1
+    assert summary["per_image"][0]["seconds_fixed"] == partial["per_image"][0]["seconds_fixed"]
+    assert not summary["per_image"][1].get("resumed") and not (tmp_path / fidelity.PARTIAL).exists()
+
+    other_seed = fidelity.run_fidelity(bundle, tmp_path, images[:1], 200, 1, "onnxruntime", baseline_images=1)
+    assert other_seed["images_resumed"] == 0 and other_seed["seed"] == 1
