@@ -1,7 +1,9 @@
 """``cxr-bench latency``: per-image latency (p50/p95/p99 at batch 1) and throughput per batch size.
 
 Every backend and precision available here, plus PyTorch eager as the baseline, in one process and run.
-Host preprocessing (decode + resize + crop) is measured separately from model time.
+Host preprocessing (decode + resize + crop) is measured separately from model time. On a CPU box the
+result also says how much of the host's fp32 matrix rate each backend uses (``compute_bound``): a backend near
+100 % leaves no room for another fp32 runtime to be much faster here.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cxr.bench.compute_bound import compute_bound, share_of_rate
 from cxr.bench.environment import environment, slug
 from cxr.bench.torch_reference import torch_runner
 from cxr.runtime.bundle import Bundle, engine_name
@@ -181,6 +184,12 @@ def run_latency(
     if baseline:
         for entry in results["backends"].values():
             entry["speedup_vs_pytorch_b1_p50"] = baseline["b1_ms"]["p50"] / entry["b1_ms"]["p50"]
+    if not facts.get("gpu"):
+        bound = compute_bound(bundle.verified_bytes(bundle.onnx_path("model", "fp32").name))
+        if bound:
+            results["compute"] = bound
+            for entry in results["backends"].values():
+                entry["share_of_host_fp32_rate"] = share_of_rate(bound, entry["b1_ms"]["p50"])
     out.mkdir(parents=True, exist_ok=True)
     name = f"latency_{bundle.card.arch}_{slug(facts)}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -192,9 +201,11 @@ def run_latency(
 
 def format_latency(results: dict[str, Any]) -> str:
     sizes = results["batch_sizes"]
+    bound = results.get("compute")
     head = f"{'backend':<20}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'x torch':>9}" + "".join(
         f"{'b' + str(b) + ' img/s':>12}" for b in sizes
     )
+    head += f"{'% rate':>9}" if bound else ""
     lines = [
         f"{results['arch']} @ {results['input_size']} on "
         f"{results['environment'].get('gpu') or results['environment']['cpu']}"
@@ -207,6 +218,13 @@ def format_latency(results: dict[str, Any]) -> str:
             f"{name:<20}{r['b1_ms']['p50']:>9.2f}{r['b1_ms']['p95']:>9.2f}{r['b1_ms']['p99']:>9.2f}"
             f"{'' if speed is None else f'{speed:.2f}':>9}"
             + "".join(f"{r['throughput_img_s'][str(b)]:>12.1f}" for b in sizes)
+            + (f"{r['share_of_host_fp32_rate']:>9.0%}" if bound else "")
+        )
+    if bound:
+        lines.append(
+            f"% rate: {bound['gflop_per_image']:.2f} GFLOP per image at b1 p50, against this host's fp32 "
+            f"matrix rate ({bound['host_fp32_matmul_gflops']:.0f} GFLOP/s; at that rate fp32 needs "
+            f"{bound['fp32_floor_ms']:.1f} ms per image). int8 and fp16 kernels can pass 100 %."
         )
     return "\n".join(lines)
 

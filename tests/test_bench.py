@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import AUTO_CPU_BACKEND, cli
@@ -72,6 +73,43 @@ def test_latency_and_report(bundle, tmp_path):
         row = next(line for line in report.splitlines() if f"| {name} |" in line)
         assert f"{entry['b1_ms']['p50']:.2f}" in row  # the report shows the measured numbers, not others
     assert data["preprocess_ms_per_image"] > 0 and "x |" in report
+    bound = data["compute"]  # a CPU host: how much of its fp32 matrix rate each backend uses
+    assert bound["fp32_floor_ms"] == pytest.approx(
+        1000 * bound["gflop_per_image"] / bound["host_fp32_matmul_gflops"]
+    )
+    for name, entry in data["backends"].items():
+        expected = (
+            bound["gflop_per_image"] / (entry["b1_ms"]["p50"] / 1000) / bound["host_fp32_matmul_gflops"]
+        )
+        assert entry["share_of_host_fp32_rate"] == pytest.approx(expected)
+        assert f"{expected:.0%} |" in next(line for line in report.splitlines() if f"| {name} |" in line)
+
+
+def test_graph_gflop_counts_grouped_convolutions_and_gemm():
+    from cxr.bench.compute_bound import graph_gflop, host_fp32_gflops
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [
+        numpy_helper.from_array(np.zeros((32, 4, 3, 3), np.float32), "conv_w"),  # 16 in, 32 out, 4 groups
+        numpy_helper.from_array(np.zeros((10, 32), np.float32), "fc_w"),  # Gemm with transB
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "conv_w"], ["y"], group=4, pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["y"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "fc_w"], ["logits"], transB=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    conv = 2 * (4 * 3 * 3) * (32 * 8 * 8)  # each output value: 4 input channels x 3 x 3
+    gemm = 2 * 32 * 10
+    assert graph_gflop(model.SerializeToString()) * 1e9 == pytest.approx(conv + gemm)
+    assert host_fp32_gflops(repeats=2) > 0.1
 
 
 def test_lime_benchmark_times_ours_per_precision_against_both_peers(bundle, phantoms, tmp_path):
