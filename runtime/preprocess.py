@@ -112,6 +112,9 @@ def decode(data: bytes, name: str, suffix: str = "", max_pixels: int = DEFAULT_M
         raise CxrError(
             f"{name}: image is {gray.shape[1]}x{gray.shape[0]} px, smaller than {MIN_SIDE} px a side"
         )
+    low, high = int(gray.min()), int(gray.max())
+    if low == high:  # a failed exposure or an empty frame: any label would be made up
+        raise CxrError(f"{name}: blank image (every pixel is grey level {low}): nothing to classify")
     notes.extend(content_warnings(gray))
     return Decoded(gray, tuple(notes))
 

@@ -177,8 +177,12 @@ def test_not_radiographs_are_warned_and_strict_fails_them(bundle, tmp_path):
     rgb[..., 2] = np.linspace(0, 255, 160, dtype=np.uint8)  # a red ramp: really colour
     cv2.imwrite(str(colour), rgb)
     assert any("colour image converted" in w for w in load_image(colour).warnings)
-    mask = _png(tmp_path / "mask.png", 100, value=0)
+    mask = tmp_path / "mask.png"
+    cv2.imwrite(str(mask), np.where(np.arange(100)[:, None] < 40, 255, 0).astype(np.uint8).repeat(100, 1))
     assert any("near-binary" in w for w in load_image(mask).warnings)
+    blank = _png(tmp_path / "blank.png", 100, value=0)
+    with pytest.raises(CxrError, match=r"blank.png: blank image \(every pixel is grey level 0\): nothing to"):
+        load_image(blank)
     icon = _png(tmp_path / "icon.png", 32)
     assert any("under 64 px" in w for w in load_image(icon).warnings)
     gray_rgb = tmp_path / "gray_as_rgb.png"

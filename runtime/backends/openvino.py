@@ -1,5 +1,7 @@
 """OpenVINO backend (CPU): the bundle's ONNX graphs compiled by OpenVINO, for bedside machines without an
-NVIDIA GPU (about half ONNX Runtime's CPU latency for dpn92_se on a 2-core EPYC).
+NVIDIA GPU. For dpn92_se on a 2-core AVX2 EPYC its fp32 runs at ONNX Runtime's speed (both near the host's
+fp32 matrix rate: ``cxr-bench latency`` shows the share), and its int8 at about 0.7x ONNX Runtime's fp32,
+where ONNX Runtime's own int8 is slower than its fp32.
 
 ``openvino`` is imported here only, when a graph is opened (``pip install 'cxr-edge[openvino]'``). Graphs are
 read from their verified bytes and compiled for fixed shapes, one compiled model per shape, kept: the
