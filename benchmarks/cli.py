@@ -66,6 +66,12 @@ def lime(
         help="Instead: --samples auto against the --samples budget "
         "(top-5 overlap, rank correlation, deletion curve, compute saved).",
     ),
+    repeatability: int = typer.Option(
+        0,
+        "--repeatability",
+        help="With --fidelity: for the first N images also draw a second fixed-budget map with seed + 1, "
+        "to show how far the reference itself moves with the seed.",
+    ),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for lime.json and lime.png."),
 ) -> None:
     """Seconds per explanation (first image and steady state) for ours per precision, against lime and
@@ -85,7 +91,11 @@ def lime(
 
         if len(precisions) != 1:
             raise CxrUsageError(f"--fidelity takes one --precision, got {precision!r}")
-        run_fidelity(model, out, paths, samples, seed, backend, precision=precisions[0])
+        if repeatability < 0:
+            raise CxrUsageError("--repeatability must be 0 or more")
+        run_fidelity(
+            model, out, paths, samples, seed, backend, precision=precisions[0], repeatability=repeatability
+        )
         return
     run_lime_bench(
         model,

@@ -313,10 +313,18 @@ def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_pa
         "int8",
         "--samples",
         "400",
+        "--repeatability",
+        "1",
         "--out",
         str(tmp_path),
     )
     data = json.loads((tmp_path / "lime_fidelity.json").read_text())
+    repeat = data["reference_repeat"]  # the first image's 400-sample map drawn again at seed 1
+    assert (
+        repeat["images"] == 1 and 0 <= repeat["mean_top5_overlap"] <= 1 and -1 <= repeat["mean_spearman"] <= 1
+    )
+    assert repeat["mean_top5_overlap"] == data["per_image"][0]["reference_repeat"]["top5_overlap"]
+    assert "reference_repeat" not in data["per_image"][1] and "against itself at seed + 1" in result.stdout
     assert data["images"] == 2 and data["mean_top5_overlap"] >= 0.6 and data["ort_cpu_fixed_seconds"] > 0
     assert data["precision"] == "int8" and " int8 on cpu" in data["runs_on"]
     assert " fp32 on cpu" in data["reference_runs_on"]
