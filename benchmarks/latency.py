@@ -20,7 +20,7 @@ import numpy as np
 from cxr.bench.compute_bound import compute_bound, share_of_rate
 from cxr.bench.environment import environment, slug
 from cxr.bench.torch_reference import torch_runner
-from cxr.runtime.bundle import Bundle, engine_name
+from cxr.runtime.bundle import Bundle, engine_name, onnx_name
 from cxr.runtime.errors import CxrError
 
 log = logging.getLogger(__name__)
@@ -184,8 +184,8 @@ def run_latency(
     if baseline:
         for entry in results["backends"].values():
             entry["speedup_vs_pytorch_b1_p50"] = baseline["b1_ms"]["p50"] / entry["b1_ms"]["p50"]
-    if not facts.get("gpu"):
-        bound = compute_bound(bundle.verified_bytes(bundle.onnx_path("model", "fp32").name))
+    if not facts.get("gpu") and bundle.has(onnx_name("model", "fp32")):
+        bound = compute_bound(bundle.verified_bytes(onnx_name("model", "fp32")))
         if bound:
             results["compute"] = bound
             for entry in results["backends"].values():

@@ -18,7 +18,7 @@ import numpy as np
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.errors import CxrUsageError
 from cxr.runtime.segment import segment, segment_means
-from cxr.runtime.settle import Settling
+from cxr.runtime.settle import SPREAD_BOUND, STABLE_FITS, Settling
 
 T = TypeVar("T")
 
@@ -36,12 +36,21 @@ class ExplainConfig:
     adaptive: bool = False  # --samples auto: stop when the map is settled (runtime/settle.py)
     min_samples: int = 150  # first check
     round_size: int = 50  # samples between checks (three equal fits: the earliest stop is at 250)
+    spread_bound: float = (
+        SPREAD_BOUND  # the stopping rule's bounds (runtime/settle.py; cxr.bench.settle_sweep)
+    )
+    stable_fits: int = STABLE_FITS
 
     def __post_init__(self) -> None:
         if self.samples < 10:
             raise CxrUsageError(f"--samples must be at least 10, got {self.samples}")
         if self.adaptive and self.samples < self.min_samples:
             raise CxrUsageError(f"--max-samples must be at least {self.min_samples}, got {self.samples}")
+        if self.spread_bound <= 0 or self.stable_fits < 2:
+            raise CxrUsageError(
+                f"the stopping rule needs a spread bound above 0 and at least 2 equal fits, got "
+                f"{self.spread_bound} and {self.stable_fits}"
+            )
         if self.num_features < 1:
             raise CxrUsageError(f"--num-features must be at least 1, got {self.num_features}")
 
@@ -138,7 +147,11 @@ def explain_image(
     bytes_before = backend.bytes_sent
     backend.set_image(image, fill, segments)
     step = backend.limits.max_batch
-    settling = Settling(config.num_features, config.seed) if config.adaptive else None
+    settling = (
+        Settling(config.num_features, config.seed, config.spread_bound, config.stable_fits)
+        if config.adaptive
+        else None
+    )
     next_check, stopped = config.min_samples, f"fixed budget of {len(rows)} samples"
     model_seconds, check_seconds, outputs, done_rows = 0.0, 0.0, [], 0
     while done_rows < len(rows):

@@ -29,6 +29,8 @@ class Settling:
 
     top_k: int
     seed: int
+    spread_bound: float = SPREAD_BOUND
+    stable_fits: int = STABLE_FITS
     history: list[tuple[tuple[int, int], ...]] = field(default_factory=list)
     spread: float | None = None
 
@@ -38,15 +40,15 @@ class Settling:
 
         top = top_segments(weights, self.top_k)
         self.history.append(tuple(sorted((s, int(np.sign(weights[s]))) for s in top)))
-        if len(self.history) < STABLE_FITS or len(set(self.history[-STABLE_FITS:])) != 1:
+        if len(self.history) < self.stable_fits or len(set(self.history[-self.stable_fits :])) != 1:
             return False
         self.spread = bootstrap_spread(rows, probs[:, label], top, self.seed)
-        return self.spread < SPREAD_BOUND
+        return self.spread < self.spread_bound
 
     def reason(self, samples: int) -> str:
         return (
             f"settled at {samples} samples: top-{self.top_k} segments and signs unchanged over the last "
-            f"{STABLE_FITS - 1} rounds, bootstrap spread {self.spread:.3f} < {SPREAD_BOUND}"
+            f"{self.stable_fits - 1} rounds, bootstrap spread {self.spread:.3f} < {self.spread_bound}"
         )
 
 

@@ -365,3 +365,33 @@ def test_fidelity_run_resumes_after_an_interruption(bundle, phantoms, tmp_path, 
 
     other_seed = fidelity.run_fidelity(bundle, tmp_path, images[:1], 200, 1, "onnxruntime", baseline_images=1)
     assert other_seed["images_resumed"] == 0 and other_seed["seed"] == 1
+
+
+def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms):
+    from cxr.bench.lime_bench import load_images
+    from cxr.bench.settle_sweep import Tape, run_sweep
+    from cxr.runtime.settle import SPREAD_BOUND, STABLE_FITS
+
+    images = sorted((phantoms / "covid19").glob("*.png"))[:2]
+    shipped, strict = (SPREAD_BOUND, STABLE_FITS), (0.05, 5)
+    result = run_sweep(bundle, images, "fp32", budget=400, backend="onnxruntime", rules=[shipped, strict])
+    opened = Bundle.open(bundle)
+    loaded = load_images(opened, images, 0)  # as the sweep loads them (the card's preprocessing)
+    with OrtExplainer(opened.onnx_path("explain", "fp32"), "fp32") as explainer:
+        for image, row in zip(loaded, result["per_image"]):
+            direct = explain_image(image, explainer, ExplainConfig(samples=400, seed=0, adaptive=True))
+            replayed = row["rules"][f"{SPREAD_BOUND}/{STABLE_FITS}"]
+            assert replayed["samples"] == direct.samples  # the replayed stop is where the real one stops
+            assert row["rules"]["0.05/5"]["samples"] >= replayed["samples"]
+            assert row["full_budget_vs_reference"]["top5_overlap"] == 1.0  # fp32 vs itself
+        table = {(r["spread_bound"], r["stable_fits"]): r for r in result["rules"]}
+        assert table[shipped]["shipped"] and not table[strict]["shipped"]
+        assert table[strict]["mean_samples"] >= table[shipped]["mean_samples"]
+
+        image = loaded[0]
+        tape = Tape(explainer)
+        explain_image(image, tape, ExplainConfig(samples=64, seed=0))
+        with pytest.raises(RuntimeError, match="rows the tape does not hold"):
+            explain_image(image, tape.replay(), ExplainConfig(samples=64, seed=1))
+    with pytest.raises(CxrError, match="at least 2 equal fits"):
+        ExplainConfig(adaptive=True, spread_bound=0.1, stable_fits=1)
