@@ -37,9 +37,8 @@ def graph_gflop(model_bytes: bytes) -> float:
         out, weight = shapes.get(node.output[0]), shapes.get(node.input[1]) if len(node.input) > 1 else None
         if out is None or weight is None:
             continue
-        if (
-            node.op_type == "Conv"
-        ):  # weight (C_out, C_in / groups, k...): each output value needs C_in/g * k MACs
+        # Conv weight (C_out, C_in / groups, k...): each output value needs C_in/g * k MACs
+        if node.op_type == "Conv":
             flop += 2 * int(np.prod(weight[1:])) * int(np.prod(out[1:]))
         elif node.op_type in ("Gemm", "MatMul"):  # inner dimension = the product's shared axis
             inner = weight[-1] if any(a.name == "transB" and a.i for a in node.attribute) else weight[-2]

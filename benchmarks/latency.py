@@ -184,8 +184,9 @@ def run_latency(
     if baseline:
         for entry in results["backends"].values():
             entry["speedup_vs_pytorch_b1_p50"] = baseline["b1_ms"]["p50"] / entry["b1_ms"]["p50"]
-    if not facts.get("gpu") and bundle.has(onnx_name("model", "fp32")):
-        bound = compute_bound(bundle.verified_bytes(onnx_name("model", "fp32")))
+    fp32_graph = onnx_name("model", "fp32")
+    if not facts.get("gpu") and bundle.has(fp32_graph):
+        bound = compute_bound(bundle.verified_bytes(fp32_graph))
         if bound:
             results["compute"] = bound
             for entry in results["backends"].values():

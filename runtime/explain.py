@@ -36,9 +36,8 @@ class ExplainConfig:
     adaptive: bool = False  # --samples auto: stop when the map is settled (runtime/settle.py)
     min_samples: int = 150  # first check
     round_size: int = 50  # samples between checks (three equal fits: the earliest stop is at 250)
-    spread_bound: float = (
-        SPREAD_BOUND  # the stopping rule's bounds (runtime/settle.py; cxr.bench.settle_sweep)
-    )
+    # the stopping rule's bounds (runtime/settle.py; tuned with cxr.bench.settle_sweep)
+    spread_bound: float = SPREAD_BOUND
     stable_fits: int = STABLE_FITS
 
     def __post_init__(self) -> None:
