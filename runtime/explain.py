@@ -18,7 +18,7 @@ import numpy as np
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.errors import CxrUsageError
 from cxr.runtime.segment import segment, segment_means
-from cxr.runtime.settle import SPREAD_BOUND, STABLE_FITS, Settling
+from cxr.runtime.settle import MIN_AGREEMENT, SPREAD_BOUND, STABLE_FITS, Settling
 
 T = TypeVar("T")
 
@@ -39,16 +39,17 @@ class ExplainConfig:
     # the stopping rule's bounds (runtime/settle.py; tuned with cxr.bench.settle_sweep)
     spread_bound: float = SPREAD_BOUND
     stable_fits: int = STABLE_FITS
+    min_agreement: float = MIN_AGREEMENT
 
     def __post_init__(self) -> None:
         if self.samples < 10:
             raise CxrUsageError(f"--samples must be at least 10, got {self.samples}")
         if self.adaptive and self.samples < self.min_samples:
             raise CxrUsageError(f"--max-samples must be at least {self.min_samples}, got {self.samples}")
-        if self.spread_bound <= 0 or self.stable_fits < 2:
+        if self.spread_bound <= 0 or self.stable_fits < 2 or not 0 <= self.min_agreement <= 1:
             raise CxrUsageError(
-                f"the stopping rule needs a spread bound above 0 and at least 2 equal fits, got "
-                f"{self.spread_bound} and {self.stable_fits}"
+                f"the stopping rule needs a spread bound above 0, at least 2 equal fits and an agreement "
+                f"in [0, 1], got {self.spread_bound}, {self.stable_fits} and {self.min_agreement}"
             )
         if self.num_features < 1:
             raise CxrUsageError(f"--num-features must be at least 1, got {self.num_features}")
@@ -147,7 +148,9 @@ def explain_image(
     backend.set_image(image, fill, segments)
     step = backend.limits.max_batch
     settling = (
-        Settling(config.num_features, config.seed, config.spread_bound, config.stable_fits)
+        Settling(
+            config.num_features, config.seed, config.spread_bound, config.stable_fits, config.min_agreement
+        )
         if config.adaptive
         else None
     )
