@@ -6,35 +6,62 @@ rule replays the tape and stops where it would have stopped. Each stop is scored
 fixed-budget map, as ``cxr-bench lime --fidelity`` scores it (top-5 overlap, samples). Cost per image: one
 fp32 map and one pass of ``ours``, whatever the number of rules.
 
+A rule is (spread bound, equal fits, bootstrap top-k agreement; see runtime/settle.py). With ``--tapes DIR``
+each image's tape and reference map are kept there, so a rerun (another grid, or after an interruption)
+replays them without running a model; the table is written after every image.
+
 Tune on images other than those the fidelity benchmark reports on.
 
-    python -m cxr.bench.settle_sweep BUNDLE IMAGES... --precision int8 --out sweep.json
+    python -m cxr.bench.settle_sweep BUNDLE IMAGES... --precision int8 --tapes tapes/ --out sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cxr.bench.lime_bench import load_images
-from cxr.bench.lime_fidelity import compare_maps, reference_and_ours, run_settings
+from cxr.bench.lime_fidelity import compare_weights, reference_and_ours, run_settings
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import ExplainConfig, explain_image
 from cxr.runtime.inputs import expand_inputs
-from cxr.runtime.safe_io import atomic_write
-from cxr.runtime.settle import SPREAD_BOUND, STABLE_FITS
+from cxr.runtime.safe_io import atomic_output, atomic_write
+from cxr.runtime.settle import MIN_AGREEMENT, SPREAD_BOUND, STABLE_FITS
 
 log = logging.getLogger(__name__)
 
-BOUNDS = (0.05, 0.075, 0.1, 0.15)
-FITS = (3, 4, 5)
+BOUNDS = (0.1, 0.15, 0.25)
+FITS = (3, 4)
+AGREEMENTS = (0.0, 0.8, 0.85, 0.9)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One stopping rule: ExplainConfig's spread_bound, stable_fits and min_agreement."""
+
+    spread_bound: float
+    stable_fits: int
+    min_agreement: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.spread_bound}/{self.stable_fits}/{self.min_agreement}"
+
+    @property
+    def shipped(self) -> bool:
+        return (self.spread_bound, self.stable_fits, self.min_agreement) == (
+            SPREAD_BOUND,
+            STABLE_FITS,
+            MIN_AGREEMENT,
+        )
 
 
 class Tape(ExplainerBackend):
@@ -52,6 +79,19 @@ class Tape(ExplainerBackend):
     def replay(self) -> Tape:
         self.replaying, self.cursor = True, 0
         return self
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "rows": np.concatenate(self.rows),
+            "probs": np.concatenate(self.probs),
+            "batches": np.array([len(r) for r in self.rows]),
+        }
+
+    def load(self, saved: dict[str, np.ndarray]) -> Tape:
+        """The batches of a saved tape (``arrays``), ready to replay."""
+        ends = np.cumsum(saved["batches"])[:-1]
+        self.rows, self.probs = np.split(saved["rows"], ends), np.split(saved["probs"], ends)
+        return self.replay()
 
     def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
         if not self.replaying:
@@ -76,42 +116,102 @@ def sweep_image(
     ours: ExplainerBackend,
     budget: int,
     seed: int,
-    rules: list[tuple[float, int]],
+    rules: list[Rule],
+    saved: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The fp32 fixed-budget map, one taped fixed-budget pass of ``ours``, and each (bound, fits) rule's
-    stop scored against that map."""
+    """The fp32 fixed-budget map, one taped fixed-budget pass of ``ours``, and each rule's stop scored
+    against that map. ``saved``: an .npz that holds (or will hold) the tape and the reference map of this
+    image under these ``settings``."""
     fixed = ExplainConfig(samples=budget, seed=seed)
     tape = Tape(ours)
-    if ours is reference_backend:  # an fp32 sweep: the reference pass is the full pass, taped once
-        reference = full = explain_image(image, tape, fixed)
+    taped = load_tape(saved, settings) if saved else None
+    if taped is not None:
+        reference_weights, label, seconds_per_row = taped
+        tape.load(np.load(saved))
+        full = explain_image(image, tape, fixed, label=label)
     else:
-        reference = explain_image(image, reference_backend, fixed)
-        full = explain_image(image, tape, fixed, label=reference.label)
-    seconds_per_row = full.timing["model_s"] / max(1, full.samples)
+        if ours is reference_backend:  # an fp32 sweep: the reference pass is the full pass, taped once
+            reference = full = explain_image(image, tape, fixed)
+        else:
+            reference = explain_image(image, reference_backend, fixed)
+            full = explain_image(image, tape, fixed, label=reference.label)
+        reference_weights, label = reference.weights, reference.label
+        seconds_per_row = full.timing["model_s"] / max(1, full.samples)
+        if saved:
+            save_tape(saved, settings or {}, tape, reference_weights, label, seconds_per_row)
     scores = {}
-    for bound, fits in rules:
-        config = replace(fixed, adaptive=True, spread_bound=bound, stable_fits=fits)
-        stop = explain_image(image, tape.replay(), config, label=reference.label)
-        scores[f"{bound}/{fits}"] = {**compare_maps(reference, stop), "samples": stop.samples}
+    for rule in rules:
+        config = replace(
+            fixed,
+            adaptive=True,
+            spread_bound=rule.spread_bound,
+            stable_fits=rule.stable_fits,
+            min_agreement=rule.min_agreement,
+        )
+        stop = explain_image(image, tape.replay(), config, label=label)
+        scores[rule.key] = {**compare_weights(reference_weights, stop.weights), "samples": stop.samples}
     return {
-        "full_budget_vs_reference": compare_maps(reference, full),
+        "full_budget_vs_reference": compare_weights(reference_weights, full.weights),
         "seconds_per_row": seconds_per_row,
         "rules": scores,
     }
 
 
-def summarise(images: list[dict[str, Any]], rules: list[tuple[float, int]]) -> list[dict[str, Any]]:
-    """Per rule: mean top-5 overlap, mean samples and the model seconds those samples cost."""
+def save_tape(
+    path: Path,
+    settings: dict[str, Any],
+    tape: Tape,
+    reference: dict[int, float],
+    label: int,
+    seconds_per_row: float,
+) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = sorted(reference)
+    with atomic_output(path) as tmp, open(tmp, "wb") as file:
+        np.savez(
+            file,
+            **tape.arrays(),
+            reference_segments=np.array(keys),
+            reference_weights=np.array([reference[k] for k in keys]),
+            label=np.array(label),
+            seconds_per_row=np.array(seconds_per_row),
+            settings=np.array(json.dumps(settings, sort_keys=True)),
+        )
+
+
+def load_tape(path: Path, settings: dict[str, Any] | None) -> tuple[dict[int, float], int, float] | None:
+    """The reference map, its label and the seconds per row of a tape saved under the same settings."""
+    try:
+        saved = np.load(path)
+    except (OSError, ValueError):
+        return None
+    if str(saved["settings"]) != json.dumps(settings or {}, sort_keys=True):
+        return None
+    weights = dict(zip(saved["reference_segments"].tolist(), saved["reference_weights"].tolist()))
+    return weights, int(saved["label"]), float(saved["seconds_per_row"])
+
+
+def tape_name(image: Path | str) -> str:
+    """A tape's file name: the image's stem and a hash of its whole path (two folders may share a stem)."""
+    digest = hashlib.sha256(str(image).encode()).hexdigest()[:10]
+    return f"{Path(str(image)).stem[:60]}-{digest}.npz"
+
+
+def summarise(images: list[dict[str, Any]], rules: list[Rule]) -> list[dict[str, Any]]:
+    """Per rule: mean top-5 overlap, the share of images under 0.8, mean samples and the model seconds those
+    samples cost."""
     table = []
-    for bound, fits in rules:
-        key = f"{bound}/{fits}"
-        rows = [image["rules"][key] for image in images]
+    for rule in rules:
+        rows = [image["rules"][rule.key] for image in images]
         table.append(
             {
-                "spread_bound": bound,
-                "stable_fits": fits,
-                "shipped": bound == SPREAD_BOUND and fits == STABLE_FITS,
+                "spread_bound": rule.spread_bound,
+                "stable_fits": rule.stable_fits,
+                "min_agreement": rule.min_agreement,
+                "shipped": rule.shipped,
                 "mean_top5_overlap": float(np.mean([r["top5_overlap"] for r in rows])),
+                "images_below_0.8": float(np.mean([r["top5_overlap"] < 0.8 for r in rows])),
                 "mean_spearman": float(np.mean([r["spearman"] for r in rows])),
                 "mean_samples": float(np.mean([r["samples"] for r in rows])),
                 "mean_model_seconds": float(
@@ -129,37 +229,48 @@ def run_sweep(
     budget: int = 1000,
     seed: int = 0,
     backend: str = "auto",
-    rules: list[tuple[float, int]] | None = None,
+    rules: list[Rule] | None = None,
+    tapes: Path | None = None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
-    rules = rules or list(itertools.product(BOUNDS, FITS))
+    """Every rule on every image; with ``out``, the table so far is written after each image."""
+    rules = rules or [Rule(*r) for r in itertools.product(BOUNDS, FITS, AGREEMENTS)]
     bundle = Bundle.open(bundle_dir)
     images = load_images(bundle, paths, seed)
-    per_image = []
+    per_image: list[dict[str, Any]] = []
     with reference_and_ours(bundle, backend, precision) as (reference, ours, where):
+        settings = run_settings(bundle, budget, seed, precision, where)
         for index, image in enumerate(images):
+            name = str(paths[index]) if paths else "phantom"
+            saved = tapes / tape_name(name) if tapes else None
             per_image.append(
-                {"image": str(paths[index]) if paths else "phantom"}
-                | sweep_image(image, reference, ours, budget, seed, rules)
+                {"image": name}
+                | sweep_image(image, reference, ours, budget, seed, rules, saved, {**settings, "image": name})
             )
             log.info(f"  {index + 1}/{len(images)} swept")
-    return {
-        **run_settings(bundle, budget, seed, precision, where),
-        "images": len(per_image),
-        "rules": summarise(per_image, rules),
-        "per_image": per_image,
-    }
+            result = {
+                **settings,
+                "images": len(per_image),
+                "rules": summarise(per_image, rules),
+                "per_image": per_image,
+            }
+            if out:
+                atomic_write(out, json.dumps(result, indent=2) + "\n")
+    return result
 
 
 def format_sweep(result: dict[str, Any]) -> str:
     lines = [
         f"stopping rules at {result['precision']} vs the fp32 {result['budget']}-sample map, "
         f"{result['images']} images",
-        f"{'bound':>7}{'fits':>6}{'top-5':>8}{'Spearman':>10}{'samples':>9}{'model s':>9}",
+        f"{'bound':>7}{'fits':>6}{'agree':>7}{'top-5':>8}{'<0.8':>7}{'Spearman':>10}{'samples':>9}"
+        f"{'model s':>9}",
     ]
     for rule in result["rules"]:
         lines.append(
-            f"{rule['spread_bound']:>7}{rule['stable_fits']:>6}{rule['mean_top5_overlap']:>8.1%}"
-            f"{rule['mean_spearman']:>10.3f}{rule['mean_samples']:>9.0f}{rule['mean_model_seconds']:>9.1f}"
+            f"{rule['spread_bound']:>7}{rule['stable_fits']:>6}{rule['min_agreement']:>7}"
+            f"{rule['mean_top5_overlap']:>8.1%}{rule['images_below_0.8']:>7.0%}{rule['mean_spearman']:>10.3f}"
+            f"{rule['mean_samples']:>9.0f}{rule['mean_model_seconds']:>9.1f}"
             + ("  (shipped)" if rule["shipped"] else "")
         )
     return "\n".join(lines)
@@ -175,12 +286,14 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--budget", type=int, default=1000)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--tapes", type=Path, help="Keep each image's tape and reference map here.")
     parser.add_argument("--out", type=Path, default=Path("settle_sweep.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = expand_inputs(args.images)[: args.count] if args.images else []
-    result = run_sweep(args.bundle, paths, args.precision, args.budget, backend=args.backend)
-    atomic_write(args.out, json.dumps(result, indent=2) + "\n")
+    result = run_sweep(
+        args.bundle, paths, args.precision, args.budget, backend=args.backend, tapes=args.tapes, out=args.out
+    )
     print(format_sweep(result))
     print(f"wrote {args.out}")
 

@@ -1,4 +1,5 @@
 import json
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from cxr.runtime.errors import CxrError
 from cxr.runtime.explain import ExplainConfig, explain_image
 from cxr.runtime.preprocess import load_and_preprocess
 from cxr.runtime.segment import segment, segment_means
+from cxr.runtime.settle import SPREAD_BOUND, STABLE_FITS
 
 from tests.conftest import cli, one_line_error
 
@@ -363,30 +365,102 @@ def test_fidelity_run_resumes_after_an_interruption(bundle, phantoms, tmp_path, 
     assert summary["per_image"][0]["seconds_fixed"] == partial["per_image"][0]["seconds_fixed"]
     assert not summary["per_image"][1].get("resumed") and not (tmp_path / fidelity.PARTIAL).exists()
 
+    # another stopping rule: only --samples auto is measured again, the fp32 maps are reused
+    calls.clear()
+
+    def count_explains(image, backend, config, label=None):
+        calls.append(config.adaptive)
+        return real_explain(image, backend, config, label=label)
+
+    monkeypatch.setattr(fidelity, "explain_image", count_explains)
+    strict = fidelity.run_fidelity(
+        bundle, tmp_path, images, 200, 0, "onnxruntime", baseline_images=1, rule={"min_agreement": 0.95}
+    )
+    assert strict["images_resumed"] == 0 and strict["references_reused"] == 2
+    assert strict["rule"]["min_agreement"] == 0.95 and summary["rule"]["min_agreement"] == 0.0
+    assert calls == [True, True, False]  # two auto maps, then the ORT CPU baseline's one fixed map
+    for before, after in zip(summary["per_image"], strict["per_image"]):
+        assert after["reference_weights"] == before["reference_weights"]
+        assert after["samples_auto"] >= before["samples_auto"]  # one more condition to meet
+
     other_seed = fidelity.run_fidelity(bundle, tmp_path, images[:1], 200, 1, "onnxruntime", baseline_images=1)
-    assert other_seed["images_resumed"] == 0 and other_seed["seed"] == 1
+    assert other_seed["images_resumed"] == 0 and other_seed["references_reused"] == 0
 
 
-def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms):
+def test_bootstrap_agreement_tells_settled_top_segments_from_noise():
+    from cxr.runtime.explain import sample_rows, top_segments
+    from cxr.runtime.settle import Settling, bootstrap_stability
+
+    rng = np.random.default_rng(0)
+    rows = sample_rows(rng, 400, 30)
+    effect = np.zeros(30)
+    effect[:5] = [0.5, -0.4, 0.3, 0.25, -0.2]  # five segments that matter, the rest nothing
+    clear = rows @ effect + rng.normal(0, 0.01, 400)
+    noise = rng.normal(0, 1, 400)
+    ranked = list(range(8))
+    spread, agreement = bootstrap_stability(rows, clear, ranked, ranked[:5], seed=0)
+    assert agreement == 1.0 and spread < 0.15
+    noisy_top = top_segments(dict(enumerate(np.linalg.lstsq(rows, noise, rcond=None)[0])), 8)
+    _, noisy_agreement = bootstrap_stability(rows, noise, noisy_top, noisy_top[:5], seed=0)
+    assert noisy_agreement < 0.7
+
+    # as a stopping condition: the same fits settle without it and not with it on noise
+    weights = dict(enumerate(np.linalg.lstsq(rows, noise, rcond=None)[0]))
+    probs = np.stack([noise, noise], axis=1)
+    lenient, strict = (
+        Settling(8, 0, spread_bound=100.0),
+        Settling(8, 0, spread_bound=100.0, min_agreement=0.9),
+    )
+    assert [lenient.check(weights, rows, probs, 0) for _ in range(3)] == [False, False, True]
+    assert [strict.check(weights, rows, probs, 0) for _ in range(3)] == [False, False, False]
+    assert strict.agreement == pytest.approx(noisy_agreement)
+    clear_probs = np.stack([clear, clear], axis=1)
+    settled = Settling(8, 0, min_agreement=0.9)
+    clear_weights = dict(enumerate(effect + 1e-3 * np.arange(30)))
+    assert [settled.check(clear_weights, rows, clear_probs, 0) for _ in range(3)] == [False, False, True]
+    assert "bootstrap top-5 agreement 1.00 >= 0.9" in settled.reason(400)
+
+
+def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms, tmp_path):
     from cxr.bench.lime_bench import load_images
-    from cxr.bench.settle_sweep import Tape, run_sweep
-    from cxr.runtime.settle import SPREAD_BOUND, STABLE_FITS
+    from cxr.bench.settle_sweep import Rule, Tape, run_sweep
 
     images = sorted((phantoms / "covid19").glob("*.png"))[:2]
-    shipped, strict = (SPREAD_BOUND, STABLE_FITS), (0.05, 5)
-    result = run_sweep(bundle, images, "fp32", budget=400, backend="onnxruntime", rules=[shipped, strict])
+    shipped, strict, agreeing = (
+        Rule(SPREAD_BOUND, STABLE_FITS),
+        Rule(0.05, 5),
+        Rule(SPREAD_BOUND, STABLE_FITS, 0.95),
+    )
+    rules = [shipped, strict, agreeing]
+    tapes, out = tmp_path / "tapes", tmp_path / "sweep.json"
+    result = run_sweep(
+        bundle, images, "fp32", budget=400, backend="onnxruntime", rules=rules, tapes=tapes, out=out
+    )
+    assert json.loads(out.read_text())["rules"] == result["rules"]  # written as it goes
+    assert len(list(tapes.glob("*.npz"))) == 2
     opened = Bundle.open(bundle)
     loaded = load_images(opened, images, 0)  # as the sweep loads them (the card's preprocessing)
     with OrtExplainer(opened.onnx_path("explain", "fp32"), "fp32") as explainer:
         for image, row in zip(loaded, result["per_image"]):
             direct = explain_image(image, explainer, ExplainConfig(samples=400, seed=0, adaptive=True))
-            replayed = row["rules"][f"{SPREAD_BOUND}/{STABLE_FITS}"]
+            replayed = row["rules"][shipped.key]
             assert replayed["samples"] == direct.samples  # the replayed stop is where the real one stops
-            assert row["rules"]["0.05/5"]["samples"] >= replayed["samples"]
+            assert row["rules"][strict.key]["samples"] >= replayed["samples"]
+            assert row["rules"][agreeing.key]["samples"] >= replayed["samples"]  # one more condition
             assert row["full_budget_vs_reference"]["top5_overlap"] == 1.0  # fp32 vs itself
-        table = {(r["spread_bound"], r["stable_fits"]): r for r in result["rules"]}
-        assert table[shipped]["shipped"] and not table[strict]["shipped"]
-        assert table[strict]["mean_samples"] >= table[shipped]["mean_samples"]
+        table = {(r["spread_bound"], r["stable_fits"], r["min_agreement"]): r for r in result["rules"]}
+        assert table[(SPREAD_BOUND, STABLE_FITS, 0.0)]["shipped"] and not table[(0.05, 5, 0.0)]["shipped"]
+        assert (
+            table[(0.05, 5, 0.0)]["mean_samples"] >= table[(SPREAD_BOUND, STABLE_FITS, 0.0)]["mean_samples"]
+        )
+
+        # a rerun replays the saved tapes: no model runs, same table
+        with patch("cxr.bench.settle_sweep.explain_image", wraps=explain_image) as calls:
+            again = run_sweep(
+                bundle, images, "fp32", budget=400, backend="onnxruntime", rules=rules, tapes=tapes
+            )
+        assert again["rules"] == result["rules"]
+        assert all(isinstance(call.args[1], Tape) for call in calls.call_args_list)
 
         image = loaded[0]
         tape = Tape(explainer)
