@@ -14,8 +14,11 @@ clinician validated, never against another int8 map):
   that overlap is the ceiling an adaptive map can be held to.
 
 Each image costs minutes on a CPU, so the rows so far are saved after every image
-(``lime_fidelity.partial.json``); a rerun with the same bundle, budget, seed, precision and backends reuses
-the rows of images already measured there or in an earlier ``lime_fidelity.json``, and says how many.
+(``lime_fidelity.partial.json``); a rerun with the same bundle, budget, seed, precision, backends and
+stopping rule reuses the rows of images already measured there or in an earlier ``lime_fidelity.json``, and
+says how many. Each row keeps its reference map, so a rerun with another stopping rule or precision (same
+bundle, budget, seed and reference backend) measures only ``--samples auto`` again: the fp32 map, most of an
+image's cost, is reused (``references_reused``).
 """
 
 from __future__ import annotations
@@ -59,13 +62,16 @@ def deletion_curve(explanation: Explanation, image: np.ndarray, backend: Explain
 
 
 def compare_maps(reference: Explanation, adaptive: Explanation) -> dict[str, float]:
+    return compare_weights(reference.weights, adaptive.weights)
+
+
+def compare_weights(reference: dict[int, float], adaptive: dict[int, float]) -> dict[str, float]:
+    """Top-5 overlap and Spearman correlation of two maps' segment weights."""
     from scipy.stats import spearmanr
 
-    top_ref, top_auto = set(top_segments(reference.weights, 5)), set(top_segments(adaptive.weights, 5))
-    keys = sorted(reference.weights)
-    rho = spearmanr(
-        [reference.weights[k] for k in keys], [adaptive.weights.get(k, 0.0) for k in keys]
-    ).statistic
+    top_ref, top_auto = set(top_segments(reference, 5)), set(top_segments(adaptive, 5))
+    keys = sorted(reference)
+    rho = spearmanr([reference[k] for k in keys], [adaptive.get(k, 0.0) for k in keys]).statistic
     return {"top5_overlap": len(top_ref & top_auto) / 5, "spearman": float(rho)}
 
 
@@ -79,36 +85,43 @@ def run_fidelity(
     baseline_images: int = 5,
     precision: str = "fp32",
     repeatability: int = 0,
+    rule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """``rule``: ExplainConfig fields of the stopping rule other than the shipped ones (spread_bound,
+    stable_fits, min_agreement), to measure a candidate."""
     bundle = Bundle.open(bundle_dir)
     images = load_images(bundle, image_paths, seed)
     fixed_config = ExplainConfig(samples=budget, seed=seed)
-    auto_config = ExplainConfig(samples=budget, seed=seed, adaptive=True)
+    auto_config = replace(ExplainConfig(samples=budget, seed=seed, adaptive=True), **(rule or {}))
     rows = []
     with reference_and_ours(bundle, backend, precision) as (explainer, ours, where):
-        settings = run_settings(bundle, budget, seed, precision, where)
-        done = earlier_rows(out, settings)
+        settings = {**run_settings(bundle, budget, seed, precision, where), "rule": rule_of(auto_config)}
+        done, references = earlier_rows(out, settings)
         for index, image in enumerate(images):
             name = str(image_paths[index]) if image_paths else "phantom"
-            if name in done and (index >= repeatability or "reference_repeat" in done[name]):
+            repeat = index < repeatability
+            if name in done and (not repeat or "reference_repeat" in done[name]):
                 rows.append({**done[name], "resumed": True})
                 log.info(f"  {index + 1}/{len(images)}: measured by an earlier run, reused")
                 continue
-            rows.append(
-                measure_image(
-                    image, name, explainer, ours, fixed_config, auto_config, repeat=index < repeatability
-                )
-            )
+            known = references.get(name)
+            if known is not None and repeat and "reference_repeat" not in known:
+                known = None
+            rows.append(measure_image(image, name, explainer, ours, fixed_config, auto_config, repeat, known))
             log.info(
                 f"  {index + 1}/{len(images)}: top-5 overlap {rows[-1]['top5_overlap']:.1f}, "
                 f"{rows[-1]['samples_auto']} samples, {rows[-1]['seconds_auto']:.2f} s vs "
-                f"{rows[-1]['seconds_fixed']:.2f} s"
+                f"{rows[-1]['seconds_fixed']:.2f} s" + (" (reference map reused)" if known else "")
             )
             save_partial(out, settings, rows)
     baseline = ort_cpu_baseline(bundle, images[:baseline_images], fixed_config)
     resumed = sum(bool(r.get("resumed")) for r in rows)
-    if resumed:
-        log.info(f"reused {resumed} of {len(rows)} images measured by an earlier run with the same settings")
+    reused = sum(bool(r.get("reference_reused")) for r in rows)
+    if resumed or reused:
+        log.info(
+            f"reused {resumed} of {len(rows)} images measured by an earlier run with the same settings, and "
+            f"the reference maps of {reused} more"
+        )
     summary = {
         **settings,
         "environment": environment(),
@@ -116,6 +129,7 @@ def run_fidelity(
         "input_size": bundle.card.input.size,
         "images": len(rows),
         "images_resumed": resumed,
+        "references_reused": reused,
         "mean_top5_overlap": float(np.mean([r["top5_overlap"] for r in rows])),
         "same_label": float(np.mean([r["same_label"] for r in rows])),
         "mean_spearman": float(np.mean([r["spearman"] for r in rows])),
@@ -169,7 +183,7 @@ def reference_and_ours(
 def run_settings(
     bundle: Bundle, budget: int, seed: int, precision: str, where: dict[str, str]
 ) -> dict[str, Any]:
-    """What makes two runs' rows comparable (a rerun reuses rows only when all of it matches)."""
+    """What makes two runs' maps comparable (a rerun reuses rows only when all of it matches)."""
     return {
         "maps_explain": "the reference's class",
         "model": bundle.digest,
@@ -180,6 +194,39 @@ def run_settings(
     }
 
 
+def rule_of(config: ExplainConfig) -> dict[str, Any]:
+    """The stopping rule ``--samples auto`` ran under."""
+    return {
+        "spread_bound": config.spread_bound,
+        "stable_fits": config.stable_fits,
+        "min_agreement": config.min_agreement,
+        "min_samples": config.min_samples,
+        "round_size": config.round_size,
+    }
+
+
+REFERENCE_SETTINGS = ("maps_explain", "model", "budget", "seed", "reference_runs_on")
+
+
+def measure_reference(
+    image: np.ndarray, explainer: ExplainerBackend, fixed_config: ExplainConfig, repeat: bool
+) -> dict[str, Any]:
+    """The fixed-budget fp32 map's part of a row (kept, so another stopping rule can reuse it); with
+    ``repeat``, also that map against itself drawn at seed + 1."""
+    started = time.perf_counter()
+    reference = explain_image(image, explainer, fixed_config)
+    known: dict[str, Any] = {
+        "label": reference.label,
+        "reference_weights": {str(k): v for k, v in sorted(reference.weights.items())},
+        "seconds_fixed": time.perf_counter() - started,
+        "curve_fixed": deletion_curve(reference, image, explainer),
+    }
+    if repeat:
+        second = explain_image(image, explainer, replace(fixed_config, seed=fixed_config.seed + 1))
+        known["reference_repeat"] = compare_maps(reference, second)
+    return known
+
+
 def measure_image(
     image: np.ndarray,
     name: str,
@@ -188,58 +235,63 @@ def measure_image(
     fixed_config: ExplainConfig,
     auto_config: ExplainConfig,
     repeat: bool = False,
+    known: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One image's row: the fixed-budget fp32 map (``explainer``) against ``--samples auto`` on ``ours``,
-    with deletion curves, samples and seconds; with ``repeat``, also the fixed map at seed + 1.
+    """One image's row: the fixed-budget fp32 map (``explainer``, or ``known`` from an earlier row) against
+    ``--samples auto`` on ``ours``, with deletion curves, samples and seconds.
 
     Both maps explain the reference's class: where an int8 graph ranks a near tie the other way, comparing
     maps of two different classes would measure that flip (int8 parity counts it), not the sampling.
     ``same_label`` records whether ``ours`` ranks the same class first."""
+    reference = known or measure_reference(image, explainer, fixed_config, repeat)
+    weights = {int(k): v for k, v in reference["reference_weights"].items()}
     started = time.perf_counter()
-    reference = explain_image(image, explainer, fixed_config)
-    fixed_s = time.perf_counter() - started
-    started = time.perf_counter()
-    adaptive = explain_image(image, ours, auto_config, label=reference.label)
+    adaptive = explain_image(image, ours, auto_config, label=reference["label"])
     auto_s = time.perf_counter() - started
+    curves = {"fixed": reference["curve_fixed"], "auto": deletion_curve(adaptive, image, explainer)}
     row: dict[str, Any] = {
         "image": name,
-        "label": reference.label,
-        "same_label": adaptive.explainer_top == reference.label,
-        **compare_maps(reference, adaptive),
+        "label": reference["label"],
+        "same_label": adaptive.explainer_top == reference["label"],
+        **compare_weights(weights, adaptive.weights),
+        "deletion_auc_fixed": float(np.mean(curves["fixed"])),
+        "deletion_auc_auto": float(np.mean(curves["auto"])),
+        "curves": curves,
+        "samples_auto": adaptive.samples,
+        "stopped": adaptive.stopped,
+        "seconds_fixed": reference["seconds_fixed"],
+        "seconds_auto": auto_s,
+        **{
+            k: reference[k]
+            for k in ("reference_weights", "curve_fixed", "reference_repeat")
+            if k in reference
+        },
     }
-    curves = {
-        "fixed": deletion_curve(reference, image, explainer),
-        "auto": deletion_curve(adaptive, image, explainer),
-    }
-    row.update(
-        {
-            "deletion_auc_fixed": float(np.mean(curves["fixed"])),
-            "deletion_auc_auto": float(np.mean(curves["auto"])),
-            "curves": curves,
-            "samples_auto": adaptive.samples,
-            "stopped": adaptive.stopped,
-            "seconds_fixed": fixed_s,
-            "seconds_auto": auto_s,
-        }
-    )
-    if repeat:
-        second = explain_image(image, explainer, replace(fixed_config, seed=fixed_config.seed + 1))
-        row["reference_repeat"] = compare_maps(reference, second)
+    if known:
+        row["reference_reused"] = True
     return row
 
 
-def earlier_rows(out: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Rows, by image, that an interrupted (partial) or finished run in ``out`` measured with these
-    settings."""
+def earlier_rows(
+    out: Path, settings: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """By image, from an interrupted (partial) or finished run in ``out``: the rows measured with these
+    settings, and the reference maps of rows measured with the same reference (any rule or precision)."""
     rows: dict[str, dict[str, Any]] = {}
+    references: dict[str, dict[str, Any]] = {}
     for name in ("lime_fidelity.json", PARTIAL):
         try:
             earlier = json.loads((out / name).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(earlier, dict) and all(earlier.get(k) == v for k, v in settings.items()):
-            rows.update({r["image"]: r for r in earlier.get("per_image", []) if r.get("image") != "phantom"})
-    return rows
+        if not isinstance(earlier, dict):
+            continue
+        measured = [r for r in earlier.get("per_image", []) if r.get("image") != "phantom"]
+        if all(earlier.get(k) == settings[k] for k in REFERENCE_SETTINGS):
+            references.update({r["image"]: r for r in measured if "reference_weights" in r})
+        if all(earlier.get(k) == v for k, v in settings.items()):
+            rows.update({r["image"]: r for r in measured})
+    return rows, references
 
 
 def save_partial(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> None:
