@@ -469,3 +469,26 @@ def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms, tmp_p
             explain_image(image, tape.replay(), ExplainConfig(samples=64, seed=1))
     with pytest.raises(CxrError, match="at least 2 equal fits"):
         ExplainConfig(adaptive=True, spread_bound=0.1, stable_fits=1)
+
+
+def test_lime_noise_measures_the_int8_error_and_its_correction(bundle, phantoms, tmp_path):
+    from cxr.bench.lime_noise import run_noise
+    from cxr.bench.settle_sweep import Rule, run_sweep
+
+    images = sorted((phantoms / "pneumonia_viral").glob("*.png"))[:1]
+    for precision in ("int8", "fp32"):
+        tapes = tmp_path / precision
+        run_sweep(
+            bundle, images, precision, budget=200, backend="onnxruntime", rules=[Rule(0.15, 3)], tapes=tapes
+        )
+        result = run_noise(bundle, images, tapes, 64, precision, backend="onnxruntime")
+        row = result["per_image"][str(images[0])]
+        assert row["signal"] > 0 and 0 <= row["ceiling"] <= 1
+        assert set(row["overlap"]) == {"n200", "n200+fp32 m32", "n200+fp32 m64"}
+        if precision == "fp32":  # the same graph: no error, a perfect ceiling, nothing to correct
+            assert row["error"] < 1e-6 and row["ceiling"] == 1.0
+            assert row["overlap"]["n200+fp32 m64"] == row["overlap"]["n200"] == 1.0
+        else:
+            assert row["error"] > 1e-6  # int8 answers differ from fp32 on the same rows
+    with pytest.raises(CxrError, match="taped for another bundle or precision"):
+        run_noise(bundle, images, tmp_path / "fp32", 32, "int8", backend="onnxruntime")
