@@ -169,7 +169,7 @@ def save_tape(
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(reference)
     with atomic_output(path) as tmp, open(tmp, "wb") as file:
-        np.savez(
+        np.savez_compressed(
             file,
             **tape.arrays(),
             reference_segments=np.array(keys),
@@ -276,6 +276,47 @@ def format_sweep(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """Each rule's mean samples against its mean top-5 overlap, and the full budget at this precision: the
+    most any rule can reach."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for agreement in sorted({r["min_agreement"] for r in result["rules"]}):
+        rules = [r for r in result["rules"] if r["min_agreement"] == agreement]
+        axis.scatter(
+            [r["mean_samples"] for r in rules],
+            [r["mean_top5_overlap"] for r in rules],
+            label=f"agreement {agreement}" if agreement else "no agreement condition",
+            alpha=0.75,
+        )
+    shipped = [r for r in result["rules"] if r["shipped"]]
+    for rule in shipped:
+        axis.annotate(
+            "shipped",
+            (rule["mean_samples"], rule["mean_top5_overlap"]),
+            textcoords="offset points",
+            xytext=(6, -12),
+        )
+    ceiling = float(
+        np.mean([image["full_budget_vs_reference"]["top5_overlap"] for image in result["per_image"]])
+    )
+    axis.axhline(
+        ceiling, color="grey", linestyle="--", label=f"{result['budget']} samples at {result['precision']}"
+    )
+    axis.axhline(0.9, color="tab:red", linestyle=":", label="target 90 %")
+    axis.set_xlabel("mean samples used")
+    axis.set_ylabel("mean top-5 overlap with the fp32 map")
+    axis.set_title(f"stopping rules at {result['precision']}, {result['images']} images")
+    axis.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -294,8 +335,9 @@ def main() -> None:
     result = run_sweep(
         args.bundle, paths, args.precision, args.budget, backend=args.backend, tapes=args.tapes, out=args.out
     )
+    plot_sweep(result, args.out.with_suffix(".png"))
     print(format_sweep(result))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -423,7 +423,7 @@ def test_bootstrap_agreement_tells_settled_top_segments_from_noise():
 
 def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms, tmp_path):
     from cxr.bench.lime_bench import load_images
-    from cxr.bench.settle_sweep import Rule, Tape, run_sweep
+    from cxr.bench.settle_sweep import Rule, Tape, plot_sweep, run_sweep
 
     images = sorted((phantoms / "covid19").glob("*.png"))[:2]
     shipped, strict, agreeing = (
@@ -437,6 +437,8 @@ def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms, tmp_p
         bundle, images, "fp32", budget=400, backend="onnxruntime", rules=rules, tapes=tapes, out=out
     )
     assert json.loads(out.read_text())["rules"] == result["rules"]  # written as it goes
+    plot_sweep(result, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert len(list(tapes.glob("*.npz"))) == 2
     opened = Bundle.open(bundle)
     loaded = load_images(opened, images, 0)  # as the sweep loads them (the card's preprocessing)
