@@ -16,6 +16,9 @@ After each round of samples lime's ridge is refitted. The explanation is settled
 Rule 1 alone can be fooled by a lucky streak when weights are nearly tied; rule 2 alone says nothing about
 the ranking a clinician looks at. The bound (0.15) was chosen so that, on real chest X-rays, the settled map
 keeps its top segments against the 1000-sample map (``cxr-bench lime --fidelity`` measures exactly that).
+Measured on 12 unseen chest X-rays (``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224/tuning-12``): on an
+fp32 explainer agreement 0.9 raised the top-5 overlap from 95.0 % to 98.3 % for 3 % more samples; on an int8
+explainer it cost 45 % more samples for 1.6 points, because int8's own error, not sampling, limits that map.
 """
 
 from __future__ import annotations
