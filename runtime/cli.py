@@ -65,6 +65,13 @@ def predict(
         "1000", help="LIME samples per image, or 'auto': sample in rounds until the map is settled."
     ),
     max_samples: int = typer.Option(1000, help="With --samples auto: the most samples drawn."),
+    settle_agreement: float = typer.Option(
+        0.0,
+        help="With --samples auto: also wait until, refitted on bootstrap resamples, the five strongest "
+        "segments keep at least this share (0-1, e.g. 0.9). On an fp32 explainer 0.9 kept 98 % of the "
+        "1000-sample map's top 5 instead of 95 %, for ~3 % more samples; on int8 it mostly adds samples. "
+        "Off (0) by default.",
+    ),
     segmenter: str = typer.Option("slic", help="slic (default) or quickshift (the paper's)."),
     num_features: int = typer.Option(8, help="Segments painted in the overlay."),
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
@@ -94,7 +101,11 @@ def predict(
     if top_k < 0:
         raise CxrUsageError("--top-k must be 0 or more")
     bundle = Bundle.open(model, expect_digest, trusted_key)
-    explain_config = explain_options(samples, max_samples, segmenter, num_features, seed) if explain else None
+    explain_config = (
+        explain_options(samples, max_samples, segmenter, num_features, seed, settle_agreement)
+        if explain
+        else None
+    )
     if explain and explain_dir is None:
         explain_dir = (out.parent if out else Path(".")) / "explanations"
     found = discover(inputs)
@@ -147,13 +158,22 @@ def _opening_line(first_result_s: float | None, classifier_s: float, explainer_s
     )
 
 
-def explain_options(samples: str, max_samples: int, segmenter: str, num_features: int, seed: int):
-    """--samples N (a fixed budget) or --samples auto (rounds until settled, at most --max-samples)."""
+def explain_options(
+    samples: str, max_samples: int, segmenter: str, num_features: int, seed: int, agreement: float = 0.0
+):
+    """--samples N (a fixed budget) or --samples auto (rounds until settled, at most --max-samples, with
+    --settle-agreement as the rule's third condition)."""
     from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.explain import ExplainConfig
 
     if samples.strip().lower() == "auto":
-        return ExplainConfig(max_samples, segmenter, num_features, seed, adaptive=True)
+        if not 0 <= agreement <= 1:
+            raise CxrUsageError(f"--settle-agreement must be between 0 and 1, got {agreement}")
+        return ExplainConfig(
+            max_samples, segmenter, num_features, seed, adaptive=True, min_agreement=agreement
+        )
+    if agreement:
+        raise CxrUsageError("--settle-agreement applies to --samples auto only")
     if not samples.strip().isdigit():
         raise CxrUsageError(f"--samples must be a whole number or 'auto', got {samples!r}")
     return ExplainConfig(int(samples), segmenter, num_features, seed)

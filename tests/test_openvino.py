@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from cxr.runtime.bundle import Bundle
 
-from tests.conftest import cli
+from tests.conftest import cli, one_line_error
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'cxr-edge[openvino]')")
 
@@ -62,6 +62,20 @@ def test_auto_picks_openvino_on_a_cpu_box_and_predict_explains_with_it(bundle, p
     assert all(r["backend"] == "openvino" and r["explanation"]["samples"] == 200 for r in records)
     forced = cli("cxr-run", "predict", "--model", str(bundle), images[0], "--backend", "onnxruntime")
     assert "backend: onnxruntime fp32 on cpu" in forced.stderr
+
+    base = ("cxr-run", "predict", "--model", str(bundle), images[0], "--explain", "--samples", "auto")
+    settled = tmp_path / "settled.jsonl"
+    cli(*base, "--settle-agreement", "0.9", "--explain-dir", str(tmp_path / "o2"), "--out", str(settled))
+    explanation = json.loads(settled.read_text())["explanation"]
+    assert "bootstrap top-5 agreement" in explanation["stopped"] or explanation["stopped"].startswith(
+        "cap of"
+    )
+    for bad, message in (
+        (("--settle-agreement", "1.5"), "between 0 and 1"),
+        (("--samples", "200"), "auto only"),
+    ):
+        args = [*base, "--settle-agreement", "0.5", *bad] if bad[0] == "--samples" else [*base, *bad]
+        assert message in one_line_error(cli(*args, check=2))
 
 
 def test_latency_and_parity_cover_openvino(bundle, phantoms, tmp_path):
