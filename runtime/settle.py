@@ -48,7 +48,7 @@ class Settling:
     agreement: float | None = None
 
     def check(self, weights: dict[int, float], rows: np.ndarray, probs: np.ndarray, label: int) -> bool:
-        """Record one refit; True once both rules hold."""
+        """Record one refit; True once every condition holds."""
         from cxr.runtime.explain import top_segments
 
         top = top_segments(weights, self.top_k)
