@@ -87,8 +87,8 @@ def run_fidelity(
     repeatability: int = 0,
     rule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``rule``: ExplainConfig fields of the stopping rule other than the shipped ones (spread_bound,
-    stable_fits, min_agreement), to measure a candidate."""
+    """``rule``: stopping-rule fields of ExplainConfig (spread_bound, stable_fits, min_agreement) to measure
+    instead of the shipped values."""
     bundle = Bundle.open(bundle_dir)
     images = load_images(bundle, image_paths, seed)
     fixed_config = ExplainConfig(samples=budget, seed=seed)
@@ -116,7 +116,7 @@ def run_fidelity(
             save_partial(out, settings, rows)
     baseline = ort_cpu_baseline(bundle, images[:baseline_images], fixed_config)
     resumed = sum(bool(r.get("resumed")) for r in rows)
-    reused = sum(bool(r.get("reference_reused")) for r in rows)
+    reused = sum(bool(r.get("reference_reused")) and not r.get("resumed") for r in rows)
     if resumed or reused:
         log.info(
             f"reused {resumed} of {len(rows)} images measured by an earlier run with the same settings, and "
