@@ -27,29 +27,20 @@ from typing import Any
 import numpy as np
 from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import tape_name
+from cxr.bench.settle_sweep import read_tape, tape_name, tape_reference
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.errors import CxrError
-from cxr.runtime.explain import ExplainConfig
+from cxr.runtime.explain import ExplainConfig, lime_fit
 from cxr.runtime.inputs import expand_inputs
 from cxr.runtime.safe_io import atomic_write
 from cxr.runtime.segment import segment, segment_means
-from cxr.runtime.settle import kernel_weights
 
 log = logging.getLogger(__name__)
 
 SAMPLES = (300, 400, 500, 1000)
 FP32_ROWS = (32, 64, 96, 128, 160)
-
-
-def ridge_weights(rows: np.ndarray, target: np.ndarray) -> dict[int, float]:
-    """lime's final fit (weighted ridge, alpha 1, intercept) of ``target`` on the on/off rows."""
-    from sklearn.linear_model import Ridge
-
-    fit = Ridge(alpha=1.0).fit(rows.astype(np.float64), target, sample_weight=kernel_weights(rows))
-    return dict(enumerate(fit.coef_.tolist()))
 
 
 def fp32_rows(
@@ -67,22 +58,22 @@ def measure_noise(
 ) -> dict[str, Any]:
     """One image's signal, error, ceiling and control-variate overlaps (see the module docstring)."""
     rows, low, label = tape["rows"], tape["probs"], int(tape["label"])
-    reference = dict(zip(tape["reference_segments"].tolist(), tape["reference_weights"].tolist()))
+    reference = tape_reference(tape)
     high = fp32_rows(image, explainer, rows[:fp32_count], ExplainConfig())[:, label]
-    difference = high - low[:fp32_count, label]
+    difference = (high - low[:fp32_count, label])[:, None]  # a one-column target for lime's fit
     result: dict[str, Any] = {
         "label": label,
         "signal": float(np.std(low[:, label])),
         "error": float(np.std(difference)),
-        "ceiling": compare_weights(reference, ridge_weights(rows, low[:, label]))["top5_overlap"],
+        "ceiling": compare_weights(reference, lime_fit(rows, low, label, 0)[0])["top5_overlap"],
         "overlap": {},
     }
     for n in sorted({*(s for s in SAMPLES if s < len(rows)), len(rows)}):
-        plain = ridge_weights(rows[:n], low[:n, label])
+        plain = lime_fit(rows[:n], low[:n], label, 0)[0]
         result["overlap"][f"n{n}"] = compare_weights(reference, plain)["top5_overlap"]
         for m in (r for r in FP32_ROWS if r <= fp32_count):
-            correction = ridge_weights(rows[:m], difference[:m])
-            corrected = {k: v + correction[k] for k, v in plain.items()}
+            correction = lime_fit(rows[:m], difference[:m], 0, 0)[0]
+            corrected = {k: v + correction.get(k, 0.0) for k, v in plain.items()}
             result["overlap"][f"n{n}+fp32 m{m}"] = compare_weights(reference, corrected)["top5_overlap"]
     return result
 
@@ -96,11 +87,11 @@ def run_noise(
     with open_explainer(bundle, backend, "fp32")[0] as explainer:
         for path, image in zip(paths, load_images(bundle, paths, 0)):
             tape_path = tapes / tape_name(str(path))
-            if not tape_path.exists():
+            tape = read_tape(tape_path)
+            if tape is None:
                 raise CxrError(
                     f"{path}: no tape in {tapes}; run cxr.bench.settle_sweep --tapes {tapes} first"
                 )
-            tape = dict(np.load(tape_path))
             settings = json.loads(str(tape["settings"]))
             if settings.get("model") != bundle.digest or settings.get("precision") != precision:
                 raise CxrError(

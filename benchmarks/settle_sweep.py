@@ -125,10 +125,11 @@ def sweep_image(
     image under these ``settings``."""
     fixed = ExplainConfig(samples=budget, seed=seed)
     tape = Tape(ours)
-    taped = load_tape(saved, settings) if saved else None
+    taped = read_tape(saved, settings or {}) if saved else None
     if taped is not None:
-        reference_weights, label, seconds_per_row = taped
-        tape.load(np.load(saved))
+        reference_weights, label = tape_reference(taped), int(taped["label"])
+        seconds_per_row = float(taped["seconds_per_row"])
+        tape.load(taped)
         full = explain_image(image, tape, fixed, label=label)
     else:
         if ours is reference_backend:  # an fp32 sweep: the reference pass is the full pass, taped once
@@ -180,16 +181,21 @@ def save_tape(
         )
 
 
-def load_tape(path: Path, settings: dict[str, Any] | None) -> tuple[dict[int, float], int, float] | None:
-    """The reference map, its label and the seconds per row of a tape saved under the same settings."""
+def read_tape(path: Path, settings: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+    """A saved tape's arrays; None when there is none, or (with ``settings``) it was saved under others."""
     try:
-        saved = np.load(path)
+        with np.load(path) as saved:
+            arrays = dict(saved)
     except (OSError, ValueError):
         return None
-    if str(saved["settings"]) != json.dumps(settings or {}, sort_keys=True):
+    if settings is not None and str(arrays["settings"]) != json.dumps(settings, sort_keys=True):
         return None
-    weights = dict(zip(saved["reference_segments"].tolist(), saved["reference_weights"].tolist()))
-    return weights, int(saved["label"]), float(saved["seconds_per_row"])
+    return arrays
+
+
+def tape_reference(arrays: dict[str, np.ndarray]) -> dict[int, float]:
+    """The fp32 fixed-budget map saved beside a tape."""
+    return dict(zip(arrays["reference_segments"].tolist(), arrays["reference_weights"].tolist()))
 
 
 def tape_name(image: Path | str) -> str:
