@@ -72,6 +72,12 @@ def lime(
         help="With --fidelity: for the first N images also draw a second fixed-budget map with seed + 1, "
         "to show how far the reference itself moves with the seed.",
     ),
+    sampler: str = typer.Option(
+        "paired", help="With --fidelity: the rows of --samples auto, paired (its default) or plain."
+    ),
+    settle_agreement: float = typer.Option(
+        0.0, help="With --fidelity: --samples auto's --settle-agreement (0-1; 0, the default, is off)."
+    ),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for lime.json and lime.png."),
 ) -> None:
     """Seconds per explanation (first image and steady state) for ours per precision, against lime and
@@ -88,13 +94,28 @@ def lime(
     paths = expand_inputs(images)[:count] if images else []
     if fidelity:
         from cxr.bench.lime_fidelity import run_fidelity
+        from cxr.runtime.explain import SAMPLERS
 
         if len(precisions) != 1:
             raise CxrUsageError(f"--fidelity takes one --precision, got {precision!r}")
         if repeatability < 0:
             raise CxrUsageError("--repeatability must be 0 or more")
+        if sampler not in SAMPLERS or not 0 <= settle_agreement <= 1:
+            raise CxrUsageError(
+                f"--sampler must be one of {', '.join(SAMPLERS)} and --settle-agreement within 0-1, got "
+                f"{sampler!r} and {settle_agreement}"
+            )
+        rule = {"paired": sampler == "paired", "min_agreement": settle_agreement}
         run_fidelity(
-            model, out, paths, samples, seed, backend, precision=precisions[0], repeatability=repeatability
+            model,
+            out,
+            paths,
+            samples,
+            seed,
+            backend,
+            precision=precisions[0],
+            repeatability=repeatability,
+            rule=rule,
         )
         return
     run_lime_bench(

@@ -87,8 +87,8 @@ def run_fidelity(
     repeatability: int = 0,
     rule: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``rule``: stopping-rule fields of ExplainConfig (spread_bound, stable_fits, min_agreement) to measure
-    instead of the shipped values."""
+    """``rule``: fields of ExplainConfig for --samples auto (spread_bound, stable_fits, min_agreement, paired)
+    to measure instead of the shipped values."""
     bundle = Bundle.open(bundle_dir)
     images = load_images(bundle, image_paths, seed)
     fixed_config = ExplainConfig(samples=budget, seed=seed)
@@ -200,6 +200,7 @@ def rule_of(config: ExplainConfig) -> dict[str, Any]:
         "spread_bound": config.spread_bound,
         "stable_fits": config.stable_fits,
         "min_agreement": config.min_agreement,
+        "sampler": "paired" if config.paired else "plain",
         "min_samples": config.min_samples,
         "round_size": config.round_size,
     }

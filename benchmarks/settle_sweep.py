@@ -1,6 +1,7 @@
 """Tune ``--samples auto``'s stopping rule with one model pass per image.
 
-``--samples auto`` draws the same rows as the fixed budget (same seed), only fewer of them. So one full
+``--samples auto`` with lime's plain rows (``--sampler plain``) draws the same rows as the fixed budget (same
+seed), only fewer of them. So one full
 fixed-budget pass of ``ours`` (e.g. the int8 explainer) per image, taped, answers every stopping rule: each
 rule replays the tape and stops where it would have stopped. Each stop is scored against the fp32
 fixed-budget map, as ``cxr-bench lime --fidelity`` scores it (top-5 overlap, samples). Cost per image: one
@@ -10,7 +11,9 @@ A rule is (spread bound, equal fits, bootstrap top-k agreement; see runtime/sett
 each image's tape and reference map are kept there, so a rerun (another grid, or after an interruption)
 replays them without running a model; the table is written after every image.
 
-Tune on images other than those the fidelity benchmark reports on.
+Tune on images other than those the fidelity benchmark reports on. The sweep replays plain rows: the fixed
+budget's, which the fp32 reference map is drawn from. Paired rows (``--samples auto``'s default) settle
+sooner under the same rule; ``cxr-bench lime --fidelity --sampler`` measures both.
 
     python -m cxr.bench.settle_sweep BUNDLE IMAGES... --precision int8 --tapes tapes/ --out sweep.json
 """

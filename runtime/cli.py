@@ -72,6 +72,12 @@ def predict(
         "1000-sample map's top 5 instead of 95 %, for ~3 % more samples; on int8 it mostly adds samples. "
         "Off (0) by default.",
     ),
+    sampler: Optional[str] = typer.Option(
+        None,
+        help="How LIME draws its on/off rows: 'paired' (each row followed by its complement: the same map on "
+        "fewer samples) or 'plain' (lime's, the paper's). Default: paired with --samples auto, plain with a "
+        "fixed budget.",
+    ),
     segmenter: str = typer.Option("slic", help="slic (default) or quickshift (the paper's)."),
     num_features: int = typer.Option(8, help="Segments painted in the overlay."),
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
@@ -102,7 +108,7 @@ def predict(
         raise CxrUsageError("--top-k must be 0 or more")
     bundle = Bundle.open(model, expect_digest, trusted_key)
     explain_config = (
-        explain_options(samples, max_samples, segmenter, num_features, seed, settle_agreement)
+        explain_options(samples, max_samples, segmenter, num_features, seed, settle_agreement, sampler)
         if explain
         else None
     )
@@ -159,24 +165,39 @@ def _opening_line(first_result_s: float | None, classifier_s: float, explainer_s
 
 
 def explain_options(
-    samples: str, max_samples: int, segmenter: str, num_features: int, seed: int, agreement: float = 0.0
+    samples: str,
+    max_samples: int,
+    segmenter: str,
+    num_features: int,
+    seed: int,
+    agreement: float = 0.0,
+    sampler: str | None = None,
 ):
     """--samples N (a fixed budget) or --samples auto (rounds until settled, at most --max-samples, with
-    --settle-agreement as the rule's third condition)."""
+    --settle-agreement as the rule's third condition); --sampler paired|plain (default: by --samples)."""
     from cxr.runtime.errors import CxrUsageError
-    from cxr.runtime.explain import ExplainConfig
+    from cxr.runtime.explain import SAMPLERS, ExplainConfig
 
+    if sampler is not None and sampler not in SAMPLERS:
+        raise CxrUsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    paired = None if sampler is None else sampler == "paired"
     if samples.strip().lower() == "auto":
         if not 0 <= agreement <= 1:
             raise CxrUsageError(f"--settle-agreement must be between 0 and 1, got {agreement}")
         return ExplainConfig(
-            max_samples, segmenter, num_features, seed, adaptive=True, min_agreement=agreement
+            max_samples,
+            segmenter,
+            num_features,
+            seed,
+            adaptive=True,
+            min_agreement=agreement,
+            paired=paired,
         )
     if agreement:
         raise CxrUsageError("--settle-agreement applies to --samples auto only")
     if not samples.strip().isdigit():
         raise CxrUsageError(f"--samples must be a whole number or 'auto', got {samples!r}")
-    return ExplainConfig(int(samples), segmenter, num_features, seed)
+    return ExplainConfig(int(samples), segmenter, num_features, seed, paired=paired)
 
 
 def _warn_once(record: dict, shown: set[str]) -> None:

@@ -4,6 +4,12 @@ Same as ``lime``'s ``LimeImageExplainer.explain_instance`` (row 0 = the unpertur
 distance, kernel sqrt(exp(-d^2 / 0.25^2)), ``LimeBase`` with feature selection 'auto' over all segments),
 but the perturbed images are composed inside the graph and the rows come from a seeded numpy Generator,
 so the same image + seed + backend give identical weights.
+
+Paired rows (``--samples auto``'s default): each random row is followed by its complement. Every row is
+still uniform over on/off, so the fit estimates the same map as lime's rows; but within a pair the model's
+even-order interactions between segments (two segments that matter only together) take the same value, so
+they no longer leak into the segment weights: the map settles on fewer samples. Measured on 12 unseen chest
+X-rays against the fp32 1000-sample map (``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224/paired``).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from cxr.runtime.settle import MIN_AGREEMENT, SPREAD_BOUND, STABLE_FITS, Settlin
 T = TypeVar("T")
 
 KERNEL_WIDTH = 0.25
+SAMPLERS = ("paired", "plain")  # --sampler
 ALL_FEATURES = 100000  # lime's default num_features: every segment gets a weight
 
 
@@ -34,6 +41,7 @@ class ExplainConfig:
     seed: int = 0
     n_segments: int = 50
     adaptive: bool = False  # --samples auto: stop when the map is settled (runtime/settle.py)
+    paired: bool | None = None  # each row followed by its complement; None: paired exactly when adaptive
     min_samples: int = 150  # first check
     round_size: int = 50  # samples between checks (three equal fits: the earliest stop is at 250)
     # the stopping rule's bounds (runtime/settle.py; tuned with cxr.bench.settle_sweep)
@@ -42,6 +50,8 @@ class ExplainConfig:
     min_agreement: float = MIN_AGREEMENT
 
     def __post_init__(self) -> None:
+        if self.paired is None:  # a fixed budget keeps lime's (the paper's) rows
+            object.__setattr__(self, "paired", self.adaptive)
         if self.samples < 10:
             raise CxrUsageError(f"--samples must be at least 10, got {self.samples}")
         if self.adaptive and self.samples < self.min_samples:
@@ -71,10 +81,16 @@ class Explanation:
     explainer_top: int = -1
 
 
-def sample_rows(rng: np.random.Generator, samples: int, segments: int) -> np.ndarray:
-    rows = rng.integers(0, 2, (samples, segments), dtype=np.uint8)
-    rows[0] = 1
-    return rows
+def sample_rows(rng: np.random.Generator, samples: int, segments: int, paired: bool = False) -> np.ndarray:
+    """``samples`` on/off rows, row 0 the whole image. ``paired``: rows 2i and 2i + 1 are complements (row 1
+    is the all-off image), so any even prefix holds whole pairs."""
+    if not paired:
+        rows = rng.integers(0, 2, (samples, segments), dtype=np.uint8)
+        rows[0] = 1
+        return rows
+    drawn = rng.integers(0, 2, ((samples + 1) // 2, segments), dtype=np.uint8)
+    drawn[0] = 1
+    return np.stack([drawn, 1 - drawn], axis=1).reshape(-1, segments)[:samples]
 
 
 def lime_fit(
@@ -142,14 +158,21 @@ def explain_image(
     fill = segment_means(image, segments)
     segmented = time.perf_counter()
     if rows is None:
-        rows = sample_rows(np.random.default_rng(config.seed), config.samples, int(segments.max()) + 1)
+        rows = sample_rows(
+            np.random.default_rng(config.seed), config.samples, int(segments.max()) + 1, bool(config.paired)
+        )
     sampled = time.perf_counter()
     bytes_before = backend.bytes_sent
     backend.set_image(image, fill, segments)
     step = backend.limits.max_batch
     settling = (
         Settling(
-            config.num_features, config.seed, config.spread_bound, config.stable_fits, config.min_agreement
+            config.num_features,
+            config.seed,
+            config.spread_bound,
+            config.stable_fits,
+            config.min_agreement,
+            paired=bool(config.paired),
         )
         if config.adaptive
         else None
@@ -220,6 +243,7 @@ def explanation_record(
         "max_samples" if config.adaptive else "budget": config.samples,
         "stopped": explanation.stopped,
         "segmenter": config.segmenter,
+        "sampler": "paired" if config.paired else "plain",
         "score": round(explanation.score, 4),
         "timing": {k: round(v, 4) for k, v in explanation.timing.items()},
     }

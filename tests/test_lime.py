@@ -298,8 +298,49 @@ def test_adaptive_lime_stops_when_settled_and_is_reproducible(sessions, phantoms
     assert first.weights == again.weights and first.samples == again.samples  # same seed, same map
     assert config.min_samples <= first.samples <= 1000
     assert first.stopped.startswith("settled at") or first.stopped.startswith("cap of 1000")
-    fixed = explain_image(image, explainer, ExplainConfig(samples=first.samples, seed=3))
+    assert config.paired  # auto draws paired rows unless told otherwise
+    fixed = explain_image(image, explainer, ExplainConfig(samples=first.samples, seed=3, paired=True))
     assert fixed.weights == first.weights  # auto's rows are a prefix of the same seeded draw
+    plain = explain_image(image, explainer, ExplainConfig(samples=1000, seed=3, adaptive=True, paired=False))
+    fixed_plain = explain_image(image, explainer, ExplainConfig(samples=plain.samples, seed=3))
+    assert fixed_plain.weights == plain.weights and not ExplainConfig(samples=200).paired
+
+
+def test_paired_rows_are_complements_and_estimate_the_same_map_on_fewer_samples():
+    from cxr.runtime.explain import lime_fit, sample_rows
+    from cxr.runtime.settle import resample
+
+    rows = sample_rows(np.random.default_rng(0), 9, 12, paired=True)
+    assert rows.shape == (9, 12) and rows[0].all() and not rows[1].any()
+    assert (rows[2:8:2] + rows[3:9:2] == 1).all()  # each drawn row followed by its complement
+    plain = sample_rows(np.random.default_rng(0), 9, 12)
+    assert (plain[1:] == np.random.default_rng(0).integers(0, 2, (9, 12), dtype=np.uint8)[1:]).all()
+    pick = resample(np.random.default_rng(1), 10, paired=True)
+    assert len(pick) == 10 and (pick[0::2] % 2 == 0).all() and (pick[1::2] == pick[0::2] + 1).all()
+    assert len(resample(np.random.default_rng(1), 11, paired=True)) in (11, 12)
+
+    # a target with main effects and two-segment interactions: LIME's weights from 200 paired rows are
+    # nearer the many-sample map than from 200 of lime's rows (same distribution of rows, less error)
+    segments, rng = 30, np.random.default_rng(7)
+    main = rng.normal(0, 0.05, segments)
+    pairs = rng.choice(segments, (60, 2))
+    strength = rng.normal(0, 0.05, 60)
+
+    def model(on: np.ndarray) -> np.ndarray:
+        y = on @ main + (on[:, pairs[:, 0]] * on[:, pairs[:, 1]]) @ strength
+        return np.stack([y, -y], axis=1)
+
+    many = sample_rows(np.random.default_rng(99), 20000, segments)
+    truth = lime_fit(many, model(many), 0, 0)[0]
+
+    def error(paired: bool, seed: int) -> float:
+        rows = sample_rows(np.random.default_rng(seed), 200, segments, paired)
+        weights = lime_fit(rows, model(rows), 0, 0)[0]
+        return float(np.mean([abs(weights[k] - truth[k]) for k in truth]))
+
+    plain_error = np.mean([error(False, seed) for seed in range(8)])
+    paired_error = np.mean([error(True, seed) for seed in range(8)])
+    assert paired_error < 0.7 * plain_error
 
 
 def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_path):
@@ -338,6 +379,8 @@ def test_fidelity_benchmark_reports_overlap_and_savings(bundle, phantoms, tmp_pa
         cli("cxr-bench", "lime", "--model", str(bundle), "--fidelity", "--precision", "fp32,int8", check=2)
     )
     assert error == "error: --fidelity takes one --precision, got 'fp32,int8'"
+    sampler = cli("cxr-bench", "lime", "--model", str(bundle), "--fidelity", "--sampler", "odd", check=2)
+    assert "--sampler must be one of paired, plain" in one_line_error(sampler)
 
 
 def test_fidelity_run_resumes_after_an_interruption(bundle, phantoms, tmp_path, monkeypatch):
@@ -377,6 +420,7 @@ def test_fidelity_run_resumes_after_an_interruption(bundle, phantoms, tmp_path, 
         bundle, tmp_path, images, 200, 0, "onnxruntime", baseline_images=1, rule={"min_agreement": 0.95}
     )
     assert strict["images_resumed"] == 0 and strict["references_reused"] == 2
+    assert strict["rule"]["sampler"] == "paired" and strict["rule"]["min_agreement"] == 0.95
     assert strict["rule"]["min_agreement"] == 0.95 and summary["rule"]["min_agreement"] == 0.0
     assert calls == [True, True, False]  # two auto maps, then the ORT CPU baseline's one fixed map
     for before, after in zip(summary["per_image"], strict["per_image"]):
@@ -444,7 +488,8 @@ def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms, tmp_p
     loaded = load_images(opened, images, 0)  # as the sweep loads them (the card's preprocessing)
     with OrtExplainer(opened.onnx_path("explain", "fp32"), "fp32") as explainer:
         for image, row in zip(loaded, result["per_image"]):
-            direct = explain_image(image, explainer, ExplainConfig(samples=400, seed=0, adaptive=True))
+            plain_auto = ExplainConfig(samples=400, seed=0, adaptive=True, paired=False)  # the taped rows
+            direct = explain_image(image, explainer, plain_auto)
             replayed = row["rules"][shipped.key]
             assert replayed["samples"] == direct.samples  # the replayed stop is where the real one stops
             assert row["rules"][strict.key]["samples"] >= replayed["samples"]

@@ -70,9 +70,11 @@ def test_auto_picks_openvino_on_a_cpu_box_and_predict_explains_with_it(bundle, p
     assert "bootstrap top-5 agreement" in explanation["stopped"] or explanation["stopped"].startswith(
         "cap of"
     )
+    assert explanation["sampler"] == "paired" and records[0]["explanation"]["sampler"] == "plain"
     for bad, message in (
         (("--settle-agreement", "1.5"), "between 0 and 1"),
         (("--samples", "200"), "auto only"),
+        (("--sampler", "halves"), "--sampler must be one of paired, plain, got 'halves'"),
     ):
         args = [*base, "--settle-agreement", "0.5", *bad] if bad[0] == "--samples" else [*base, *bad]
         assert message in one_line_error(cli(*args, check=2))
