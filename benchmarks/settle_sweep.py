@@ -42,7 +42,7 @@ from cxr.runtime.settle import MIN_AGREEMENT, SPREAD_BOUND, STABLE_FITS
 log = logging.getLogger(__name__)
 
 BOUNDS = (0.1, 0.15, 0.25)
-FITS = (3, 4)
+FITS = (2, 3, 4)
 AGREEMENTS = (0.0, 0.8, 0.85, 0.9)
 
 

@@ -43,7 +43,7 @@ class ExplainConfig:
     adaptive: bool = False  # --samples auto: stop when the map is settled (runtime/settle.py)
     paired: bool | None = None  # each row followed by its complement; None: paired exactly when adaptive
     min_samples: int = 150  # first check
-    round_size: int = 50  # samples between checks (three equal fits: the earliest stop is at 250)
+    round_size: int = 50  # samples between checks (two equal fits: the earliest stop is at 200)
     # the stopping rule's bounds (runtime/settle.py; tuned with cxr.bench.settle_sweep)
     spread_bound: float = SPREAD_BOUND
     stable_fits: int = STABLE_FITS

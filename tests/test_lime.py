@@ -452,14 +452,14 @@ def test_bootstrap_agreement_tells_settled_top_segments_from_noise():
     weights = dict(enumerate(np.linalg.lstsq(rows, noise, rcond=None)[0]))
     probs = np.stack([noise, noise], axis=1)
     lenient, strict = (
-        Settling(8, 0, spread_bound=100.0),
-        Settling(8, 0, spread_bound=100.0, min_agreement=0.9),
+        Settling(8, 0, spread_bound=100.0, stable_fits=3),
+        Settling(8, 0, spread_bound=100.0, stable_fits=3, min_agreement=0.9),
     )
     assert [lenient.check(weights, rows, probs, 0) for _ in range(3)] == [False, False, True]
     assert [strict.check(weights, rows, probs, 0) for _ in range(3)] == [False, False, False]
     assert strict.agreement == pytest.approx(noisy_agreement)
     clear_probs = np.stack([clear, clear], axis=1)
-    settled = Settling(8, 0, min_agreement=0.9)
+    settled = Settling(8, 0, stable_fits=3, min_agreement=0.9)
     clear_weights = dict(enumerate(effect + 1e-3 * np.arange(30)))
     assert [settled.check(clear_weights, rows, clear_probs, 0) for _ in range(3)] == [False, False, True]
     assert "bootstrap top-5 agreement 1.00 >= 0.9" in settled.reason(400)
@@ -516,6 +516,36 @@ def test_settle_sweep_replays_exactly_what_auto_computes(bundle, phantoms, tmp_p
             explain_image(image, tape.replay(), ExplainConfig(samples=64, seed=1))
     with pytest.raises(CxrError, match="at least 2 equal fits"):
         ExplainConfig(adaptive=True, spread_bound=0.1, stable_fits=1)
+
+
+def test_sampler_compare_scores_both_samplers_on_rows_the_reference_never_saw(bundle, phantoms, tmp_path):
+    from cxr.bench.lime_bench import load_images
+    from cxr.bench.sampler_compare import format_compare, run_compare
+    from cxr.bench.settle_sweep import Rule, run_sweep
+
+    images = sorted((phantoms / "pneumonia_bacterial").glob("*.png"))[:1]
+    tapes, out = tmp_path / "tapes", tmp_path / "compare.json"
+    shipped = Rule(SPREAD_BOUND, STABLE_FITS)
+    run_sweep(bundle, images, "fp32", budget=300, backend="onnxruntime", rules=[shipped], tapes=tapes)
+    result = run_compare(bundle, images, tapes, rows=200, seed=1, backend="onnxruntime", out=out)
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    row = result["per_image"][0]
+    for sampler in ("plain", "paired"):
+        assert list(row[sampler]["curve"]) == ["100", "150", "200"]
+        assert all(0 <= v["top5_overlap"] <= 1 for v in row[sampler]["curve"].values())
+    opened = Bundle.open(bundle)
+    image = load_images(opened, images, 0)[0]
+    with OrtExplainer(opened.onnx_path("explain", "fp32"), "fp32") as explainer:
+        direct = explain_image(
+            image, explainer, ExplainConfig(samples=200, seed=1, adaptive=True), label=row["label"]
+        )
+    assert (
+        row["paired"]["rules"][shipped.key]["samples"] == direct.samples
+    )  # auto's default, replayed exactly
+    assert "paired overlap/Spearman by rows" in format_compare(result)
+    with pytest.raises(CxrError, match="at seed 0"):  # the reference's own rows would flatter every stop
+        run_compare(bundle, images, tapes, rows=200, seed=0, backend="onnxruntime")
 
 
 def test_lime_noise_measures_the_int8_error_and_its_correction(bundle, phantoms, tmp_path):
