@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import Rule, Tape, read_tape, tape_name, tape_reference
+from cxr.bench.settle_sweep import Rule, Tape, read_tape, replay_stop, tape_name, tape_reference
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
@@ -62,17 +61,7 @@ def compare_image(
         for n in range(STEP * 2, rows + 1, STEP):
             weights = lime_fit(taped["rows"][:n], taped["probs"][:n], label, seed)[0]
             curve[str(n)] = compare_weights(reference, weights)
-        stops = {}
-        for rule in rules:
-            config = replace(
-                fixed,
-                adaptive=True,
-                spread_bound=rule.spread_bound,
-                stable_fits=rule.stable_fits,
-                min_agreement=rule.min_agreement,
-            )
-            stop = explain_image(image, tape.replay(), config, label=label)
-            stops[rule.key] = {**compare_weights(reference, stop.weights), "samples": stop.samples}
+        stops = {rule.key: replay_stop(image, tape, fixed, rule, reference, label) for rule in rules}
         result[sampler] = {"curve": curve, "rules": stops}
     return result
 

@@ -144,22 +144,33 @@ def sweep_image(
         seconds_per_row = full.timing["model_s"] / max(1, full.samples)
         if saved:
             save_tape(saved, settings or {}, tape, reference_weights, label, seconds_per_row)
-    scores = {}
-    for rule in rules:
-        config = replace(
-            fixed,
-            adaptive=True,
-            spread_bound=rule.spread_bound,
-            stable_fits=rule.stable_fits,
-            min_agreement=rule.min_agreement,
-        )
-        stop = explain_image(image, tape.replay(), config, label=label)
-        scores[rule.key] = {**compare_weights(reference_weights, stop.weights), "samples": stop.samples}
+    scores = {rule.key: replay_stop(image, tape, fixed, rule, reference_weights, label) for rule in rules}
     return {
         "full_budget_vs_reference": compare_weights(reference_weights, full.weights),
         "seconds_per_row": seconds_per_row,
         "rules": scores,
     }
+
+
+def replay_stop(
+    image: np.ndarray,
+    tape: Tape,
+    fixed: ExplainConfig,
+    rule: Rule,
+    reference: dict[int, float],
+    label: int,
+) -> dict[str, Any]:
+    """Where ``rule`` stops on the rows ``tape`` holds for ``fixed`` (``explain_image`` itself, replayed), and
+    that map against ``reference``."""
+    config = replace(
+        fixed,
+        adaptive=True,
+        spread_bound=rule.spread_bound,
+        stable_fits=rule.stable_fits,
+        min_agreement=rule.min_agreement,
+    )
+    stop = explain_image(image, tape.replay(), config, label=label)
+    return {**compare_weights(reference, stop.weights), "samples": stop.samples}
 
 
 def save_tape(
