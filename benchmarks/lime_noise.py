@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import read_tape, tape_name, tape_reference
+from cxr.bench.settle_sweep import open_tape, tape_reference
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
@@ -86,17 +86,9 @@ def run_noise(
     per_image = {}
     with open_explainer(bundle, backend, "fp32")[0] as explainer:
         for path, image in zip(paths, load_images(bundle, paths, 0)):
-            tape_path = tapes / tape_name(str(path))
-            tape = read_tape(tape_path)
-            if tape is None:
-                raise CxrError(
-                    f"{path}: no tape in {tapes}; run cxr.bench.settle_sweep --tapes {tapes} first"
-                )
-            settings = json.loads(str(tape["settings"]))
+            tape, settings = open_tape(tapes, path)
             if settings.get("model") != bundle.digest or settings.get("precision") != precision:
-                raise CxrError(
-                    f"{tape_path}: taped for another bundle or precision than {bundle_dir} {precision}"
-                )
+                raise CxrError(f"{path}: taped for another bundle or precision than {bundle_dir} {precision}")
             per_image[str(path)] = measure_noise(image, explainer, tape, fp32_count)
             log.info(f"  {path.name}: {json.dumps(per_image[str(path)])}")
     rows = list(per_image.values())

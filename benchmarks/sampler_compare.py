@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import Rule, Tape, read_tape, replay_stop, tape_name, tape_reference
+from cxr.bench.settle_sweep import Rule, Tape, open_tape, replay_stop, tape_reference
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
@@ -106,12 +106,7 @@ def run_compare(
     result: dict[str, Any] = {}
     with open_explainer(bundle, backend, "fp32")[0] as explainer:
         for path, image in zip(paths, load_images(bundle, paths, 0)):
-            taped = read_tape(tapes / tape_name(str(path)))
-            if taped is None:
-                raise CxrError(
-                    f"{path}: no tape in {tapes}; run cxr.bench.settle_sweep --tapes {tapes} first"
-                )
-            settings = json.loads(str(taped["settings"]))
+            taped, settings = open_tape(tapes, path)
             if settings.get("model") != bundle.digest or settings.get("seed") == seed:
                 raise CxrError(
                     f"{tapes}: taped for another bundle, or at seed {seed} (the rows must not be the "

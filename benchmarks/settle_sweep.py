@@ -34,6 +34,7 @@ from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights, reference_and_ours, run_settings
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.bundle import Bundle
+from cxr.runtime.errors import CxrError
 from cxr.runtime.explain import ExplainConfig, explain_image
 from cxr.runtime.inputs import expand_inputs
 from cxr.runtime.safe_io import atomic_output, atomic_write
@@ -205,6 +206,14 @@ def read_tape(path: Path, settings: dict[str, Any] | None = None) -> dict[str, n
     if settings is not None and str(arrays["settings"]) != json.dumps(settings, sort_keys=True):
         return None
     return arrays
+
+
+def open_tape(tapes: Path, image: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The sweep's tape of ``image`` in ``tapes`` and its settings; a clear error when there is none."""
+    taped = read_tape(tapes / tape_name(str(image)))
+    if taped is None:
+        raise CxrError(f"{image}: no tape in {tapes}; run cxr.bench.settle_sweep --tapes {tapes} first")
+    return taped, json.loads(str(taped["settings"]))
 
 
 def tape_reference(arrays: dict[str, np.ndarray]) -> dict[int, float]:

@@ -569,3 +569,5 @@ def test_lime_noise_measures_the_int8_error_and_its_correction(bundle, phantoms,
             assert row["error"] > 1e-6  # int8 answers differ from fp32 on the same rows
     with pytest.raises(CxrError, match="taped for another bundle or precision"):
         run_noise(bundle, images, tmp_path / "fp32", 32, "int8", backend="onnxruntime")
+    with pytest.raises(CxrError, match="no tape in"):  # an image the sweep never taped
+        run_noise(bundle, images, tmp_path / "none", 32, "fp32", backend="onnxruntime")
