@@ -28,12 +28,26 @@ def latency(
     warmup_s: float = typer.Option(1.0, help="Warm-up seconds per backend."),
     duration_s: float = typer.Option(5.0, help="Measured seconds per backend."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for the JSON and PNG."),
+    interleave: bool = typer.Option(
+        True,
+        "--interleave/--one-at-a-time",
+        help="Batch-1 latency in turns across backends (all open at once), so host drift moves all alike "
+        "and their ratios hold; or one backend at a time (less memory: one open at a time).",
+    ),
 ) -> None:
     """p50/p95/p99 at batch 1 and img/s per batch size, PyTorch eager as the baseline."""
     from cxr.bench.latency import run_latency
 
     wanted = [b.strip() for b in backends.split(",")] if backends else None
-    run_latency(model, out, wanted, parse_int_list(batch_sizes, "--batch-sizes"), warmup_s, duration_s)
+    run_latency(
+        model,
+        out,
+        wanted,
+        parse_int_list(batch_sizes, "--batch-sizes"),
+        warmup_s,
+        duration_s,
+        interleave=interleave,
+    )
 
 
 @app.command()

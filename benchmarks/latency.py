@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 EXHAUSTIVE = "onnxruntime-exhaustive"  # ONNX Runtime CUDA with cuDNN's exhaustive search (not what ships)
+INTERLEAVE_GAP_S = 0.02  # idle before each interleaved run: ORT and OpenMP pools spin for a while after work
 
 
 def _timed_runs(run: Runner, batch: np.ndarray, seconds: float, min_runs: int = 5) -> list[float]:
@@ -39,22 +40,52 @@ def _timed_runs(run: Runner, batch: np.ndarray, seconds: float, min_runs: int = 
     return times
 
 
+def b1_stats(times_s: list[float]) -> dict[str, Any]:
+    """p50/p95/p99 in milliseconds and the number of runs."""
+    single = np.array(times_s) * 1000
+    return {
+        "p50": float(np.percentile(single, 50)),
+        "p95": float(np.percentile(single, 95)),
+        "p99": float(np.percentile(single, 99)),
+        "runs": len(single),
+    }
+
+
+def interleaved_b1(
+    runs: dict[str, Runner], size: int, warmup_s: float, duration_s: float, gap_s: float = INTERLEAVE_GAP_S
+) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency of every runner measured in turns (each round runs each once), so that a host whose
+    speed drifts during the run (shared or throttled cores) moves all backends alike and their ratios hold.
+    ``gap_s`` of idle time before each run lets the previous runtime's spinning threads go to sleep."""
+    one = np.random.default_rng(0).integers(0, 256, (1, 1, size, size), dtype=np.uint8)
+    for run in runs.values():
+        _timed_runs(run, one, warmup_s, 2)
+    times: dict[str, list[float]] = {key: [] for key in runs}
+    deadline = time.perf_counter() + duration_s * len(runs)
+    while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 5:
+        for key, run in runs.items():
+            time.sleep(gap_s)
+            start = time.perf_counter()
+            run(one)
+            times[key].append(time.perf_counter() - start)
+    return {key: b1_stats(t) for key, t in times.items()}
+
+
 def measure(
-    run: Runner, size: int, batch_sizes: list[int], warmup_s: float, duration_s: float
+    run: Runner,
+    size: int,
+    batch_sizes: list[int],
+    warmup_s: float,
+    duration_s: float,
+    b1: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Batch-1 latency (unless ``b1`` was measured already, interleaved) and throughput per batch size."""
     rng = np.random.default_rng(0)
     one = rng.integers(0, 256, (1, 1, size, size), dtype=np.uint8)
-    _timed_runs(run, one, warmup_s, 2)
-    single = np.array(_timed_runs(run, one, duration_s)) * 1000
-    result: dict[str, Any] = {
-        "b1_ms": {
-            "p50": float(np.percentile(single, 50)),
-            "p95": float(np.percentile(single, 95)),
-            "p99": float(np.percentile(single, 99)),
-            "runs": len(single),
-        },
-        "throughput_img_s": {},
-    }
+    if b1 is None:
+        _timed_runs(run, one, warmup_s, 2)
+        b1 = b1_stats(_timed_runs(run, one, duration_s))
+    result: dict[str, Any] = {"b1_ms": b1, "throughput_img_s": {}}
     for batch_size in batch_sizes:
         batch = rng.integers(0, 256, (batch_size, 1, size, size), dtype=np.uint8)
         _timed_runs(run, batch, min(warmup_s, 0.5), 1)
@@ -147,6 +178,28 @@ def preprocessing_ms(size: int, images: list[Path] | None = None, count: int = 2
         return (time.perf_counter() - start) / len(images[:count]) * 1000
 
 
+def measure_interleaved(
+    targets: list[tuple[str, str, Callable[[], Any]]],
+    size: int,
+    batch_sizes: list[int],
+    warmup_s: float,
+    duration_s: float,
+) -> dict[str, dict[str, Any]]:
+    """Open every target, time batch 1 in turns (``interleaved_b1``), then each throughput; close all."""
+    opened: dict[str, tuple[Runner, Callable[[], None]]] = {}
+    try:
+        for name, precision, opener in targets:
+            opened[f"{name}-{precision}"] = opener()
+        b1 = interleaved_b1({key: run for key, (run, _) in opened.items()}, size, warmup_s, duration_s)
+        return {
+            key: measure(run, size, batch_sizes, warmup_s, duration_s, b1=b1[key])
+            for key, (run, _) in opened.items()
+        }
+    finally:
+        for _, close in opened.values():
+            close()
+
+
 def run_latency(
     bundle_dir: Path,
     out: Path,
@@ -155,7 +208,10 @@ def run_latency(
     warmup_s: float,
     duration_s: float,
     images: list[Path] | None = None,
+    interleave: bool = True,
 ) -> dict[str, Any]:
+    """Every target's latency and throughput; the JSON and PNG written to ``out``. ``interleave``: batch-1
+    latency in turns across backends (all open at once), else one backend at a time (one open at a time)."""
     bundle = Bundle.open(bundle_dir)
     size = bundle.card.input.size
     facts = environment()
@@ -170,16 +226,20 @@ def run_latency(
     targets = runners(bundle, backends)
     if not targets:
         raise CxrError("no backend to measure (check --backends)")
-    for name, precision, opener in targets:
-        run, close = opener()
-        try:
-            results["backends"][f"{name}-{precision}"] = measure(run, size, batch_sizes, warmup_s, duration_s)
-        finally:
-            close()
-        log.info(
-            f"  {name}-{precision}: b1 p50 {results['backends'][f'{name}-{precision}']['b1_ms']['p50']:.2f} "
-            "ms"
-        )
+    results["b1_order"] = "interleaved" if interleave else "one backend after another"
+    if interleave:
+        results["backends"] = measure_interleaved(targets, size, batch_sizes, warmup_s, duration_s)
+    else:
+        for name, precision, opener in targets:
+            run, close = opener()
+            try:
+                results["backends"][f"{name}-{precision}"] = measure(
+                    run, size, batch_sizes, warmup_s, duration_s
+                )
+            finally:
+                close()
+    for key, entry in results["backends"].items():
+        log.info(f"  {key}: b1 p50 {entry['b1_ms']['p50']:.2f} ms")
     baseline = results["backends"].get("pytorch-fp32")
     if baseline:
         for entry in results["backends"].values():

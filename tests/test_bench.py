@@ -67,6 +67,7 @@ def test_latency_and_report(bundle, tmp_path):
     assert {"pytorch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"} <= set(
         data["backends"]
     )
+    assert data["b1_order"] == "interleaved"
     report = cli("cxr-bench", "report", str(results[0])).stdout
     for name, entry in data["backends"].items():
         assert entry["b1_ms"]["runs"] >= 2 and entry["throughput_img_s"]["4"] > 0
@@ -83,6 +84,34 @@ def test_latency_and_report(bundle, tmp_path):
         )
         assert entry["share_of_host_fp32_rate"] == pytest.approx(expected)
         assert f"{expected:.0%} |" in next(line for line in report.splitlines() if f"| {name} |" in line)
+
+
+def test_interleaved_b1_takes_turns_and_keeps_each_backends_own_time():
+    import time
+
+    from cxr.bench.latency import interleaved_b1
+
+    calls: list[str] = []
+
+    def runner(key: str, seconds: float):
+        def run(batch: np.ndarray) -> np.ndarray:
+            calls.append(key)
+            time.sleep(seconds)
+            return batch
+
+        return run
+
+    stats = interleaved_b1(
+        {"fast": runner("fast", 0.001), "slow": runner("slow", 0.01)},
+        8,
+        warmup_s=0.0,
+        duration_s=0.05,
+        gap_s=0,
+    )
+    timed = calls[4:]  # after two warm-up runs each
+    assert timed == ["fast", "slow"] * (len(timed) // 2)  # strict turns, whole rounds
+    assert stats["fast"]["runs"] == stats["slow"]["runs"] >= 5
+    assert stats["slow"]["p50"] > 5 * stats["fast"]["p50"] and stats["fast"]["p50"] >= 1.0
 
 
 def test_graph_gflop_counts_grouped_convolutions_and_gemm():

@@ -94,11 +94,13 @@ def test_latency_and_parity_cover_openvino(bundle, phantoms, tmp_path):
         "0.3",
         "--backends",
         "onnxruntime-fp32,openvino-fp32",
+        "--one-at-a-time",
         "--out",
         str(tmp_path),
     )
     data = json.loads(next(tmp_path.glob("latency_*.json")).read_text())
     assert set(data["backends"]) == {"onnxruntime-fp32", "openvino-fp32"}
+    assert data["b1_order"] == "one backend after another"
     report = tmp_path / "parity.json"
     import shutil
 
