@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 Runner = Callable[[np.ndarray], np.ndarray]
 EXHAUSTIVE = "onnxruntime-exhaustive"  # ONNX Runtime CUDA with cuDNN's exhaustive search (not what ships)
-INTERLEAVE_GAP_S = 0.02  # idle before each interleaved run: ORT and OpenMP pools spin for a while after work
+INTERLEAVE_ROUNDS = 5  # turns of interleaved batch-1 timing per backend
+SETTLE_S = 0.3  # idle before each turn: another runtime's threads spin for a while after its last run
 
 
 def _timed_runs(run: Runner, batch: np.ndarray, seconds: float, min_runs: int = 5) -> list[float]:
@@ -52,22 +53,27 @@ def b1_stats(times_s: list[float]) -> dict[str, Any]:
 
 
 def interleaved_b1(
-    runs: dict[str, Runner], size: int, warmup_s: float, duration_s: float, gap_s: float = INTERLEAVE_GAP_S
+    runs: dict[str, Runner],
+    size: int,
+    warmup_s: float,
+    duration_s: float,
+    rounds: int = INTERLEAVE_ROUNDS,
+    settle_s: float = SETTLE_S,
 ) -> dict[str, dict[str, Any]]:
-    """Batch-1 latency of every runner measured in turns (each round runs each once), so that a host whose
-    speed drifts during the run (shared or throttled cores) moves all backends alike and their ratios hold.
-    ``gap_s`` of idle time before each run lets the previous runtime's spinning threads go to sleep."""
+    """Batch-1 latency of every runner measured in turns: ``rounds`` rounds, each giving every runner
+    ``duration_s / rounds`` of timed runs, so a host whose speed drifts during the run (shared or throttled
+    cores) moves all backends alike and their ratios hold. Each turn starts with ``settle_s`` idle and one
+    untimed run: ONNX Runtime's and OpenVINO's threads keep spinning after their last run, and measured right
+    after them another backend ran up to 1.7x slower than alone."""
     one = np.random.default_rng(0).integers(0, 256, (1, 1, size, size), dtype=np.uint8)
     for run in runs.values():
         _timed_runs(run, one, warmup_s, 2)
     times: dict[str, list[float]] = {key: [] for key in runs}
-    deadline = time.perf_counter() + duration_s * len(runs)
-    while time.perf_counter() < deadline or min(len(t) for t in times.values()) < 5:
+    for _ in range(rounds):
         for key, run in runs.items():
-            time.sleep(gap_s)
-            start = time.perf_counter()
+            time.sleep(settle_s)
             run(one)
-            times[key].append(time.perf_counter() - start)
+            times[key] += _timed_runs(run, one, duration_s / rounds, 1)
     return {key: b1_stats(t) for key, t in times.items()}
 
 
