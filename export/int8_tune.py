@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cxr.runtime.cpu_features import cpu_int8_features
 from cxr.runtime.safe_io import atomic_write
 
 METHODS = ("minmax", "percentile", "entropy", "nncf")
@@ -221,13 +222,3 @@ def cpu_speed(fp32: Path, int8: Path, image: np.ndarray) -> dict[str, Any]:
         row["ratio"] = round(row["int8_b1_p50_ms"] / row["fp32_b1_p50_ms"], 2)
         speed[name] = row
     return speed
-
-
-def cpu_int8_features() -> str:
-    """The CPU's int8 dot-product support, which decides whether int8 convolutions can beat fp32."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    found = [flag for flag in ("avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
-    return ", ".join(found) if found else "no VNNI/AMX int8 instructions"

@@ -17,6 +17,7 @@ import torch
 from cxr.runtime.backends.select import describe, open_classifier, runnable_here
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import write_card
+from cxr.runtime.cpu_features import cpu_int8_features
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.formats import FORMATS, ParityRule
 from cxr.runtime.metrics import classification_report
@@ -201,6 +202,8 @@ def run_parity(
             reference, probs, loaded.labels, classes, reference_report, rules[precision]
         )
         results["backends"][label].update(device=backend.device, runs_on=runs_on)
+        if backend.device == "cpu":  # int8 kernels, and so int8 answers, depend on the CPU's instructions
+            results["backends"][label]["cpu_int8"] = cpu_int8_features()
     results["passed"] = all(r["passed"] for r in results["backends"].values())
     report_path = Path(report_path) if report_path else bundle.folder / "parity.json"
     atomic_write(report_path, json.dumps(results, indent=2) + "\n")
@@ -215,7 +218,9 @@ def run_parity(
                 "max_abs_dprob",
                 "covid_recall_delta_pt",
                 "runs_on",
+                "cpu_int8",
             )
+            if k in r
         }
         for label, r in results["backends"].items()
     }

@@ -270,7 +270,7 @@ def info(
     trusted_key: TrustedKey = None,
 ) -> int:
     """The card, file hashes (checked), and what actually runs each graph here (a one-image probe each)."""
-    from cxr.runtime.backends.select import open_classifier, open_explainer
+    from cxr.runtime.backends.select import int8_cpu_risk, open_classifier, open_explainer
     from cxr.runtime.bundle import GRAPHS, PRECISIONS, Bundle, onnx_name
     from cxr.runtime.card import parity_state, sha256_file
     from cxr.runtime.errors import CxrError
@@ -297,6 +297,8 @@ def info(
             try:
                 opened, reason = openers[graph](bundle, "auto", precision)
                 state = parity_state(bundle.card, precision, opened.name == "tensorrt")
+                risk = int8_cpu_risk(bundle.card, opened) if state == "passed" else None
+                state, reason = ("not here", f"{reason}; {risk}") if risk else (state, reason)
                 opened.close()
             except CxrError as exc:
                 reason, state = f"cannot run: {exc}", "-"

@@ -34,6 +34,23 @@ def cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
     return result
 
 
+def run_parity(
+    bundle: Path, data: Path, backends: str, report: Path, check: int | None = 0
+) -> subprocess.CompletedProcess:
+    """`cxr-export parity` of ``bundle`` (a copy: it writes the card) on ``data`` for ``backends``."""
+    return cli(
+        "cxr-export",
+        "parity",
+        str(bundle),
+        str(data),
+        "--backends",
+        backends,
+        "--report",
+        str(report),
+        check=check,
+    )
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     """The CLI's error must be one line on stderr starting with 'error:' and no traceback."""
     lines = [

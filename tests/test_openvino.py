@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from cxr.runtime.bundle import Bundle
 
-from tests.conftest import cli, one_line_error
+from tests.conftest import cli, one_line_error, run_parity
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'cxr-edge[openvino]')")
 
@@ -106,16 +106,7 @@ def test_latency_and_parity_cover_openvino(bundle, phantoms, tmp_path):
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    cli(
-        "cxr-export",
-        "parity",
-        str(copy),
-        str(phantoms),
-        "--backends",
-        "onnx,openvino",
-        "--report",
-        str(report),
-    )
+    run_parity(copy, phantoms, "onnx,openvino", report)
     results = json.loads(report.read_text())["backends"]
     assert {"openvino-fp32", "openvino-fp16", "openvino-int8"} <= set(results)
     assert results["openvino-fp32"]["passed"] and results["openvino-fp32"]["max_abs_dprob"] < 1e-4

@@ -52,7 +52,7 @@ def test_many_small_flips_fail_the_flip_rate_test():
 def test_unvalidated_graphs_are_refused_until_parity_passes(bundle, phantoms, tmp_path):
     import shutil
 
-    from tests.conftest import cli, one_line_error
+    from tests.conftest import cli, one_line_error, run_parity
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
@@ -63,18 +63,71 @@ def test_unvalidated_graphs_are_refused_until_parity_passes(bundle, phantoms, tm
     assert "int8 graph has never run parity" in line and "--allow-unvalidated" in line
     info = cli("cxr-run", "info", "--model", str(copy)).stdout
     assert "fp32 model    parity passed" in info and "int8 model    parity not run" in info
-    cli(
-        "cxr-export",
-        "parity",
-        str(copy),
-        str(phantoms),
-        "--backends",
-        "fp16",
-        "--report",
-        str(tmp_path / "p.json"),
-    )
+    run_parity(copy, phantoms, "fp16", tmp_path / "p.json")
     cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "fp16")  # passed: no flag needed
     cli("cxr-export", "fp16", str(copy))  # a new fp16 graph has not passed anything yet
     assert "fp16 graph has never run parity" in one_line_error(
         cli("cxr-run", "predict", "--model", str(copy), image, "--precision", "fp16", check=1)
     )
+
+
+def test_int8_parity_on_a_vnni_cpu_does_not_vouch_for_a_cpu_without(bundle, phantoms, tmp_path, monkeypatch):
+    import shutil
+    from types import SimpleNamespace
+
+    import pytest
+    from cxr.runtime import cpu_features
+    from cxr.runtime.backends.select import check_validated, int8_cpu_risk
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.errors import CxrError
+
+    from tests.conftest import run_parity
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    run_parity(copy, phantoms, "int8", tmp_path / "p.json", check=None)
+    recorded = Bundle.open(copy).card.parity["backends"]["int8"]["cpu_int8"]
+    assert recorded == cpu_features.cpu_int8_features()  # parity says which CPU it ran on
+
+    card = Bundle.open(copy).card
+    int8 = card.provenance["int8"]
+
+    def case(weights: str, checked_on: str | None) -> SimpleNamespace:
+        result = {"passed": True, **({"cpu_int8": checked_on} if checked_on else {})}
+        notes = {**int8, "model": {**int8["model"], "weights": weights}}
+        edited = card.replace(
+            provenance={**card.provenance, "int8": notes}, parity={"backends": {"int8": result}}
+        )
+        return SimpleNamespace(card=edited, folder=copy)
+
+    cpu_int8 = SimpleNamespace(name="openvino", precision="int8", device="cpu")
+    full, seven = "int8 per-channel symmetric", "int8 per-channel symmetric, 7-bit range"
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: {"avx2", "fma"})  # an older x86 CPU
+    with pytest.raises(CxrError, match="passed parity on avx512_vnni, but this CPU has no VNNI/AMX"):
+        check_validated(case(full, "avx512_vnni"), cpu_int8, allow_unvalidated=False)
+    warning = check_validated(case(full, None), cpu_int8, allow_unvalidated=True)
+    assert "a CPU not recorded" in warning and "used anyway" in warning
+    assert (
+        check_validated(case(seven, "avx512_vnni"), cpu_int8, False) is None
+    )  # 7-bit weights cannot saturate
+    assert (
+        check_validated(case(full, cpu_features.NO_INT8_DOT), cpu_int8, False) is None
+    )  # checked on such a CPU
+    gpu = SimpleNamespace(name="onnxruntime", precision="int8", device="cuda")
+    assert int8_cpu_risk(case(full, "avx512_vnni").card, gpu) is None
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: {"avx2", "avx512_vnni"})
+    assert check_validated(case(full, "avx512_vnni"), cpu_int8, False) is None
+    monkeypatch.setattr(cpu_features.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: {"asimd"})
+    assert check_validated(case(full, "avx512_vnni"), cpu_int8, False) is None  # ARM: no such kernels
+
+
+def test_cpu_features_name_the_instructions_int8_and_latency_depend_on():
+    from cxr.runtime.cpu_features import NO_INT8_DOT, cpu_int8_features, cpu_vector_isa
+
+    zen4 = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "fma"}
+    zen3 = {"avx2", "fma", "sse4_2"}
+    assert cpu_vector_isa(zen4) == "avx512f" and cpu_vector_isa(zen3) == "avx2"
+    assert cpu_int8_features(zen4) == "avx512_vnni, avx_vnni" and cpu_int8_features(zen3) == NO_INT8_DOT
+    assert cpu_vector_isa(set()).startswith("none of")

@@ -16,6 +16,7 @@ import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle, check_precision, engine_name
 from cxr.runtime.card import Card, metadata_mismatch, parity_state
+from cxr.runtime.cpu_features import NO_INT8_DOT, saturating_int8_cpu
 from cxr.runtime.errors import BundleRefused, CxrError, CxrUsageError, one_line
 from cxr.runtime.formats import FORMATS
 from cxr.runtime.optional import install_hint
@@ -144,17 +145,41 @@ def check_validated(bundle: Bundle, backend: Backend, allow_unvalidated: bool) -
     show when allowed. (The fp32 ONNX graph counts as validated: export compares it with PyTorch.)"""
     engine = backend.name == "tensorrt"
     state = parity_state(bundle.card, backend.precision, engine)
-    if state == "passed" or backend.name not in ("tensorrt", "onnxruntime", "openvino"):
+    if backend.name not in ("tensorrt", "onnxruntime", "openvino"):
         return None
     what = f"the {backend.precision} {'engine' if engine else 'graph'}"
-    line = (
-        f"{what} {'FAILED parity' if state == 'failed' else 'has never run parity'} against the PyTorch "
-        "model "
-        f"(run 'cxr-export parity {bundle.folder} DATA')"
-    )
+    if state == "passed":
+        risk = int8_cpu_risk(bundle.card, backend)
+        if risk is None:
+            return None
+        line = f"{what} {risk} (run 'cxr-export parity {bundle.folder} DATA' on this CPU)"
+    else:
+        line = (
+            f"{what} {'FAILED parity' if state == 'failed' else 'has never run parity'} against the PyTorch "
+            "model "
+            f"(run 'cxr-export parity {bundle.folder} DATA')"
+        )
     if not allow_unvalidated:
         raise CxrError(f"{line}; refused (--allow-unvalidated to use it anyway)")
     return f"{line}; used anyway (--allow-unvalidated)"
+
+
+def int8_cpu_risk(card: Card, backend: Backend, flags: set[str] | None = None) -> str | None:
+    """Why an int8 graph's passed parity does not hold on this CPU, or None: its weights use the full int8
+    range, its parity ran on a CPU with VNNI/AMX (or on one not recorded), and this x86 CPU has neither, so
+    its int8 sums can saturate (``cxr.runtime.cpu_features``)."""
+    if backend.precision != "int8" or backend.device != "cpu" or not saturating_int8_cpu(flags):
+        return None
+    weights = str(card.provenance.get("int8", {}).get("model", {}).get("weights", ""))
+    if "7-bit" in weights:
+        return None
+    checked_on = card.parity.get("backends", {}).get("int8", {}).get("cpu_int8", "a CPU not recorded")
+    if checked_on == NO_INT8_DOT:
+        return None
+    return (
+        f"passed parity on {checked_on}, but this CPU has {NO_INT8_DOT}, where its full-range int8 weights "
+        "can saturate"
+    )
 
 
 def probe_classifier(backend: Backend, size: int, classes: int) -> None:
