@@ -6,6 +6,8 @@ import platform
 import re
 from typing import Any
 
+from cxr.runtime.cpu_features import cpu_int8_features, cpu_vector_isa
+
 
 def cpu_name() -> str:
     try:
@@ -27,6 +29,8 @@ def environment() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
+        "cpu_vector": cpu_vector_isa(),
+        "cpu_int8": cpu_int8_features(),
         "gpu": None,
     }
     try:

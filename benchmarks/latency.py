@@ -266,6 +266,12 @@ def run_latency(
     return results
 
 
+def cpu_label(facts: dict[str, Any]) -> str:
+    """The CPU's name with its vector and int8 instructions, where the results recorded them."""
+    extra = [facts[key] for key in ("cpu_vector", "cpu_int8") if facts.get(key)]
+    return f"{facts['cpu']} ({'; '.join(extra)})" if extra else facts["cpu"]
+
+
 def format_latency(results: dict[str, Any]) -> str:
     sizes = results["batch_sizes"]
     bound = results.get("compute")
@@ -275,7 +281,7 @@ def format_latency(results: dict[str, Any]) -> str:
     head += f"{'% rate':>9}" if bound else ""
     lines = [
         f"{results['arch']} @ {results['input_size']} on "
-        f"{results['environment'].get('gpu') or results['environment']['cpu']}"
+        f"{results['environment'].get('gpu') or cpu_label(results['environment'])}"
         f" (host preprocessing {results['preprocess_ms_per_image']:.2f} ms/image, not included below)",
         head,
     ]

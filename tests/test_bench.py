@@ -67,7 +67,7 @@ def test_latency_and_report(bundle, tmp_path):
     assert {"pytorch-fp32", "onnxruntime-fp32", "onnxruntime-fp16", "onnxruntime-int8"} <= set(
         data["backends"]
     )
-    assert data["b1_order"] == "interleaved"
+    assert data["b1_order"] == "interleaved" and data["environment"]["cpu_vector"]
     report = cli("cxr-bench", "report", str(results[0])).stdout
     for name, entry in data["backends"].items():
         assert entry["b1_ms"]["runs"] >= 2 and entry["throughput_img_s"]["4"] > 0
