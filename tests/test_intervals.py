@@ -1,7 +1,7 @@
 """Bootstrap intervals and the LIME audit's arithmetic, on numbers small enough to check by hand."""
 
 import numpy as np
-from cxr.train.intervals import bootstrap, per_class_prf
+from cxr.train.intervals import bootstrap, exact_edge, per_class_prf
 from cxr.train.lime_audit import outside_share
 
 CLASSES = ("a", "b", "c")
@@ -19,15 +19,29 @@ def test_per_class_scores_match_scikit_learn():
     np.testing.assert_allclose(per_class_prf(truth, guess, 3), expected)
 
 
-def test_a_perfect_model_has_a_point_interval_and_the_gain_is_paired():
+def test_a_perfect_model_gets_exact_intervals_not_certainty_and_the_gain_is_paired():
     truth = np.array([0, 1, 2] * 40)
     wrong_half = truth.copy()
     wrong_half[::2] = (wrong_half[::2] + 1) % 3
     result = bootstrap(truth, truth, wrong_half, CLASSES, rounds=200)
-    assert result["accuracy"] == [1.0, 1.0] and result["per_class"]["b"]["f1"] == [1.0, 1.0]
+    # Clopper-Pearson for 120 of 120 right: [0.025 ** (1/120), 1]; per class 40 of 40
+    assert result["accuracy"] == [round(0.025 ** (1 / 120), 4), 1.0] == [0.9697, 1.0]
+    b = result["per_class"]["b"]
+    assert b["recall"] == b["precision"] == b["f1"] == [round(0.025 ** (1 / 40), 4), 1.0]
     assert result["gain_over_baseline"]["points"] == 50.0
     low, high = result["gain_over_baseline"]["interval_points"]
     assert 35 < low < 50 < high < 65
+
+
+def test_exact_edges_only_where_the_bootstrap_cannot_move():
+    assert exact_edge(0, 24) == [0.0, round(1 - 0.025 ** (1 / 24), 4)] == [0.0, 0.1425]
+    assert exact_edge(12, 24) is None and exact_edge(0, 0) is None
+    truth = np.array([0, 1, 2] * 20)
+    guess = truth.copy()
+    guess[:6] = (guess[:6] + 1) % 3  # 54 of 60 right: the bootstrap's own interval
+    result = bootstrap(truth, guess, None, CLASSES, rounds=200)
+    low, high = result["accuracy"]
+    assert low < 0.9 < high < 1.0
 
 
 def test_a_model_no_better_than_its_baseline_has_an_interval_around_zero():

@@ -1,5 +1,7 @@
 """Bootstrap 95 % intervals for an evaluation: per-class precision/recall/F1, accuracy, and the model's gain
-over the shortcut baseline, resampling images with the two models paired (the same draw scores both)."""
+over the shortcut baseline, resampling images with the two models paired (the same draw scores both). A
+proportion observed at exactly 0 or 1 gets the exact (Clopper-Pearson) interval instead: a bootstrap cannot
+move it, and [1, 1] would claim a certainty that n images cannot give."""
 
 from __future__ import annotations
 
@@ -25,6 +27,48 @@ def per_class_prf(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.nd
 def _interval(values: np.ndarray) -> list[float]:
     low, high = np.percentile(values, [2.5, 97.5])
     return [round(float(low), 4), round(float(high), 4)]
+
+
+def exact_edge(hits: int, n: int, confidence: float = 0.95) -> list[float] | None:
+    """Clopper-Pearson interval of a proportion observed at exactly 0 or 1, where every bootstrap resample
+    gives the same value and the percentile interval would claim certainty ([1, 1] for 24 of 24). None
+    otherwise (the bootstrap is used) or when there is nothing to count."""
+    if n == 0 or 0 < hits < n:
+        return None
+    bound = ((1 - confidence) / 2) ** (1 / n)
+    return [round(bound, 4), 1.0] if hits == n else [0.0, round(1 - bound, 4)]
+
+
+def _harmonic(a: float, b: float) -> float:
+    return 0.0 if a + b == 0 else round(2 * a * b / (a + b), 4)
+
+
+def _proportions(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> dict[str, list[tuple[int, int]]]:
+    """(hits, n) per class for precision (n: predicted as the class) and recall (n: of the class)."""
+    return {
+        "precision": [
+            (int(np.sum((y_pred == c) & (y_true == c))), int(np.sum(y_pred == c))) for c in range(classes)
+        ],
+        "recall": [
+            (int(np.sum((y_pred == c) & (y_true == c))), int(np.sum(y_true == c))) for c in range(classes)
+        ],
+    }
+
+
+def _mend_edges(
+    result: dict[str, Any], y_true: np.ndarray, model: np.ndarray, classes: Sequence[str]
+) -> None:
+    """Exact intervals where the sample is all right or all wrong; F1 from its precision and recall bounds."""
+    hits = int(np.sum(y_true == model))
+    result["accuracy"] = exact_edge(hits, len(y_true)) or result["accuracy"]
+    counts = _proportions(y_true, model, len(classes))
+    for i, name in enumerate(classes):
+        row = result["per_class"][name]
+        edges = {metric: exact_edge(*counts[metric][i]) for metric in ("precision", "recall")}
+        for metric, edge in edges.items():
+            row[metric] = edge or row[metric]
+        if any(edges.values()) and row["f1"][0] == row["f1"][1]:
+            row["f1"] = [_harmonic(row["precision"][k], row["recall"][k]) for k in (0, 1)]
 
 
 def bootstrap(
@@ -64,9 +108,12 @@ def bootstrap(
             for i, name in enumerate(classes)
         },
     }
+    _mend_edges(result, y_true, model, classes)
     if base is not None:
         gain = np.asarray(accuracy) - np.asarray(base_accuracy)
-        result["baseline_accuracy"] = _interval(np.asarray(base_accuracy))
+        result["baseline_accuracy"] = exact_edge(int(np.sum(y_true == base)), n) or _interval(
+            np.asarray(base_accuracy)
+        )
         result["gain_over_baseline"] = {
             "points": round(100 * float(np.mean(y_true == model) - np.mean(y_true == base)), 2),
             "interval_points": [round(100 * v, 2) for v in _interval(gain)],
