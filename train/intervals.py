@@ -12,11 +12,18 @@ import numpy as np
 ROUNDS = 1000
 
 
+def class_counts(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: right answers, images predicted as the class, images of the class."""
+    confusion = np.bincount(y_true * classes + y_pred, minlength=classes * classes).reshape(classes, classes)
+    return np.diag(confusion), confusion.sum(0), confusion.sum(1)
+
+
 def per_class_prf(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np.ndarray:
     """classes x 3 array of precision, recall, F1 (0 where undefined, as scikit-learn's zero_division=0)."""
-    confusion = np.bincount(y_true * classes + y_pred, minlength=classes * classes).reshape(classes, classes)
-    hits = np.diag(confusion).astype(np.float64)
-    predicted, actual = confusion.sum(0), confusion.sum(1)
+    hits, predicted, actual = class_counts(y_true, y_pred, classes)
+    hits = hits.astype(np.float64)
     precision = np.divide(hits, predicted, out=np.zeros(classes), where=predicted > 0)
     recall = np.divide(hits, actual, out=np.zeros(classes), where=actual > 0)
     total = precision + recall
@@ -43,28 +50,19 @@ def _harmonic(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else round(2 * a * b / (a + b), 4)
 
 
-def _proportions(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> dict[str, list[tuple[int, int]]]:
-    """(hits, n) per class for precision (n: predicted as the class) and recall (n: of the class)."""
-    return {
-        "precision": [
-            (int(np.sum((y_pred == c) & (y_true == c))), int(np.sum(y_pred == c))) for c in range(classes)
-        ],
-        "recall": [
-            (int(np.sum((y_pred == c) & (y_true == c))), int(np.sum(y_true == c))) for c in range(classes)
-        ],
-    }
-
-
 def _mend_edges(
     result: dict[str, Any], y_true: np.ndarray, model: np.ndarray, classes: Sequence[str]
 ) -> None:
     """Exact intervals where the sample is all right or all wrong; F1 from its precision and recall bounds."""
     hits = int(np.sum(y_true == model))
     result["accuracy"] = exact_edge(hits, len(y_true)) or result["accuracy"]
-    counts = _proportions(y_true, model, len(classes))
+    right, predicted, actual = (c.tolist() for c in class_counts(y_true, model, len(classes)))
     for i, name in enumerate(classes):
         row = result["per_class"][name]
-        edges = {metric: exact_edge(*counts[metric][i]) for metric in ("precision", "recall")}
+        edges = {
+            "precision": exact_edge(right[i], predicted[i]),
+            "recall": exact_edge(right[i], actual[i]),
+        }
         for metric, edge in edges.items():
             row[metric] = edge or row[metric]
         if any(edges.values()) and row["f1"][0] == row["f1"][1]:
