@@ -132,6 +132,29 @@ def test_evaluate_uses_validation_split_and_reports_shortcut_baseline(trained_ru
     page = cv2.imread(str(out.with_suffix(".png")))
     assert page is not None and page.shape[:2] == (850, 1100)
     assert "covid19 vs rest" in result.stdout
+    parts = base["accuracy_by_features"]
+    assert set(parts) == {"file size and shape", "intensity statistics", "8x8 thumbnail"}
+    assert all(0 <= value <= 1 for value in parts.values())
+    assert "the baseline from one kind of statistic alone: file size and shape" in result.stdout
+
+
+def test_baseline_parts_find_a_class_that_only_the_file_size_gives_away():
+    from cxr.train.data import LoadedImages
+    from cxr.train.shortcut import shortcut_baseline
+
+    def films(n: int, seed: int) -> LoadedImages:
+        rng = np.random.default_rng(seed)
+        labels = np.arange(n) % 2
+        images = [rng.integers(0, 256, (32, 32), dtype=np.uint8) for _ in range(n)]  # pixels: pure noise
+        shapes = [(256, 300 if label else 380) for label in labels]  # the class is the file's width
+        return LoadedImages(images, labels, shapes, [], [])
+
+    report, predicted = shortcut_baseline(films(80, 0), films(40, 1), ("a", "b"))
+    parts = report["accuracy_by_features"]
+    assert list(parts) == ["file size and shape", "intensity statistics", "8x8 thumbnail"]
+    assert parts["file size and shape"] == 1.0 and report["accuracy"] == 1.0
+    assert parts["8x8 thumbnail"] < 0.8 and parts["intensity statistics"] < 0.8
+    assert predicted.tolist() == (np.arange(40) % 2).tolist()
 
 
 def test_max_minutes_stops_after_the_epoch_that_spends_it_and_writes_the_run(phantoms, tmp_path):
@@ -156,9 +179,44 @@ def test_max_minutes_stops_after_the_epoch_that_spends_it_and_writes_the_run(pha
     assert json.loads((out / "card.json").read_text())["training"]["max_minutes"] == 1e-4
 
 
+def test_ema_saves_the_averaged_weights_it_validated_and_records_the_raw_ones(phantoms, tmp_path):
+    from cxr.train.evaluate import evaluate
+    from cxr.train.fit import FitConfig, fit
+
+    out = tmp_path / "ema"
+    fit(
+        FitConfig(data=phantoms, out=out, arch="dpn_se_tiny", epochs=3, image_size=48, batch_size=32, ema=1.0)
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all({"val_macro_f1_raw", "val_accuracy_raw", "val_loss_raw"} <= set(h) for h in metrics["history"])
+    raw_and_average = [(h["val_loss"], h["val_loss_raw"]) for h in metrics["history"]]
+    assert all(a != b for a, b in raw_and_average)  # two different sets of weights were validated
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["ema"] == 1.0
+    # model.pt holds the weights whose scores the run reports: evaluate reproduces the best epoch's confusion
+    again = evaluate(out, phantoms, tmp_path / "eval.json")
+    assert again["model"]["confusion"] == metrics["val"]["confusion"]
+
+
+def test_ema_average_moves_towards_the_live_weights_at_the_chosen_horizon():
+    from cxr.train.fit import weight_average
+
+    net = torch.nn.Linear(2, 1)
+    assert weight_average(net, 0.0, 10) is None
+    ema = weight_average(net, 2.0, 10)  # ~20 steps: decay 0.95 once warmed up
+    assert ema.decay == pytest.approx(0.95)
+    start = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net, step=10_000)
+    assert torch.allclose(ema.module.weight, start + 0.05)
+
+
 def test_bad_max_minutes_and_evaluate_device_are_one_line_errors(trained_run, phantoms, tmp_path):
     result = fit_cli(phantoms, tmp_path / "r", "--max-minutes", "-1", check=2)
     assert "--max-minutes must be 0" in one_line_error(result)
+    result = fit_cli(phantoms, tmp_path / "r", "--ema", "-0.5", check=2)
+    assert "--weight-decay and --ema must be 0 (off) or more" in one_line_error(result)
     result = cli("cxr-train", "evaluate", str(trained_run), str(phantoms), "--device", "tpu", check=2)
     assert "--device must be cpu, cuda or auto" in one_line_error(result)
     assert not (trained_run / "evaluation.json").exists()

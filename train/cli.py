@@ -71,6 +71,12 @@ def fit(
         help="Stop after the epoch that spends this many minutes of training (0: no budget); the run is "
         "written as usual, with the best epoch so far.",
     ),
+    weight_decay: float = typer.Option(1e-4, help="AdamW's weight decay."),
+    ema: float = typer.Option(
+        0.0,
+        help="Keep an exponential moving average of the weights over about this many epochs, and validate "
+        "and save it instead of the raw weights (0: off); the raw weights' scores stay in metrics.json.",
+    ),
     thorax_crop: bool = typer.Option(
         True,
         "--thorax-crop/--no-thorax-crop",
@@ -108,6 +114,8 @@ def fit(
         label_smoothing=label_smoothing,
         patience=patience,
         max_minutes=max_minutes,
+        weight_decay=weight_decay,
+        ema=ema,
         thorax_crop=thorax_crop,
         clahe=clahe,
         border_mask=border_mask,
@@ -161,7 +169,7 @@ def shortcut(
     """How far a classifier on trivial image statistics (size, intensities, thumbnail) gets."""
     from cxr.runtime.metrics import format_report
     from cxr.train.data import load_images, scan_image_folder, split_samples
-    from cxr.train.shortcut import shortcut_baseline
+    from cxr.train.shortcut import describe_feature_parts, shortcut_baseline
 
     classes, samples = scan_image_folder(data)
     if test is None:
@@ -170,10 +178,11 @@ def shortcut(
     else:
         _, test_samples = scan_image_folder(test, classes)
         train_samples, where = samples, str(test)
-    report = shortcut_baseline(
+    report, _ = shortcut_baseline(
         load_images(train_samples, image_size), load_images(test_samples, image_size), classes, seed
     )
     print(format_report(report, f"shortcut baseline on {where}"))
+    print(describe_feature_parts(report["accuracy_by_features"]))
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ class FitConfig:
     label_smoothing: float = 0.1
     patience: int = 0  # stop after this many epochs without a better validation macro-F1 (0: never)
     max_minutes: float = 0.0  # stop after the epoch that spends this training budget (0: no budget)
+    weight_decay: float = 1e-4  # AdamW's decoupled weight decay
+    ema: float = 0.0  # validate and keep an exponential moving average of the weights over ~this many epochs
     # shortcut suppression (cxr.runtime.suppress), recorded in the card so the runtime repeats it
     thorax_crop: bool = True
     clahe: bool = True
@@ -56,6 +58,8 @@ class FitConfig:
             raise CxrUsageError(f"--border-mask must be in [0, 0.25), got {self.border_mask}")
         if not self.max_minutes >= 0:
             raise CxrUsageError(f"--max-minutes must be 0 (no budget) or more, got {self.max_minutes}")
+        if not self.weight_decay >= 0 or not self.ema >= 0:
+            raise CxrUsageError("--weight-decay and --ema must be 0 (off) or more")
         if self.patience < 0:
             raise CxrUsageError(f"--patience must be 0 (off) or more, got {self.patience}")
         if self.init is not None and self.pretrained:

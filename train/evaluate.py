@@ -24,7 +24,7 @@ from cxr.train.intervals import bootstrap
 from cxr.train.lime_audit import lime_audit
 from cxr.train.plots import plot_evaluation_page
 from cxr.train.run import load_run, read_split
-from cxr.train.shortcut import shortcut_predictions
+from cxr.train.shortcut import describe_feature_parts, shortcut_baseline
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def evaluate(
     baseline_train = _baseline_training_samples(trained_on, split, classes)
     if baseline_train:
         raw_test = load_images(loaded.samples, size, "loading baseline test")
-        baseline = shortcut_predictions(load_images(baseline_train, size, "loading baseline"), raw_test, seed)
-        result["shortcut_baseline"] = classification_report(raw_test.labels, baseline, classes)
+        raw_train = load_images(baseline_train, size, "loading baseline")
+        result["shortcut_baseline"], baseline = shortcut_baseline(raw_train, raw_test, classes, seed)
     result["intervals"] = bootstrap(loaded.labels, predicted, baseline, classes, seed=seed)
     if lime_audit_images > 0:
         picks = np.random.default_rng(seed).permutation(len(loaded.samples))[:lime_audit_images]
@@ -96,6 +96,7 @@ def evaluate(
                 result["shortcut_baseline"], "shortcut baseline (image statistics only, same images)"
             )
         )
+        log.info(describe_feature_parts(result["shortcut_baseline"]["accuracy_by_features"]))
         gain = result["intervals"]["gain_over_baseline"]
         low, high = gain["interval_points"]
         log.info(

@@ -114,8 +114,11 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
         range(len(train.images)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
     )
     lr = config.lr or (3e-4 if config.pretrained or config.init else 1e-3)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = config.epochs * max(1, int(np.ceil(len(sampler) / config.batch_size)))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, int(np.ceil(len(sampler) / config.batch_size)))
+    steps = config.epochs * steps_per_epoch
+    ema = weight_average(net, config.ema, steps_per_epoch)
+    kept = ema.module if ema is not None else net  # the weights that are validated and saved
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=steps, pct_start=config.warmup, anneal_strategy="cos"
     )
@@ -167,12 +170,17 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
             scaler.step(optimizer)
             scaler.update()
             schedule.step()
+            if ema is not None:
+                ema.update(net, step=schedule.last_epoch)  # the scheduler counts steps taken
             losses.append(float(loss.detach()))
             seen += len(idx)
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         train_seconds = time.perf_counter() - epoch_start
         if ctx.is_main:
-            row, report = _validate(net, adapter, val_views, val, classes, config, device)
+            row, report = _validate(kept, adapter, val_views, val, classes, config, device)
+            if ema is not None:  # the raw weights' scores, to see what the average adds
+                raw, _ = _validate(net, adapter, val_views, val, classes, config, device)
+                row.update({f"{key}_raw": value for key, value in raw.items()})
             row.update(
                 epoch=epoch,
                 train_loss=float(np.mean(losses)),
@@ -182,11 +190,12 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
             log.info(
                 f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
                 f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)"
+                + (f"  raw weights: macro-F1 {row['val_macro_f1_raw']:.3f}" if ema is not None else "")
             )
             if report["macro_f1"] > best["val_macro_f1"]:
                 best = {**row, "report": report}
                 with atomic_output(config.out / MODEL_FILE) as tmp:
-                    torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
+                    torch.save({k: v.detach().cpu() for k, v in kept.state_dict().items()}, tmp)
         out_of_time = config.max_minutes > 0 and time.perf_counter() - started > 60 * config.max_minutes
         if should_stop(ctx, config.patience, epoch, best, out_of_time):
             if ctx.is_main:
@@ -205,6 +214,17 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     return _write_run(
         config, classes, train, val, history, best, mean, std, time.perf_counter() - started, ctx
     )
+
+
+def weight_average(net: nn.Module, epochs: float, steps_per_epoch: int) -> Any:
+    """timm's exponential moving average of the weights (and BatchNorm statistics) over about ``epochs``
+    epochs, or None when 0. Its warm-up keeps the average close to the live weights in the first steps, so the
+    random start does not linger in it."""
+    if epochs <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(net, decay=1.0 - 1.0 / max(1.0, epochs * steps_per_epoch), use_warmup=True)
 
 
 def balanced_order(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -44,6 +44,10 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     left.legend()
     right.plot(epochs, [h["val_accuracy"] for h in history], marker="o", label="val accuracy")
     right.plot(epochs, [h["val_macro_f1"] for h in history], marker="o", label="val macro-F1")
+    if all("val_macro_f1_raw" in h for h in history):  # --ema: the averaged weights above, the live ones here
+        right.plot(
+            epochs, [h["val_macro_f1_raw"] for h in history], ls="--", label="val macro-F1, raw weights"
+        )
     right.set_ylim(0, 1.02)
     right.set_xlabel("epoch")
     right.legend()
@@ -51,6 +55,12 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     with atomic_output(path) as tmp:  # never through a link planted in the run folder
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def _baseline_parts(base: dict[str, Any]) -> list[str]:
+    """One line per kind of statistic: what alone already predicts the class (older reports lack it)."""
+    parts = base.get("accuracy_by_features", {})
+    return [f"   from {name} alone: {value:.3f}" for name, value in parts.items()]
 
 
 def plot_evaluation_page(result: dict[str, Any], classes: Sequence[str], path: Path, title: str) -> None:
@@ -111,6 +121,7 @@ def plot_evaluation_page(result: dict[str, Any], classes: Sequence[str], path: P
         gain = intervals["gain_over_baseline"]
         lines += [
             f"shortcut baseline accuracy {base['accuracy']:.3f}",
+            *_baseline_parts(base),
             f"gain over the baseline: {gain['points']:+.1f} points",
             f"   95 % interval [{gain['interval_points'][0]:+.1f}, {gain['interval_points'][1]:+.1f}]",
             "   "
