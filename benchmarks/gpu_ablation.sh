@@ -7,6 +7,7 @@
 # on the CPU too, so parallel jobs overlap them. On an H100 with 16 cores, 6 jobs ran each dpn92_se fit at
 # ~105 img/s (one alone: ~460) and the whole ablation (15 epochs each) in 263 s, about half the sequential
 # estimate. MAX_MINUTES=M stops each fit after the epoch that spends M minutes (the run is still written).
+# FIT_OPTIONS="--ema 2" adds options to every fit (a recipe change for all rows alike).
 # ARCH=dpn_se_tiny SIZE=64 DEVICE=cpu EPOCHS=1 AUDIT=4: a dry run on a CPU.
 set -uo pipefail
 OUT=$(realpath -m "${1:?usage: gpu_ablation.sh OUT_DIR DATA_DIR [EPOCHS] [PYTHON]}")
@@ -14,7 +15,7 @@ DATA=$(realpath "${2:?usage: gpu_ablation.sh OUT_DIR DATA_DIR [EPOCHS] [PYTHON]}
 EPOCHS=${3:-30}
 PY=${4:-python3}
 ARCH=${ARCH:-dpn92_se} SIZE=${SIZE:-224} DEVICE=${DEVICE:-cuda} AUDIT=${AUDIT:-40} COMPARE=${COMPARE:-resnet50}
-JOBS=${JOBS:-1} MAX_MINUTES=${MAX_MINUTES:-0}
+JOBS=${JOBS:-1} MAX_MINUTES=${MAX_MINUTES:-0} FIT_OPTIONS=${FIT_OPTIONS:-}
 mkdir -p "$OUT"
 # parallel jobs share the cores instead of each starting one thread per core
 [ "$JOBS" -gt 1 ] && export OMP_NUM_THREADS=$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))
@@ -31,8 +32,9 @@ declare -A VARIANTS=(
 )
 fit_and_evaluate() {  # NAME ARCH EXTRA_OPTIONS...
   local name=$1 arch=$2; shift 2
+  # shellcheck disable=SC2086  # FIT_OPTIONS is a list of options
   step "fit_$name" 1800 "$PY" -m cxr.train.cli fit "$DATA" --arch "$arch" --image-size "$SIZE" --epochs "$EPOCHS" \
-    --batch-size 32 --device "$DEVICE" --patience 8 --max-minutes "$MAX_MINUTES" --out "$OUT/$name" "$@"
+    --batch-size 32 --device "$DEVICE" --patience 8 --max-minutes "$MAX_MINUTES" --out "$OUT/$name" "$@" $FIT_OPTIONS
   step "evaluate_$name" 900 "$PY" -m cxr.train.cli evaluate "$OUT/$name" "$DATA" --lime-audit "$AUDIT" \
     --device "$DEVICE" --out "$OUT/$name/evaluation.json"
 }

@@ -255,6 +255,29 @@ def test_same_seed_same_result_on_cpu(phantoms, tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
+def test_split_seed_keeps_the_validation_split_while_seed_changes_the_training(phantoms, tmp_path):
+    from cxr.train.fit import FitConfig, fit
+
+    for name, seed, split_seed in (("a", 0, None), ("b", 1, 0), ("c", 1, None)):
+        fit(
+            FitConfig(
+                data=phantoms,
+                out=tmp_path / name,
+                arch="dpn_se_tiny",
+                epochs=1,
+                image_size=48,
+                batch_size=32,
+                seed=seed,
+                split_seed=split_seed,
+            )
+        )
+    splits = {name: json.loads((tmp_path / name / "split.json").read_text())["val"] for name in "abc"}
+    assert splits["a"] == splits["b"] and splits["c"] != splits["a"]
+    weights = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in "ab"]
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert json.loads((tmp_path / "b" / "card.json").read_text())["training"]["split_seed"] == 0
+
+
 def fit_cli(data: Path, out: Path, *options: str, check: int):
     """``cxr-train fit DATA --out OUT OPTIONS``, expected to exit with ``check``."""
     return cli("cxr-train", "fit", str(data), "--out", str(out), *options, check=check)

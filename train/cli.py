@@ -43,6 +43,11 @@ def fit(
         None, help="Peak learning rate (default 1e-3, or 3e-4 with --pretrained or --init)."
     ),
     seed: int = typer.Option(0, help="Seed: the same seed gives the same result on CPU."),
+    split_seed: Optional[int] = typer.Option(
+        None,
+        help="Seed of the validation split alone (default: --seed): other --seed values on the same split "
+        "show how much a result moves from one training run to the next.",
+    ),
     val_split: float = typer.Option(
         0.2, help="Validation fraction (patient-disjoint when manifest.csv has patient_id)."
     ),
@@ -104,6 +109,7 @@ def fit(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        split_seed=split_seed,
         val_split=val_split,
         augment=not no_augment,
         pretrained=pretrained,

@@ -22,6 +22,7 @@ class FitConfig:
     batch_size: int = 16
     lr: float | None = None
     seed: int = 0
+    split_seed: int | None = None  # the validation split's own seed (None: --seed)
     val_split: float = 0.2
     augment: bool = True
     pretrained: bool = False
@@ -70,6 +71,10 @@ class FitConfig:
             raise CxrUsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not Path(self.data).is_dir():
             raise CxrError(f"{self.data}: data folder does not exist (expected one sub-folder per class)")
+
+    @property
+    def split_seed_used(self) -> int:
+        return self.seed if self.split_seed is None else self.split_seed
 
     def suppression(self) -> Preprocessing:
         """The card's preprocessing steps this run trains with (mean/std are the network's, filled in

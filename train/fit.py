@@ -82,7 +82,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     device, quiet = ctx.device, not ctx.is_main
     torch.manual_seed(config.seed)
     classes, samples = scan_image_folder(config.data)
-    train_samples, val_samples = split_samples(samples, config.val_split, config.seed)
+    train_samples, val_samples = split_samples(samples, config.val_split, config.split_seed_used)
     net = build_net(config.arch, len(classes), config.pretrained)
     if config.init is not None:
         load_init_weights(net, config.init, config.arch, classes, config.suppression())
@@ -90,7 +90,8 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
         if seen and ctx.is_main:
             log.warning(
                 f"{seen} of {len(val_samples)} validation images were training images of --init "
-                f"{config.init}: validation scores are optimistic (keep its --seed and --val-split)"
+                f"{config.init}: validation scores are optimistic (keep its split: --split-seed or --seed, "
+                "and --val-split)"
             )
     check_image_size(net, config.image_size, config.arch)
     steps_pre = config.suppression()
