@@ -158,20 +158,7 @@ def test_baseline_parts_find_a_class_that_only_the_file_size_gives_away():
 
 
 def test_max_minutes_stops_after_the_epoch_that_spends_it_and_writes_the_run(phantoms, tmp_path):
-    from cxr.train.fit import FitConfig, fit
-
-    out = tmp_path / "budget"
-    fit(
-        FitConfig(
-            data=phantoms,
-            out=out,
-            arch="dpn_se_tiny",
-            epochs=5,
-            image_size=48,
-            batch_size=32,
-            max_minutes=1e-4,
-        )
-    )
+    out = fit_tiny(phantoms, tmp_path / "budget", epochs=5, max_minutes=1e-4)
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 1 and metrics["best_epoch"] == 1
     assert metrics["stopped_early_after"] == 1 and metrics["stop_reason"] == "time budget"
@@ -181,12 +168,8 @@ def test_max_minutes_stops_after_the_epoch_that_spends_it_and_writes_the_run(pha
 
 def test_ema_saves_the_averaged_weights_it_validated_and_records_the_raw_ones(phantoms, tmp_path):
     from cxr.train.evaluate import evaluate
-    from cxr.train.fit import FitConfig, fit
 
-    out = tmp_path / "ema"
-    fit(
-        FitConfig(data=phantoms, out=out, arch="dpn_se_tiny", epochs=3, image_size=48, batch_size=32, ema=1.0)
-    )
+    out = fit_tiny(phantoms, tmp_path / "ema", epochs=3, ema=1.0)
     metrics = json.loads((out / "metrics.json").read_text())
     assert all({"val_macro_f1_raw", "val_accuracy_raw", "val_loss_raw"} <= set(h) for h in metrics["history"])
     raw_and_average = [(h["val_loss"], h["val_loss_raw"]) for h in metrics["history"]]
@@ -236,46 +219,30 @@ def test_evaluate_on_the_gpu_gives_the_cpu_answers(trained_run, phantoms, tmp_pa
 
 
 def test_same_seed_same_result_on_cpu(phantoms, tmp_path):
-    from cxr.train.fit import FitConfig, fit
-
     runs = []
     for name in ("a", "b"):
-        fit(
-            FitConfig(
-                data=phantoms,
-                out=tmp_path / name,
-                arch="dpn_se_tiny",
-                epochs=1,
-                image_size=48,
-                batch_size=32,
-                seed=5,
-            )
-        )
+        fit_tiny(phantoms, tmp_path / name, seed=5)
         runs.append(torch.load(tmp_path / name / "model.pt", weights_only=True))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
 def test_split_seed_keeps_the_validation_split_while_seed_changes_the_training(phantoms, tmp_path):
-    from cxr.train.fit import FitConfig, fit
-
     for name, seed, split_seed in (("a", 0, None), ("b", 1, 0), ("c", 1, None)):
-        fit(
-            FitConfig(
-                data=phantoms,
-                out=tmp_path / name,
-                arch="dpn_se_tiny",
-                epochs=1,
-                image_size=48,
-                batch_size=32,
-                seed=seed,
-                split_seed=split_seed,
-            )
-        )
+        fit_tiny(phantoms, tmp_path / name, seed=seed, split_seed=split_seed)
     splits = {name: json.loads((tmp_path / name / "split.json").read_text())["val"] for name in "abc"}
     assert splits["a"] == splits["b"] and splits["c"] != splits["a"]
     weights = [torch.load(tmp_path / name / "model.pt", weights_only=True) for name in "ab"]
     assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert json.loads((tmp_path / "b" / "card.json").read_text())["training"]["split_seed"] == 0
+
+
+def fit_tiny(data: Path, out: Path, **options) -> Path:
+    """A small, fast ``cxr-train fit`` (dpn_se_tiny at 48 px, batch 32, 1 epoch unless given)."""
+    from cxr.train.fit import FitConfig, fit
+
+    settings = {"arch": "dpn_se_tiny", "epochs": 1, "image_size": 48, "batch_size": 32, **options}
+    fit(FitConfig(data=data, out=out, **settings))
+    return out
 
 
 def fit_cli(data: Path, out: Path, *options: str, check: int):
