@@ -9,11 +9,13 @@
 # A dry run on a CPU: ARCH=dpn_se_tiny SIZE=64 DEVICE=cpu EPOCHS=1 AUDIT=4 PYTHON=.venv/bin/python
 set -uo pipefail
 DATA=$(realpath "${1:?usage: gpu_ablation_device.sh DATA_DIR}")
-RESULTS=/tmp/ablation
+RESULTS=$(mktemp -d)/ablation
+SAVE=${OUT:-/tmp}
+mkdir -p "$SAVE"
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > /tmp/gpu.txt 2>&1
+GPU=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1)
 JOBS=${JOBS:-6} MAX_MINUTES=${MAX_MINUTES:-6} AUDIT=${AUDIT:-40} FIT_OPTIONS=${FIT_OPTIONS:-} \
   bash benchmarks/gpu_ablation.sh "$RESULTS" "$DATA" "${EPOCHS:-30}" "${PYTHON:-python3}"
-mv /tmp/gpu.txt "$RESULTS/gpu.txt"
-tar -C "$(dirname "$RESULTS")" -czf "${OUT:-/tmp}/ablation.tar.gz" --exclude=model.pt "$(basename "$RESULTS")"
-echo "wrote ${OUT:-/tmp}/ablation.tar.gz"
+echo "$GPU" > "$RESULTS/gpu.txt"
+tar -C "$(dirname "$RESULTS")" -czf "$SAVE/ablation.tar.gz" --exclude=model.pt "$(basename "$RESULTS")" &&
+  echo "wrote $SAVE/ablation.tar.gz"

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,3 +215,47 @@ def test_serve_load_reports_batching_and_equality_with_local(bundle, phantoms, t
     assert server["latency_ms"]["p50"] > 0
     assert report["local"]["images_per_s"] > 0 and report["images"] == len(list(phantoms.rglob("*.png")))
     assert "batches formed" in result.stdout and (out / "serve_load.png").stat().st_size > 1000
+
+
+def test_device_ablation_script_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+    """The one-call GPU ablation (issue 15) as its documented CPU dry run: six fits, their evaluations,
+    the table, and one tarball without weights; FIT_OPTIONS reaches every fit."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    from cxr.train.synth import write_phantoms
+
+    data = tmp_path / "data"
+    write_phantoms(data, per_class=12, size=64, seed=2)
+    dry_run = {
+        "ARCH": "dpn_se_tiny",
+        "SIZE": "48",
+        "DEVICE": "cpu",
+        "EPOCHS": "1",
+        "AUDIT": "2",
+        "COMPARE": "resnet18",
+        "JOBS": "2",
+        "FIT_OPTIONS": "--weight-decay 0.05",
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "out"),
+    }
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_ablation_device.sh"
+    result = subprocess.run(
+        ["bash", str(script), str(data)],
+        env={**os.environ, **dry_run},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0 and "wrote" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    with tarfile.open(tmp_path / "out" / "ablation.tar.gz") as tar:
+        names = tar.getnames()
+        runs = ("all_on", "all_off", "no_crop", "no_clahe", "no_erase", "resnet18_all_on")
+        assert all(f"ablation/{run}/evaluation.json" in names for run in runs)
+        assert not any(name.endswith("model.pt") for name in names)
+        table = tar.extractfile("ablation/clinical.md").read().decode()
+        card = json.loads(tar.extractfile("ablation/no_crop/card.json").read())
+    assert sum(line.startswith(f"| {run} |") for run in runs for line in table.splitlines()) == 6
+    assert card["training"]["weight_decay"] == 0.05 and card["preprocessing"]["thorax_crop"] is False
