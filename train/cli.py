@@ -170,7 +170,7 @@ def shortcut(
     test: Optional[Path] = typer.Option(None, "--test", help="Train on all of DATA, test on this folder."),
     image_size: int = typer.Option(224, help="Short side the statistics are computed at."),
     val_split: float = typer.Option(0.2, help="Validation fraction when --test is not given (as fit)."),
-    seed: int = typer.Option(0, help="Split seed (as fit)."),
+    seed: int = typer.Option(0, help="Split seed (as fit's --split-seed, which defaults to its --seed)."),
 ) -> None:
     """How far a classifier on trivial image statistics (size, intensities, thumbnail) gets."""
     from cxr.runtime.metrics import format_report
@@ -180,7 +180,7 @@ def shortcut(
     classes, samples = scan_image_folder(data)
     if test is None:
         train_samples, test_samples = split_samples(samples, val_split, seed)
-        where = f"validation split of {data} (same split as fit with --seed {seed})"
+        where = f"validation split of {data} (same split as fit with --split-seed {seed})"
     else:
         _, test_samples = scan_image_folder(test, classes)
         train_samples, where = samples, str(test)
