@@ -118,7 +118,9 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, int(np.ceil(len(sampler) / config.batch_size)))
     steps = config.epochs * steps_per_epoch
-    ema = weight_average(net, config.ema, steps_per_epoch)
+    # only rank 0 validates and saves, so only it keeps the average (the other ranks would copy and update it
+    # for nothing)
+    ema = weight_average(net, config.ema if ctx.is_main else 0.0, steps_per_epoch)
     kept = ema.module if ema is not None else net  # the weights that are validated and saved
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=steps, pct_start=config.warmup, anneal_strategy="cos"
