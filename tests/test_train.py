@@ -179,6 +179,25 @@ def test_ema_saves_the_averaged_weights_it_validated_and_records_the_raw_ones(ph
     # model.pt holds the weights whose scores the run reports: evaluate reproduces the best epoch's confusion
     again = evaluate(out, phantoms, tmp_path / "eval.json")
     assert again["model"]["confusion"] == metrics["val"]["confusion"]
+    best = metrics["history"][metrics["best_epoch"] - 1]
+    assert saved_weights_val_loss(out, phantoms) == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def saved_weights_val_loss(run: Path, data: Path) -> float:
+    """The validation loss of the weights in model.pt, computed as fit computes it: it tells the weight
+    average from the live weights where both give the same confusion matrix."""
+    from cxr.train.augment import evaluation_view
+    from cxr.train.data import load_images, scan_image_folder
+    from cxr.train.fit import predict_probs
+    from cxr.train.run import load_run, read_split
+
+    card, model = load_run(run)
+    _, samples = scan_image_folder(data, card.classes)
+    val = set(read_split(run)["val"])
+    loaded = load_images([s for s in samples if s.rel in val], card.input.size, "val", pre=card.preprocessing)
+    views = [evaluation_view(im, card.input.size, card.preprocessing) for im in loaded.images]
+    probs = predict_probs(model.net, model.adapter, views, torch.device("cpu"), 16)
+    return float(-np.log(probs[np.arange(len(probs)), loaded.labels] + 1e-12).mean())
 
 
 def test_ema_average_moves_towards_the_live_weights_at_the_chosen_horizon():
@@ -345,7 +364,9 @@ def test_real_dataset_layout_and_patient_ids(real_data):
     assert not {s.group for s in train} & {s.group for s in val}
 
 
-def _torchrun_fit(data: Path, out: Path, seed: int) -> subprocess.CompletedProcess:
+def _torchrun_fit(
+    data: Path, out: Path, seed: int, epochs: int = 6, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     """2 processes, gloo on CPU, exactly as the README's multi-GPU command but with --device cpu."""
     command = [
         sys.executable,
@@ -363,7 +384,7 @@ def _torchrun_fit(data: Path, out: Path, seed: int) -> subprocess.CompletedProce
         "--arch",
         "dpn_se_tiny",
         "--epochs",
-        "6",
+        str(epochs),
         "--image-size",
         "48",
         "--batch-size",
@@ -374,6 +395,7 @@ def _torchrun_fit(data: Path, out: Path, seed: int) -> subprocess.CompletedProce
         str(seed),
         "--device",
         "cpu",
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -393,3 +415,18 @@ def test_torchrun_two_processes_gloo_learns_and_is_reproducible(phantoms, tmp_pa
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_with_weight_average_saves_what_rank_zero_validated(phantoms, tmp_path):
+    """Under torchrun only rank 0 keeps the average: it validates it beside the live weights and saves it."""
+    out = tmp_path / "run"
+    result = _torchrun_fit(phantoms, out, seed=3, epochs=3, extra=("--ema", "1"))
+    card = json.loads((out / "card.json").read_text())
+    assert card["training"]["world_size"] == 2 and card["training"]["ema"] == 1.0
+    assert sum("raw weights: macro-F1" in line for line in result.stdout.splitlines()) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = metrics["history"][metrics["best_epoch"] - 1]
+    assert best["val_loss"] != pytest.approx(
+        best["val_loss_raw"]
+    )  # the average differs from the live weights
+    assert saved_weights_val_loss(out, phantoms) == pytest.approx(best["val_loss"], rel=1e-4)
