@@ -74,13 +74,16 @@ def ablation_table(rows: list[dict[str, Any]]) -> str:
 
 
 def epochs_trained(run: Path, asked: int | None) -> str:
-    """``15 of 30 (time budget)``: a run cut short trained a different schedule, and the table must say so."""
+    """``15 of 30 (time budget)``: a run cut short trained a different schedule, and the table must say so;
+    ``(time budget, annealed)`` when the schedule followed the clock and decayed within the budget."""
     metrics = run / "metrics.json"
     if not metrics.is_file():
         return "-"
     facts = json.loads(metrics.read_text())
-    trained = len(facts.get("history", []))
-    reason = f" ({facts['stop_reason']})" if facts.get("stop_reason") else ""
+    history = facts.get("history", [])
+    trained = len(history)
+    paced = bool(history) and history[-1].get("paced_by_budget", False)
+    reason = f" ({facts['stop_reason']}{', annealed' if paced else ''})" if facts.get("stop_reason") else ""
     return f"{trained} of {asked}{reason}" if asked else f"{trained}{reason}"
 
 

@@ -6,6 +6,8 @@
 # Device: bash benchmarks/gpu_ablation_device.sh gpu_data/cxr4-train          (carry gpu_data, timeout_s 600)
 # MAX_MINUTES=6 (per fit) keeps the call near 8 minutes on an H100: six dpn92_se-sized fits share it at about
 # 105 img/s each, so 30 epochs of 1,199 images take about 5.7 minutes; loading and evaluation add about 1.5.
+# Should the GPU be slower, each fit's learning rate follows the clock and still anneals within the 6 minutes
+# (the table then says "time budget, annealed"; session 8's runs were cut at their peak).
 # A dry run on a CPU: ARCH=dpn_se_tiny SIZE=64 DEVICE=cpu EPOCHS=1 AUDIT=4 PYTHON=.venv/bin/python
 set -uo pipefail
 DATA=$(realpath "${1:?usage: gpu_ablation_device.sh DATA_DIR}")

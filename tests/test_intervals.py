@@ -1,5 +1,7 @@
 """Bootstrap intervals and the LIME audit's arithmetic, on numbers small enough to check by hand."""
 
+import json
+
 import numpy as np
 from cxr.train.intervals import bootstrap, exact_edge, per_class_prf
 from cxr.train.lime_audit import outside_share
@@ -68,8 +70,6 @@ def test_outside_share_weights_segments_by_their_outside_pixels():
 
 
 def test_ablation_table_has_one_row_per_report(tmp_path):
-    import json
-
     from cxr.bench.ablation import run_ablation
     from cxr.runtime.metrics import classification_report
 
@@ -102,3 +102,13 @@ def test_ablation_table_has_one_row_per_report(tmp_path):
     assert "| dpn92_se |" in rows[0] and "| 15 of 30 (time budget) |" in rows[0] and "| none | - |" in rows[1]
     assert "0.900" in rows[0] and "+90.0" in rows[0] and "10.0 % (40)" in rows[0] and "30.0 % (40)" in rows[1]
     assert json.loads((tmp_path / "clinical.json").read_text())[1]["accuracy"] == 0.7
+
+
+def test_the_ablation_table_says_when_a_cut_run_still_annealed(tmp_path):
+    from cxr.bench.ablation import epochs_trained
+
+    for paced, expected in ((False, "15 of 30 (time budget)"), (True, "15 of 30 (time budget, annealed)")):
+        history = [{"epoch": e, "paced_by_budget": paced} for e in range(1, 16)]
+        metrics = {"history": history, "stop_reason": "time budget"}
+        (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+        assert epochs_trained(tmp_path, 30) == expected

@@ -166,6 +166,39 @@ def test_max_minutes_stops_after_the_epoch_that_spends_it_and_writes_the_run(pha
     assert json.loads((out / "card.json").read_text())["training"]["max_minutes"] == 1e-4
 
 
+def test_a_time_budget_paces_the_schedule_so_the_cut_run_still_anneals(phantoms, tmp_path):
+    # 500 epochs cannot fit in 6 s: the schedule follows the clock and the last epoch ends at its floor
+    # (lr / 25 / 1e4); cut by the epoch count alone it would still be warming up
+    out = fit_tiny(phantoms, tmp_path / "paced", epochs=500, max_minutes=0.1, lr=1e-3)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert len(history) < 500 and history[-1]["paced_by_budget"]
+    assert history[-1]["lr"] < 1e-6
+
+
+def test_the_budget_moves_the_schedule_on_only_when_the_clock_is_ahead():
+    from cxr.train.schedule import one_cycle, step_within_budget
+
+    def schedule():
+        optimizer = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())
+        made = one_cycle(optimizer, 1e-3, 100, 0.15)
+        optimizer.step()  # no gradients: a no-op, so PyTorch does not warn of scheduler steps before it
+        return made
+
+    reference, paced = schedule(), schedule()
+    for _ in range(51):
+        reference.step()
+    assert step_within_budget(paced, 0.5)  # half the budget spent at step 0: on to step 50, then one step
+    assert paced.last_epoch == 51 and paced.get_last_lr() == pytest.approx(reference.get_last_lr())
+    assert not step_within_budget(paced, 0.1)  # the clock behind: an ordinary step
+    assert paced.last_epoch == 52
+    for _ in range(3):  # past the budget: stays at the end (one-cycle raises past its last step)
+        step_within_budget(paced, 1.7)
+    for _ in range(49):
+        reference.step()
+    assert paced.last_epoch == 100 and paced.get_last_lr() == pytest.approx(reference.get_last_lr())
+    assert paced.get_last_lr()[0] < 1e-3 / 1000
+
+
 def test_ema_saves_the_averaged_weights_it_validated_and_records_the_raw_ones(phantoms, tmp_path):
     from cxr.train.evaluate import evaluate
 
@@ -418,9 +451,10 @@ def test_torchrun_two_processes_gloo_learns_and_is_reproducible(phantoms, tmp_pa
 
 
 def test_torchrun_with_weight_average_saves_what_rank_zero_validated(phantoms, tmp_path):
-    """Under torchrun only rank 0 keeps the average: it validates it beside the live weights and saves it."""
+    """Under torchrun only rank 0 keeps the average: it validates it beside the live weights and saves it.
+    The budget (not reached) makes every step share rank 0's clock."""
     out = tmp_path / "run"
-    result = _torchrun_fit(phantoms, out, seed=3, epochs=3, extra=("--ema", "1"))
+    result = _torchrun_fit(phantoms, out, seed=3, epochs=3, extra=("--ema", "1", "--max-minutes", "10"))
     card = json.loads((out / "card.json").read_text())
     assert card["training"]["world_size"] == 2 and card["training"]["ema"] == 1.0
     assert sum("raw weights: macro-F1" in line for line in result.stdout.splitlines()) == 3

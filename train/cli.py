@@ -74,7 +74,8 @@ def fit(
     max_minutes: float = typer.Option(
         0.0,
         help="Stop after the epoch that spends this many minutes of training (0: no budget); the run is "
-        "written as usual, with the best epoch so far.",
+        "written as usual, with the best epoch so far. When the budget ends first, the learning rate follows "
+        "the clock and still anneals by its end (the result then depends on the machine's speed).",
     ),
     weight_decay: float = typer.Option(1e-4, help="AdamW's weight decay."),
     ema: float = typer.Option(

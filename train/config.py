@@ -33,7 +33,7 @@ class FitConfig:
     warmup: float = 0.15  # share of steps warming up before the cosine decay
     label_smoothing: float = 0.1
     patience: int = 0  # stop after this many epochs without a better validation macro-F1 (0: never)
-    max_minutes: float = 0.0  # stop after the epoch that spends this training budget (0: no budget)
+    max_minutes: float = 0.0  # stop after the epoch that spends this budget, paced to anneal (0: none)
     weight_decay: float = 1e-4  # AdamW's decoupled weight decay
     ema: float = 0.0  # validate and keep an exponential moving average of the weights over ~this many epochs
     # shortcut suppression (cxr.runtime.suppress), recorded in the card so the runtime repeats it

@@ -37,6 +37,7 @@ from cxr.train.run import (
     load_init_weights,
     net_mean_std,
 )
+from cxr.train.schedule import BudgetClock, one_cycle, step_within_budget
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -122,9 +123,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     # for nothing)
     ema = weight_average(net, config.ema if ctx.is_main else 0.0, steps_per_epoch)
     kept = ema.module if ema is not None else net  # the weights that are validated and saved
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=lr, total_steps=steps, pct_start=config.warmup, anneal_strategy="cos"
-    )
+    schedule = one_cycle(optimizer, lr, steps, config.warmup)
     weights = class_weights(train.labels, len(classes)).to(device) if config.balance == "weights" else None
     loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
     use_amp = device.type == "cuda"
@@ -140,6 +139,8 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_macro_f1": -1.0}
     started = time.perf_counter()
+    clock = BudgetClock(ctx, config.max_minutes) if config.max_minutes > 0 else None
+    paced_by_budget = False
     for epoch in range(1, config.epochs + 1):
         sampler.set_epoch(epoch)
         order = np.fromiter(sampler, dtype=np.int64)
@@ -172,7 +173,15 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            schedule.step()
+            if clock is None:
+                schedule.step()
+            elif step_within_budget(schedule, clock.spent()) and not paced_by_budget:
+                paced_by_budget = True
+                if ctx.is_main:
+                    log.info(
+                        f"the --max-minutes budget ({config.max_minutes:g} min) ends before epoch "
+                        f"{config.epochs}: the learning rate now follows the clock, to anneal by its end"
+                    )
             if ema is not None:
                 ema.update(net, step=schedule.last_epoch)  # the scheduler counts steps taken
             losses.append(float(loss.detach()))
@@ -188,6 +197,8 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                 epoch=epoch,
                 train_loss=float(np.mean(losses)),
                 train_images_per_s=seen * ctx.world_size / train_seconds,
+                lr=float(schedule.get_last_lr()[0]),
+                paced_by_budget=paced_by_budget,
             )
             history.append(row)
             log.info(
@@ -199,7 +210,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                 best = {**row, "report": report}
                 with atomic_output(config.out / MODEL_FILE) as tmp:
                     torch.save({k: v.detach().cpu() for k, v in kept.state_dict().items()}, tmp)
-        out_of_time = config.max_minutes > 0 and time.perf_counter() - started > 60 * config.max_minutes
+        out_of_time = clock is not None and clock.spent() >= 1.0
         if should_stop(ctx, config.patience, epoch, best, out_of_time):
             if ctx.is_main:
                 why = (

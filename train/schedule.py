@@ -1,0 +1,50 @@
+"""The learning-rate schedule: warm-up then cosine decay (PyTorch's one-cycle). Under a time budget it follows
+the clock as well as the step count, so a fit that ``--max-minutes`` ends early still anneals.
+
+Without it a budget cuts the schedule off at its peak: the H100 ablation's dpn92_se runs stopped after 15 of
+30 epochs with the learning rate still high (benchmarks/results/h100/clinical.md)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from cxr.train.distributed import DistContext
+
+
+def one_cycle(
+    optimizer: torch.optim.Optimizer, lr: float, steps: int, warmup: float
+) -> torch.optim.lr_scheduler.OneCycleLR:
+    """Warm-up over ``warmup`` of the steps, then cosine decay to almost 0."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=steps, pct_start=warmup, anneal_strategy="cos"
+    )
+
+
+class BudgetClock:
+    """How much of a time budget is spent, the same on every rank (rank 0's clock decides: ranks that took
+    different learning rates would drift apart under DistributedDataParallel)."""
+
+    def __init__(self, ctx: DistContext, minutes: float) -> None:
+        self.ctx, self.seconds, self.started = ctx, 60.0 * minutes, time.perf_counter()
+
+    def spent(self) -> float:
+        """The spent share of the budget (may pass 1)."""
+        fraction = (time.perf_counter() - self.started) / self.seconds
+        if self.ctx.distributed:
+            shared = torch.tensor([fraction], dtype=torch.float64, device=self.ctx.device)
+            torch.distributed.broadcast(shared, src=0)
+            fraction = float(shared.item())
+        return fraction
+
+
+def step_within_budget(schedule: torch.optim.lr_scheduler.OneCycleLR, spent: float) -> bool:
+    """One scheduler step, first moved on to at least the budget's spent share of the schedule when the clock
+    is ahead of the step count. Returns whether it moved (the budget, not the epochs, sets the pace)."""
+    total = schedule.total_steps
+    target = min(total - 1, math.ceil(spent * total))
+    moved = target > schedule.last_epoch
+    schedule.last_epoch = min(total - 1, max(schedule.last_epoch, target))
+    schedule.step()
+    return moved
