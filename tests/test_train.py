@@ -176,7 +176,7 @@ def test_a_time_budget_paces_the_schedule_so_the_cut_run_still_anneals(phantoms,
 
 
 def test_the_budget_moves_the_schedule_on_only_when_the_clock_is_ahead():
-    from cxr.train.schedule import one_cycle, step_within_budget
+    from cxr.train.schedule import one_cycle, paced_by_budget, step_within_budget
 
     def schedule():
         optimizer = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())
@@ -185,15 +185,18 @@ def test_the_budget_moves_the_schedule_on_only_when_the_clock_is_ahead():
         return made
 
     reference, paced = schedule(), schedule()
-    for _ in range(51):
+    step_within_budget(paced, 0.019)  # the clock less than a step ahead: an ordinary step
+    assert paced.last_epoch == 1 and not paced_by_budget(paced, steps_taken=1)
+    for _ in range(50):
         reference.step()
-    assert step_within_budget(paced, 0.5)  # half the budget spent at step 0: on to step 50, then one step
-    assert paced.last_epoch == 51 and paced.get_last_lr() == pytest.approx(reference.get_last_lr())
-    assert not step_within_budget(paced, 0.1)  # the clock behind: an ordinary step
-    assert paced.last_epoch == 52
+    step_within_budget(paced, 0.5)  # half the budget spent at step 2: straight to step 50
+    assert paced.last_epoch == 50 and paced.get_last_lr() == pytest.approx(reference.get_last_lr())
+    assert paced_by_budget(paced, steps_taken=2)
+    step_within_budget(paced, 0.1)  # the clock behind: an ordinary step
+    assert paced.last_epoch == 51
     for _ in range(3):  # past the budget: stays at the end (one-cycle raises past its last step)
         step_within_budget(paced, 1.7)
-    for _ in range(49):
+    for _ in range(50):
         reference.step()
     assert paced.last_epoch == 100 and paced.get_last_lr() == pytest.approx(reference.get_last_lr())
     assert paced.get_last_lr()[0] < 1e-3 / 1000

@@ -39,12 +39,17 @@ class BudgetClock:
         return fraction
 
 
-def step_within_budget(schedule: torch.optim.lr_scheduler.OneCycleLR, spent: float) -> bool:
-    """One scheduler step, first moved on to at least the budget's spent share of the schedule when the clock
-    is ahead of the step count. Returns whether it moved (the budget, not the epochs, sets the pace)."""
+def step_within_budget(schedule: torch.optim.lr_scheduler.OneCycleLR, spent: float) -> None:
+    """One scheduler step that lands at least at the budget's spent share of the schedule: it jumps ahead when
+    the clock is ahead of the step count."""
     total = schedule.total_steps
-    target = min(total - 1, math.ceil(spent * total))
-    moved = target > schedule.last_epoch
-    schedule.last_epoch = min(total - 1, max(schedule.last_epoch, target))
+    on_clock = math.floor(spent * total)
+    # one-cycle raises past its last step: a run that outlives its budget stays at the end
+    schedule.last_epoch = min(total, max(schedule.last_epoch + 1, on_clock)) - 1
     schedule.step()
-    return moved
+
+
+def paced_by_budget(schedule: torch.optim.lr_scheduler.OneCycleLR, steps_taken: int) -> bool:
+    """Whether the clock has moved the schedule more than 1 % of it past the steps taken: the budget, not the
+    epoch count, sets the pace (a slow first batch alone does not count)."""
+    return schedule.last_epoch - steps_taken > 0.01 * schedule.total_steps
