@@ -37,7 +37,7 @@ from cxr.train.run import (
     load_init_weights,
     net_mean_std,
 )
-from cxr.train.schedule import BudgetClock, one_cycle, paced_by_budget, step_within_budget
+from cxr.train.schedule import BudgetPacer, one_cycle
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -139,8 +139,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"val_macro_f1": -1.0}
     started = time.perf_counter()
-    clock = BudgetClock(ctx, config.max_minutes) if config.max_minutes > 0 else None
-    paced, steps_taken = False, 0
+    pacer = BudgetPacer(ctx, config.max_minutes) if config.max_minutes > 0 else None
     for epoch in range(1, config.epochs + 1):
         sampler.set_epoch(epoch)
         order = np.fromiter(sampler, dtype=np.int64)
@@ -173,18 +172,13 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            steps_taken += 1
-            if clock is None:
+            if pacer is None:
                 schedule.step()
-            else:
-                step_within_budget(schedule, clock.spent())
-                if not paced and paced_by_budget(schedule, steps_taken):
-                    paced = True
-                    if ctx.is_main:
-                        log.info(
-                            f"the --max-minutes budget ({config.max_minutes:g} min) ends before epoch "
-                            f"{config.epochs}: the learning rate now follows the clock, to anneal by its end"
-                        )
+            elif pacer.step(schedule) and ctx.is_main:
+                log.info(
+                    f"the --max-minutes budget ({config.max_minutes:g} min) ends before epoch "
+                    f"{config.epochs}: the learning rate now follows the clock, to anneal by its end"
+                )
             if ema is not None:
                 ema.update(net, step=schedule.last_epoch)  # the scheduler counts steps taken
             losses.append(float(loss.detach()))
@@ -201,7 +195,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                 train_loss=float(np.mean(losses)),
                 train_images_per_s=seen * ctx.world_size / train_seconds,
                 lr=float(schedule.get_last_lr()[0]),
-                paced_by_budget=paced,
+                paced_by_budget=pacer is not None and pacer.paced,
             )
             history.append(row)
             log.info(
@@ -213,7 +207,7 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
                 best = {**row, "report": report}
                 with atomic_output(config.out / MODEL_FILE) as tmp:
                     torch.save({k: v.detach().cpu() for k, v in kept.state_dict().items()}, tmp)
-        out_of_time = clock is not None and clock.spent() >= 1.0
+        out_of_time = pacer is not None and pacer.spent() >= 1.0
         if should_stop(ctx, config.patience, epoch, best, out_of_time):
             if ctx.is_main:
                 why = (

@@ -22,12 +22,14 @@ def one_cycle(
     )
 
 
-class BudgetClock:
-    """How much of a time budget is spent, the same on every rank (rank 0's clock decides: ranks that took
-    different learning rates would drift apart under DistributedDataParallel)."""
+class BudgetPacer:
+    """Steps a schedule under a time budget: the spent share of the budget is the same on every rank (rank 0's
+    clock decides: ranks that took different learning rates would drift apart under DistributedDataParallel),
+    and the pacer remembers whether the clock has set the pace."""
 
     def __init__(self, ctx: DistContext, minutes: float) -> None:
         self.ctx, self.seconds, self.started = ctx, 60.0 * minutes, time.perf_counter()
+        self.steps_taken, self.paced = 0, False
 
     def spent(self) -> float:
         """The spent share of the budget (may pass 1)."""
@@ -37,6 +39,14 @@ class BudgetClock:
             torch.distributed.broadcast(shared, src=0)
             fraction = float(shared.item())
         return fraction
+
+    def step(self, schedule: torch.optim.lr_scheduler.OneCycleLR) -> bool:
+        """One step on the clock; True the first time the budget, not the epoch count, sets the pace."""
+        self.steps_taken += 1
+        step_within_budget(schedule, self.spent())
+        newly = not self.paced and paced_by_budget(schedule, self.steps_taken)
+        self.paced = self.paced or newly
+        return newly
 
 
 def step_within_budget(schedule: torch.optim.lr_scheduler.OneCycleLR, spent: float) -> None:
@@ -50,6 +60,6 @@ def step_within_budget(schedule: torch.optim.lr_scheduler.OneCycleLR, spent: flo
 
 
 def paced_by_budget(schedule: torch.optim.lr_scheduler.OneCycleLR, steps_taken: int) -> bool:
-    """Whether the clock has moved the schedule more than 1 % of it past the steps taken: the budget, not the
-    epoch count, sets the pace (a slow first batch alone does not count)."""
+    """Whether the clock has moved the schedule more than 1 % of it past the steps taken (a slow first batch
+    alone does not count)."""
     return schedule.last_epoch - steps_taken > 0.01 * schedule.total_steps
