@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,19 @@ class InputSpec:
     name: str = "image"
 
 
+RESIZE = "short_side_then_center_crop"
+INTERPOLATION = "area"  # area when shrinking, cubic when enlarging (cxr.runtime.preprocess.resize_short_side)
+DICOM_WINDOWS = ("minmax", "window")  # how a windowed DICOM becomes 8 bits (cxr.runtime.dicom)
+MAX_BORDER_MASK = 0.25  # a band this wide at every edge would blank half the view
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Host preprocessing (decode, grayscale, short side -> size, centre crop) and the in-graph
-    normalisation."""
+    normalisation. Only what the runtime implements is accepted (``preprocessing_problem``)."""
 
-    resize: str = "short_side_then_center_crop"
-    interpolation: str = "area"
+    resize: str = RESIZE
+    interpolation: str = INTERPOLATION
     # The network sees the grayscale image repeated to 3 channels, then (x/255 - mean) / std per channel.
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -54,6 +61,9 @@ class Preprocessing:
     thorax_crop: bool = False
     clahe: bool = False
     border_mask: float = 0.0
+    # A windowed DICOM: "window" maps the window's output range onto 0..255; "minmax" (cards without the key)
+    # stretches the windowed values' own min..max, as bundles before it did.
+    dicom_window: str = "window"
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,8 @@ class Card:
     parity: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    # per graph or engine file: its outputs on the fixed probe inputs, reproduced at every open
+    known_answers: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -79,20 +91,19 @@ class Card:
         if not isinstance(data.get("classes"), list):
             raise CxrError("card.json is not a valid model card: classes must be a list of names")
         try:
+            version = data.get("format_version", FORMAT_VERSION)
+            if type(version) is not int:
+                raise TypeError(f"format_version must be a whole number, got {version!r}")
             card = cls(
                 classes=tuple(data["classes"]),
-                arch=str(data.get("arch", "")),
-                input=InputSpec(**data.get("input", {})),
+                arch=data.get("arch", ""),
+                input=InputSpec(**_object(data, "input")),
                 preprocessing=_preprocessing_from(data.get("preprocessing", {})),
-                training=dict(data.get("training", {})),
-                metrics=dict(data.get("metrics", {})),
-                parity=dict(data.get("parity", {})),
-                provenance=dict(data.get("provenance", {})),
-                files=dict(data.get("files", {})),
-                format_version=int(data.get("format_version", FORMAT_VERSION)),
+                **{key: data.get(key, {}) for key in DICT_SECTIONS},
+                format_version=version,
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise CxrError(f"card.json is not a valid model card: {exc}") from None
+            raise CxrError(f"card.json is not a valid model card: {one_line(exc, 200)}") from None
         if card.format_version > FORMAT_VERSION or card.format_version < 1:
             raise CxrError(
                 f"card.json format_version {card.format_version}: this cxr-edge reads version "
@@ -104,14 +115,20 @@ class Card:
         return card
 
     def problem(self) -> str | None:
-        """What makes this card unusable or unsafe (None when it is fine): checked on every read."""
+        """What makes this card unusable or unsafe (None when it is fine): checked on every read and write."""
         size = self.input.size
         if type(size) is not int or not MIN_INPUT <= size <= MAX_INPUT:
             return (
                 f"input.size must be a whole number of pixels from {MIN_INPUT} to {MAX_INPUT}, got {size!r}"
             )
-        if self.input.channels != 1 or self.input.dtype != "uint8":
-            return f"input must be 1 channel of uint8, got {self.input.channels} x {self.input.dtype!r}"
+        if self.input.channels != 1 or self.input.dtype != "uint8" or self.input.name != "image":
+            return (
+                f"input must be 1 channel of uint8 named 'image', got {self.input.channels!r} x "
+                f"{self.input.dtype!r} named {str(self.input.name)[:40]!r}"
+            )
+        problem = preprocessing_problem(self.preprocessing) or _sections_problem(self)
+        if problem:
+            return problem
         names = self.classes
         if (
             not 2 <= len(names) <= MAX_CLASSES
@@ -131,11 +148,75 @@ class Card:
 
 
 def _preprocessing_from(data: dict[str, Any]) -> Preprocessing:
-    values = dict(data)
+    """The card's preprocessing; keys it lacks take the value of the bundles written before them."""
+    if not isinstance(data, dict):
+        raise TypeError(f"preprocessing must be an object, got {type(data).__name__}")
+    values = {"dicom_window": "minmax", **data}
     for key in ("mean", "std"):
         if key in values:
-            values[key] = tuple(float(v) for v in values[key])
+            if not isinstance(values[key], (list, tuple)):
+                raise TypeError(f"preprocessing.{key} must be a list of 3 numbers, got {values[key]!r}")
+            values[key] = tuple(values[key])
     return Preprocessing(**values)
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def preprocessing_problem(pre: Preprocessing) -> str | None:
+    """Why the runtime cannot do what ``pre`` says, by type and range (None when it can): a value it does not
+    implement is refused, never ignored."""
+    fixed = {"resize": RESIZE, "interpolation": INTERPOLATION}
+    for key, value in fixed.items():
+        if getattr(pre, key) != value:
+            got = getattr(pre, key)
+            return f"preprocessing.{key} must be {value!r} (the only one implemented), got {got!r}"[:160]
+    if pre.normalisation_in_graph is not True:
+        return "preprocessing.normalisation_in_graph must be true (the graphs normalise; hosts send uint8)"
+    for key in ("mean", "std"):
+        values = getattr(pre, key)
+        if len(values) != 3 or not all(_is_number(v) for v in values):
+            return f"preprocessing.{key} must be 3 finite numbers, got {list(values)!r}"[:160]
+    if not all(0 < v <= 10 for v in pre.std) or not all(-10 <= v <= 10 for v in pre.mean):
+        return f"preprocessing.std must be in (0, 10] and mean in [-10, 10], got {pre.std} and {pre.mean}"
+    for key in ("thorax_crop", "clahe"):
+        if type(getattr(pre, key)) is not bool:
+            return f"preprocessing.{key} must be true or false, got {getattr(pre, key)!r}"[:160]
+    if not _is_number(pre.border_mask) or not 0 <= pre.border_mask < MAX_BORDER_MASK:
+        return (
+            f"preprocessing.border_mask must be a number in [0, {MAX_BORDER_MASK}) (a share of the side), "
+            f"got {pre.border_mask!r}"[:160]
+        )
+    if pre.dicom_window not in DICOM_WINDOWS:
+        choices = ", ".join(DICOM_WINDOWS)
+        return f"preprocessing.dicom_window must be one of {choices}, got {pre.dicom_window!r}"[:160]
+    return None
+
+
+def _sections_problem(card: Card) -> str | None:
+    """The free-form sections must at least have the shape every reader expects."""
+    for key in DICT_SECTIONS:
+        if not isinstance(getattr(card, key), dict):
+            return f"{key} must be an object, got {type(getattr(card, key)).__name__}"
+    backends = card.parity.get("backends", {})
+    if not isinstance(backends, dict) or not all(
+        isinstance(v, dict) and type(v.get("passed", False)) is bool for v in backends.values()
+    ):
+        return "parity.backends must map each backend to an object with a true/false 'passed'"
+    if not isinstance(card.arch, str):
+        return f"arch must be a name, got {card.arch!r}"
+    return None
+
+
+DICT_SECTIONS = ("training", "metrics", "parity", "provenance", "files", "known_answers")
+
+
+def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise TypeError(f"{key} must be an object, got {type(value).__name__}")
+    return value
 
 
 def sha256_file(path: Path) -> str:
@@ -262,6 +343,9 @@ def write_card(folder: Path, card: Card, rehash: bool = True) -> Card:
     folder = Path(folder)
     if rehash:
         card = card.replace(files=hash_bundle_files(folder))
+    problem = card.problem()
+    if problem:
+        raise CxrError(f"refused to write {folder / CARD_NAME}: {problem}")
     refuse_links(folder)
     atomic_write(folder / CARD_NAME, json.dumps(card.to_dict(), indent=2, sort_keys=False) + "\n")
     return card

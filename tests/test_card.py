@@ -1,0 +1,62 @@
+"""A card means what it says: every preprocessing and input value is checked by type and range, at load and
+at write; values the runtime does not implement are refused, not ignored."""
+
+import json
+
+import pytest
+from cxr.runtime.card import Card, read_card, write_card
+from cxr.runtime.errors import CxrError
+
+BAD_VALUES = [
+    ("preprocessing", "border_mask", 0.6),  # blanked every view: 203 films, one answer
+    ("preprocessing", "border_mask", float("nan")),
+    ("preprocessing", "border_mask", "0.05"),
+    ("preprocessing", "border_mask", True),
+    ("preprocessing", "thorax_crop", "false"),  # a string left the crop on
+    ("preprocessing", "clahe", 1),
+    ("preprocessing", "resize", "stretch"),  # accepted and ignored before
+    ("preprocessing", "interpolation", "cubic"),
+    ("preprocessing", "normalisation_in_graph", False),
+    ("preprocessing", "mean", [0.5, 0.5]),
+    ("preprocessing", "std", [0.2, 0.0, 0.2]),
+    ("preprocessing", "dicom_window", "auto"),
+    ("input", "name", "pixels"),
+    ("input", "size", 224.0),
+    ("parity", "backends", {"fp16": "passed"}),  # wrong type crashed info and predict
+    (None, "parity", [1, 2]),
+    (None, "training", "none"),
+    (None, "format_version", "1"),
+    (None, "arch", 92),
+]
+
+
+def _card_dict() -> dict:
+    return json.loads(json.dumps(Card().to_dict()))
+
+
+@pytest.mark.parametrize("section,key,value", BAD_VALUES, ids=[f"{s}.{k}={v!r}" for s, k, v in BAD_VALUES])
+def test_a_bad_value_is_refused_in_one_line_naming_it(section, key, value):
+    data = _card_dict()
+    (data[section] if section else data)[key] = value
+    with pytest.raises(CxrError) as caught:
+        Card.from_dict(data)
+    message = str(caught.value)
+    assert "\n" not in message and key in message, message
+
+
+def test_a_card_without_the_dicom_window_key_keeps_the_old_stretch():
+    data = _card_dict()
+    del data["preprocessing"]["dicom_window"]
+    assert Card.from_dict(data).preprocessing.dicom_window == "minmax"
+    assert Card().preprocessing.dicom_window == "window"  # what new runs write
+
+
+def test_write_card_refuses_a_card_the_runtime_could_not_honour(tmp_path):
+    from cxr.runtime.card import Preprocessing
+
+    bad = Card(preprocessing=Preprocessing(border_mask=0.4))
+    with pytest.raises(CxrError, match="border_mask"):
+        write_card(tmp_path, bad)
+    assert not (tmp_path / "card.json").exists()
+    write_card(tmp_path, Card())
+    assert read_card(tmp_path) == Card()
