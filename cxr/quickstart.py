@@ -7,8 +7,6 @@ synth -> fit (small DPN-SE) -> export onnx + fp16 -> engine (when TensorRT is pr
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +26,8 @@ def run_quickstart(
     from cxr.export.onnx_export import export_onnx
     from cxr.export.parity import DEFAULT_RULES, run_parity
     from cxr.runtime.backends.tensorrt import tensorrt_available
+    from cxr.runtime.explain import ExplainConfig
+    from cxr.runtime.predict_job import PredictJob, run_predict
     from cxr.train.fit import FitConfig, fit
     from cxr.train.synth import write_phantoms
 
@@ -61,24 +61,16 @@ def run_quickstart(
     ]
     predictions = reports / "predictions.jsonl"
     reports.mkdir(parents=True, exist_ok=True)
-    code = subprocess.call(
-        [
-            sys.executable,
-            "-m",
-            "cxr.runtime.cli",
-            "predict",
-            "--model",
-            str(bundle),
-            *images,
-            "--explain",
-            "--samples",
-            "500",
-            "--explain-dir",
-            str(reports / "overlays"),
-            "--out",
-            str(predictions),
-        ]
+    job = PredictJob(
+        inputs=images,
+        model=bundle,
+        out=predictions,
+        overwrite=True,
+        explain=ExplainConfig(samples=500),
+        explain_dir=reports / "overlays",
     )
+    predicted = run_predict(job)
+    log.info(predicted.line())
     step("6/7 parity: ONNX fp32 / fp16 vs PyTorch")
     parity = run_parity(bundle, data, ["onnx", "fp16", "engine"], DEFAULT_RULES, reports / "parity.json")
     step("7/7 latency")
@@ -89,4 +81,4 @@ def run_quickstart(
     log.info(f"  predictions:  {predictions}")
     log.info(f"  parity table: {reports / 'parity.json'}  ({'PASS' if parity['passed'] else 'FAIL'})")
     log.info(f"  latency:      {reports}/latency_*.json and .png")
-    return 0 if code == 0 and parity["passed"] else 1
+    return 0 if predicted.exit_code == 0 and parity["passed"] else 1

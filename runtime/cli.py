@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
+import logging
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,6 +29,7 @@ app = new_app(
 )
 
 EXIT_OK, EXIT_FATAL, EXIT_SOME_FAILED = 0, 1, 2
+log = logging.getLogger("cxr.runtime.cli")
 
 
 @app.command()
@@ -51,8 +51,15 @@ def predict(
     server_model: str = typer.Option("cxr", help="Model name on the server."),
     timeout: float = typer.Option(30.0, help="With --server: seconds to wait for each reply."),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="FILE.jsonl or FILE.csv (default: JSON lines on stdout)."
+        None,
+        "--out",
+        help="FILE.jsonl or FILE.csv (default: JSON lines on stdout). Records are appended as they finish, "
+        "so an interrupted run keeps them; an existing file needs --resume or --overwrite.",
     ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue --out: skip inputs it already records for this bundle."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
     top_k: int = typer.Option(0, help="Also list the K most probable classes."),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     explain: bool = typer.Option(
@@ -91,77 +98,44 @@ def predict(
     trusted_key: TrustedKey = None,
     allow_unvalidated: AllowUnvalidated = False,
 ) -> int:
-    """One JSON record per input: path, label, probs, backend, precision, error (+ explanation). Exit 2 if
-    some failed."""
-    from cxr.runtime.backends.select import check_validated
-    from cxr.runtime.bundle import Bundle
-    from cxr.runtime.errors import CxrUsageError
-    from cxr.runtime.inputs import discover, not_images_line
-    from cxr.runtime.output import RecordWriter
-    from cxr.runtime.predict import PredictOptions, predict_stream
-    from cxr.runtime.segment import SEGMENTERS
+    """One JSON record per input: path, label, probs, backend, precision, error, warnings (+ explanation).
+    Exit 2 if some failed, 1 if the run could not finish, 130/143 when interrupted (records kept)."""
+    from cxr.runtime.predict_job import PredictJob, run_predict
 
-    started = time.perf_counter()
-    if segmenter not in SEGMENTERS:
-        raise CxrUsageError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")
-    if top_k < 0:
-        raise CxrUsageError("--top-k must be 0 or more")
-    bundle = Bundle.open(model, expect_digest, trusted_key)
-    explain_config = (
-        explain_options(samples, max_samples, segmenter, num_features, seed, settle_agreement, sampler)
-        if explain
-        else None
+    job = PredictJob(
+        inputs=inputs,
+        model=model,
+        backend=backend,
+        precision=precision,
+        batch_size=batch_size,
+        server=server,
+        server_model=server_model,
+        timeout=timeout,
+        out=out,
+        resume=resume,
+        overwrite=overwrite,
+        top_k=top_k,
+        max_pixels=max_pixels,
+        explain=(
+            explain_options(samples, max_samples, segmenter, num_features, seed, settle_agreement, sampler)
+            if explain
+            else None
+        ),
+        explain_dir=explain_dir,
+        strict=strict,
+        expect_digest=expect_digest,
+        trusted_key=trusted_key,
+        allow_unvalidated=allow_unvalidated,
     )
-    if explain and explain_dir is None:
-        explain_dir = (out.parent if out else Path(".")) / "explanations"
-    found = discover(inputs)
-    paths = found.inputs
-    explainer = None
-    if server is not None:
-        classifier, reason = _open_server(server, server_model, timeout, bundle, backend, precision, explain)
+    summary = run_predict(job)
+    if summary.failed:
+        log.warning(f"warning: {summary.line()}")
     else:
-        classifier, reason, explainer = _open_local(bundle, backend, precision or "fp32", explain, len(paths))
-    classifier_open_s = time.perf_counter() - started
-    failed, warned, shown, first_result_s = 0, 0, set(), None
-    with classifier:
-        try:
-            print(f"backend: {reason}", file=sys.stderr)
-            caution = check_validated(bundle, classifier, allow_unvalidated) if server is None else None
-            if caution:
-                print(f"warning: {caution}", file=sys.stderr)
-            options = PredictOptions(batch_size, top_k, max_pixels, explain_config, explain_dir, strict)
-            with RecordWriter(out, bundle.card.classes) as writer:
-                for record in predict_stream(paths, bundle, classifier, options, explainer, found.errors):
-                    failed += record["error"] is not None
-                    warned += bool(record["warnings"]) and record["error"] is None
-                    _warn_once(record, shown)
-                    writer.write(record)
-                    if first_result_s is None:
-                        first_result_s = time.perf_counter() - started
-        finally:
-            if explainer is not None:
-                explainer.close()
-    parts = [
-        f"{len(paths) - failed} predicted",
-        f"{warned} of them with warnings (see their 'warnings')" if warned else "",
-        f"{failed} failed (see their 'error')" if failed else "",
-        not_images_line(found.not_images) if found.not_images else "",
-        f"wrote {out}" if out else "",
-        _opening_line(first_result_s, classifier_open_s, explainer.open_s if explainer else None),
-    ]
-    print("; ".join(p for p in parts if p), file=sys.stderr)
-    return EXIT_SOME_FAILED if failed else EXIT_OK
-
-
-def _opening_line(first_result_s: float | None, classifier_s: float, explainer_s: float | None) -> str:
-    """How long the first answer took and what opening cost (the explainer's warm-up overlaps the first
-    batch)."""
-    if first_result_s is None:
-        return ""
-    explainer = f", explainer {explainer_s:.1f} s beside it" if explainer_s is not None else ""
-    return (
-        f"first result {first_result_s:.1f} s after start (classifier open {classifier_s:.1f} s{explainer})"
-    )
+        log.info(summary.line())
+    stop = summary.stop_line()
+    if stop:
+        log.error(f"error: {stop}")
+    return summary.exit_code
 
 
 def explain_options(
@@ -178,6 +152,8 @@ def explain_options(
     from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.explain import SAMPLERS, ExplainConfig
 
+    if not 0 <= seed < 2**32:
+        raise CxrUsageError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {seed}")
     if sampler is not None and sampler not in SAMPLERS:
         raise CxrUsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     paired = None if sampler is None else sampler == "paired"
@@ -198,69 +174,6 @@ def explain_options(
     if not samples.strip().isdigit():
         raise CxrUsageError(f"--samples must be a whole number or 'auto', got {samples!r}")
     return ExplainConfig(int(samples), segmenter, num_features, seed, paired=paired)
-
-
-def _warn_once(record: dict, shown: set[str]) -> None:
-    """Each kind of warning once per run on stderr (the records carry every one)."""
-    for text in record.get("warnings") or []:
-        kind = re.sub(r"[\d.]+", "N", text)
-        if kind not in shown:
-            shown.add(kind)
-            print(
-                f"warning: {record['path']}: {text} (shown once; every record lists its warnings)",
-                file=sys.stderr,
-            )
-
-
-def _open_local(bundle, backend: str, precision: str, explain: bool, images: int):
-    """The classifier, and with ``--explain`` the explainer opening beside it from the start: its warm-up (the
-    cuDNN search on a GPU) is the longest part of the first answer, so it overlaps the classifier's open and
-    the first batch. Once the classifier is open the explainer must match its backend and precision.
-    ``images``: the job's size (a short one opens the explainer with a quicker search)."""
-    from cxr.runtime.backends.select import open_classifier, open_explainer
-    from cxr.runtime.predict import OpeningExplainer
-
-    explainer = (
-        OpeningExplainer(lambda: open_explainer(bundle, backend, precision, images)[0]) if explain else None
-    )
-    try:
-        classifier, reason = open_classifier(bundle, backend, precision)
-    except BaseException:
-        if explainer is not None:
-            explainer.close()
-        raise
-    if explainer is not None:
-        explainer.match(
-            classifier.name,
-            classifier.precision,
-            lambda: open_explainer(bundle, classifier.name, classifier.precision, images)[0],
-        )
-    return classifier, reason, explainer
-
-
-def _open_server(
-    url: str, model_name: str, timeout: float, bundle, backend: str, precision: Optional[str], explain: bool
-):
-    """The remote classifier, after checking the server runs this bundle's model; a down server is not fatal
-    (every file then gets the connection error, as a failed file does locally)."""
-    from cxr.runtime.backends.triton_client import TritonClientBackend, model_mismatch
-    from cxr.runtime.errors import CxrError, CxrUsageError
-
-    if explain:
-        raise CxrUsageError("--explain runs on the local backend; drop --server to explain")
-    if backend != "auto":
-        raise CxrUsageError("--backend is chosen by the server; drop it with --server")
-    remote = TritonClientBackend(url, model_name, timeout)
-    try:
-        served = remote.server_card()
-    except CxrError as exc:
-        return remote, f"not reachable: {exc}"
-    mismatch = model_mismatch(bundle.card, served)
-    if mismatch:
-        raise CxrError(f"server {url} serves another model than {bundle.folder} ({mismatch})")
-    if precision and precision != remote.precision:
-        raise CxrUsageError(f"--precision {precision}: server {url} runs {remote.precision}")
-    return remote, f"server {url}, model {model_name}"
 
 
 @app.command()

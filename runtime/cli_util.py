@@ -42,17 +42,44 @@ EXITS = _classes("Exit", typer.Exit)
 ABORTS = _classes("Abort", typer.Abort)
 
 
+OUR_LOGGERS = ("cxr", "__main__")
+
+
+class _OneLineFilter(logging.Filter):
+    """Third-party messages (pydicom, Pillow, ONNX Runtime, OpenVINO, Triton, warnings) are debug output:
+    shown with --verbose only, and then as one line without their traceback; ours keep their traceback in
+    --verbose only (a debug log of a fault)."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.split(".")[0] in OUR_LOGGERS
+        if not ours and not self.verbose:
+            return False
+        if not ours:
+            record.msg, record.args = one_line(record.getMessage()), None
+        if not ours or not self.verbose:
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 def configure_logging(verbosity: int, stream: TextIO) -> None:
     """The library logs (``logging``); the CLI decides what is shown: -1 quiet (warnings and errors, no
-    progress bars), 0 what a person follows (info), 1 verbose (debug)."""
+    progress bars), 0 what a person follows (info), 1 verbose (debug, third-party messages included)."""
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[max(-1, min(1, verbosity))]
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         logging.Formatter("%(message)s" if level > logging.DEBUG else "%(name)s: %(message)s")
     )
+    handler.addFilter(_OneLineFilter(verbose=level <= logging.DEBUG))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # Python warnings (pydicom's UserWarning ...) become third-party messages
+    # OpenCV's C++ log ("[ WARN:0] ... PNG input buffer is incomplete") goes to stderr; read at import
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "INFO" if level <= logging.DEBUG else "ERROR")
     for noisy in ("matplotlib", "PIL", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if verbosity < 0:

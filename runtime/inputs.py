@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cxr.runtime.output import record_path
 from cxr.runtime.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES, sniff_format
 
 SNIFF_BYTES = 132  # DICOM's "DICM" sits at offset 128
@@ -29,7 +30,7 @@ class Discovered:
 
     def fail(self, path: Path, reason: str) -> None:
         self.inputs.append(path)
-        self.errors[path] = f"{path}: {reason}"
+        self.errors[path] = f"{record_path(path)}: {reason}"
 
 
 def file_kind(path: Path) -> str | None:
@@ -42,33 +43,46 @@ def file_kind(path: Path) -> str | None:
 
 
 def _walk(folder: Path, found: Discovered) -> None:
+    """Every file under ``folder``, in sorted order, depth first, with symlinked folders followed once each.
+
+    A loop over a stack, not recursion: a folder nested 1,500 deep is walked, not a RecursionError."""
     seen: set[tuple[int, int]] = set()
-
-    def unreadable(error: OSError) -> None:
-        where = Path(error.filename) if error.filename else folder
-        found.fail(where, f"cannot read folder ({error.strerror or error})")
-
-    for root, dirs, files in os.walk(folder, followlinks=True, onerror=unreadable):
-        stat = os.stat(root)
-        if (stat.st_dev, stat.st_ino) in seen:  # a symlink back up the tree: this folder was walked already
-            dirs[:] = []
+    stack = [folder]
+    while stack:
+        root = stack.pop()
+        try:
+            info = os.stat(root)
+            if (info.st_dev, info.st_ino) in seen:  # a symlink back up the tree: walked already
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(root) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            found.fail(root, f"cannot read folder ({error.strerror or error})")
             continue
-        seen.add((stat.st_dev, stat.st_ino))
-        dirs.sort()
-        for name in sorted(files):  # os.walk lists broken links here too
-            _look_at(Path(root) / name, found, named=False)
+        folders = []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()  # follows links, as os.walk(followlinks=True) did
+            except OSError:
+                is_folder = False
+            if is_folder:
+                folders.append(Path(entry.path))
+            else:
+                _look_at(Path(entry.path), found, named=False)
+        stack.extend(reversed(folders))
 
 
 def _look_at(path: Path, found: Discovered, named: bool) -> None:
     """Sort one path into images, failures or not-images (a file named on the command line is never 'not an
     image')."""
-    if path.is_symlink() and not path.exists():
-        found.fail(path, f"broken symbolic link (points to {os.readlink(path)})")
-        return
-    if not path.is_file():
-        found.fail(path, "not a regular file")
-        return
     try:
+        if path.is_symlink() and not path.exists():
+            found.fail(path, f"broken symbolic link (points to {record_path(os.readlink(path))})")
+            return
+        if not path.is_file():
+            found.fail(path, "not a regular file")
+            return
         kind = file_kind(path)
     except OSError as exc:
         found.fail(path, f"cannot read ({exc.strerror or exc})")
@@ -82,28 +96,38 @@ def _look_at(path: Path, found: Discovered, named: bool) -> None:
 
 
 def discover(items: list[str]) -> Discovered:
+    """Sort what the user named into inputs (with the reason of each that cannot even be opened) and
+    not-images; one odd name (too long, unreadable, a pattern over a maze) is that name's failure only."""
     found = Discovered()
     for item in items:
-        path = Path(item)
-        if path.is_dir():
-            before = len(found.inputs) + len(found.not_images)
-            _walk(path, found)
-            if len(found.inputs) + len(found.not_images) == before:
-                found.fail(path, "folder contains no files")
-        elif not path.exists() and not path.is_symlink() and glob.has_magic(item):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            for match in matches:
-                if match.is_dir():
-                    _walk(match, found)
-                else:
-                    _look_at(match, found, named=True)
-            if not matches:
-                found.fail(path, "no such file (a pattern that matched nothing)")
-        elif not path.exists() and not path.is_symlink():
-            found.fail(path, "no such file")
-        else:
-            _look_at(path, found, named=True)
+        try:
+            _discover_one(item, found)
+        except (OSError, RecursionError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            found.fail(Path(item), f"cannot search ({reason})")
     return found
+
+
+def _discover_one(item: str, found: Discovered) -> None:
+    path = Path(item)
+    if path.is_dir():
+        before = len(found.inputs) + len(found.not_images)
+        _walk(path, found)
+        if len(found.inputs) + len(found.not_images) == before:
+            found.fail(path, "folder contains no files")
+    elif not path.exists() and not path.is_symlink() and glob.has_magic(item):
+        matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+        for match in matches:
+            if match.is_dir():
+                _walk(match, found)
+            else:
+                _look_at(match, found, named=True)
+        if not matches:
+            found.fail(path, "no such file (a pattern that matched nothing)")
+    elif not path.exists() and not path.is_symlink():
+        found.fail(path, "no such file")
+    else:
+        _look_at(path, found, named=True)
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -113,5 +137,5 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
 def not_images_line(paths: list[Path], shown: int = 3) -> str:
     """'3 not images: README.txt, notes.md, scan.zip' (names only, the first few)."""
-    names = ", ".join(p.name for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
+    names = ", ".join(record_path(p.name) for p in paths[:shown]) + (", ..." if len(paths) > shown else "")
     return f"{len(paths)} not image{'s' if len(paths) != 1 else ''}: {names}"

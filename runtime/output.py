@@ -1,75 +1,257 @@
-"""Record writers: JSON lines (stdout or file) and CSV, written atomically (temp file + rename)."""
+"""Where a run's records go: JSON lines or CSV, appended one whole record at a time, never lost.
+
+A bedside run over a ward's archive is long; whatever stops it (Ctrl+C, SIGTERM, SIGKILL, a full disk) must
+leave every finished record on disk. So records are appended to ``--out`` itself, each in one ``write`` of
+whole lines (the page cache keeps them through a SIGKILL), and nothing is ever written to a temporary file
+that an interrupted run would leave behind. A rerun resumes (``--resume``: inputs already recorded by the same
+bundle are skipped) or starts anew (``--overwrite``); otherwise an existing ``--out`` is refused, before any
+work. A write that fails (disk full) is cut back to the last whole record.
+"""
 
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import os
+import stat
 import sys
-import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from cxr.runtime.errors import CxrUsageError
+from cxr.runtime.errors import CxrError, CxrUsageError
+
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these
+
+
+def record_path(path: str | Path) -> str:
+    """A path as records show it: text that encodes in UTF-8 whatever bytes the file system holds (an
+    undecodable byte shows as ``\\xff``), so every writer can write it and a resume can match it."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value made safe for a spreadsheet: text that would run as a formula gets a leading quote."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
+def csv_fields(classes: tuple[str, ...]) -> list[str]:
+    return (
+        ["path", "label", "backend", "precision", "error", "warnings"]
+        + [f"prob_{c}" for c in classes]
+        + ["explained_label", "overlay", "bundle_digest"]
+    )
+
+
+def csv_row(record: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:
+    row = {k: record.get(k) for k in ("path", "label", "backend", "precision", "error", "bundle_digest")}
+    row["warnings"] = "; ".join(record.get("warnings") or [])
+    probs = record.get("probs") or {}
+    row.update({f"prob_{c}": probs.get(c) for c in classes})
+    explanation = record.get("explanation") or {}
+    row.update(explained_label=explanation.get("label"), overlay=explanation.get("overlay"))
+    return {key: csv_cell(value) for key, value in row.items()}
+
+
+@dataclass
+class OutputPlan:
+    """What ``--out`` will be, decided before any work: its format, and the inputs a resume skips."""
+
+    target: Path | None
+    format: str = "jsonl"
+    resume: bool = False
+    overwrite: bool = False
+    recorded: set[str] = field(default_factory=set)  # record_path of inputs already in the file
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def plan_output(
+    target: Path | None,
+    inputs: list[Path],
+    digest: str,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> OutputPlan:
+    """Check ``--out`` before any work: a file name ending in .jsonl or .csv, in a writable folder, not a
+    folder, not one of the inputs, and not an existing file unless resuming or overwriting it."""
+    if resume and overwrite:
+        raise CxrUsageError("--resume and --overwrite must not be given together")
+    if target is None:
+        if resume:
+            raise CxrUsageError("--resume needs --out (the file whose records it continues)")
+        return OutputPlan(None)
+    if target.is_dir():
+        raise CxrUsageError(f"--out {record_path(target)} is a folder; name a file (e.g. results.jsonl)")
+    suffix = target.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise CxrUsageError(f"--out must end in .jsonl or .csv, got {record_path(target.name)!r}")
+    plan = OutputPlan(target, SUFFIXES[suffix], resume, overwrite)
+    parent = target.parent
+    if not parent.is_dir():
+        raise CxrUsageError(f"--out: folder {record_path(parent)} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CxrUsageError(f"--out: folder {record_path(parent)} is not writable")
+    try:
+        existing = os.stat(target)
+    except FileNotFoundError:
+        return plan  # a resume of a run that never wrote a record starts it
+    if stat.S_ISDIR(existing.st_mode):
+        raise CxrUsageError(f"--out {record_path(target)} is a folder; name a file (e.g. results.jsonl)")
+    if not stat.S_ISREG(existing.st_mode):
+        raise CxrUsageError(f"--out {record_path(target)} is not a regular file")
+    for path in inputs:
+        try:
+            if _same_file(existing, os.stat(path)):
+                raise CxrUsageError(
+                    f"--out {record_path(target)} is one of the inputs: results would replace that film"
+                )
+        except OSError:
+            continue
+    if not os.access(target, os.W_OK):
+        raise CxrUsageError(f"--out {record_path(target)} is not writable")
+    if resume:
+        plan.recorded = recorded_inputs(target, plan.format, digest)
+    elif not overwrite:
+        raise CxrUsageError(
+            f"--out {record_path(target)} exists: --resume continues it (skipping inputs it records), "
+            "--overwrite replaces it"
+        )
+    return plan
+
+
+def recorded_inputs(target: Path, kind: str, digest: str) -> set[str]:
+    """The inputs ``target`` already records for the bundle of ``digest``; records of another bundle refuse
+    the resume (one results file, one model). A last line cut short by a kill is not a record."""
+    text = target.read_bytes().decode("utf-8", "replace")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows: list[dict[str, Any]] = []
+    if kind == "csv":
+        rows = list(csv.DictReader(io.StringIO(text)))
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                raise CxrError(f"--resume: {record_path(target)} line {number} is not a record") from None
+    found = set()
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            raise CxrError(f"--resume: {record_path(target)} holds a record without a path")
+        if row.get("bundle_digest") != digest:
+            raise CxrError(
+                f"--resume: {record_path(target)} holds records of another bundle "
+                f"({str(row.get('bundle_digest'))[:23]}..., this one is {digest[:23]}...); use a new --out"
+            )
+        found.add(_unquoted(row["path"]) if kind == "csv" else row["path"])
+    return found
+
+
+def _cut_partial_line(fd: int) -> None:
+    """A record a kill cut short ends the file without its newline: remove it before appending after it."""
+    size = os.fstat(fd).st_size
+    start = size
+    while start > 0:
+        step = min(start, 1 << 16)
+        chunk = os.pread(fd, step, start - step)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            start = start - step + newline + 1
+            break
+        start -= step
+    if start < size:
+        os.ftruncate(fd, start)
+
+
+def _unquoted(cell: str) -> str:
+    """A CSV cell as written before ``csv_cell`` quoted it."""
+    return cell[1:] if cell.startswith("'") and cell[1:2] in FORMULA_STARTS else cell
 
 
 class RecordWriter:
-    """Streams records; a file target appears only complete (an interrupted run leaves nothing behind)."""
+    """Appends records to the planned target (or stdout), each one ``write`` of whole lines.
 
-    def __init__(self, target: Path | None, classes: tuple[str, ...]) -> None:
-        self.target = target
-        self.classes = classes
-        self.format = "jsonl"
-        self._tmp: str | None = None
-        self._csv: csv.DictWriter | None = None
-        if target is None:
-            self.handle: TextIO = sys.stdout
+    Opened only once the run can start (the backend is open), so a run that fails to start leaves an
+    existing file as it was. ``written`` counts records on disk; a failed write is cut back to the last
+    whole record and raised as one line that says what was kept.
+    """
+
+    def __init__(self, plan: OutputPlan, classes: tuple[str, ...]) -> None:
+        self.plan, self.classes, self.written = plan, classes, 0
+        self._fd: int | None = None
+        self._stdout: TextIO | None = None
+        if plan.target is None:
+            self._stdout = sys.stdout
             return
-        suffix = target.suffix.lower()
-        if suffix not in (".jsonl", ".json", ".csv"):
-            raise CxrUsageError(f"--out must end in .jsonl or .csv, got {target.name}")
-        self.format = "csv" if suffix == ".csv" else "jsonl"
-        if not target.parent.exists():
-            raise CxrUsageError(f"--out: folder {target.parent} does not exist")
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        self.handle = os.fdopen(fd, "w", newline="")
-        if self.format == "csv":
-            fields = ["path", "label", "backend", "precision", "error", "warnings"] + [
-                f"prob_{c}" for c in classes
-            ]
-            fields += ["explained_label", "overlay"]
-            self._csv = csv.DictWriter(self.handle, fieldnames=fields, extrasaction="ignore")
-            self._csv.writeheader()
+        self._created = not plan.target.exists()
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        if plan.overwrite:
+            flags |= os.O_TRUNC
+        try:
+            self._fd = os.open(plan.target, flags, 0o666)  # the umask decides, as for any file a user makes
+        except OSError as exc:
+            raise CxrError(f"--out {record_path(plan.target)}: {exc.strerror or exc}") from None
+        if plan.resume:
+            _cut_partial_line(self._fd)
+        if plan.format == "csv" and os.fstat(self._fd).st_size == 0:
+            self._append(self._csv_text(None))
+
+    def _csv_text(self, record: dict[str, Any] | None) -> str:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=csv_fields(self.classes), extrasaction="ignore")
+        if record is None:
+            writer.writeheader()
+        else:
+            writer.writerow(csv_row(record, self.classes))
+        return buffer.getvalue()
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._csv is not None:
-            row = {k: record.get(k) for k in ("path", "label", "backend", "precision", "error")}
-            row["warnings"] = "; ".join(record.get("warnings") or [])
-            row.update(
-                {
-                    f"prob_{c}": (record["probs"] or {}).get(c) if record.get("probs") else None
-                    for c in self.classes
-                }
-            )
-            explanation = record.get("explanation") or {}
-            row.update(explained_label=explanation.get("label"), overlay=explanation.get("overlay"))
-            self._csv.writerow(row)
+        if self._stdout is not None:
+            self._stdout.write(json.dumps(record) + "\n")
+            self._stdout.flush()
+        elif self.plan.format == "csv":
+            self._append(self._csv_text(record))
         else:
-            self.handle.write(json.dumps(record) + "\n")
-            if self.target is None:
-                self.handle.flush()
+            self._append(json.dumps(record) + "\n")
+        self.written += 1
 
-    def close(self, success: bool = True) -> None:
-        if self.target is None:
+    def _append(self, text: str) -> None:
+        data = memoryview(text.encode("utf-8"))
+        start = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as exc:
+            os.ftruncate(self._fd, start)  # no half record: the file ends at the last whole one
+            reason = "no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else None
+            target = record_path(self.plan.target)
+            raise CxrError(f"--out {target}: {reason or exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        """Flush to the disk; a file this writer made and never wrote a record to is removed (no litter)."""
+        if self._fd is None:
             return
-        self.handle.close()
-        if success:
-            os.replace(self._tmp, self.target)
-        else:
-            Path(self._tmp).unlink(missing_ok=True)
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        if self._created and self.written == 0:
+            Path(self.plan.target).unlink(missing_ok=True)
 
     def __enter__(self) -> RecordWriter:
         return self
 
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.close(success=exc_type is None)
+    def __exit__(self, *exc: object) -> None:
+        self.close()

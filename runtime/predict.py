@@ -7,6 +7,9 @@ first answer comes as early as the slower of the two allows.
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -20,12 +23,15 @@ from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
+from cxr.runtime.output import record_path
 from cxr.runtime.overlay import save_overlay
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess
 from tqdm import tqdm
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class PredictOptions:
     batch_size: int = 16
     top_k: int = 0
@@ -33,6 +39,8 @@ class PredictOptions:
     explain: ExplainConfig | None = None
     explain_dir: Path | None = None
     strict: bool = False  # a warning (not a radiograph? colour? tiny?) fails the input instead
+    bundle_digest: str = ""  # written into every record: what a resume matches
+    protected: frozenset[tuple[int, int]] = frozenset()  # (device, inode) of inputs no overlay may replace
 
 
 class OpeningExplainer:
@@ -80,21 +88,84 @@ class OpeningExplainer:
             self._future.result().close()
 
 
-def _record(path: Path, backend: Backend, error: str | None = None) -> dict[str, Any]:
+def _record(path: Path, backend: Backend, digest: str) -> dict[str, Any]:
     return {
-        "path": str(path),
+        "path": record_path(path),
         "label": None,
         "probs": None,
         "backend": backend.name,
         "precision": backend.precision,
-        "error": error,
+        "error": None,
         "warnings": [],
+        "bundle_digest": digest,
     }
 
 
 def _overlay_name(path: Path, index: int) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:80]
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", record_path(path.stem))[:80]
     return f"{index:05d}_{stem}.png"
+
+
+def fault_line(path: Path | str, exc: BaseException, step: str) -> str:
+    """One input's fault as its record's one line, cause first. Our own errors already read so; any other
+    exception (a decoder's, a bug's) is named by its type, and its traceback goes to the debug log."""
+    if isinstance(exc, CxrError):
+        return one_line(exc)
+    log.debug("%s: %s failed", record_path(path), step, exc_info=exc)
+    return f"{record_path(path)}: {step} failed: {type(exc).__name__}: {one_line(exc, 200)}"
+
+
+def _read(path: Path, record: dict[str, Any], options: PredictOptions, bundle: Bundle, known: dict) -> Any:
+    """The preprocessed image of one input, or None with the record's error set: whatever goes wrong here
+    is this input's fault only."""
+    try:
+        if path in known:
+            raise CxrError(known[path])
+        pre = bundle.card.preprocessing
+        decoded = load_image(path, options.max_pixels, **_decode_options(pre))
+        record["warnings"] = list(decoded.warnings)
+        if decoded.warnings and options.strict:
+            raise CxrError(f"{record_path(path)}: {'; '.join(decoded.warnings)} (--strict)")
+        return preprocess(decoded.gray, bundle.card.input.size, pre)
+    except Exception as exc:
+        record["error"] = fault_line(path, exc, "reading")
+        return None
+
+
+def _decode_options(pre: Any) -> dict[str, Any]:
+    """The card's decode settings that ``load_image`` takes (older runtimes took none)."""
+    return {"dicom_window": pre.dicom_window} if "dicom_window" in _load_image_parameters() else {}
+
+
+@functools.cache
+def _load_image_parameters() -> frozenset[str]:
+    import inspect
+
+    return frozenset(inspect.signature(load_image).parameters)
+
+
+def classify(backend: Backend, images: list[np.ndarray], paths: list[Path]) -> list[np.ndarray | str]:
+    """Probabilities (or the error) of each image: one backend call for the batch; when it fails, each image
+    alone, so one image that breaks a call costs only its own record."""
+    try:
+        return list(backend.run(np.stack(images)[:, None]))
+    except Exception as exc:
+        if len(images) == 1:
+            return [_backend_fault(exc, paths[0])]
+        log.debug("a batch of %d failed (%s); retrying image by image", len(images), one_line(exc, 200))
+    results: list[np.ndarray | str] = []
+    for image, path in zip(images, paths):
+        try:
+            results.append(backend.run(image[None, None])[0])
+        except Exception as exc:
+            results.append(_backend_fault(exc, path))
+    return results
+
+
+def _backend_fault(exc: Exception, path: Path) -> str:
+    if isinstance(exc, CxrError):  # e.g. a server that is down: its one line already says it all
+        return one_line(exc)
+    return fault_line(path, exc, "classifying")
 
 
 def predict_stream(
@@ -107,55 +178,48 @@ def predict_stream(
 ) -> Iterator[dict[str, Any]]:
     """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs
     that failed before reading (a broken link, an unreadable folder) and the reason each gets in its
-    record."""
+    record. Any fault of one input (reading, classifying, explaining, writing its overlay) is that input's
+    record; only an explainer that cannot open ends the stream (a fault of the run, not of an input)."""
     known_errors = known_errors or {}
-    classes, size = bundle.card.classes, bundle.card.input.size
+    classes = bundle.card.classes
     if options.batch_size < 1:
         raise CxrUsageError("--batch-size must be at least 1")
     batch_size = min(options.batch_size, backend.limits.max_batch)
     get_explainer = explainer.get if isinstance(explainer, OpeningExplainer) else lambda: explainer
     bar = tqdm(
-        total=len(paths), unit="img", desc="explain" if explainer else "predict", disable=len(paths) < 2
+        total=len(paths),
+        unit="img",
+        desc="explain" if explainer else "predict",
+        disable=len(paths) < 2 or not log.isEnabledFor(logging.INFO),
     )
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        records, images = [], []
-        for path in chunk:
-            record = _record(path, backend)
-            try:
-                if path in known_errors:
-                    raise CxrError(known_errors[path])
-                decoded = load_image(path, options.max_pixels)
-                record["warnings"] = list(decoded.warnings)
-                if decoded.warnings and options.strict:
-                    raise CxrError(f"{path}: {'; '.join(decoded.warnings)} (--strict)")
-                images.append(preprocess(decoded.gray, size, bundle.card.preprocessing))
-            except CxrError as exc:
-                record["error"] = one_line(exc)
-                images.append(None)
-            records.append(record)
-        good = [i for i, im in enumerate(images) if im is not None]
-        try:
-            probs = backend.run(np.stack([images[i] for i in good])[:, None]) if good else []
-        except CxrError as exc:  # a failed backend call (e.g. server down) fails this batch's files only
-            for i in good:
-                records[i]["error"] = str(exc)
-            probs, good = [], []
-        rows = dict(zip(good, probs))
-        for i, record in enumerate(records):
-            labelled = i in rows and _label(record, rows[i], classes, options.top_k)
-            if labelled and explainer is not None and options.explain is not None:
-                ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
-                try:
+    try:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            records = [_record(path, backend, options.bundle_digest) for path in chunk]
+            images = [_read(p, r, options, bundle, known_errors) for p, r in zip(chunk, records)]
+            good = [i for i, image in enumerate(images) if image is not None]
+            answers = classify(backend, [images[i] for i in good], [chunk[i] for i in good]) if good else []
+            rows = {}
+            for i, answer in zip(good, answers):
+                if isinstance(answer, str):
+                    records[i]["error"] = answer
+                else:
+                    rows[i] = answer
+            for i, record in enumerate(records):
+                labelled = i in rows and _label(record, rows[i], classes, options.top_k)
+                if labelled and explainer is not None and options.explain is not None:
+                    ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
                     label = int(np.argmax(rows[i]))
-                    record["explanation"] = _explain(
-                        images[i], chunk[i], start + i, bundle, ready, options, label
-                    )
-                except CxrError as exc:
-                    record["error"] = f"explanation failed: {exc}"
-            bar.update(1)
-            yield record
-    bar.close()
+                    try:
+                        record["explanation"] = _explain(
+                            images[i], chunk[i], start + i, bundle, ready, options, label
+                        )
+                    except Exception as exc:  # a map or an overlay that fails costs this input only
+                        record["error"] = f"explanation failed: {fault_line(chunk[i], exc, 'explaining')}"
+                bar.update(1)
+                yield record
+    finally:
+        bar.close()
 
 
 def _label(record: dict[str, Any], row: np.ndarray, classes: list[str], top_k: int) -> bool:
@@ -190,7 +254,20 @@ def _explain(
     if options.explain_dir is not None:
         started = time.perf_counter()
         target = options.explain_dir / _overlay_name(path, index)
+        if _is_protected(target, options.protected):
+            raise CxrError(f"{record_path(target)}: the overlay would replace an input; choose --explain-dir")
         class_name = bundle.card.classes[explanation.label]
-        overlay = str(save_overlay(target, image, explanation, class_name, config.num_features))
+        try:
+            overlay = record_path(save_overlay(target, image, explanation, class_name, config.num_features))
+        except OSError as exc:
+            raise CxrError(f"overlay {record_path(target)} not written ({exc.strerror or exc})") from None
         explanation.timing["overlay_s"] = time.perf_counter() - started
     return explanation_record(explanation, bundle.card.classes, config, overlay)
+
+
+def _is_protected(target: Path, protected: frozenset[tuple[int, int]]) -> bool:
+    try:
+        info = os.stat(target)
+    except OSError:
+        return False
+    return (info.st_dev, info.st_ino) in protected

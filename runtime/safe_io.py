@@ -28,13 +28,31 @@ def refuse_links(folder: Path) -> None:
         )
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, for a moment, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
+def atomic_output(path: str | Path, private: bool = False) -> Iterator[Path]:
     """A fresh, exclusive temporary path beside ``path`` for writers that take a file name; renamed over
-    ``path`` when the block ends without error, removed otherwise."""
+    ``path`` when the block ends without error, removed otherwise. The file gets the mode any new file of
+    the user's gets (0666 less the umask), or 0600 when ``private`` (a key)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        if not private:
+            os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -43,10 +61,10 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> None:
+def atomic_write(path: str | Path, data: bytes | str, private: bool = False) -> None:
     """Write ``data`` to ``path`` through a fresh temporary file and a rename (a link at ``path`` is
     replaced)."""
-    with atomic_output(path) as tmp:
+    with atomic_output(path, private) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data.encode() if isinstance(data, str) else data)
             handle.flush()

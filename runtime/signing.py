@@ -35,8 +35,7 @@ def generate_key(private_path: Path, public_path: Path) -> None:
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    atomic_write(private_path, private)
-    private_path.chmod(0o600)
+    atomic_write(private_path, private, private=True)
     atomic_write(public_path, public)
 
 

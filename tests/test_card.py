@@ -60,3 +60,19 @@ def test_write_card_refuses_a_card_the_runtime_could_not_honour(tmp_path):
     assert not (tmp_path / "card.json").exists()
     write_card(tmp_path, Card())
     assert read_card(tmp_path) == Card()
+
+
+@pytest.mark.parametrize("command", ["info", "predict"])
+def test_a_card_of_the_wrong_shape_is_one_line_for_every_command(bundle, phantoms, tmp_path, command):
+    import shutil
+
+    from tests.conftest import cli, one_line_error
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    data = json.loads((copy / "card.json").read_text())
+    data["parity"] = {"backends": {"fp16": "passed"}}  # crashed info and predict with a traceback
+    (copy / "card.json").write_text(json.dumps(data))
+    image = str(sorted(phantoms.rglob("*.png"))[0])
+    args = ("--model", str(copy)) + ((image,) if command == "predict" else ())
+    assert "parity.backends" in one_line_error(cli("cxr-run", command, *args, check=1))

@@ -195,7 +195,16 @@ def test_not_radiographs_are_warned_and_strict_fails_them(bundle, tmp_path):
     assert [bool(r["warnings"]) for r in records] == [True, True, False]
     assert "2 of them with warnings" in result.stderr and result.stderr.count("warning: ") == 2
     strict = cli(
-        "cxr-run", "predict", "--model", str(bundle), *inputs, "--strict", "--out", str(out), check=2
+        "cxr-run",
+        "predict",
+        "--model",
+        str(bundle),
+        *inputs,
+        "--strict",
+        "--out",
+        str(out),
+        "--overwrite",
+        check=2,
     )
     assert "1 predicted" in strict.stderr and "2 failed" in strict.stderr
 

@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 from cxr.runtime.errors import CxrError
-from cxr.runtime.output import RecordWriter
 from cxr.runtime.preprocess import load_and_preprocess, read_image
 
 from tests.conftest import AUTO_CPU_BACKEND, cli, one_line_error
@@ -214,15 +213,6 @@ def test_predict_csv_and_fatal_errors(bundle, phantoms, tmp_path):
     )
     missing = cli("cxr-run", "predict", "--model", str(bundle), "x.png", "--backend", "tensorrt", check=1)
     assert "tensorrt" in one_line_error(missing).lower()
-
-
-def test_output_is_atomic_when_interrupted(tmp_path):
-    target = tmp_path / "out.jsonl"
-    with pytest.raises(RuntimeError):
-        with RecordWriter(target, ("a", "b")) as writer:
-            writer.write({"path": "x"})
-            raise RuntimeError("interrupted")
-    assert not target.exists() and not list(tmp_path.iterdir())
 
 
 def test_batches_stream_within_the_backend_limit(bundle, phantoms):

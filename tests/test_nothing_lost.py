@@ -1,0 +1,457 @@
+"""Nothing lost: one bad file, a fault in one step, a signal or a full disk never costs a run the records of
+its good inputs; ``--out`` is checked before any work, appended as records finish and resumed on request."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import cli, one_line_error
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def films(phantoms: Path, tmp_path: Path) -> Path:
+    """Eight good films and four bad ones, in one folder."""
+    folder = tmp_path / "films"
+    folder.mkdir()
+    for i, path in enumerate(sorted(phantoms.rglob("*.png"))[:8]):
+        shutil.copy(path, folder / f"good{i}.png")
+    good = (folder / "good0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[:300])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.dcm").write_text("not a DICOM at all")
+    (folder / "zzz_raises.png").write_bytes(good)  # made to fail by an injected exception below
+    return folder
+
+
+def _job(bundle: Path, inputs: list[Path], **options):
+    from cxr.runtime.predict_job import PredictJob
+
+    return PredictJob(inputs=[str(p) for p in inputs], model=bundle, backend="onnxruntime", **options)
+
+
+def test_every_fault_of_one_input_is_that_inputs_record(bundle, films, tmp_path, monkeypatch):
+    import cxr.runtime.predict as predict
+    from cxr.runtime.predict_job import run_predict
+
+    real_preprocess = predict.preprocess
+    calls = {"n": 0}
+
+    def preprocess(gray, size, pre=None):  # an unexpected exception deep in one input's preprocessing
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise ZeroDivisionError("injected")
+        return real_preprocess(gray, size, pre)
+
+    monkeypatch.setattr(predict, "preprocess", preprocess)
+    out = tmp_path / "r.jsonl"
+    summary = run_predict(_job(bundle, [films], out=out, batch_size=4))
+    records = {Path(r["path"]).name: r for r in _records(out)}
+    assert len(records) == 12 and summary.exit_code == 2
+    assert all(records[f"good{i}.png"]["label"] for i in range(8))
+    assert "ZeroDivisionError: injected" in records["zzz_raises.png"]["error"]
+    assert records["zzz_raises.png"]["error"].startswith(str(films / "zzz_raises.png"))
+    assert "truncated" in records["truncated.png"]["error"] and "empty" in records["empty.jpg"]["error"]
+    assert records["text.dcm"]["error"] and summary.failed == 4 and summary.predicted == 8
+
+
+def test_a_batch_that_fails_is_retried_image_by_image(bundle, films, tmp_path, monkeypatch):
+    from cxr.runtime.backends.onnxruntime import OrtBackend
+    from cxr.runtime.predict_job import run_predict
+
+    real_run = OrtBackend._run
+
+    def run(self, batch):  # this one image breaks any call it is part of
+        if any(int(image.sum()) == poisoned for image in batch):
+            raise RuntimeError("kernel fault")
+        return real_run(self, batch)
+
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.preprocess import load_and_preprocess
+
+    card = Bundle.open(bundle).card
+    poisoned = int(load_and_preprocess(films / "good3.png", card.input.size, pre=card.preprocessing).sum())
+    monkeypatch.setattr(OrtBackend, "_run", run)
+    out = tmp_path / "r.jsonl"
+    run_predict(_job(bundle, [films / f"good{i}.png" for i in range(8)], out=out, batch_size=8))
+    records = _records(out)
+    assert [r["label"] is not None for r in records] == [True] * 3 + [False] + [True] * 4
+    assert "RuntimeError: kernel fault" in records[3]["error"]
+
+
+def test_out_is_checked_before_any_work(bundle, films, tmp_path):
+    started = time.perf_counter()
+    folder = one_line_error(
+        cli("cxr-run", "predict", str(films), "--model", str(bundle), "--out", str(films), check=2)
+    )
+    assert "is a folder" in folder
+    film = films / "good0.png"
+    before = film.read_bytes()
+    named = tmp_path / "study.jsonl"
+    shutil.copy(film, named)  # a JPEG called study.jsonl: once replaced by the results
+    result = cli("cxr-run", "predict", str(named), "--model", str(bundle), "--out", str(named), check=2)
+    assert "one of the inputs" in one_line_error(result) and named.read_bytes() == before
+    assert "backend:" not in result.stderr  # refused before the backend opened
+    missing = cli(
+        "cxr-run",
+        "predict",
+        str(film),
+        "--model",
+        str(bundle),
+        "--out",
+        str(tmp_path / "no/r.jsonl"),
+        check=2,
+    )
+    assert "does not exist" in one_line_error(missing)
+    assert time.perf_counter() - started < 60
+
+
+def test_a_folder_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch):
+    from cxr.runtime.errors import CxrUsageError
+    from cxr.runtime.output import plan_output
+
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode)
+    )
+    with pytest.raises(CxrUsageError, match="not writable"):
+        plan_output(tmp_path / "r.jsonl", [], "sha256:x")
+
+
+def test_an_existing_out_is_refused_unless_resumed_or_overwritten(bundle, films, tmp_path):
+    from cxr.runtime.predict_job import run_predict
+
+    out = tmp_path / "r.jsonl"
+    goods = [films / f"good{i}.png" for i in range(8)]
+    run_predict(_job(bundle, goods[:3], out=out))
+    first = out.read_text()
+    refused = cli("cxr-run", "predict", str(goods[0]), "--model", str(bundle), "--out", str(out), check=2)
+    assert "--resume" in one_line_error(refused) and out.read_text() == first
+    with out.open("a") as handle:  # a kill in the middle of a line: not a record
+        handle.write('{"path": "half')
+    summary = run_predict(_job(bundle, goods, out=out, resume=True))
+    assert summary.resumed == 3 and summary.inputs == 5
+    lines = out.read_text().splitlines()
+    assert lines[:3] == first.splitlines() and len(_records(out)) == 8  # the cut line is gone
+    assert sorted(r["path"] for r in _records(out)) == sorted(str(p) for p in goods)
+    summary = run_predict(_job(bundle, goods, out=out, overwrite=True))
+    assert len(_records(out)) == 8 and summary.resumed == 0
+
+
+def test_resume_refuses_records_of_another_bundle(bundle, films, tmp_path):
+    out = tmp_path / "r.jsonl"
+    out.write_text(json.dumps({"path": str(films / "good0.png"), "bundle_digest": "sha256:other"}) + "\n")
+    result = cli(
+        "cxr-run", "predict", str(films), "--model", str(bundle), "--out", str(out), "--resume", check=1
+    )
+    assert "another bundle" in one_line_error(result)
+
+
+SLOW_RUN = """
+import sys, time
+import cxr.runtime.predict as predict
+real = predict.classify
+def classify(*args):
+    time.sleep(0.4)
+    return real(*args)
+predict.classify = classify
+from cxr.runtime.cli import main
+sys.argv = ["cxr-run", *sys.argv[1:]]
+main()
+"""
+
+
+def _slow_predict(bundle: Path, films: Path, out: Path, **popen) -> subprocess.Popen:
+    script = out.parent / "slow_predict.py"
+    script.write_text(SLOW_RUN)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            "predict",
+            str(films),
+            "--model",
+            str(bundle),
+            "--backend",
+            "onnxruntime",
+            "--batch-size",
+            "1",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def _wait_for_records(out: Path, count: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} records in time: {process.communicate()}")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGKILL, -9)])
+def test_an_interrupted_run_keeps_every_finished_record(bundle, films, tmp_path, sig, code):
+    out = tmp_path / "r.jsonl"
+    process = _slow_predict(bundle, films, out)
+    _wait_for_records(out, 3, process)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    records = _records(out)  # every line whole
+    assert 3 <= len(records) < 12 and all(r["bundle_digest"].startswith("sha256:") for r in records)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["films", "r.jsonl", "slow_predict.py"]  # no litter
+    if sig != signal.SIGKILL:
+        assert "Traceback" not in stderr
+        assert (
+            f"interrupted by {sig.name}: {len(records)} record(s) kept in {out}; rerun with --resume"
+            in stderr
+        )
+    resumed = cli(
+        "cxr-run", "predict", str(films), "--model", str(bundle), "--out", str(out), "--resume", check=2
+    )
+    assert f"{len(records)} already in" in resumed.stderr
+    assert sorted(r["path"] for r in _records(out)) == sorted(str(p) for p in films.iterdir())
+
+
+def test_a_full_disk_keeps_the_whole_records_and_says_so(bundle, films, tmp_path):
+    out = tmp_path / "r.jsonl"
+    limit = 2500  # bytes: a few records, then the file system says no more (as a full disk would)
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr.runtime.cli",
+            "predict",
+            str(films),
+            "--model",
+            str(bundle),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
+    records = _records(out)
+    assert result.returncode == 1 and 0 < len(records) < 12 and out.stat().st_size <= limit
+    line = one_line_error(result)
+    assert f"{len(records)} record(s) kept in {out}" in line and "rerun with --resume" in line
+
+
+def test_an_overlay_that_cannot_be_written_is_that_records_error(bundle, films, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the overlay folder should be")
+    out = tmp_path / "r.jsonl"
+    result = cli(
+        "cxr-run",
+        "predict",
+        str(films / "good0.png"),
+        str(films / "good1.png"),
+        "--model",
+        str(bundle),
+        "--out",
+        str(out),
+        "--explain",
+        "--samples",
+        "20",
+        "--explain-dir",
+        str(blocked),
+        check=2,
+    )
+    records = _records(out)
+    assert len(records) == 2 and all("overlay" in r["error"] and r["label"] for r in records)
+    assert "Traceback" not in result.stderr
+
+
+def test_files_follow_the_umask(bundle, films, tmp_path):
+    out = tmp_path / "r.jsonl"
+    overlays = tmp_path / "maps"
+    code = (
+        "import os, sys; os.umask(0o027)\n"
+        "from cxr.runtime.cli import main\n"
+        f"sys.argv = ['cxr-run', 'predict', {str(films / 'good0.png')!r}, '--model', {str(bundle)!r}, "
+        f"'--out', {str(out)!r}, '--explain', '--samples', '20', '--explain-dir', {str(overlays)!r}]\n"
+        "main()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=300)
+    assert out.stat().st_mode & 0o777 == 0o640
+    assert [p.stat().st_mode & 0o777 for p in overlays.iterdir()] == [0o640]
+
+
+def test_csv_cells_cannot_run_as_formulas_and_odd_names_are_written(bundle, films, tmp_path):
+    import csv
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9.png")  # not UTF-8: crashed the CSV writer
+    shutil.copy(films / "good0.png", odd)
+    shutil.copy(films / "good1.png", tmp_path / "=HYPERLINK(1).png")
+    out = tmp_path / "r.csv"
+
+    def predict(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cxr.runtime.cli", "predict", os.fsencode(odd), "=HYPERLINK(1).png"]
+            + ["--model", str(bundle), "--out", str(out), *extra],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
+
+    assert predict().returncode == 0
+    rows = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert [r["path"] for r in rows] == [str(tmp_path / "caf\\xe9.png"), "'=HYPERLINK(1).png"]
+    assert all(r["label"] for r in rows)
+    resumed = predict("--resume")
+    assert resumed.returncode == 0 and "all 2 inputs are already recorded" in resumed.stderr
+
+
+def test_a_folder_nested_1500_deep_is_searched(films, tmp_path):
+    from cxr.runtime.inputs import discover
+
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        for _ in range(1500):
+            os.mkdir("d")
+            os.chdir("d")
+        shutil.copy(films / "good0.png", "deep.png")
+        os.chdir(here)
+        found = discover([str(tmp_path / "d")])
+        assert [p.name for p in found.inputs] == ["deep.png"] and not found.errors
+    finally:
+        _remove_deep(tmp_path, here)
+
+
+def _remove_deep(top: Path, here: str) -> None:
+    """Remove the nested folders bottom-up without recursion (pytest's cleanup would recurse and fail)."""
+    os.chdir(top)
+    depth = 0
+    while os.path.isdir("d"):
+        os.chdir("d")
+        depth += 1
+    for name in os.listdir("."):
+        os.unlink(name)
+    for _ in range(depth):
+        os.chdir("..")
+        os.rmdir("d")
+    os.chdir(here)
+
+
+def test_quiet_prints_nothing_on_a_clean_run_and_a_run_with_nothing_to_label_fails(bundle, films, tmp_path):
+    quiet = cli(
+        "cxr-run",
+        "-q",
+        "predict",
+        str(films / "good0.png"),
+        str(films / "good1.png"),
+        "--model",
+        str(bundle),
+        "--out",
+        str(tmp_path / "r.jsonl"),
+    )
+    assert quiet.stderr == "" and quiet.stdout == ""
+    loud = cli(
+        "cxr-run",
+        "predict",
+        str(films / "good0.png"),
+        "--model",
+        str(bundle),
+        "--out",
+        str(tmp_path / "s.jsonl"),
+    )
+    assert "backend:" in loud.stderr and "1 predicted" in loud.stderr
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(30):
+        (notes / f"n{i}.txt").write_text("not an image")
+    result = cli("cxr-run", "predict", str(notes), "--model", str(bundle), check=1)
+    assert "nothing to predict: 30 not images" in one_line_error(result)
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (("--explain", "--seed", "-1"), "--seed must be"),
+        (("--resume",), "--resume needs --out"),
+    ],
+)
+def test_bad_options_are_one_line(bundle, films, args, words):
+    result = cli("cxr-run", "predict", str(films / "good0.png"), "--model", str(bundle), *args, check=2)
+    assert words in one_line_error(result)
+
+
+def test_third_party_tracebacks_stay_in_the_debug_log():
+    code = textwrap.dedent(
+        """
+        import logging, sys, warnings
+        from cxr.runtime.cli_util import configure_logging
+        configure_logging(int(sys.argv[1]), sys.stderr)
+        try:
+            raise ValueError("decoder exploded\\nsecond line")
+        except ValueError:
+            logging.getLogger("pydicom").exception("Unable to decode the pixel data")
+        warnings.warn("a pydicom UserWarning")
+        logging.getLogger("cxr.test").warning("ours")
+        """
+    )
+    normal = subprocess.run([sys.executable, "-c", code, "0"], capture_output=True, text=True, timeout=60)
+    assert normal.stderr == "ours\n"
+    verbose = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, timeout=60)
+    lines = verbose.stderr.splitlines()
+    assert "Traceback" not in verbose.stderr and any("Unable to decode" in line for line in lines)
+    assert any("a pydicom UserWarning" in line for line in lines) and len(lines) == 3
+
+
+def test_records_stream_to_out_before_the_run_ends(bundle, films, tmp_path):
+    out = tmp_path / "r.jsonl"
+    process = _slow_predict(bundle, films, out)
+    _wait_for_records(out, 2, process)
+    assert process.poll() is None  # still running, and two whole records already on disk
+    assert len(_records(out)) >= 2
+    process.terminate()
+    process.communicate(timeout=120)
+
+
+def test_probabilities_are_unchanged_by_the_new_loop(bundle, films, tmp_path):
+    """The loop's refactor must not change an answer: records equal a direct backend call."""
+    from cxr.runtime.backends.onnxruntime import OrtBackend
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.predict_job import run_predict
+    from cxr.runtime.preprocess import load_and_preprocess
+
+    goods = [films / f"good{i}.png" for i in range(8)]
+    out = tmp_path / "r.jsonl"
+    run_predict(_job(bundle, goods, out=out, batch_size=3))
+    opened = Bundle.open(bundle)
+    pixels = np.stack(
+        [load_and_preprocess(p, opened.card.input.size, pre=opened.card.preprocessing) for p in goods]
+    )
+    expected = OrtBackend(opened.onnx_path("model", "fp32"), "fp32").run(pixels[:, None])
+    got = np.array([[r["probs"][c] for c in opened.card.classes] for r in _records(out)])
+    assert np.abs(got - expected).max() < 1e-5
