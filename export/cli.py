@@ -30,12 +30,18 @@ def print_digest(bundle: Path) -> None:
 @app.command()
 def keygen(
     out: Path = typer.Argument(..., help="Key name: writes OUT.key (private, mode 600) and OUT.pub."),
+    force: bool = typer.Option(
+        False, "--force", help="If OUT.key or OUT.pub exists, move the old pair aside (never deleted)."
+    ),
 ) -> None:
-    """A new Ed25519 key pair for 'cxr-export sign' and 'cxr-run --trusted-key'."""
+    """A new Ed25519 key pair for 'cxr-export sign' and 'cxr-run --trusted-key'; an existing key is never
+    replaced."""
     from cxr.runtime.signing import generate_key
 
     private, public = Path(f"{out}.key"), Path(f"{out}.pub")
-    generate_key(private, public)
+    moved = generate_key(private, public, force)
+    if moved is not None:
+        print(f"moved the old pair aside to {moved} and {moved.with_suffix('.pub')}")
     print(f"wrote {private} (keep it secret) and {public} (give it to the bedside machines)")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from cxr.runtime.errors import BundleRefused, CxrError, one_line
 from cxr.runtime.labels import CLASSES
-from cxr.runtime.safe_io import atomic_write, refuse_links
+from cxr.runtime.safe_io import atomic_write, read_capped, refuse_links
 
 CARD_NAME = "card.json"
 FORMAT_VERSION = 1
@@ -318,15 +318,11 @@ def read_card_bytes(folder: Path) -> tuple[Card, bytes]:
     path = Path(folder) / CARD_NAME
     if not Path(folder).is_dir():
         raise CxrError(f"{folder}: not a folder (expected a run or model bundle folder)")
-    if not path.is_file() and not path.is_symlink():
+    if not path.exists() and not path.is_symlink():
         raise CxrError(f"{folder}: no {CARD_NAME} (is this a run or model bundle folder?)")
     refuse_links(Path(folder))
-    if path.stat().st_size > MAX_CARD_BYTES:
-        raise CxrError(
-            f"{path}: {path.stat().st_size:,} bytes, more than a model card can be ({MAX_CARD_BYTES:,})"
-        )
+    raw = read_capped(path, MAX_CARD_BYTES, "model card")
     try:
-        raw = path.read_bytes()
         data = json.loads(raw.decode())
     except RecursionError:
         raise CxrError(f"{path}: unreadable card (nested too deeply)") from None

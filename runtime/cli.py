@@ -182,45 +182,26 @@ def info(
     expect_digest: ExpectDigest = None,
     trusted_key: TrustedKey = None,
 ) -> int:
-    """The card, file hashes (checked), and what actually runs each graph here (a one-image probe each)."""
-    from cxr.runtime.backends.select import int8_cpu_risk, open_classifier, open_explainer
-    from cxr.runtime.bundle import GRAPHS, PRECISIONS, Bundle, onnx_name
-    from cxr.runtime.card import parity_state, sha256_file
-    from cxr.runtime.errors import CxrError
+    """The card, file hashes (checked), and what actually runs each graph here (each opened and checked as
+    predict opens it). Exit 1 if a file changed or no classifier graph runs here."""
+    from cxr.runtime.bundle import Bundle
+    from cxr.runtime.bundle_info import bundle_info
 
-    bundle = Bundle.open(model, expect_digest, trusted_key)
-    card = bundle.card.to_dict()
-    files = card.pop("files")
-    print(json.dumps(card, indent=2))
-    print(f"\ndigest: {bundle.digest}  (pin it: --expect-digest {bundle.digest})")
+    info = bundle_info(Bundle.open(model, expect_digest, trusted_key))
+    print(json.dumps(info.card, indent=2))
+    print(f"\ndigest: {info.digest}  (pin it: --expect-digest {info.digest})")
     print("\nfiles:")
-    bad = 0
-    for name, digest in files.items():  # names are plain file names: the card refuses anything else
-        path = bundle.folder / name
-        state = "missing" if not path.is_file() else ("ok" if sha256_file(path) == digest else "SHA MISMATCH")
-        bad += state != "ok"
-        print(f"  {name:<28} {digest[:16]}  {state}")
-    print("\nruns here (--backend auto, one-image probe):")
-    openers = {"model": open_classifier, "explain": open_explainer}
-    for precision in PRECISIONS:
-        for graph in GRAPHS:
-            if not bundle.has(onnx_name(graph, precision)):
-                print(f"  {precision} {graph:<8} no graph (create it with cxr-export)")
-                continue
-            try:
-                opened, reason = openers[graph](bundle, "auto", precision)
-                state = parity_state(bundle.card, precision, opened.name == "tensorrt")
-                risk = int8_cpu_risk(bundle.card, opened) if state == "passed" else None
-                state, reason = ("not here", f"{reason}; {risk}") if risk else (state, reason)
-                opened.close()
-            except CxrError as exc:
-                reason, state = f"cannot run: {exc}", "-"
-            print(f"  {precision} {graph:<8} parity {state:<8} {reason}")
-    if bad:
-        print(
-            f"error: {bad} bundle file(s) missing or changed since export: do not use this bundle",
-            file=sys.stderr,
-        )
+    for file in info.files:
+        print(f"  {file.name:<28} {file.digest[:16]}  {file.state}")
+    print("\nruns here (--backend auto, opened and checked as predict opens it):")
+    for graph in info.graphs:
+        if not graph.present:
+            print(f"  {graph.precision} {graph.graph:<8} no graph (create it with cxr-export)")
+        else:
+            print(f"  {graph.precision} {graph.graph:<8} parity {graph.parity:<8} {graph.reason}")
+    problem = info.problem()
+    if problem:
+        log.error(f"error: {problem}")
         return EXIT_FATAL
     return EXIT_OK
 

@@ -10,12 +10,41 @@ and a run or bundle folder that holds a symlink is refused by every command.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from cxr.runtime.errors import CxrError
+
+
+def read_capped(path: str | Path, limit: int, what: str) -> bytes:
+    """The bytes of a small file the user names (a key, a signature, a card), refused in one line when it is
+    not a regular file (a FIFO would hang, /dev/zero never ends) or larger than ``limit``."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CxrError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CxrError(f"{path}: the {what} must be a regular file")
+        if info.st_size > limit:
+            raise CxrError(f"{path}: {info.st_size:,} bytes, more than a {what} can be ({limit:,})")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise CxrError(f"{path}: more than a {what} can be ({limit:,} bytes)")
+    return b"".join(chunks)
 
 
 def refuse_links(folder: Path) -> None:
