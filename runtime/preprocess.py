@@ -1,21 +1,27 @@
 """The single preprocessing definition, shared by training, export and the bedside runtime.
 
-decode (PNG/JPEG 8/16-bit, DICOM) -> grayscale uint8 -> [thorax crop, CLAHE] -> short side to ``size`` ->
-centre crop -> [border band]; the bracketed steps are the card's shortcut suppression
-(``cxr.runtime.suppress``). Every problem with a file is a one-line ``CxrError``, so a batch can record it and
-go on."""
+decode (PNG/JPEG 8/16-bit, DICOM in ``cxr.runtime.dicom``) -> grayscale uint8 -> [thorax crop, CLAHE] ->
+short side to ``size`` -> centre crop -> [border band]; the bracketed steps are the card's shortcut
+suppression (``cxr.runtime.suppress``). Every problem with a file is a one-line ``CxrError``, so a batch
+can record it and go on."""
 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-from cxr.runtime.errors import CxrError, one_line
+from cxr.runtime.dicom import (
+    check_pixel_limit,
+    raw_dataset_encoding,
+    read_dicom,
+    to_uint8,
+    warnings_as_notes,
+)
+from cxr.runtime.errors import CxrError
 from cxr.runtime.suppress import view_steps, whole_film_steps_with_mask
 
 if TYPE_CHECKING:
@@ -25,10 +31,10 @@ DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard; a 4k x 4k DICOM is 
 MIN_SIDE = 16
 SMALL_SIDE = 64  # below this a "radiograph" is an icon or thumbnail: warned
 NEAR_BINARY_SHARE = 0.95  # two grey levels covering this share of pixels: a mask or a document, warned
-RADIOGRAPH_MODALITIES = {"CR", "DX"}
 MAX_FILE_BYTES = 1 << 30  # an uncompressed 16-bit RGBA image at the pixel limit is 512 MB
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
+SNIFF_BYTES = 1024  # "DICM" sits at offset 128; a raw dataset's first elements may need a few hundred bytes
 
 
 RASTER_SIGNATURES = (  # (format, magic bytes at offset 0)
@@ -46,7 +52,8 @@ RASTERS = ("png", "jpeg", "tiff", "bmp", "webp", "gif")
 def sniff_format(head: bytes) -> str | None:
     """Identify a file by its first bytes (never by its name): a raster format, 'dicom' or None.
 
-    DICOM first: its 128-byte preamble may itself hold a TIFF header (dual-personality files)."""
+    DICOM first: its 128-byte preamble may itself hold a TIFF header (dual-personality files). Last, a DICOM
+    dataset without preamble or file meta (old archives), judged by its first elements' structure."""
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     for kind, magic in RASTER_SIGNATURES:
@@ -54,7 +61,7 @@ def sniff_format(head: bytes) -> str | None:
             return kind
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
-    return None
+    return "dicom" if raw_dataset_encoding(head) else None
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,11 @@ class Decoded:
     warnings: tuple[str, ...] = ()
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
-    """Decode a chest X-ray file to 2-D uint8 grayscale (any size), with its warnings."""
+def load_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, dicom_window: str = "window"
+) -> Decoded:
+    """Decode a chest X-ray file to 2-D uint8 grayscale (any size), with its warnings. ``dicom_window`` is the
+    card's ``preprocessing.dicom_window`` (how a windowed DICOM becomes 8 bits)."""
     path = Path(path)
     try:
         size = path.stat().st_size if path.is_file() else 0
@@ -79,31 +89,45 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
         raise CxrError(f"{path}: no such file (or a pattern that matched nothing)") from None
     except OSError as exc:
         raise CxrError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode(data, str(path), path.suffix, max_pixels)
+    return decode(data, str(path), path.suffix, max_pixels, dicom_window=dicom_window)
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, dicom_window: str = "window"
+) -> np.ndarray:
     """Decode a chest X-ray file to a 2-D uint8 grayscale array (any size)."""
-    return load_image(path, max_pixels).gray
+    return load_image(path, max_pixels, dicom_window=dicom_window).gray
 
 
 def decode_image(
-    data: bytes, name: str, suffix: str = "", max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    name: str,
+    suffix: str = "",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    dicom_window: str = "window",
 ) -> np.ndarray:
     """Decode encoded bytes (a file's or a request's) to 2-D uint8 grayscale; ``name`` prefixes errors."""
-    return decode(data, name, suffix, max_pixels).gray
+    return decode(data, name, suffix, max_pixels, dicom_window=dicom_window).gray
 
 
-def decode(data: bytes, name: str, suffix: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode(
+    data: bytes,
+    name: str,
+    suffix: str = "",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    dicom_window: str = "window",
+) -> Decoded:
     """Encoded bytes -> grayscale and warnings. Every problem is one cause-first line naming ``name``."""
     if not data:
         raise CxrError(f"{name}: empty file (0 bytes)")
-    kind = sniff_format(data[:132])
+    kind = sniff_format(data[:SNIFF_BYTES])
     if kind is None and suffix.lower() in DICOM_SUFFIXES:
-        kind = "dicom"  # DICOM files without the 128-byte preamble still exist in the wild
+        kind = "dicom"  # a DICOM name on a file the sniff cannot judge: pydicom's force read decides
     notes: list[str] = []
     if kind == "dicom":
-        gray = _read_dicom(data, name, max_pixels, notes)
+        gray = read_dicom(data, name, max_pixels, notes, dicom_window)
     elif kind in RASTERS:
         gray = _read_raster(data, name, kind, max_pixels, notes)
     else:
@@ -134,14 +158,6 @@ def content_warnings(gray: np.ndarray) -> list[str]:
     return notes
 
 
-def _check_pixels(name: str, width: int, height: int, max_pixels: int) -> None:
-    if width * height > max_pixels:
-        raise CxrError(
-            f"{name}: {width}x{height} px exceeds the pixel limit of {max_pixels:,} (raise --max-pixels if "
-            "genuine)"
-        )
-
-
 EXIF_ORIENTATION = 0x0112
 
 
@@ -154,11 +170,10 @@ def _read_raster(data: bytes, name: str, kind: str, max_pixels: int, notes: list
         None  # --max-pixels below is the one limit (Pillow's own fired before it was read)
     )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings_as_notes(None):  # Pillow's warnings dropped, under the lock catch_warnings needs
             with Image.open(io.BytesIO(data)) as im:
                 width, height = im.size
-                _check_pixels(name, width, height, max_pixels)
+                check_pixel_limit(name, width, height, max_pixels)
                 orientation = (
                     _orientation(im) if kind in ("jpeg", "tiff", "webp") else 1
                 )  # PNG's EXIF needs a decode
@@ -232,170 +247,6 @@ def to_gray(image: np.ndarray) -> np.ndarray:
     raise CxrError(f"unsupported image layout {image.shape}")
 
 
-def to_uint8(image: np.ndarray) -> np.ndarray:
-    """8-bit stays as is; 16-bit, integer or float data are stretched min..max onto 0..255."""
-    if image.dtype == np.uint8:
-        return image
-    values = image.astype(np.float64)
-    low, high = float(np.min(values)), float(np.max(values))
-    if not np.isfinite(low) or not np.isfinite(high):
-        raise CxrError("image has non-finite pixel values")
-    if high <= low:
-        return np.zeros(image.shape, dtype=np.uint8)
-    return np.round((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: zlib over the whole dataset
-RADIOGRAPH_SOP_CLASSES = {  # CR, DX (presentation and processing), digitised film (secondary capture)
-    "1.2.840.10008.5.1.4.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.7",
-}
-COLOUR_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR"}
-
-
-def _dicom_int(ds: object, keyword: str, path: str, default: int | None = None) -> int:
-    """An integer attribute, or a one-line error that names it and its value."""
-    value = ds.get(keyword, default)
-    if value is None:
-        raise CxrError(f"{path}: DICOM attribute {keyword} is missing")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise CxrError(
-            f"{path}: DICOM attribute {keyword} = {str(value)[:40]!r} is not a whole number"
-        ) from None
-
-
-def _read_dicom(data: bytes, path: str, max_pixels: int, notes: list[str]) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
-    _check_inflated_size(data, path, max_pixels)
-    try:
-        with warnings.catch_warnings():  # pydicom's multi-line UserWarnings: the problems that matter raise
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as exc:
-        raise CxrError(f"{path}: corrupt DICOM ({type(exc).__name__}: {one_line(exc, 120)})") from None
-    if "PixelData" not in ds:
-        raise CxrError(f"{path}: DICOM has no pixel data (a report, plan or directory, not an image)")
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") and photometric not in COLOUR_PHOTOMETRICS:
-        raise CxrError(
-            f"{path}: DICOM PhotometricInterpretation {photometric or 'is missing'}: not an image this "
-            "runtime reads (MONOCHROME1/2, RGB, YBR)"
-        )
-    columns, rows = _dicom_int(ds, "Columns", path), _dicom_int(ds, "Rows", path)
-    frames = max(1, _dicom_int(ds, "NumberOfFrames", path, 1))
-    _check_pixels(path, columns, rows * frames, max_pixels)  # every frame is decoded: all count
-    _check_pixel_data_length(ds, path, rows * columns * frames)
-    _dicom_warnings(ds, notes)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pixels = ds.pixel_array
-    except Exception as exc:
-        raise CxrError(f"{path}: {_decode_failure(ds, exc)}") from None
-    if frames > 1 and pixels.ndim >= 3:
-        notes.append(f"{frames} frames: the first is used")
-        pixels = pixels[0]
-    if photometric in COLOUR_PHOTOMETRICS:
-        rgb = apply_color_lut(pixels, ds) if photometric == "PALETTE COLOR" else pixels
-        notes.append(f"colour DICOM ({photometric}) converted to luminance")
-        return to_uint8(cv2.cvtColor(np.asarray(rgb).astype(np.float32), cv2.COLOR_RGB2GRAY))
-    if pixels.ndim != 2:
-        raise CxrError(f"{path}: DICOM pixel data has shape {pixels.shape}; expected one 2-D frame")
-    values = apply_modality_lut(pixels, ds)
-    values = apply_voi_lut(values, ds) if ("WindowCenter" in ds or "VOILUTSequence" in ds) else values
-    values = np.asarray(values, dtype=np.float64)
-    if photometric == "MONOCHROME1":  # high values are dark: invert so bone is bright as in MONOCHROME2
-        values = values.max() + values.min() - values
-    return to_uint8(values)
-
-
-def _max_decoded_bytes(max_pixels: int) -> int:
-    """The most memory one admitted image may need: 16-bit, 3 samples, at the pixel limit, plus 1 MB of
-    header."""
-    return max_pixels * 2 * 3 + (1 << 20)
-
-
-def _check_inflated_size(data: bytes, path: str, max_pixels: int) -> None:
-    """A deflated dataset is inflated here first under a hard cap (pydicom would inflate it whole): a 2 MB
-    file must not become gigabytes in memory."""
-    import zlib
-
-    if DEFLATED_SYNTAX not in data[:4096]:
-        return
-    import pydicom
-
-    stream = io.BytesIO(data)
-    try:
-        pydicom.filereader.read_preamble(stream, force=True)
-        pydicom.filereader._read_file_meta_info(stream)
-    except Exception as exc:
-        raise CxrError(f"{path}: corrupt DICOM file meta ({type(exc).__name__})") from None
-    cap = _max_decoded_bytes(max_pixels)
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        inflated = inflater.decompress(data[stream.tell() :], cap + 1)
-    except zlib.error as exc:
-        raise CxrError(f"{path}: corrupt deflated DICOM ({exc})") from None
-    if len(inflated) > cap or inflater.unconsumed_tail:
-        raise CxrError(
-            f"{path}: deflated DICOM inflates to more than {cap:,} bytes, beyond what the pixel limit "
-            f"of {max_pixels:,} admits (raise --max-pixels if genuine)"
-        )
-
-
-def _check_pixel_data_length(ds: object, path: str, pixels: int) -> None:
-    """Uncompressed pixel data may not be much longer than Rows x Columns x frames x samples x bytes
-    declare."""
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is not None and getattr(syntax, "is_compressed", False):
-        return
-    expected = (
-        pixels
-        * max(1, _dicom_int(ds, "SamplesPerPixel", path, 1))
-        * max(1, _dicom_int(ds, "BitsAllocated", path, 8))
-        // 8
-    )
-    actual = len(ds.PixelData)
-    if actual > 2 * expected + 4096:
-        raise CxrError(
-            f"{path}: DICOM pixel data is {actual:,} bytes, its header declares {expected:,} "
-            "(Rows x Columns x frames x samples x bits); refused"
-        )
-
-
-def _dicom_warnings(ds: object, notes: list[str]) -> None:
-    """A modality or SOP class that is not a radiograph (CT, MR, RT dose ...) gets a warning, not a
-    diagnosis."""
-    modality = str(ds.get("Modality", "")).strip()
-    sop = str(ds.get("SOPClassUID", "")).strip()
-    if modality and modality not in RADIOGRAPH_MODALITIES:
-        notes.append(f"DICOM Modality {modality} is not a radiograph (CR/DX)")
-    elif sop and sop not in RADIOGRAPH_SOP_CLASSES:
-        notes.append(f"DICOM SOP class {getattr(ds.SOPClassUID, 'name', sop)} is not a radiograph")
-
-
-def _decode_failure(ds: object, exc: Exception) -> str:
-    """Why the pixel data could not be decoded, cause first: a missing decoder names the extra that has it."""
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    name = getattr(syntax, "name", None) or str(syntax or "unknown")
-    text = one_line(exc)
-    tried = "raised by all available plugins" in text  # decoders exist and each refused these bytes
-    if (
-        syntax is not None
-        and getattr(syntax, "is_compressed", False)
-        and not tried
-        and "plugin" in text.lower()
-    ):
-        return f"no decoder here for DICOM transfer syntax {name}: pip install 'cxr-edge[dicom]'"
-    return f"cannot decode DICOM pixel data (transfer syntax {name}; corrupt or unsupported): {text[:160]}"
-
-
 def resize_short_side(gray: np.ndarray, size: int) -> np.ndarray:
     """Scale so the short side equals ``size`` (area filter when shrinking, cubic when enlarging)."""
     height, width = gray.shape[:2]
@@ -434,4 +285,6 @@ def preprocess_with_mask(
 def load_and_preprocess(
     path: str | Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS, pre: Preprocessing | None = None
 ) -> np.ndarray:
-    return preprocess(read_image(path, max_pixels), size, pre)
+    """A file through the card's preprocessing (``pre``; None: the defaults): decode, then ``preprocess``."""
+    dicom_window = pre.dicom_window if pre is not None else "window"
+    return preprocess(read_image(path, max_pixels, dicom_window=dicom_window), size, pre)

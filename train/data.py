@@ -112,7 +112,7 @@ def _decode(
     """One file after the whole-film suppression steps, at short side ``size``, with its original shape, or
     None and the reason it is unreadable. The view steps (border band) follow the crop: see ``view_steps``."""
     try:
-        gray = read_image(sample.path)
+        gray = read_image(sample.path, dicom_window=pre.dicom_window if pre is not None else "window")
     except CxrError as exc:
         return None, str(exc)
     return resize_short_side(whole_film_steps(gray, pre), size), gray.shape[:2]

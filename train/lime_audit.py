@@ -78,7 +78,7 @@ def lime_audit(
     config = ExplainConfig(samples=samples, seed=seed)
     for path in tqdm(paths, desc="LIME audit", unit="img", disable=len(paths) < 2):
         try:
-            gray = read_image(path)
+            gray = read_image(path, dicom_window=card.preprocessing.dicom_window)
         except CxrError:
             skipped += 1
             continue
