@@ -78,12 +78,20 @@ def configure_logging(verbosity: int, stream: TextIO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.captureWarnings(True)  # Python warnings (pydicom's UserWarning ...) become third-party messages
-    # OpenCV's C++ log ("[ WARN:0] ... PNG input buffer is incomplete") goes to stderr; read at import
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "INFO" if level <= logging.DEBUG else "ERROR")
+    _quiet_opencv(verbose=level <= logging.DEBUG)
     for noisy in ("matplotlib", "PIL", "urllib3", "asyncio"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if verbosity < 0:
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when a bar is made
+
+
+def _quiet_opencv(verbose: bool) -> None:
+    """OpenCV's C++ log ("[ WARN:0] ... PNG input buffer is incomplete") writes to stderr itself: errors only,
+    unless --verbose (the file's own record already says what was wrong with it)."""
+    os.environ["OPENCV_LOG_LEVEL"] = "INFO" if verbose else "ERROR"  # read when cv2 is first imported
+    cv2 = sys.modules.get("cv2")
+    if cv2 is not None:
+        cv2.setLogLevel(3 if verbose else 2)  # cv::utils::logging: 2 error, 3 warning
 
 
 def new_app(help_text: str, log_stream: str = "stdout") -> typer.Typer:

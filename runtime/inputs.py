@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr.runtime.output import record_path
-from cxr.runtime.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES, sniff_format
-
-SNIFF_BYTES = 132  # DICOM's "DICM" sits at offset 128
+from cxr.runtime.preprocess import DICOM_SUFFIXES, IMAGE_SUFFIXES, SNIFF_BYTES, sniff_format
 
 
 @dataclass

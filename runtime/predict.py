@@ -7,7 +7,6 @@ first answer comes as early as the slower of the two allows.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import re
@@ -21,11 +20,12 @@ from typing import Any
 import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle
+from cxr.runtime.card import Card
 from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
 from cxr.runtime.output import record_path
 from cxr.runtime.overlay import save_overlay
-from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, load_image, preprocess
+from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode, load_image, preprocess
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -115,33 +115,42 @@ def fault_line(path: Path | str, exc: BaseException, step: str) -> str:
     return f"{record_path(path)}: {step} failed: {type(exc).__name__}: {one_line(exc, 200)}"
 
 
-def _read(path: Path, record: dict[str, Any], options: PredictOptions, bundle: Bundle, known: dict) -> Any:
-    """The preprocessed image of one input, or None with the record's error set: whatever goes wrong here
-    is this input's fault only."""
+@dataclass(frozen=True)
+class Prepared:
+    """One input made ready for the network: its image, or the one line that says why it cannot be."""
+
+    image: np.ndarray | None
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def prepare(source: Path | bytes, name: str, card: Card, max_pixels: int, strict: bool = False) -> Prepared:
+    """Decode and preprocess a file (a path) or a request's encoded bytes with the card's steps. Whatever goes
+    wrong is this input's fault only: it comes back as ``error``, never raised. ``strict``: a warning (not a
+    radiograph? colour? tiny?) fails the input."""
+    notes: tuple[str, ...] = ()
     try:
-        if path in known:
-            raise CxrError(known[path])
-        pre = bundle.card.preprocessing
-        decoded = load_image(path, options.max_pixels, **_decode_options(pre))
-        record["warnings"] = list(decoded.warnings)
-        if decoded.warnings and options.strict:
-            raise CxrError(f"{record_path(path)}: {'; '.join(decoded.warnings)} (--strict)")
-        return preprocess(decoded.gray, bundle.card.input.size, pre)
+        window = card.preprocessing.dicom_window
+        if isinstance(source, bytes):
+            decoded = decode(source, name, max_pixels=max_pixels, dicom_window=window)
+        else:
+            decoded = load_image(source, max_pixels, dicom_window=window)
+        notes = decoded.warnings
+        if notes and strict:
+            raise CxrError(f"{name}: {'; '.join(notes)} (--strict)")
+        return Prepared(preprocess(decoded.gray, card.input.size, card.preprocessing), notes)
     except Exception as exc:
-        record["error"] = fault_line(path, exc, "reading")
+        return Prepared(None, notes, fault_line(name, exc, "reading"))
+
+
+def _read(path: Path, record: dict[str, Any], options: PredictOptions, bundle: Bundle, known: dict) -> Any:
+    """The preprocessed image of one input, or None with the record's error set."""
+    if path in known:
+        record["error"] = known[path]
         return None
-
-
-def _decode_options(pre: Any) -> dict[str, Any]:
-    """The card's decode settings that ``load_image`` takes (older runtimes took none)."""
-    return {"dicom_window": pre.dicom_window} if "dicom_window" in _load_image_parameters() else {}
-
-
-@functools.cache
-def _load_image_parameters() -> frozenset[str]:
-    import inspect
-
-    return frozenset(inspect.signature(load_image).parameters)
+    prepared = prepare(path, record_path(path), bundle.card, options.max_pixels, options.strict)
+    record["warnings"], record["error"] = list(prepared.warnings), prepared.error
+    return prepared.image
 
 
 def classify(backend: Backend, images: list[np.ndarray], paths: list[Path]) -> list[np.ndarray | str]:

@@ -455,3 +455,35 @@ def test_probabilities_are_unchanged_by_the_new_loop(bundle, films, tmp_path):
     expected = OrtBackend(opened.onnx_path("model", "fp32"), "fp32").run(pixels[:, None])
     got = np.array([[r["probs"][c] for c in opened.card.classes] for r in _records(out)])
     assert np.abs(got - expected).max() < 1e-5
+
+
+def test_odd_dicom_headers_in_a_folder_cost_no_other_record(bundle, films, tmp_path):
+    """The run that exited 1 with a 55-line traceback and no --out file: now every good film is recorded,
+    each odd header is a warning or its own one-line error, and stderr holds no traceback."""
+    from tests.test_dicom import RAMP, _dataset, _modality_lut, _raw, _save
+
+    folder = tmp_path / "ward"
+    shutil.copytree(films, folder)
+    _save(folder / "window_width_0.dcm", _dataset(WindowCenter=2000, WindowWidth=0))
+    lut12 = _modality_lut(12, (4095 - np.arange(4096)).astype("<u2").tobytes())
+    _save(folder / "lut_12_bits.dcm", _dataset(ModalityLUTSequence=[lut12]))
+    _save(folder / "palette_without_lut.dcm", _dataset(RAMP.astype(np.uint8), "PALETTE COLOR"))
+    truncated = _save(folder / "truncated_pixels.dcm", _dataset())
+    truncated.write_bytes(truncated.read_bytes()[:-1000])
+    _raw(folder / "CR-MONO1-10-chest", _dataset())  # no preamble, no meta, no suffix
+    odd_vr = _save(folder / "odd_vr.dcm", _dataset())
+    odd_vr.write_bytes(
+        odd_vr.read_bytes().replace(b"\x28\x00\x10\x00US\x02\x00", b"\x28\x00\x10\x00FD\x02\x00")
+    )
+    out = tmp_path / "r.jsonl"
+    result = cli("cxr-run", "-q", "predict", str(folder), "--model", str(bundle), "--out", str(out), check=2)
+    records = {Path(r["path"]).name: r for r in _records(out)}
+    assert len(records) == 18 and "Traceback" not in result.stderr
+    assert all(records[f"good{i}.png"]["label"] for i in range(8))
+    for warned in ("window_width_0.dcm", "lut_12_bits.dcm"):
+        assert records[warned]["label"] and records[warned]["warnings"], records[warned]
+    assert records["CR-MONO1-10-chest"]["label"] and records["CR-MONO1-10-chest"]["error"] is None
+    for failed in ("palette_without_lut.dcm", "truncated_pixels.dcm", "odd_vr.dcm"):
+        error = records[failed]["error"]
+        assert error and "\n" not in error and error.startswith(str(folder / failed)), error
+    assert all(line.startswith(("warning: ", "error: ")) for line in result.stderr.splitlines()), result.stderr
