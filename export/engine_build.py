@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxr.export.known import record_known_answers
 from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
 from cxr.runtime.card import forget_parity, record_files, sha256_file
 from cxr.runtime.engine_sidecar import write_sidecar
 from cxr.runtime.errors import CxrError
+from cxr.runtime.onnx_weights import check_weights
 from cxr.runtime.safe_io import atomic_write
 
 log = logging.getLogger(__name__)
@@ -148,7 +150,8 @@ def build_engines(
     workspace_gb: float = 4.0,
     graphs: tuple[str, ...] = ("model", "explain"),
 ) -> list[dict[str, Any]]:
-    """Build one plan per graph (classifier and explainer) and record them in the card."""
+    """Build one plan per graph (classifier and explainer) and record them in the card, with the known answers
+    TensorRT gives right after the build."""
     from cxr.runtime.backends.tensorrt import device_facts, import_tensorrt
 
     check_precision(precision)
@@ -164,6 +167,7 @@ def build_engines(
                 )
             continue
         source = bundle.verified(name)
+        check_weights(source.read_bytes(), source)  # TensorRT would build finite nonsense from NaN weights
         shapes = profile_shapes(graph, bundle.card.input.size, profile)
         started = time.perf_counter()
         plan, version = build_plan(source, shapes, workspace_gb, timing_cache)
@@ -178,5 +182,7 @@ def build_engines(
         written += [target.name, f"{target.name}.json"]
         results.append(facts)
         log.info(f"built {target} ({len(plan) / 1e6:.1f} MB, TensorRT {version}, {facts['gpu_name']})")
-    record_files(bundle.folder, forget_parity(bundle.card, [f"engine-{precision}"]), written)
+    engines = [name for name in written if name.endswith(".engine")]
+    card = record_known_answers(bundle.folder, bundle.card, engines)  # TensorRT's own answers, on this GPU
+    record_files(bundle.folder, forget_parity(card, [f"engine-{precision}"]), written)
     return results

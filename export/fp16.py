@@ -126,9 +126,10 @@ def probe_feeds(size: int) -> tuple[list[dict[str, np.ndarray]], list[dict[str, 
 
 
 def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
-    """model.fp16.onnx / explain.fp16.onnx for every fp32 graph in the bundle, recorded in the card (whose
-    fp16 parity result is forgotten: a new graph has not passed yet). Returns (files written, notes per
-    graph)."""
+    """model.fp16.onnx / explain.fp16.onnx for every fp32 graph in the bundle, recorded in the card with
+    their known answers (the fp16 parity result is forgotten: a new graph has not passed yet). Returns (files
+    written, notes per graph)."""
+    from cxr.export.known import record_known_answers
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
 
@@ -142,5 +143,6 @@ def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
             )
             written.append(f"{graph}.fp16.onnx")
     card = opened.card.replace(provenance={**opened.card.provenance, "fp16": notes})
+    card = record_known_answers(opened.folder, card, written)
     record_files(opened.folder, forget_parity(card, ["fp16"]), written)
     return written, notes

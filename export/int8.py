@@ -185,7 +185,7 @@ def export_int8(
 ) -> Int8Report:
     """model.int8.onnx (method and float-kept layers chosen by measurement on held-out images) and
     explain.int8.onnx (that same int8 network behind the LIME composer, so the explainer's unperturbed row
-    is the classifier's answer), recorded in the card.
+    is the classifier's answer), recorded in the card with their known answers.
 
     The held-out images are ``check_data`` when given, else further images of ``calib``. Images the model
     trained on make agreement look better than it is (their predictions have wide margins), so a folder the
@@ -193,6 +193,7 @@ def export_int8(
     """
     from cxr.export.compose import explainer_from_classifier
     from cxr.export.int8_tune import METHODS, cpu_speed, tune
+    from cxr.export.known import record_known_answers
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.card import forget_parity, record_files
 
@@ -254,7 +255,8 @@ def export_int8(
     speed = cpu_speed(src, dst, np.ascontiguousarray(calib_images[0][None, None]))
     notes["speed_cpu"] = speed
     provenance = {**opened.card.provenance, "int8": {**notes, "images": len(calib_images)}}
-    record_files(opened.folder, forget_parity(opened.card.replace(provenance=provenance), ["int8"]), written)
+    card = record_known_answers(opened.folder, opened.card.replace(provenance=provenance), written)
+    record_files(opened.folder, forget_parity(card, ["int8"]), written)
     return Int8Report(written, notes, speed_verdict(speed))
 
 

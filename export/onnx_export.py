@@ -1,7 +1,8 @@
 """``cxr-export onnx``: a training run -> model bundle with fp32 ``model.onnx`` and ``explain.onnx``.
 
 Each graph is accepted only after ``onnx.checker`` (full check) and an ONNX Runtime session that agrees
-with PyTorch on a few inputs. The card travels inside each graph's ``metadata_props`` too.
+with PyTorch on a few inputs; its weights must be finite and its known answers go into the card
+(``cxr.export.known``). The card travels inside each graph's ``metadata_props`` too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from cxr.export.graphs import (
     Explainer,
     example_inputs,
 )
+from cxr.export.known import record_known_answers
 from cxr.runtime.card import Card, graph_metadata, write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.safe_io import atomic_output
@@ -155,7 +157,8 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
         onnx=onnx.__version__,
         export_check={"model.onnx": diff_classifier, "explain.onnx": diff_explainer},
     )
-    card = write_card(out, card.replace(provenance=provenance))
+    card = card.replace(provenance=provenance, known_answers={})  # a new bundle: the run's card has none
+    card = write_card(out, record_known_answers(out, card, [classifier_path.name, explain_path.name]))
     log.info(
         f"wrote {classifier_path} and {explain_path} (ORT vs PyTorch max |dprob| "
         f"{max(diff_classifier, diff_explainer):.1e}); card: {out / 'card.json'}"

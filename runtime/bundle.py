@@ -9,6 +9,7 @@ from pathlib import Path
 from cxr.runtime.card import Card, card_digest, read_card_bytes, verified_bytes, verify_file
 from cxr.runtime.errors import CxrError
 from cxr.runtime.formats import GRAPHS, PRECISIONS, get_format
+from cxr.runtime.onnx_weights import check_weights_once
 
 __all__ = ["GRAPHS", "PRECISIONS", "Bundle", "check_precision", "engine_name", "onnx_name"]
 
@@ -63,8 +64,13 @@ class Bundle:
         return verify_file(self.folder, self.card, name)
 
     def verified_bytes(self, name: str) -> bytes:
-        """A bundle file's bytes, read once and checked against the card: load these, never the path again."""
-        return verified_bytes(self.folder, self.card, name)
+        """A bundle file's bytes, read once and checked against the card: load these, never the path again.
+        An ONNX graph's float weights must also be finite (checked once per content per process: ~30 ms for
+        a 150 MB graph), or the bundle is refused before any backend tries it."""
+        data = verified_bytes(self.folder, self.card, name)
+        if name.endswith(".onnx"):
+            check_weights_once(data, self.folder / name, self.card.files[name])
+        return data
 
     def onnx_path(self, graph: str, precision: str) -> Path:
         name = onnx_name(graph, precision)

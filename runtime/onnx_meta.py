@@ -7,10 +7,16 @@ skipped by its length, so reading a 150 MB graph's metadata costs microseconds.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 METADATA_FIELD = 14
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+Buffer = bytes | memoryview  # a memoryview keeps slices of a large graph free of copies
+
+
+def _varint(data: Buffer, pos: int) -> tuple[int, int]:
     value, shift = 0, 0
     while True:
         if pos >= len(data) or shift > 63:
@@ -23,8 +29,9 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(data: bytes):
-    """(field number, wire type, value) of one message level; length-delimited values are bytes."""
+def proto_fields(data: Buffer) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of one message level: an int for varints, else a slice of ``data``
+    (bytes for bytes, a memoryview for a memoryview)."""
     pos = 0
     while pos < len(data):
         key, pos = _varint(data, pos)
@@ -48,8 +55,8 @@ def _fields(data: bytes):
 def onnx_metadata(model: bytes) -> dict[str, str]:
     """``metadata_props`` of a serialized ONNX ModelProto as a dict (empty when it has none)."""
     found: dict[str, str] = {}
-    for number, wire, value in _fields(model):
+    for number, wire, value in proto_fields(model):
         if number == METADATA_FIELD and wire == 2:
-            entry = {n: v for n, w, v in _fields(value) if w == 2}
+            entry = {n: v for n, w, v in proto_fields(value) if w == 2}
             found[entry.get(1, b"").decode(errors="replace")] = entry.get(2, b"").decode(errors="replace")
     return found

@@ -102,14 +102,23 @@ class FakeContext:
             kept = rows.mean(axis=1, dtype=np.float32) / 255.0
         else:  # the number of segments kept: padding columns (all 0) change nothing
             kept = rows.sum(axis=1, dtype=np.float32) / 1000.0
+        kept = kept * self.engine.scale
         out = np.stack([kept, 1 - kept], axis=1).astype(np.float32)
         ctypes.memmove(self.addresses["probs"], out.ctypes.data, out.nbytes)
         return True
 
 
 class FakeEngine:
-    def __init__(self, profiles: dict[str, tuple[tuple[int, ...], ...]], refuse_shapes: bool = False) -> None:
+    """``scale`` multiplies the first probability: another value stands for another (wrong) engine."""
+
+    def __init__(
+        self,
+        profiles: dict[str, tuple[tuple[int, ...], ...]],
+        refuse_shapes: bool = False,
+        scale: float = 1.0,
+    ) -> None:
         self.profiles = profiles
+        self.scale = scale
         self.names = [*profiles, "probs"]
         self.batch_input = "z" if "z" in profiles else "image"
         self.refuse_shapes = refuse_shapes
@@ -138,12 +147,16 @@ class _Logger:
         self.level = level
 
 
-def fake_trt(engine: FakeEngine, version: str = "10.13.0") -> SimpleNamespace:
-    """A module-like object with the parts of ``tensorrt`` that runtime/backends/tensorrt.py uses."""
+def fake_trt(engine: FakeEngine | dict[bytes, FakeEngine], version: str = "10.13.0") -> SimpleNamespace:
+    """A module-like object with the parts of ``tensorrt`` that runtime/backends/tensorrt.py uses. ``engine``:
+    what every plan deserialises to, or the engine of each plan's bytes."""
+    plans = engine if isinstance(engine, dict) else None
     return SimpleNamespace(
         __version__=version,
         Logger=_Logger,
-        Runtime=lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda data: engine),
+        Runtime=lambda logger: SimpleNamespace(
+            deserialize_cuda_engine=lambda data: plans[bytes(data)] if plans is not None else engine
+        ),
         TensorIOMode=SimpleNamespace(INPUT="input"),
         nptype=lambda dtype: dtype,
     )

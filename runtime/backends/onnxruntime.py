@@ -21,6 +21,7 @@ from cxr.runtime.backends.base import (
     Backend,
     BatchLimits,
     ExplainerBackend,
+    ExplainerProbe,
     Z,
     bucket,
     image_feeds,
@@ -297,11 +298,10 @@ class OrtExplainer(ExplainerBackend):
         self._values = {k: v for k, v in self._values.items() if k != PROBS}
         self._binding = None
 
-    def warm_up(self, size: int, runs: int = 1) -> None:
+    def warm_up(self, size: int, runs: int = 1, probe: ExplainerProbe | None = None) -> np.ndarray:
         if self.cuda_graph:
-            try:
-                super().warm_up(size, max(runs, 2))  # ORT captures the graph on a run after the first
-                return
+            try:  # ORT captures the graph on a run after the first
+                return super().warm_up(size, max(runs, 2), probe)
             except Exception as exc:  # capture refused at run time: same session without a graph
                 self._drop_graph(one_line(exc))
-        super().warm_up(size, runs)
+        return super().warm_up(size, runs, probe)

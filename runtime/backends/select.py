@@ -1,8 +1,9 @@
 """``--backend auto``: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO -> ONNX Runtime CPU, each chosen only
 after it ran.
 
-Every candidate must answer a one-image probe before it is used; what was tried and why it was skipped is
-one line (the reason shown to the user), never an error block. A backend named explicitly gets no fallback.
+Every candidate must reproduce the card's known answers (its outputs on fixed probe films, recorded when the
+file was written) before it is used; what was tried and why it was skipped is one line (the reason shown to
+the user), never an error block. A backend named explicitly gets no fallback.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
-from cxr.runtime.bundle import Bundle, check_precision, engine_name
+from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
 from cxr.runtime.card import Card, metadata_mismatch, parity_state
 from cxr.runtime.cpu_features import NO_INT8_DOT, saturating_int8_cpu
 from cxr.runtime.errors import BundleRefused, CxrError, CxrUsageError, one_line
 from cxr.runtime.formats import FORMATS
+from cxr.runtime.known_answers import check_classifier, check_explainer
 from cxr.runtime.optional import install_hint
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino")
@@ -182,20 +183,18 @@ def int8_cpu_risk(card: Card, backend: Backend, flags: set[str] | None = None) -
     )
 
 
-def probe_classifier(backend: Backend, size: int, classes: int) -> None:
-    """One blank image must give one finite row of ``classes`` probabilities."""
-    probs = backend.run(np.zeros((1, 1, size, size), dtype=np.uint8))
-    if probs.shape != (1, classes) or not np.all(np.isfinite(probs)):
-        raise CxrError(
-            f"the probe gave {probs.shape} values (finite: {bool(np.all(np.isfinite(probs)))}), "
-            f"expected 1 x {classes} finite probabilities"
-        )
+def file_name(opened: Backend | ExplainerBackend, graph: str) -> str:
+    """The bundle file ``opened`` runs: its engine for TensorRT, else its ONNX graph."""
+    if opened.name == "tensorrt":
+        return engine_name(graph, opened.precision)
+    return onnx_name(graph, opened.precision)
 
 
 def open_classifier(
     bundle: Bundle, backend: str = "auto", precision: str = "fp32", tf32: bool = True
 ) -> tuple[Backend, str]:
-    """The first backend that runs a one-image probe, and the line that says what runs and what was skipped.
+    """The first backend that reproduces the card's known answers (``cxr.runtime.known_answers``), and the
+    line that says what runs and what was skipped.
 
     ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs).
     """
@@ -211,11 +210,10 @@ def open_classifier(
         openvino=lambda path, data: OvBackend(path, precision, data),
     )
     candidates, skipped = _candidates(bundle, backend, precision, "model", openers)
-    size, classes = bundle.card.input.size, len(bundle.card.classes)
 
     def probe(opened: Backend) -> None:
         check_meaning(opened, bundle.card)
-        probe_classifier(opened, size, classes)
+        check_classifier(opened, bundle, file_name(opened, "model"))
 
     return _first_that_runs(candidates, skipped, probe)
 
@@ -223,9 +221,10 @@ def open_classifier(
 def open_explainer(
     bundle: Bundle, backend: str = "auto", precision: str = "fp32", images: int | None = None
 ) -> tuple[ExplainerBackend, str]:
-    """The LIME explainer, warmed up (its fixed batch shape searched once) before the first image; the host
-    side warms up beside it. ``images``: how many the job will explain, when known (a short job opens with
-    a quicker cuDNN search on CUDA: ``explainer_cuda``)."""
+    """The LIME explainer, warmed up (its fixed batch shape searched once) before the first image on the
+    known-answer probe, whose answers must be the card's; the host side warms up beside it. ``images``: how
+    many the job will explain, when known (a short job opens with a quicker cuDNN search on CUDA:
+    ``explainer_cuda``)."""
     from cxr.runtime.backends.onnxruntime import OrtExplainer, explainer_cuda
     from cxr.runtime.backends.openvino import OvExplainer
     from cxr.runtime.backends.tensorrt import TrtExplainer
@@ -240,11 +239,10 @@ def open_explainer(
         openvino=lambda path, data: OvExplainer(path, precision, data),
     )
     candidates, skipped = _candidates(bundle, backend, precision, "explain", openers)
-    size = bundle.card.input.size
 
     def probe(opened: ExplainerBackend) -> None:
         check_meaning(opened, bundle.card)
-        opened.warm_up(size)
+        check_explainer(opened, bundle, file_name(opened, "explain"))
 
     return warm_host_beside(lambda: _first_that_runs(candidates, skipped, probe))
 
