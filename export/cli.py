@@ -53,11 +53,13 @@ def sign(
     key: Path = typer.Option(..., "--key", help="Ed25519 private key (PEM), e.g. from 'cxr-export keygen'."),
 ) -> None:
     """Sign the bundle's card (which hashes every file) so 'cxr-run --trusted-key' can vouch for it."""
+    from cxr.export.stage import bundle_lock
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.signing import sign_card
 
-    Bundle.open(bundle)  # a valid bundle only: links, card and graphs checked
-    target = sign_card(bundle, key)
+    with bundle_lock(bundle, "sign"):  # no stage may swap the bundle while it is signed
+        Bundle.open(bundle)  # a valid bundle only: links, card and graphs checked
+        target = sign_card(bundle, key)
     print(f"signed {bundle / 'card.json'} -> {target.name}")
     print_digest(bundle)
 

@@ -152,11 +152,27 @@ def build_engines(
 ) -> list[dict[str, Any]]:
     """Build one plan per graph (classifier and explainer) and record them in the card, with the known answers
     TensorRT gives right after the build."""
-    from cxr.runtime.backends.tensorrt import device_facts, import_tensorrt
+    from cxr.export.stage import bundle_stage
+    from cxr.runtime.backends.tensorrt import import_tensorrt
 
     check_precision(precision)
     import_tensorrt()  # fail early, in one line, where TensorRT is missing
-    bundle = Bundle.open(bundle_dir)
+    with bundle_stage(bundle_dir, f"build-engine {precision}") as work:
+        return _build_into(Bundle.open(work), precision, profile, timing_cache, workspace_gb, graphs)
+
+
+def _build_into(
+    bundle: Bundle,
+    precision: str,
+    profile: Profile,
+    timing_cache: Path | None,
+    workspace_gb: float,
+    graphs: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    """The engines of the (staged) bundle, written and recorded in its card."""
+    from cxr.runtime.backends.tensorrt import device_facts
+
+    bundle_dir = bundle.folder
     written, results = [], []
     for graph in graphs:
         name = onnx_name(graph, precision)

@@ -129,11 +129,18 @@ def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
     """model.fp16.onnx / explain.fp16.onnx for every fp32 graph in the bundle, recorded in the card with
     their known answers (the fp16 parity result is forgotten: a new graph has not passed yet). Returns (files
     written, notes per graph)."""
-    from cxr.export.known import record_known_answers
+    from cxr.export.stage import bundle_stage
     from cxr.runtime.bundle import Bundle
+
+    with bundle_stage(bundle_dir, "fp16") as work:
+        return _write_fp16(Bundle.open(work))
+
+
+def _write_fp16(opened: Any) -> tuple[list[str], dict[str, Any]]:
+    """The fp16 graphs of the (staged) bundle ``opened``, written and recorded in its card."""
+    from cxr.export.known import record_known_answers
     from cxr.runtime.card import forget_parity, record_files
 
-    opened = Bundle.open(bundle_dir)
     image_feeds, explain_feeds = probe_feeds(opened.card.input.size)
     written, notes = [], {}
     for graph, feeds in (("model", image_feeds), ("explain", explain_feeds)):

@@ -191,11 +191,9 @@ def export_int8(
     trained on make agreement look better than it is (their predictions have wide margins), so a folder the
     model never saw, such as its validation split, chooses better.
     """
-    from cxr.export.compose import explainer_from_classifier
-    from cxr.export.int8_tune import METHODS, cpu_speed, tune
-    from cxr.export.known import record_known_answers
+    from cxr.export.int8_tune import METHODS
+    from cxr.export.stage import bundle_stage
     from cxr.runtime.bundle import Bundle
-    from cxr.runtime.card import forget_parity, record_files
 
     log = log or logging.getLogger(__name__).info
     if samples < 1 or check < 0:
@@ -206,7 +204,30 @@ def export_int8(
             f"--calibration: {', '.join(unknown) or 'empty'} is not one of {', '.join(METHODS)} "
             "(it must name at least one)"
         )
-    opened = Bundle.open(bundle_dir)
+    with bundle_stage(bundle_dir, "int8") as work:
+        written, notes = _write_int8(
+            Bundle.open(work), calib, samples, check, seed, methods, target, log, check_data
+        )
+    return Int8Report(written, notes, speed_verdict(notes["speed_cpu"]))
+
+
+def _write_int8(
+    opened: Any,
+    calib: Path,
+    samples: int,
+    check: int,
+    seed: int,
+    methods: tuple[str, ...],
+    target: float,
+    log: Any,
+    check_data: Path | None,
+) -> tuple[list[str], dict[str, Any]]:
+    """The int8 graphs of the (staged) bundle ``opened``, written and recorded in its card."""
+    from cxr.export.compose import explainer_from_classifier
+    from cxr.export.int8_tune import tune
+    from cxr.export.known import record_known_answers
+    from cxr.runtime.card import forget_parity, record_files
+
     size, pre = opened.card.input.size, opened.card.preprocessing
     drawn = samples + (check if check_data is None else 0)
     images = draw_images(calib, size, drawn, seed, pre)
@@ -252,12 +273,14 @@ def export_int8(
             "calibration": model_notes["calibration"],
         }
         written.append("explain.int8.onnx")
+    from cxr.export.int8_tune import cpu_speed
+
     speed = cpu_speed(src, dst, np.ascontiguousarray(calib_images[0][None, None]))
     notes["speed_cpu"] = speed
     provenance = {**opened.card.provenance, "int8": {**notes, "images": len(calib_images)}}
     card = record_known_answers(opened.folder, opened.card.replace(provenance=provenance), written)
     record_files(opened.folder, forget_parity(card, ["int8"]), written)
-    return Int8Report(written, notes, speed_verdict(speed))
+    return written, notes
 
 
 def speed_verdict(speed: dict[str, Any]) -> str:

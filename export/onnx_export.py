@@ -25,6 +25,7 @@ from cxr.export.graphs import (
     example_inputs,
 )
 from cxr.export.known import record_known_answers
+from cxr.export.stage import bundle_stage
 from cxr.runtime.card import Card, graph_metadata, write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.safe_io import atomic_output
@@ -102,21 +103,33 @@ def check_graph(
 
 
 def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
-    """Write ``model.onnx``, ``explain.onnx`` and ``card.json`` into the bundle folder ``out``."""
+    """A new bundle in the folder ``out``: ``model.onnx``, ``explain.onnx`` and ``card.json``, built beside
+    it and swapped in whole (``cxr.export.stage``): a bundle there is replaced, nothing of it is kept."""
     card, model = load_run(run)
     if not 13 <= opset <= 21:
         raise CxrUsageError(f"--opset must be between 13 and 21, got {opset}")
     out = Path(out)
     if out.resolve() == Path(run).resolve():
         raise CxrUsageError("--out must be a new folder, not the run folder")
-    out.mkdir(parents=True, exist_ok=True)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with bundle_stage(out, "onnx", fresh=True) as work:
+        card, worst = _write_bundle(run, work, card, model, opset)
+    log.info(
+        f"wrote {out / 'model.onnx'} and {out / 'explain.onnx'} (ORT vs PyTorch max |dprob| {worst:.1e}); "
+        f"card: {out / 'card.json'}"
+    )
+    return card
+
+
+def _write_bundle(run: Path, out: Path, card: Card, model: torch.nn.Module, opset: int) -> tuple[Card, float]:
+    """The graphs, their checks, the training records and the card, written into the (empty) folder ``out``;
+    returns the card and the largest ORT-vs-PyTorch difference."""
     size = card.input.size
     metadata = card_metadata(card)
     gen = torch.Generator().manual_seed(0)
     image_feeds = [
         {"image": torch.randint(0, 256, (b, 1, size, size), dtype=torch.uint8, generator=gen)} for b in (1, 3)
     ]
-
     classifier_path = out / "model.onnx"
     _torch_export(
         model,
@@ -147,7 +160,7 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
     diff_explainer = check_graph(explain_path, explainer, [example_inputs(size, 24, 5)], EXPORT_ATOL)
     for extra in ("metrics.json", "confusion.png", "curves.png"):
         if (Path(run) / extra).is_file():
-            shutil.copy2(Path(run) / extra, out / f"training_{extra}")
+            shutil.copyfile(Path(run) / extra, out / f"training_{extra}")
     provenance = dict(card.provenance)
     provenance.update(
         exported=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -159,8 +172,4 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
     )
     card = card.replace(provenance=provenance, known_answers={})  # a new bundle: the run's card has none
     card = write_card(out, record_known_answers(out, card, [classifier_path.name, explain_path.name]))
-    log.info(
-        f"wrote {classifier_path} and {explain_path} (ORT vs PyTorch max |dprob| "
-        f"{max(diff_classifier, diff_explainer):.1e}); card: {out / 'card.json'}"
-    )
-    return card
+    return card, max(diff_classifier, diff_explainer)

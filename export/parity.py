@@ -14,9 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from cxr.export.stage import bundle_stage
 from cxr.runtime.backends.select import describe, open_classifier, runnable_here
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.card import write_card
+from cxr.runtime.card import record_files
 from cxr.runtime.cpu_features import cpu_int8_features
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.formats import FORMATS, ParityRule
@@ -158,6 +159,9 @@ def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
     return sorted(targets, key=lambda t: order.get(t[0], order.get(t[0].split("-")[0], 0)))
 
 
+REPORT_NAME = "parity.json"
+
+
 def run_parity(
     bundle_dir: Path,
     data: Path,
@@ -167,7 +171,23 @@ def run_parity(
     run: Path | None = None,
     batch_size: int = 16,
 ) -> dict[str, Any]:
-    bundle = Bundle.open(bundle_dir)
+    with bundle_stage(bundle_dir, "parity") as work:
+        opened = Bundle.open(work)
+        return _run_parity(opened, Path(bundle_dir), data, backends, rules, report_path, run, batch_size)
+
+
+def _run_parity(
+    bundle: Bundle,
+    bundle_dir: Path,
+    data: Path,
+    backends: list[str],
+    rules: dict[str, ParityRule],
+    report_path: Path | None,
+    run: Path | None,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Parity of the (staged) bundle: its card and its report (``parity.json``, listed in the card) are
+    written in the staged folder; a report named elsewhere goes there."""
     source_run = Path(run or bundle.card.provenance.get("source_run", ""))
     if not str(source_run) or not (source_run / "model.pt").is_file():
         raise CxrError(
@@ -205,8 +225,10 @@ def run_parity(
         if backend.device == "cpu":  # int8 kernels, and so int8 answers, depend on the CPU's instructions
             results["backends"][label]["cpu_int8"] = cpu_int8_features()
     results["passed"] = all(r["passed"] for r in results["backends"].values())
-    report_path = Path(report_path) if report_path else bundle.folder / "parity.json"
-    atomic_write(report_path, json.dumps(results, indent=2) + "\n")
+    inside = report_path is None or Path(report_path).absolute() == (bundle_dir / REPORT_NAME).absolute()
+    written = bundle.folder / REPORT_NAME if inside else Path(report_path)
+    atomic_write(written, json.dumps(results, indent=2) + "\n")
+    report_path = bundle_dir / REPORT_NAME if inside else Path(report_path)
     summary = {
         label: {
             k: r[k]
@@ -225,11 +247,9 @@ def run_parity(
         for label, r in results["backends"].items()
     }
     earlier = bundle.card.parity.get("backends", {})  # results of backends not run now are kept
-    write_card(
-        bundle.folder,
-        bundle.card.replace(parity={"data": str(data), "n": len(pixels), "backends": {**earlier, **summary}}),
-        rehash=False,
-    )
+    parity = {"data": str(data), "n": len(pixels), "backends": {**earlier, **summary}}
+    card = bundle.card.replace(parity=parity)
+    record_files(bundle.folder, card, [REPORT_NAME] if inside else [])
     log.info(format_parity(results))
     log.info(f"report: {report_path}")
     return results

@@ -3,6 +3,8 @@ formats table (``cxr.runtime.formats``)."""
 
 from __future__ import annotations
 
+import logging
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,8 @@ from cxr.runtime.card import Card, card_digest, read_card_bytes, verified_bytes,
 from cxr.runtime.errors import CxrError
 from cxr.runtime.formats import GRAPHS, PRECISIONS, get_format
 from cxr.runtime.onnx_weights import check_weights_once
+
+log = logging.getLogger(__name__)
 
 __all__ = ["GRAPHS", "PRECISIONS", "Bundle", "check_precision", "engine_name", "onnx_name"]
 
@@ -50,6 +54,7 @@ class Bundle:
                 f"{folder}: bundle digest is {digest}, not the expected {expect_digest.strip()[:80]}; "
                 "refused (a changed card or a different bundle)"
             )
+        _warn_if_others_can_write(folder, card)
         if not any(name.endswith(".onnx") for name in card.files):
             raise CxrError(
                 f"{folder}: no ONNX graph in this bundle (run 'cxr-export onnx RUN --out {folder}')"
@@ -78,3 +83,23 @@ class Bundle:
             hint = get_format(precision).made_by
             raise CxrError(f"{self.folder}: no {name} (create it with '{hint} {self.folder}')")
         return self.verified(name)
+
+
+_warned_writable: set[Path] = set()
+
+
+def _warn_if_others_can_write(folder: Path, card: Card) -> None:
+    """A bundle anyone else can write is a model anyone else can change: say so once per bundle (hashes still
+    catch a change after export, but not a re-export or a card rewritten with its hashes)."""
+    key = folder.absolute()
+    if key in _warned_writable:
+        return
+    paths = [folder, folder / "card.json"] + [folder / name for name in card.files]
+    writable = [p for p in paths if p.exists() and p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
+    if writable:
+        _warned_writable.add(key)
+        names = ", ".join(p.name or str(p) for p in writable[:3]) + (", ..." if len(writable) > 3 else "")
+        log.warning(
+            f"warning: {folder}: writable by group or others ({names}): anyone there could change the model; "
+            f"chmod -R go-w {folder}"
+        )
