@@ -188,7 +188,9 @@ def info(
     from cxr.runtime.bundle_info import bundle_info
 
     info = bundle_info(Bundle.open(model, expect_digest, trusted_key))
-    print(json.dumps(info.card, indent=2))
+    answers = info.card.get("known_answers", {})  # a page of numbers: one line a file here
+    shown = {name: f"{a.get('probe_set')}, by {a.get('computed_by')}" for name, a in answers.items()}
+    print(json.dumps({**info.card, "known_answers": shown}, indent=2))
     print(f"\ndigest: {info.digest}  (pin it: --expect-digest {info.digest})")
     print("\nfiles:")
     for file in info.files:
