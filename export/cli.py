@@ -69,13 +69,22 @@ def onnx(
     run: Path = typer.Argument(..., help="Run folder from 'cxr-train fit'."),
     out: Path = typer.Option(..., "--out", help="Bundle folder to write."),
     opset: int = typer.Option(17, help="ONNX opset (13-21)."),
+    ood_keep: Optional[float] = typer.Option(
+        None,
+        help="Re-threshold the run's out-of-distribution gate to let this share of its validation films pass "
+        "(default: as fitted, 0.95).",
+    ),
 ) -> None:
     """fp32 model.onnx (dynamic batch, uint8 pixels in) and the LIME explainer graph, checked against
     PyTorch."""
     import cxr.train.models  # noqa: F401  (registers DPN-SE)
     from cxr.export.onnx_export import export_onnx
 
-    export_onnx(run, out, opset)
+    if ood_keep is not None and not 0.5 <= ood_keep < 1:
+        from cxr.runtime.errors import CxrUsageError
+
+        raise CxrUsageError(f"--ood-keep must be in [0.5, 1), got {ood_keep}")
+    export_onnx(run, out, opset, ood_keep)
     print_digest(out)
 
 

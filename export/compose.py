@@ -65,7 +65,8 @@ def explainer_from_classifier(classifier: Path, out: Path, size: int) -> None:
 
     net = onnx.load(str(classifier))
     opset = next(o.version for o in net.opset_import if o.domain in ("", "ai.onnx"))
-    (net_input,), (net_output,) = net.graph.input, net.graph.output
+    (net_input,), net_output = net.graph.input, net.graph.output[0]
+    del net.graph.output[1:]  # the explainer returns probabilities only (the gate's features stay unused)
     first = [node for node in net.graph.node if net_input.name in node.input]
     if not first or any(node.op_type != "Cast" for node in first):
         raise CxrError(

@@ -28,13 +28,15 @@ from cxr.export.known import record_known_answers
 from cxr.export.stage import bundle_stage
 from cxr.runtime.card import Card, graph_metadata, write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
-from cxr.runtime.safe_io import atomic_output
+from cxr.runtime.safe_io import atomic_output, atomic_write
+from cxr.train.ood_features import FeatureClassifier
 from cxr.train.run import load_run
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 EXPORT_ATOL = 1e-4
+FEATURES_RTOL = 1e-4  # the gate's features, relative to their largest magnitude
 
 
 def card_metadata(card: Card) -> dict[str, str]:
@@ -89,20 +91,25 @@ def check_graph(
             f"{path.name}: ONNX checker rejected the exported graph: {str(exc).splitlines()[0]}"
         ) from None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
+    worst, worst_features = 0.0, 0.0
     with torch.no_grad():
         for feed in feeds:
-            expected = module(*feed.values()).numpy()
-            got = session.run(None, {k: v.numpy() for k, v in feed.items()})[0]
-            worst = max(worst, float(np.max(np.abs(expected - got))))
-    if worst > atol:
+            expected = module(*feed.values())
+            expected = [t.numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+            got = session.run(None, {k: v.numpy() for k, v in feed.items()})
+            worst = max(worst, float(np.max(np.abs(expected[0] - got[0]))))
+            for want, have in zip(expected[1:], got[1:]):  # features: relative to their scale
+                scale = max(1.0, float(np.max(np.abs(want))))
+                worst_features = max(worst_features, float(np.max(np.abs(want - have))) / scale)
+    if worst > atol or worst_features > FEATURES_RTOL:
         raise CxrError(
-            f"{path.name}: ONNX Runtime disagrees with PyTorch (max |dprob| {worst:.2e} > {atol:.0e})"
+            f"{path.name}: ONNX Runtime disagrees with PyTorch (max |dprob| {worst:.2e}, tolerance "
+            f"{atol:.0e}; features {worst_features:.2e} of their scale, tolerance {FEATURES_RTOL:.0e})"
         )
     return worst
 
 
-def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
+def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET, ood_keep: float | None = None) -> Card:
     """A new bundle in the folder ``out``: ``model.onnx``, ``explain.onnx`` and ``card.json``, built beside
     it and swapped in whole (``cxr.export.stage``): a bundle there is replaced, nothing of it is kept."""
     card, model = load_run(run)
@@ -113,7 +120,7 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
         raise CxrUsageError("--out must be a new folder, not the run folder")
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with bundle_stage(out, "onnx", fresh=True) as work:
-        card, worst = _write_bundle(run, work, card, model, opset)
+        card, worst = _write_bundle(run, work, card, model, opset, ood_keep)
     log.info(
         f"wrote {out / 'model.onnx'} and {out / 'explain.onnx'} (ORT vs PyTorch max |dprob| {worst:.1e}); "
         f"card: {out / 'card.json'}"
@@ -121,7 +128,9 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET) -> Card:
     return card
 
 
-def _write_bundle(run: Path, out: Path, card: Card, model: torch.nn.Module, opset: int) -> tuple[Card, float]:
+def _write_bundle(
+    run: Path, out: Path, card: Card, model: torch.nn.Module, opset: int, ood_keep: float | None
+) -> tuple[Card, float]:
     """The graphs, their checks, the training records and the card, written into the (empty) folder ``out``;
     returns the card and the largest ORT-vs-PyTorch difference."""
     size = card.input.size
@@ -131,14 +140,15 @@ def _write_bundle(run: Path, out: Path, card: Card, model: torch.nn.Module, opse
         {"image": torch.randint(0, 256, (b, 1, size, size), dtype=torch.uint8, generator=gen)} for b in (1, 3)
     ]
     classifier_path = out / "model.onnx"
+    classifier = FeatureClassifier(model.adapter, model.net).eval()  # probs, and the gate's features
     _torch_export(
-        model,
+        classifier,
         image_feeds[0],
         classifier_path,
         opset,
         CLASSIFIER_INPUTS,
         CLASSIFIER_OUTPUTS,
-        {"image": {0: "batch"}, "probs": {0: "batch"}},
+        {"image": {0: "batch"}, "probs": {0: "batch"}, "features": {0: "batch"}},
     )
     explainer = Explainer(model).eval()
     explain_path = out / "explain.onnx"
@@ -156,7 +166,7 @@ def _write_bundle(run: Path, out: Path, card: Card, model: torch.nn.Module, opse
         set_metadata(graph, metadata)
         with atomic_output(path) as tmp:
             onnx.save(graph, str(tmp))
-    diff_classifier = check_graph(classifier_path, model, image_feeds, EXPORT_ATOL)
+    diff_classifier = check_graph(classifier_path, classifier, image_feeds, EXPORT_ATOL)
     diff_explainer = check_graph(explain_path, explainer, [example_inputs(size, 24, 5)], EXPORT_ATOL)
     for extra in ("metrics.json", "confusion.png", "curves.png"):
         if (Path(run) / extra).is_file():
@@ -171,5 +181,27 @@ def _write_bundle(run: Path, out: Path, card: Card, model: torch.nn.Module, opse
         export_check={"model.onnx": diff_classifier, "explain.onnx": diff_explainer},
     )
     card = card.replace(provenance=provenance, known_answers={})  # a new bundle: the run's card has none
+    card = copy_gate(Path(run), out, card, ood_keep)
     card = write_card(out, record_known_answers(out, card, [classifier_path.name, explain_path.name]))
     return card, max(diff_classifier, diff_explainer)
+
+
+def copy_gate(run: Path, out: Path, card: Card, keep: float | None) -> Card:
+    """The run's out-of-distribution gate into the bundle (re-thresholded when ``keep`` is given); a run
+    trained before gates gives a bundle without one (the runtime says so once)."""
+    from cxr.runtime.ood import GATE_FILE, Gate
+    from cxr.train.gate import gate_section
+
+    source = run / GATE_FILE
+    if not source.is_file():
+        log.warning(
+            f"{run}: no {GATE_FILE}: the bundle gets no out-of-distribution gate (fit one with "
+            f"'cxr-train gate {run} DATA', then export again)"
+        )
+        return card.replace(ood={})
+    gate = Gate.from_bytes(source.read_bytes(), str(source))
+    if keep is not None:
+        gate = gate.with_keep(keep)
+    atomic_write(out / GATE_FILE, gate.to_bytes())
+    seconds = card.ood.get("fit_seconds", 0.0)
+    return card.replace(ood=gate_section(gate, len(gate.validation_scores), seconds))

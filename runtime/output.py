@@ -44,12 +44,13 @@ def csv_fields(classes: tuple[str, ...]) -> list[str]:
     return (
         ["path", "label", "backend", "precision", "error", "warnings"]
         + [f"prob_{c}" for c in classes]
-        + ["explained_label", "overlay", "bundle_digest"]
+        + ["ood_score", "in_distribution", "explained_label", "overlay", "bundle_digest"]
     )
 
 
 def csv_row(record: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:
-    row = {k: record.get(k) for k in ("path", "label", "backend", "precision", "error", "bundle_digest")}
+    keys = ("path", "label", "backend", "precision", "error", "ood_score", "in_distribution", "bundle_digest")
+    row = {k: record.get(k) for k in keys}
     row["warnings"] = "; ".join(record.get("warnings") or [])
     probs = record.get("probs") or {}
     row.update({f"prob_{c}": probs.get(c) for c in classes})

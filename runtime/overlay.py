@@ -19,7 +19,7 @@ def _colour(weight: float) -> tuple[float, float, float]:
 
 
 def render_overlay(
-    image: np.ndarray, explanation: Explanation, class_name: str, num_features: int
+    image: np.ndarray, explanation: Explanation, class_name: str, num_features: int, note: str | None = None
 ) -> np.ndarray:
     scale = DISPLAY_SIZE / image.shape[0]
     base = cv2.cvtColor(
@@ -50,6 +50,10 @@ def render_overlay(
         1,
         cv2.LINE_AA,
     )
+    if note:  # a warning the reader must not miss (an input unlike the training films), on a dark band
+        height = out.shape[0]
+        out[height - 30 :] = (out[height - 30 :] * 0.3).astype(np.uint8)
+        cv2.putText(out, note, (8, height - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 255), 1, cv2.LINE_AA)
     return np.hstack([out, colour_bar(base.shape[0], peak)])
 
 
@@ -71,10 +75,15 @@ def colour_bar(height: int, peak: float) -> np.ndarray:
 
 
 def save_overlay(
-    path: Path, image: np.ndarray, explanation: Explanation, class_name: str, num_features: int
+    path: Path,
+    image: np.ndarray,
+    explanation: Explanation,
+    class_name: str,
+    num_features: int,
+    note: str | None = None,
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = render_overlay(image, explanation, class_name, num_features)
+    picture = render_overlay(image, explanation, class_name, num_features, note)
     ok, encoded = cv2.imencode(".png", picture)
     if not ok:
         raise RuntimeError(f"could not encode the overlay for {path}")

@@ -23,6 +23,7 @@ from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import Card
 from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
+from cxr.runtime.ood import Gate, image_stats
 from cxr.runtime.output import record_path
 from cxr.runtime.overlay import save_overlay
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode, load_image, preprocess
@@ -41,6 +42,7 @@ class PredictOptions:
     strict: bool = False  # a warning (not a radiograph? colour? tiny?) fails the input instead
     bundle_digest: str = ""  # written into every record: what a resume matches
     protected: frozenset[tuple[int, int]] = frozenset()  # (device, inode) of inputs no overlay may replace
+    gate: Gate | None = None  # the bundle's out-of-distribution gate (None: a bundle without one)
 
 
 class OpeningExplainer:
@@ -97,6 +99,8 @@ def _record(path: Path, backend: Backend, digest: str) -> dict[str, Any]:
         "precision": backend.precision,
         "error": None,
         "warnings": [],
+        "ood_score": None,
+        "in_distribution": None,
         "bundle_digest": digest,
     }
 
@@ -122,6 +126,7 @@ class Prepared:
     image: np.ndarray | None
     warnings: tuple[str, ...] = ()
     error: str | None = None
+    stats: np.ndarray | None = None  # the decoded film's statistics (the gate's image part)
 
 
 def prepare(source: Path | bytes, name: str, card: Card, max_pixels: int, strict: bool = False) -> Prepared:
@@ -138,37 +143,101 @@ def prepare(source: Path | bytes, name: str, card: Card, max_pixels: int, strict
         notes = decoded.warnings
         if notes and strict:
             raise CxrError(f"{name}: {'; '.join(notes)} (--strict)")
-        return Prepared(preprocess(decoded.gray, card.input.size, card.preprocessing), notes)
+        image = preprocess(decoded.gray, card.input.size, card.preprocessing)
+        return Prepared(image, notes, None, image_stats(decoded.gray, decoded.colour))
     except Exception as exc:
         return Prepared(None, notes, fault_line(name, exc, "reading"))
 
 
-def _read(path: Path, record: dict[str, Any], options: PredictOptions, bundle: Bundle, known: dict) -> Any:
-    """The preprocessed image of one input, or None with the record's error set."""
+def _read(
+    path: Path, record: dict[str, Any], options: PredictOptions, bundle: Bundle, known: dict
+) -> Prepared:
+    """One input prepared, its record's warnings and error set."""
     if path in known:
         record["error"] = known[path]
-        return None
+        return Prepared(None)
     prepared = prepare(path, record_path(path), bundle.card, options.max_pixels, options.strict)
     record["warnings"], record["error"] = list(prepared.warnings), prepared.error
-    return prepared.image
+    return prepared
 
 
-def classify(backend: Backend, images: list[np.ndarray], paths: list[Path]) -> list[np.ndarray | str]:
-    """Probabilities (or the error) of each image: one backend call for the batch; when it fails, each image
-    alone, so one image that breaks a call costs only its own record."""
+Answer = tuple[np.ndarray, np.ndarray | None]  # one image's probabilities and gate features
+
+
+def classify_outputs(backend: Backend, images: list[np.ndarray], paths: list[Path]) -> list[Answer | str]:
+    """Probabilities and features (or the error) of each image: one backend call for the batch; when it
+    fails, each image alone, so one image that breaks a call costs only its own record."""
     try:
-        return list(backend.run(np.stack(images)[:, None]))
+        probs, features = backend.run_outputs(np.stack(images)[:, None])
+        return [(row, None if features is None else features[i]) for i, row in enumerate(probs)]
     except Exception as exc:
         if len(images) == 1:
             return [_backend_fault(exc, paths[0])]
         log.debug("a batch of %d failed (%s); retrying image by image", len(images), one_line(exc, 200))
-    results: list[np.ndarray | str] = []
+    results: list[Answer | str] = []
     for image, path in zip(images, paths):
         try:
-            results.append(backend.run(image[None, None])[0])
+            probs, features = backend.run_outputs(image[None, None])
+            results.append((probs[0], None if features is None else features[0]))
         except Exception as exc:
             results.append(_backend_fault(exc, path))
     return results
+
+
+def classify(backend: Backend, images: list[np.ndarray], paths: list[Path]) -> list[np.ndarray | str]:
+    """``classify_outputs`` without the features: the probabilities (or the error) of each image."""
+    return [a if isinstance(a, str) else a[0] for a in classify_outputs(backend, images, paths)]
+
+
+def gate_records(
+    gate: Gate | None,
+    records: list[dict[str, Any]],
+    answers: dict[int, Answer],
+    stats: dict[int, Any],
+    strict: bool,
+) -> None:
+    """Each labelled record's ``ood_score`` and ``in_distribution``; an input unlike the training films gets
+    a warning, or with ``strict`` an error instead of its label. A bundle without a gate leaves them None."""
+    if gate is None or not answers:
+        return
+    order = sorted(answers)
+    features = [answers[i][1] for i in order]
+    if gate.parts and any(f is None for f in features):
+        _say_once(
+            "the backend returns no features (a graph exported before gates?): records carry no ood_score"
+        )
+        return
+    scores = gate.scores(
+        None if any(f is None for f in features) else np.stack(features), np.stack([stats[i] for i in order])
+    )
+    for i, score in zip(order, scores):
+        record = records[i]
+        record["ood_score"] = round(float(score), 4)
+        record["in_distribution"] = bool(score <= gate.threshold)
+        if record["in_distribution"]:
+            continue
+        note = ood_note(float(score), gate.threshold)
+        if strict:
+            record.update(label=None, probs=None, error=f"{record['path']}: {note} (--strict)")
+            record.pop("top_k", None)
+        else:
+            record["warnings"].append(note)
+
+
+_said: set[str] = set()
+
+
+def _say_once(text: str) -> None:
+    if text not in _said:
+        _said.add(text)
+        log.warning(f"warning: {text}")
+
+
+def ood_note(score: float, threshold: float) -> str:
+    return (
+        f"not like the training films (out-of-distribution score {score:.2f} above the gate's "
+        f"{threshold:.2f}): is this a chest film?"
+    )
 
 
 def _backend_fault(exc: Exception, path: Path) -> str:
@@ -205,23 +274,30 @@ def predict_stream(
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
             records = [_record(path, backend, options.bundle_digest) for path in chunk]
-            images = [_read(p, r, options, bundle, known_errors) for p, r in zip(chunk, records)]
+            prepared = [_read(p, r, options, bundle, known_errors) for p, r in zip(chunk, records)]
+            images = [item.image for item in prepared]
             good = [i for i, image in enumerate(images) if image is not None]
-            answers = classify(backend, [images[i] for i in good], [chunk[i] for i in good]) if good else []
-            rows = {}
+            answers = (
+                classify_outputs(backend, [images[i] for i in good], [chunk[i] for i in good]) if good else []
+            )
+            rows: dict[int, Answer] = {}
             for i, answer in zip(good, answers):
                 if isinstance(answer, str):
                     records[i]["error"] = answer
-                else:
+                elif label_record(records[i], answer[0], classes, options.top_k):
                     rows[i] = answer
+            gate_records(options.gate, records, rows, {i: prepared[i].stats for i in rows}, options.strict)
             for i, record in enumerate(records):
-                labelled = i in rows and _label(record, rows[i], classes, options.top_k)
+                labelled = i in rows and record["label"] is not None
                 if labelled and explainer is not None and options.explain is not None:
                     ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
-                    label = int(np.argmax(rows[i]))
+                    label = int(np.argmax(rows[i][0]))
                     try:
+                        note = (
+                            None if record["in_distribution"] is not False else "NOT LIKE THE TRAINING FILMS"
+                        )
                         record["explanation"] = _explain(
-                            images[i], chunk[i], start + i, bundle, ready, options, label
+                            images[i], chunk[i], start + i, bundle, ready, options, label, note
                         )
                     except Exception as exc:  # a map or an overlay that fails costs this input only
                         record["error"] = f"explanation failed: {fault_line(chunk[i], exc, 'explaining')}"
@@ -231,7 +307,7 @@ def predict_stream(
         bar.close()
 
 
-def _label(record: dict[str, Any], row: np.ndarray, classes: list[str], top_k: int) -> bool:
+def label_record(record: dict[str, Any], row: np.ndarray, classes: tuple[str, ...], top_k: int = 0) -> bool:
     """Fill the record's label and probabilities from one output row; False (and an error) if not finite."""
     if not np.all(np.isfinite(row)):
         record["error"] = (
@@ -255,8 +331,10 @@ def _explain(
     explainer: ExplainerBackend,
     options: PredictOptions,
     label: int,
+    note: str | None = None,
 ) -> dict[str, Any]:
-    """The map of ``label``, the class the record reports (not the explainer graph's own top class)."""
+    """The map of ``label``, the class the record reports (not the explainer graph's own top class);
+    ``note`` is written on the overlay (an input unlike the training films says so in words)."""
     config = options.explain
     explanation = explain_image(image, explainer, config, label=label)
     overlay = None
@@ -267,7 +345,9 @@ def _explain(
             raise CxrError(f"{record_path(target)}: the overlay would replace an input; choose --explain-dir")
         class_name = bundle.card.classes[explanation.label]
         try:
-            overlay = record_path(save_overlay(target, image, explanation, class_name, config.num_features))
+            overlay = record_path(
+                save_overlay(target, image, explanation, class_name, config.num_features, note)
+            )
         except OSError as exc:
             raise CxrError(f"overlay {record_path(target)} not written ({exc.strerror or exc})") from None
         explanation.timing["overlay_s"] = time.perf_counter() - started

@@ -25,6 +25,7 @@ from cxr.runtime.bundle import Bundle
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.explain import ExplainConfig
 from cxr.runtime.inputs import Discovered, discover, not_images_line
+from cxr.runtime.ood import bundle_gate
 from cxr.runtime.output import OutputPlan, RecordWriter, plan_output, record_path
 from cxr.runtime.predict import OpeningExplainer, PredictOptions, predict_stream
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS
@@ -221,6 +222,7 @@ def _run(
                 strict=job.strict,
                 bundle_digest=bundle.digest,
                 protected=_inode_keys(paths) if job.explain else frozenset(),
+                gate=bundle_gate(bundle),
             )
             records = predict_stream(paths, bundle, classifier, options, explainer, found.errors)
             with RecordWriter(plan, bundle.card.classes) as writer:

@@ -71,6 +71,12 @@ class Decoded:
     gray: np.ndarray
     warnings: tuple[str, ...] = ()
 
+    @property
+    def colour(self) -> bool:
+        """Converted from colour (a photograph more often than a radiograph): the out-of-distribution gate's
+        image statistics count it."""
+        return any(w.startswith(("colour image converted", "colour DICOM")) for w in self.warnings)
+
 
 def load_image(
     path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, *, dicom_window: str = "window"

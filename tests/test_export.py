@@ -45,7 +45,11 @@ def test_fp16_graph_pools_se_means_in_fp16(bundle):
     ops = [n.op_type for n in fp16.graph.node]
     assert means > 0 and "ReduceMean" not in ops and ops.count("GlobalAveragePool") >= means
     producer = {out: n.op_type for n in fp16.graph.node for out in n.output}
-    pools = [n for n in fp16.graph.node if n.op_type == "GlobalAveragePool"]
+    feeds = {name: n.op_type for n in fp16.graph.node for name in n.input}
+    pools = [
+        n for n in fp16.graph.node if n.op_type == "GlobalAveragePool" and feeds.get(n.output[0]) == "Conv"
+    ]
+    assert len(pools) >= means  # the SE gates' means and the head's (the gate's feature pools feed no Conv)
     assert all(producer[n.input[0]] != "Cast" for n in pools)  # pooled in fp16, not cast to fp32 first
     assert spatial_means_to_pooling(fp16) == 0  # nothing left to rewrite
     over_channels = onnx.helper.make_model(

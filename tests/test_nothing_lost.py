@@ -74,7 +74,7 @@ def test_a_batch_that_fails_is_retried_image_by_image(bundle, films, tmp_path, m
     from cxr.runtime.backends.onnxruntime import OrtBackend
     from cxr.runtime.predict_job import run_predict
 
-    real_run = OrtBackend._run
+    real_run = OrtBackend._run_outputs
 
     def run(self, batch):  # this one image breaks any call it is part of
         if any(int(image.sum()) == poisoned for image in batch):
@@ -86,7 +86,7 @@ def test_a_batch_that_fails_is_retried_image_by_image(bundle, films, tmp_path, m
 
     card = Bundle.open(bundle).card
     poisoned = int(load_and_preprocess(films / "good3.png", card.input.size, pre=card.preprocessing).sum())
-    monkeypatch.setattr(OrtBackend, "_run", run)
+    monkeypatch.setattr(OrtBackend, "_run_outputs", run)
     out = tmp_path / "r.jsonl"
     run_predict(_job(bundle, [films / f"good{i}.png" for i in range(8)], out=out, batch_size=8))
     records = _records(out)
@@ -486,4 +486,5 @@ def test_odd_dicom_headers_in_a_folder_cost_no_other_record(bundle, films, tmp_p
     for failed in ("palette_without_lut.dcm", "truncated_pixels.dcm", "odd_vr.dcm"):
         error = records[failed]["error"]
         assert error and "\n" not in error and error.startswith(str(folder / failed)), error
-    assert all(line.startswith(("warning: ", "error: ")) for line in result.stderr.splitlines()), result.stderr
+    lines = result.stderr.splitlines()
+    assert all(line.startswith(("warning: ", "error: ")) for line in lines), result.stderr

@@ -97,6 +97,11 @@ def fit(
     erase_corners: float = typer.Option(
         0.5, help="Training only: chance per corner of erasing a random square."
     ),
+    ood_gate: bool = typer.Option(
+        True,
+        "--ood-gate/--no-ood-gate",
+        help="Fit the out-of-distribution gate on the training films at the end (see 'cxr-train gate').",
+    ),
 ) -> None:
     """Train a model; writes model.pt, card.json, metrics.json, confusion.png, curves.png."""
     from cxr.train.config import FitConfig
@@ -127,10 +132,33 @@ def fit(
         clahe=clahe,
         border_mask=border_mask,
         erase_corners=erase_corners,
+        ood_gate=ood_gate,
     )  # checked here, before torch is imported
     from cxr.train.fit import fit as run_fit
 
     run_fit(config)
+
+
+@app.command()
+def gate(
+    run: Path = typer.Argument(..., help="Run folder from 'cxr-train fit'."),
+    data: Path = typer.Argument(..., help="The data folder the run was trained on (its split.json is used)."),
+    keep: float = typer.Option(0.95, help="Share of the run's validation films the gate lets pass."),
+    parts: str = typer.Option(
+        "mahalanobis:all,image",
+        help="Comma-separated parts: mahalanobis:all (every stage), mahalanobis:<stage>, energy, image.",
+    ),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """(Re)fit a run's out-of-distribution gate on its training split, thresholded on its validation split:
+    for runs trained before gates existed, or another --keep / --parts. Writes RUN/ood.npz and the card."""
+    from cxr.runtime.errors import CxrUsageError
+
+    if not 0.5 <= keep < 1:
+        raise CxrUsageError(f"--keep must be in [0.5, 1), got {keep}")
+    from cxr.train.gate import refit_run_gate
+
+    refit_run_gate(run, data, tuple(p.strip() for p in parts.split(",") if p.strip()), keep, device)
 
 
 @app.command()

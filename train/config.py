@@ -41,6 +41,7 @@ class FitConfig:
     clahe: bool = True
     border_mask: float = 0.0
     erase_corners: float = 0.5  # training-only augmentation
+    ood_gate: bool = True  # fit the out-of-distribution gate (cxr.train.gate) on the training split
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:

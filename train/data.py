@@ -10,14 +10,15 @@ import csv
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from cxr.runtime.card import Preprocessing
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.labels import CLASSES
-from cxr.runtime.preprocess import IMAGE_SUFFIXES, read_image, resize_short_side
+from cxr.runtime.ood import image_stats
+from cxr.runtime.preprocess import IMAGE_SUFFIXES, load_image, resize_short_side
 from cxr.runtime.suppress import whole_film_steps
 from tqdm import tqdm
 
@@ -104,18 +105,22 @@ class LoadedImages:
     original_shapes: list[tuple[int, int]]
     samples: list[Sample]
     skipped: list[tuple[str, str]]
+    stats: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # image statistics, one row a film
 
 
 def _decode(
     sample: Sample, size: int, pre: Preprocessing | None
-) -> tuple[np.ndarray | None, tuple[int, int] | str]:
-    """One file after the whole-film suppression steps, at short side ``size``, with its original shape, or
+) -> tuple[np.ndarray | None, tuple[int, int] | str, np.ndarray | None]:
+    """One file after the whole-film suppression steps, at short side ``size``, with its original shape and
+    its image statistics (``cxr.runtime.ood.image_stats``, of the decoded film as the runtime sees it), or
     None and the reason it is unreadable. The view steps (border band) follow the crop: see ``view_steps``."""
     try:
-        gray = read_image(sample.path, dicom_window=pre.dicom_window if pre is not None else "window")
+        decoded = load_image(sample.path, dicom_window=pre.dicom_window if pre is not None else "window")
     except CxrError as exc:
-        return None, str(exc)
-    return resize_short_side(whole_film_steps(gray, pre), size), gray.shape[:2]
+        return None, str(exc), None
+    gray = decoded.gray
+    stats = image_stats(gray, decoded.colour)
+    return resize_short_side(whole_film_steps(gray, pre), size), gray.shape[:2], stats
 
 
 def load_images(
@@ -126,11 +131,11 @@ def load_images(
     pre: Preprocessing | None = None,
 ) -> LoadedImages:
     """Decode in threads (OpenCV and pydicom's decoders release the GIL); order follows ``samples``."""
-    images, labels, shapes, kept, skipped = [], [], [], [], []
+    images, labels, shapes, kept, skipped, stats = [], [], [], [], [], []
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         decoded = pool.map(lambda sample: _decode(sample, size, pre), samples)
-        for sample, (image, info) in tqdm(
+        for sample, (image, info, film_stats) in tqdm(
             zip(samples, decoded),
             total=len(samples),
             desc=desc,
@@ -145,6 +150,14 @@ def load_images(
             labels.append(sample.label)
             shapes.append(info)
             kept.append(sample)
+            stats.append(film_stats)
     if skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0][1])
-    return LoadedImages(images, np.array(labels, dtype=np.int64), shapes, kept, skipped)
+    return LoadedImages(
+        images,
+        np.array(labels, dtype=np.int64),
+        shapes,
+        kept,
+        skipped,
+        np.array(stats).reshape(len(stats), -1),
+    )

@@ -334,6 +334,12 @@ def _write_run(
         provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "cxr-train fit"},
     )
     write_card(out, card)
+    if config.ood_gate:
+        from cxr.train.gate import fit_run_gate
+        from cxr.train.run import load_run
+
+        best_card, best_model = load_run(out)  # the best epoch's weights, as saved
+        fit_run_gate(out, best_card, best_model.to(ctx.device), train, val, ctx.device, config.batch_size)
     log.info(format_report(report, f"best epoch {best['epoch']} (validation, {len(val.images)} images)"))
     if skipped:
         log.info(f"skipped {len(skipped)} unreadable image(s); see metrics.json")

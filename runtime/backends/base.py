@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 # The graphs' tensor names: the runtime binds them, the exporter (cxr.export.graphs) writes them.
-IMAGE, FILL, SEGMENTS, Z, PROBS = "image", "fill", "segments", "z", "probs"
-CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS = (IMAGE,), (PROBS,)
+IMAGE, FILL, SEGMENTS, Z, PROBS, FEATURES = "image", "fill", "segments", "z", "probs", "features"
+# features: what the out-of-distribution gate reads (cxr.runtime.ood); graphs exported before it lack them
+CLASSIFIER_INPUTS, CLASSIFIER_OUTPUTS = (IMAGE,), (PROBS, FEATURES)
 EXPLAINER_INPUTS, EXPLAINER_OUTPUTS = (IMAGE, FILL, SEGMENTS, Z), (PROBS,)
 Z_COLUMNS = 64  # explainer rows are padded to a multiple of this many segment columns (~50 SLIC segments fit)
 
@@ -145,20 +146,41 @@ class Backend(_Contract):
     for every backend, which implements ``_run``."""
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.run_outputs(batch)[0]
+
+    def run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, where the graph emits them, the out-of-distribution gate's features (else
+        None), from one call."""
         _check_uint8(batch, "a classifier batch", 4)
         if batch.shape[1] != 1 or batch.shape[2] != batch.shape[3]:
             raise ValueError(f"a classifier batch is N x 1 x S x S, got {batch.shape}")
         if not 1 <= len(batch) <= self.limits.max_batch:
             raise ValueError(f"{len(batch)} images exceed this backend's batch of 1..{self.limits.max_batch}")
-        return self._run(batch)
+        return self._run_outputs(batch)
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray: ...
 
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Backends whose graphs emit features override this (and ``_run`` returns its first item)."""
+        return self._run(batch), None
+
     def run_chunked(self, batch: np.ndarray) -> np.ndarray:
         """Split a batch to fit the backend's limits."""
+        return self.run_outputs_chunked(batch)[0]
+
+    def run_outputs_chunked(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``run_outputs`` on a batch of any size, split to fit the backend's limits."""
         step = self.limits.max_batch
-        return np.concatenate([self.run(batch[i : i + step]) for i in range(0, len(batch), step)])
+        parts = [self.run_outputs(batch[i : i + step]) for i in range(0, len(batch), step)]
+        features = [f for _, f in parts]
+        joined = None if any(f is None for f in features) else np.concatenate(features)
+        return np.concatenate([p for p, _ in parts]), joined
+
+    @property
+    def features_width(self) -> int | None:
+        """How many gate features the graph emits per image (None: a graph exported before them)."""
+        return None
 
 
 class ExplainerBackend(_Contract):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from cxr.runtime.backends.base import (
     EXPLAINER_INPUTS,
+    FEATURES,
     PROBS,
     Backend,
     BatchLimits,
@@ -190,14 +191,26 @@ class OrtBackend(Backend):
         self.providers = self.session.get_providers()
         self.device, self.provider = session_device(self.session)
         self.input_name = self.session.get_inputs()[0].name
+        outputs = {output.name: output for output in self.session.get_outputs()}
+        self.output_names = [next(iter(outputs))] + [FEATURES] * (FEATURES in outputs)
+        shape = outputs[FEATURES].shape if FEATURES in outputs else None
+        self._features_width = int(shape[-1]) if shape and isinstance(shape[-1], int) else None
         self.limits = BatchLimits(1, max_batch)
 
+    @property
+    def features_width(self) -> int | None:
+        return self._features_width
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._run_outputs(batch)[0]
+
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         count = len(batch)
         if self.device != "cpu":
             batch = pad_rows(batch, bucket(count, self.limits))
-        return self.session.run(None, {self.input_name: batch})[0][:count]
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
+        return outputs[0][:count], outputs[1][:count] if len(outputs) > 1 else None
 
 
 class OrtExplainer(ExplainerBackend):

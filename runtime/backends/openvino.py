@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from cxr.runtime.backends.base import (
+    FEATURES,
     IMAGE,
     PROBE_SEGMENTS,
     Backend,
@@ -85,6 +86,7 @@ class _Compiled:
         except Exception as exc:
             raise CxrError(f"{path}: OpenVINO cannot read it: {one_line(exc, 200)}") from None
         self.metadata = onnx_metadata(data)
+        self.output_names = {name for output in self.model.outputs for name in output.get_names()}
         self.path = path
         self._requests: dict[tuple, Any] = {}
 
@@ -123,8 +125,18 @@ class _Compiled:
         return self._requests[key]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run_outputs(feeds)[0]
+
+    def run_outputs(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first output and, where the graph has it, the features output (copies: the request reuses
+        its buffers)."""
         request = self.request({name: value.shape for name, value in feeds.items()})
-        return np.array(request.infer(feeds)[0], dtype=np.float32)  # a copy: the request reuses its buffer
+        results = request.infer(feeds)
+        first = np.array(results[0], dtype=np.float32)
+        if FEATURES not in self.output_names:
+            return first, None
+        features = next(value for port, value in results.items() if FEATURES in port.get_names())
+        return first, np.array(features, dtype=np.float32)
 
     def run_split(self, feeds: dict[str, np.ndarray], split: str, streams: int) -> np.ndarray:
         """``feeds[split]`` cut into ``streams`` equal parts, run side by side; outputs in row order."""
@@ -160,10 +172,22 @@ class OvBackend(Backend):
         self.input_name = self.graph.model.inputs[0].get_any_name()
         self.limits = BatchLimits(1, max_batch)
 
+    @property
+    def features_width(self) -> int | None:
+        if FEATURES not in self.graph.output_names:
+            return None
+        shape = self.graph.model.output(FEATURES).get_partial_shape()
+        return int(shape[-1].get_length()) if shape[-1].is_static else None
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._run_outputs(batch)[0]
+
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         count = len(batch)
-        return self.graph.run({self.input_name: pad_rows(batch, bucket(count, self.limits))})[:count]
+        padded = pad_rows(batch, bucket(count, self.limits))
+        probs, features = self.graph.run_outputs({self.input_name: padded})
+        return probs[:count], None if features is None else features[:count]
 
 
 class OvExplainer(ExplainerBackend):

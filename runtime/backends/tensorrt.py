@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from cxr.runtime.backends.base import (
+    FEATURES,
     PROBS,
     Backend,
     BatchLimits,
@@ -211,10 +212,22 @@ class TrtBackend(Backend):
         self.input_name = self.engine.inputs[0]
         self.limits = self.engine.batch_limits(self.input_name)
 
+    @property
+    def features_width(self) -> int | None:
+        if FEATURES not in self.engine.outputs:
+            return None
+        return int(self.engine.engine.get_tensor_shape(FEATURES)[-1])
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._run_outputs(batch)[0]
+
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         count = len(batch)
         self.engine.copy_input(self.input_name, pad_rows(batch, bucket(count, self.limits)))
-        return self.engine.execute()[self.engine.outputs[0]][:count].astype(np.float32)
+        outputs = self.engine.execute()
+        probs = outputs[PROBS if PROBS in outputs else self.engine.outputs[0]][:count].astype(np.float32)
+        features = outputs.get(FEATURES)
+        return probs, None if features is None else features[:count].astype(np.float32)
 
     def close(self) -> None:
         self.engine.close()
