@@ -182,28 +182,41 @@ def serve_load(
     data: List[str] = typer.Argument(
         ..., help="Images, folders or globs sent by the clients (e.g. the 600 dev images)."
     ),
-    clients: int = typer.Option(8, help="Concurrent clients, one image per request."),
-    max_requests: int = typer.Option(2000, help="Stop after this many requests."),
+    clients: str = typer.Option(
+        "8,32,64", help="Concurrent clients, one image per request; a comma list runs each count in turn."
+    ),
+    max_requests: int = typer.Option(2000, help="Stop each client count after this many requests."),
     max_seconds: float = typer.Option(120.0, help="... or after this many seconds."),
     max_batch: MaxBatch = DEFAULT_MAX_BATCH,
     max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
     instances: Instances = 1,
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (server and local alike)."),
+    protocol: str = typer.Option("http", help="http (through the guarded front) or grpc (Triton directly)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for serve_load.json and .png."),
 ) -> None:
-    """Loopback load test of 'cxr-run serve' vs local predict: throughput, p50/p95/p99, batch sizes formed,
-    equality."""
-    from cxr.bench.serve_load import LoadOptions, run_serve_load
+    """Loopback load test of 'cxr-run serve' vs local predict: per client count throughput, p50/p95/p99,
+    failed requests, batch sizes formed, equality; the server's peak memory."""
+    from cxr.bench.serve_load import PROTOCOLS, LoadOptions, run_serve_load
     from cxr.runtime.errors import CxrUsageError
 
-    if clients < 1 or max_requests < 1 or max_seconds <= 0:
-        raise CxrUsageError("--clients and --max-requests must be at least 1, --max-seconds more than 0")
-    run_serve_load(
-        model,
-        data,
-        out,
-        LoadOptions(clients, max_requests, max_seconds, max_batch, max_queue_delay_us, instances, precision),
+    counts = tuple(int(c) for c in clients.split(",") if c.strip().isdigit())
+    if len(counts) != len(clients.split(",")) or min(counts, default=0) < 1:
+        raise CxrUsageError(f"--clients must be whole numbers of at least 1, e.g. 8,32,64; got {clients!r}")
+    if max_requests < 1 or max_seconds <= 0 or protocol not in PROTOCOLS:
+        raise CxrUsageError(
+            "--max-requests must be at least 1, --max-seconds more than 0, --protocol http or grpc"
+        )
+    options = LoadOptions(
+        clients=counts,
+        max_requests=max_requests,
+        max_seconds=max_seconds,
+        max_batch=max_batch,
+        max_queue_delay_us=max_queue_delay_us,
+        instances=instances,
+        precision=precision,
+        protocol=protocol,
     )
+    run_serve_load(model, data, out, options)
 
 
 @app.command()

@@ -1,8 +1,11 @@
 """Load test on loopback: N concurrent clients against ``cxr-run serve``, compared with local predict.
 
-Every request is one preprocessed image, as a bedside device sends it. Reported: throughput, latency
-percentiles, the batch sizes Triton's dynamic batcher formed (from its statistics extension), and
-whether every reply equals local predict for the same image. Bounded by a request count and a time.
+Every request is one preprocessed image, as a bedside device sends it, over HTTP through the guarded front
+(or gRPC, straight to Triton). One server is driven at each client count in turn (8, 32, 64 by default).
+Reported per count: throughput, latency percentiles, failed requests, the batch sizes Triton's dynamic
+batcher formed (from its statistics extension), and whether every reply equals local predict for the same
+image; for the whole run, the server's peak memory (its process tree, sampled). Bounded by a request count
+and a time per client count.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from cxr.runtime.bundle import Bundle
 from cxr.runtime.errors import CxrError
 from cxr.runtime.inputs import expand_inputs
 from cxr.runtime.preprocess import load_and_preprocess
-from cxr.runtime.serve_process import ServerProcess
+from cxr.runtime.serve_process import MemorySampler, ServerProcess
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -30,9 +33,12 @@ log = logging.getLogger(__name__)
 MATCH_ATOL = 1e-5  # batch composition may change float summation order, nothing more
 
 
+PROTOCOLS = ("http", "grpc")
+
+
 @dataclass(frozen=True)
 class LoadOptions:
-    clients: int = 8
+    clients: tuple[int, ...] = (8, 32, 64)  # one load level per count, in this order, on one server
     max_requests: int = 2000
     max_seconds: float = 120.0
     max_batch: int = 64
@@ -40,6 +46,7 @@ class LoadOptions:
     instances: int = 1
     precision: str = "fp32"
     local_batch: int = 16
+    protocol: str = "http"  # http: through the guarded front, as users reach it; grpc: Triton directly
 
 
 def load_pixels(data: list[str], size: int) -> tuple[list[str], np.ndarray]:
@@ -113,19 +120,28 @@ def settled_counts(address: str, model: str, images: int, timeout_s: float = 5.0
         time.sleep(0.05)
 
 
-def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, Any]:
-    """N threads, one gRPC client each, one image per request, until the request or time budget ends."""
-    import tritonclient.grpc as grpcclient
+def _client(protocol: str, address: str) -> tuple[Any, Any]:
+    if protocol == "grpc":
+        import tritonclient.grpc as module
 
+        return module, module.InferenceServerClient(address)
+    import tritonclient.http as module
+
+    return module, module.InferenceServerClient(address, connection_timeout=60, network_timeout=60)
+
+
+def drive(address: str, pixels: np.ndarray, clients: int, options: LoadOptions) -> dict[str, Any]:
+    """N threads, one client each, one image per request, until the request or time budget ends."""
     lock, issued = threading.Lock(), [0]
-    latencies: list[list[float]] = [[] for _ in range(options.clients)]
+    latencies: list[list[float]] = [[] for _ in range(clients)]
     replies: dict[int, np.ndarray] = {}
     errors: list[str] = []
     deadline = time.monotonic() + options.max_seconds
-    bar = tqdm(total=options.max_requests, desc=f"{options.clients} clients", unit="req")
+    bar = tqdm(total=options.max_requests, desc=f"{clients} clients", unit="req")
 
     def client_loop(worker: int) -> None:
-        client = grpcclient.InferenceServerClient(address)
+        module, client = _client(options.protocol, address)
+        extra = {"client_timeout": 60} if options.protocol == "grpc" else {}
         try:
             while time.monotonic() < deadline:
                 with lock:
@@ -134,11 +150,11 @@ def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, A
                     index = issued[0]
                     issued[0] += 1
                 image = pixels[index % len(pixels)][None]
-                request = grpcclient.InferInput("image", list(image.shape), "UINT8")
+                request = module.InferInput("image", list(image.shape), "UINT8")
                 request.set_data_from_numpy(image)
                 t0 = time.perf_counter()
                 try:
-                    probs = client.infer("cxr", [request], client_timeout=60).as_numpy("probs")
+                    probs = client.infer("cxr", [request], **extra).as_numpy("probs")
                 except Exception as exc:  # recorded and counted, the run goes on
                     with lock:
                         errors.append(str(exc)[:200])
@@ -150,7 +166,7 @@ def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, A
         finally:
             client.close()
 
-    threads = [threading.Thread(target=client_loop, args=(w,), daemon=True) for w in range(options.clients)]
+    threads = [threading.Thread(target=client_loop, args=(w,), daemon=True) for w in range(clients)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -160,6 +176,7 @@ def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, A
     bar.close()
     flat = np.array([ms for per in latencies for ms in per]) if replies else np.zeros(1)
     return {
+        "clients": clients,
         "requests": len(replies),
         "errors": len(errors),
         "error_examples": errors[:3],
@@ -170,7 +187,32 @@ def drive(address: str, pixels: np.ndarray, options: LoadOptions) -> dict[str, A
     }
 
 
+def _level(load: dict[str, Any], before: dict[int, int], after: dict[int, int], local: np.ndarray) -> dict:
+    """One client count's figures: the batches formed during it, and its replies against local predict."""
+    formed = {size: after.get(size, 0) - before.get(size, 0) for size in sorted(after)}
+    formed = {size: count for size, count in formed.items() if count}
+    replies = load.pop("replies")
+    dprobs = [float(np.max(np.abs(probs - local[i % len(local)]))) for i, probs in replies.items()]
+    mismatched = sum(d > MATCH_ATOL for d in dprobs)
+    executions = sum(formed.values())
+    return {
+        **load,
+        "batch_sizes_formed": formed,
+        "executions": executions,
+        "mean_batch": (sum(s * c for s, c in formed.items()) / executions) if executions else 0.0,
+        "max_abs_dprob_vs_local": max(dprobs, default=float("nan")),
+        "mismatched_replies": mismatched,
+        "all_equal_local": mismatched == 0 and load["errors"] == 0,
+    }
+
+
+def _images(counts: dict[int, int]) -> int:
+    return sum(size * count for size, count in counts.items())
+
+
 def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOptions) -> dict[str, Any]:
+    if options.protocol not in PROTOCOLS or not options.clients or min(options.clients) < 1:
+        raise CxrError(f"--protocol must be one of {', '.join(PROTOCOLS)} and every client count at least 1")
     bundle = Bundle.open(bundle_dir)
     names, pixels = load_pixels(data, bundle.card.input.size)
     local_probs, local = local_predict(bundle, pixels, options)
@@ -184,20 +226,19 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
         "--precision",
         options.precision,
     ]
-    with ServerProcess(bundle_dir, *server_args) as server:
-        address = f"127.0.0.1:{server.grpc_port}"
-        warm = drive(address, pixels[:4], LoadOptions(clients=2, max_requests=8, max_seconds=30))
-        before = settled_counts(address, "cxr", warm["requests"])
-        load = drive(address, pixels, options)
-        images = sum(size * count for size, count in before.items()) + load["requests"]
-        after = settled_counts(address, "cxr", images)
-    formed = {size: after.get(size, 0) - before.get(size, 0) for size in sorted(after)}
-    formed = {size: count for size, count in formed.items() if count}
-    replies = load.pop("replies")
-    dprobs = [float(np.max(np.abs(probs - local_probs[i % len(pixels)]))) for i, probs in replies.items()]
-    worst = max(dprobs, default=float("nan"))
-    mismatched = sum(d > MATCH_ATOL for d in dprobs)
-    executions = sum(formed.values())
+    levels = []
+    with ServerProcess(bundle_dir, *server_args) as server, MemorySampler(server.process.pid) as memory:
+        stats = f"127.0.0.1:{server.grpc_port}"
+        address = server.http_url.removeprefix("http://") if options.protocol == "http" else stats
+        warm = drive(
+            address, pixels[:4], 2, LoadOptions(max_requests=8, max_seconds=30, protocol=options.protocol)
+        )
+        done = warm["requests"]
+        for clients in options.clients:
+            before = settled_counts(stats, "cxr", done)
+            load = drive(address, pixels, clients, options)
+            done = _images(before) + load["requests"]
+            levels.append(_level(load, before, settled_counts(stats, "cxr", done), local_probs))
     results = {
         "environment": environment(),
         "bundle": str(bundle_dir),
@@ -206,16 +247,11 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
         "images": len(names),
         "options": asdict(options),
         "local": local,
-        "server": {
-            **load,
-            "batch_sizes_formed": formed,
-            "executions": executions,
-            "mean_batch": (sum(s * c for s, c in formed.items()) / executions) if executions else 0.0,
-            "max_abs_dprob_vs_local": worst,
-            "mismatched_replies": mismatched,
-            "all_equal_local": mismatched == 0 and load["errors"] == 0,
-        },
-        "ratio_server_vs_local_throughput": load["requests_per_s"] / local["images_per_s"],
+        "levels": levels,
+        "server": levels[-1],
+        "server_memory": memory.report(),
+        "failed_requests": sum(level["errors"] for level in levels),
+        "ratio_server_vs_local_throughput": levels[-1]["requests_per_s"] / local["images_per_s"],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -225,22 +261,31 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
 
 
 def format_serve_load(r: dict[str, Any]) -> str:
-    s, local = r["server"], r["local"]
-    formed = ", ".join(f"{size}x{count}" for size, count in s["batch_sizes_formed"].items())
-    return (
-        f"serve load: {r['arch']} @ {r['image_size']}, {r['images']} images, {r['options']['clients']} "
-        "clients\n"
-        f"  server : {s['requests_per_s']:.1f} req/s  p50 {s['latency_ms']['p50']:.1f} ms  "
-        f"p95 {s['latency_ms']['p95']:.1f} ms  p99 {s['latency_ms']['p99']:.1f} ms  "
-        f"({s['requests']} requests, {s['errors']} errors)\n"
+    local, memory = r["local"], r["server_memory"]
+    lines = [
+        f"serve load: {r['arch']} @ {r['image_size']}, {r['images']} images, {r['options']['protocol']}"
+        f"{' through the guarded front' if r['options']['protocol'] == 'http' else ' to Triton'}"
+    ]
+    for s in r["levels"]:
+        formed = ", ".join(f"{size}x{count}" for size, count in s["batch_sizes_formed"].items())
+        ms = "  ".join(f"{p} {value:.1f} ms" for p, value in s["latency_ms"].items())
+        lines += [
+            f"  {s['clients']:>3} clients: {s['requests_per_s']:.1f} req/s  {ms}  "
+            f"({s['requests']} requests, {s['errors']} failed; equal local predict: {s['all_equal_local']}, "
+            f"max |dprob| {s['max_abs_dprob_vs_local']:.1e})",
+            f"       batches formed (size x count): {formed or 'none'}; mean {s['mean_batch']:.1f}",
+        ]
+    lines += [
         f"  local  : {local['images_per_s']:.1f} img/s at batch {local['batch']}  "
-        f"b1 p50 {local['b1_p50_ms']:.1f} ms  p99 {local['b1_p99_ms']:.1f} ms  [{local['backend']}]\n"
-        f"  ratio  : server/local throughput {r['ratio_server_vs_local_throughput']:.2f}\n"
-        f"  batches formed (size x count): {formed or 'none'}; mean {s['mean_batch']:.1f}\n"
-        f"  replies equal local predict: {s['all_equal_local']} (max |dprob| "
-        f"{s['max_abs_dprob_vs_local']:.1e}, "
-        f"{s['mismatched_replies']} mismatched)"
-    )
+        f"b1 p50 {local['b1_p50_ms']:.1f} ms  p99 {local['b1_p99_ms']:.1f} ms  [{local['backend']}]",
+        f"  ratio  : server/local throughput {r['ratio_server_vs_local_throughput']:.2f} "
+        f"(at {r['server']['clients']} clients)",
+        f"  server memory: peak {memory['tree_peak_pss_mb']:.0f} MB PSS over {memory['processes']} "
+        "processes; "
+        f"serving process (front + models) VmHWM {memory['serve_process_hwm_mb']:.0f} MB, largest child "
+        f"{memory['largest_child_hwm_mb']:.0f} MB",
+    ]
+    return "\n".join(lines)
 
 
 def plot_serve_load(r: dict[str, Any], path: Path) -> None:
@@ -252,11 +297,15 @@ def plot_serve_load(r: dict[str, Any], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     formed = r["server"]["batch_sizes_formed"]
     left.bar([str(k) for k in formed], list(formed.values()), color="tab:blue")
-    left.set(xlabel="batch size formed by Triton", ylabel="executions", title="dynamic batching")
-    names = ["server", "local"]
-    values = [r["server"]["requests_per_s"], r["local"]["images_per_s"]]
-    right.bar(names, values, color=["tab:orange", "tab:gray"])
-    right.set(ylabel="images / s", title=f"throughput ({r['options']['clients']} clients)")
+    left.set(
+        xlabel="batch size formed by Triton",
+        ylabel="executions",
+        title=f"dynamic batching ({r['server']['clients']} clients)",
+    )
+    names = [f"{level['clients']} clients" for level in r["levels"]] + ["local"]
+    values = [level["requests_per_s"] for level in r["levels"]] + [r["local"]["images_per_s"]]
+    right.bar(names, values, color=["tab:orange"] * len(r["levels"]) + ["tab:gray"])
+    right.set(ylabel="images / s", title="throughput")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -81,6 +81,8 @@ class Card:
     files: dict[str, str] = field(default_factory=dict)
     # per graph or engine file: its outputs on the fixed probe inputs, reproduced at every open
     known_answers: dict[str, Any] = field(default_factory=dict)
+    # the out-of-distribution gate: method, layers, threshold (its numbers are in ood.npz, hashed)
+    ood: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,7 +211,7 @@ def _sections_problem(card: Card) -> str | None:
     return None
 
 
-DICT_SECTIONS = ("training", "metrics", "parity", "provenance", "files", "known_answers")
+DICT_SECTIONS = ("training", "metrics", "parity", "provenance", "files", "known_answers", "ood")
 
 
 def _object(data: dict[str, Any], key: str) -> dict[str, Any]:
@@ -234,11 +236,31 @@ LOCAL_KEYS = {
 
 
 def public_dict(card: Card) -> dict[str, Any]:
-    """The card as a server shows it to any client: without local paths (training data, run folder)."""
+    """The card as a server shows it to any client: without local paths (training data, run folder, the
+    parity report's data, and any other value that names a path on the machine that made the bundle)."""
     data = card.to_dict()
-    for section, keys in LOCAL_KEYS.items():
-        data[section] = {k: v for k, v in data[section].items() if k not in keys}
-    return data
+    hidden = {**LOCAL_KEYS, "parity": ("data",)}
+    for section, keys in hidden.items():
+        if isinstance(data.get(section), dict):
+            data[section] = {k: v for k, v in data[section].items() if k not in keys}
+    return _without_paths(data)
+
+
+LOCAL_PATH = re.compile(r"(?:^|[\s'\"(=:,])(?:~?/|\.\.?/|[A-Za-z]:[\\/]|\\\\)[^\s/\\]")
+
+
+def _without_paths(value: Any) -> Any:
+    """``value`` with every string that names an absolute, home or relative path dropped (dict entries and
+    list items alike): a card written by a newer stage must not leak a path the list above misses."""
+    if isinstance(value, dict):
+        return {k: _without_paths(v) for k, v in value.items() if not _names_path(v)}
+    if isinstance(value, (list, tuple)):
+        return [_without_paths(v) for v in value if not _names_path(v)]
+    return value
+
+
+def _names_path(value: Any) -> bool:
+    return isinstance(value, str) and LOCAL_PATH.search(value) is not None
 
 
 PARITY_LABELS = {"fp32": "onnx", "fp16": "fp16", "int8": "int8"}  # parity report label of each ONNX precision

@@ -1,13 +1,17 @@
 """``cxr-run serve``: the cxr runtime as a model inside NVIDIA Triton Inference Server (via PyTriton).
 
 Three models are bound (NAME defaults to ``cxr``):
-- ``NAME``: uint8 pixels [N, 1, S, S], preprocessed by the client as in CLIENTS.md -> ``probs`` [N, C].
-- ``NAME_encoded``: encoded PNG/JPEG/DICOM bytes [N, 1], decoded server-side with the same reader as
-  ``cxr-run predict`` -> ``probs`` [N, C] (NaN for a bad image) and ``error`` [N, 1] (empty when fine),
-  so one bad image never fails the other requests batched with it.
+- ``NAME``: uint8 pixels [N, 1, S, S], preprocessed by the client as in CLIENTS.md -> ``probs`` [N, C] and,
+  where the graph emits them, ``features`` [N, D] (what the bundle's out-of-distribution gate scores).
+- ``NAME_encoded``: encoded PNG/JPEG/DICOM bytes [N, 1] (and an optional BOOL ``strict`` [N, 1]: a warning
+  fails that image, as ``cxr-run predict --strict``), read server-side by the same code as ``cxr-run
+  predict`` -> ``probs`` [N, C] (NaN for a bad image), ``error`` [N, 1] (empty when fine), ``warnings``
+  [N, 1] (a JSON list per image, as local records carry) and ``ood_score`` [N, 1] (the gate's score; NaN
+  without a gate), so one bad image never fails the others.
 - ``NAME_card``: the bundle card as JSON plus the serving backend, so clients can check they talk to
   the model they validated.
-Triton does the rest: dynamic batching, queue limits, dtype/shape checks, health, ready and metrics.
+Triton does the rest: dynamic batching, queue limits, health, ready and metrics. Its HTTP port is reached
+only through ``cxr.runtime.serve_guard``, which checks every request against ``served_models``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import socket
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cxr.runtime.backends.base import Backend
@@ -29,9 +34,12 @@ from cxr.runtime.backends.select import check_validated
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import public_dict, sha256_file
 from cxr.runtime.errors import CxrError, CxrUsageError, one_line
+from cxr.runtime.ood import bundle_gate
 from cxr.runtime.optional import require
-from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode_image, preprocess
-from cxr.runtime.serve_guard import GuardedFront, GuardLimits
+from cxr.runtime.predict import Answer, Prepared, classify_outputs, gate_records, label_record, prepare
+from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS
+from cxr.runtime.serve_guard import GuardedFront
+from cxr.runtime.serve_requests import ModelSpec, TensorSpec
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,7 @@ def card_reply(bundle: Bundle, backend: Backend, max_batch: int) -> dict:
         "backend": backend.name,
         "precision": backend.precision,
         "max_batch": max_batch,
+        "features": backend.features_width,  # NAME also returns the gate's features (a client scores them)
     }
 
 
@@ -103,28 +112,70 @@ class ModelInstance:
 
         self.bundle, self.options = bundle, options
         self.backend, self.reason = open_classifier(bundle, options.backend, options.precision)
-        self.size = bundle.card.input.size
+        self.gate = bundle_gate(bundle)
 
     def pixels(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        return {
-            "probs": self.backend.run_chunked(np.ascontiguousarray(image, dtype=np.uint8)).astype(np.float32)
-        }
+        probs, features = self.backend.run_outputs_chunked(np.ascontiguousarray(image, dtype=np.uint8))
+        reply = {"probs": probs.astype(np.float32)}
+        if self.backend.features_width:
+            reply["features"] = features.astype(np.float32)
+        return reply
 
-    def encoded(self, data: np.ndarray) -> dict[str, np.ndarray]:
-        count = len(data)
-        probs = np.full((count, len(self.bundle.card.classes)), np.nan, dtype=np.float32)
-        errors = np.array([[b""] for _ in range(count)], dtype=object)
-        images, good = [], []
-        for i, item in enumerate(data.reshape(count, -1)[:, 0]):
-            try:
-                gray = decode_image(bytes(item), "request image", max_pixels=self.options.max_pixels)
-                images.append(preprocess(gray, self.size, self.bundle.card.preprocessing))
-                good.append(i)
-            except CxrError as exc:
-                errors[i, 0] = str(exc).encode()
-        if good:
-            probs[good] = self.backend.run_chunked(np.stack(images)[:, None])
-        return {"probs": probs, "error": errors}
+    def encoded(self, requests: list) -> list[dict[str, np.ndarray]]:
+        """Every image of the requests Triton batched: read and prepared as local predict does (its warnings;
+        with ``strict`` set, a warning fails the image), then classified together. A bad image costs only its
+        own row: NaN probabilities and its error."""
+        card = self.bundle.card
+        groups = [
+            [
+                prepare(bytes(item), "request image", card, self.options.max_pixels, bool(flag))
+                for item, flag in zip(request["data"].reshape(-1), _strict_flags(request))
+            ]
+            for request in requests
+        ]
+        good = [p.image for group in groups for p in group if p.image is not None]
+        step = self.backend.limits.max_batch
+        answers = iter(
+            [
+                a
+                for i in range(0, len(good), step)
+                for a in classify_outputs(self.backend, good[i : i + step], _names(step))
+            ]
+        )
+        flags = [list(_strict_flags(request)) for request in requests]
+        return [self._encoded_reply(group, answers, strict) for group, strict in zip(groups, flags)]
+
+    def _encoded_reply(
+        self, group: list[Prepared], answers: Iterator[Answer | str], strict: list[bool]
+    ) -> dict[str, np.ndarray]:
+        """One request's reply: each image read as a local record is (label, warnings, the gate's score)."""
+        classes = self.bundle.card.classes
+        probs = np.full((len(group), len(classes)), np.nan, dtype=np.float32)
+        scores = np.full((len(group), 1), np.nan, dtype=np.float32)
+        errors = np.array([[b""] for _ in group], dtype=object)
+        warnings = np.array([[b"[]"] for _ in group], dtype=object)
+        for i, prepared in enumerate(group):
+            record = {
+                "path": "request image",
+                "label": None,
+                "probs": None,
+                "ood_score": None,
+                "in_distribution": None,
+                "error": prepared.error,
+                "warnings": list(prepared.warnings),
+            }
+            answer = next(answers) if prepared.image is not None else None
+            if isinstance(answer, str):
+                record["error"] = answer
+            elif answer is not None and label_record(record, answer[0], classes):
+                gate_records(self.gate, [record], {0: answer}, {0: prepared.stats}, bool(strict[i]))
+            if record["label"] is not None:
+                probs[i] = answer[0]
+            if record["ood_score"] is not None:
+                scores[i, 0] = record["ood_score"]
+            errors[i, 0] = (record["error"] or "").encode()
+            warnings[i, 0] = json.dumps(record["warnings"]).encode()
+        return {"probs": probs, "error": errors, "warnings": warnings, "ood_score": scores}
 
     def card(self, query: np.ndarray) -> dict[str, np.ndarray]:
         reply = json.dumps(card_reply(self.bundle, self.backend, self.options.max_batch)).encode()
@@ -132,6 +183,17 @@ class ModelInstance:
 
     def close(self) -> None:
         self.backend.close()
+
+
+def _strict_flags(request: Any) -> np.ndarray:
+    """The optional ``strict`` input of an encoded request, one flag per image (absent: all off)."""
+    count = request["data"].shape[0]
+    flags = request.data.get("strict")
+    return np.zeros(count, dtype=bool) if flags is None else flags.reshape(count, -1)[:, 0]
+
+
+def _names(count: int) -> list[Path]:
+    return [Path("request image")] * count
 
 
 def _batched(method: Callable) -> Callable:
@@ -180,39 +242,64 @@ def _interrupt(*_: object) -> None:
 STARTS = 3  # PyTriton 0.7 can lose a race between model instances at load time on a busy machine
 
 
+CARD_MAX_BATCH = 8
+DTYPES = {"UINT8": np.uint8, "BOOL": np.bool_, "BYTES": np.bytes_, "FP32": np.float32}
+
+
+def served_models(
+    name: str, size: int, classes: int, max_batch: int, features_width: int | None = None
+) -> tuple[ModelSpec, ...]:
+    """The three bound models, once: Triton is told these and the HTTP front checks requests against them."""
+    probs = TensorSpec("probs", "FP32", (classes,))
+    image = TensorSpec("image", "UINT8", (1, size, size))
+    data, strict = TensorSpec("data", "BYTES", (1,)), TensorSpec("strict", "BOOL", (1,), optional=True)
+    notes = (
+        TensorSpec("error", "BYTES", (1,)),
+        TensorSpec("warnings", "BYTES", (1,)),
+        TensorSpec("ood_score", "FP32", (1,)),
+    )
+    card = (TensorSpec("query", "BYTES", (1,)), TensorSpec("card", "BYTES", (1,)))
+    features = (TensorSpec("features", "FP32", (features_width,)),) if features_width else ()
+    return (
+        ModelSpec(name, (image,), (probs, *features), max_batch),
+        ModelSpec(f"{name}_encoded", (data, strict), (probs, *notes), max_batch),
+        ModelSpec(f"{name}_card", card[:1], card[1:], CARD_MAX_BATCH),
+    )
+
+
+def _tensors(specs: tuple[TensorSpec, ...]) -> list:
+    from pytriton.model_config import Tensor
+
+    return [Tensor(name=t.name, dtype=DTYPES[t.datatype], shape=t.dims, optional=t.optional) for t in specs]
+
+
 def _bind_models(
-    triton, instances: list[ModelInstance], options: ServeOptions, size: int, classes: int
+    triton, instances: list[ModelInstance], options: ServeOptions, models: tuple[ModelSpec, ...]
 ) -> None:
-    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy, Tensor
+    from pytriton.model_config import DynamicBatcher, ModelConfig, QueuePolicy
 
     policy = QueuePolicy(max_queue_size=options.max_queue) if options.max_queue else None
     batcher = DynamicBatcher(
         max_queue_delay_microseconds=options.max_queue_delay_us, default_queue_policy=policy
     )
-    config = ModelConfig(max_batch_size=options.max_batch, batcher=batcher)
-    probs = Tensor(name="probs", dtype=np.float32, shape=(classes,))
-    triton.bind(
-        model_name=options.name,
-        infer_func=[_batched(i.pixels) for i in instances],
-        inputs=[Tensor(name="image", dtype=np.uint8, shape=(1, size, size))],
-        outputs=[probs],
-        config=config,
-        strict=True,
+    pixels, _, card = models
+    functions = (
+        [_batched(i.pixels) for i in instances],
+        [i.encoded for i in instances],  # takes the request list: strict is optional per request
+        _batched(instances[0].card),
     )
-    triton.bind(
-        model_name=f"{options.name}_encoded",
-        infer_func=[_batched(i.encoded) for i in instances],
-        inputs=[Tensor(name="data", dtype=np.bytes_, shape=(1,))],
-        outputs=[probs, Tensor(name="error", dtype=np.bytes_, shape=(1,))],
-        config=config,
-    )
-    triton.bind(
-        model_name=f"{options.name}_card",
-        infer_func=_batched(instances[0].card),
-        inputs=[Tensor(name="query", dtype=np.bytes_, shape=(1,))],
-        outputs=[Tensor(name="card", dtype=np.bytes_, shape=(1,))],
-        config=ModelConfig(max_batch_size=8),
-    )
+    for spec, infer_func in zip(models, functions):
+        config = ModelConfig(
+            max_batch_size=spec.max_batch, batcher=batcher if spec is not card else DynamicBatcher()
+        )
+        triton.bind(
+            model_name=spec.name,
+            infer_func=infer_func,
+            inputs=_tensors(spec.inputs),
+            outputs=_tensors(spec.outputs),
+            config=config,
+            strict=spec is pixels,
+        )
 
 
 def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> None:
@@ -250,11 +337,9 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
     if caution:
         print(f"warning: {caution}", file=sys.stderr, flush=True)
     inner_port = free_loopback_port()  # Triton's own HTTP, reached only through the guarded front
-    size = bundle.card.input.size
-    limits = GuardLimits(
-        max_request_bytes=max(64 << 20, 8 * options.max_batch * size * size),
-        max_elements=options.max_batch * size * size,
-    )
+    card = bundle.card
+    features = instances[0].backend.features_width
+    models = served_models(options.name, card.input.size, len(card.classes), options.max_batch, features)
     triton_config = TritonConfig(
         http_address="127.0.0.1",
         http_port=inner_port,
@@ -274,14 +359,14 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
         for attempt in range(1, STARTS + 1):
             try:
                 with Triton(config=triton_config, security_config=security) as triton:
-                    _bind_models(triton, instances, options, bundle.card.input.size, len(bundle.card.classes))
+                    _bind_models(triton, instances, options, models)
                     triton.run()
                     STOP_REQUESTED["value"] = False
                     signal.signal(
                         signal.SIGTERM, _interrupt
                     )  # stop as on Ctrl+C: Triton, proxies, shared memory
                     signal.signal(signal.SIGINT, _interrupt)
-                    with GuardedFront(options.host, options.http_port, inner_port, limits):
+                    with GuardedFront(options.host, options.http_port, inner_port, models):
                         if on_ready is not None:
                             on_ready(
                                 f"{instances[0].backend.name} {options.precision} ({instances[0].reason})"

@@ -11,12 +11,91 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from cxr.runtime.errors import CxrError
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process below it (tritonserver, its Python stubs), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in parentheses may hold spaces
+        parents.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def status_kib(pid: int, *fields: str) -> dict[str, int]:
+    """Fields of /proc/PID/status and smaps_rollup in KiB (VmRSS, VmHWM, Pss ...); missing ones are 0."""
+    values = dict.fromkeys(fields, 0)
+    for name in ("status", "smaps_rollup"):
+        try:
+            lines = Path(f"/proc/{pid}/{name}").read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, _, rest = line.partition(":")
+            if key in values and rest.split():
+                values[key] = int(rest.split()[0])
+    return values
+
+
+class MemorySampler:
+    """Samples a process tree's memory until stopped: the peak of its summed PSS (shared memory counted
+    once) and, per process, the kernel's own high-water mark of resident memory (VmHWM)."""
+
+    def __init__(self, root: int, interval_s: float = 0.25) -> None:
+        self.root, self.interval_s = root, interval_s
+        self.peak_pss_kib, self.hwm_kib = 0, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        total = 0
+        for pid in process_tree(self.root):
+            values = status_kib(pid, "Pss", "VmHWM")
+            total += values["Pss"]
+            self.hwm_kib[pid] = max(self.hwm_kib.get(pid, 0), values["VmHWM"])
+        self.peak_pss_kib = max(self.peak_pss_kib, total)
+
+    def report(self) -> dict[str, float]:
+        """Peak summed PSS of the tree, the serving process's own VmHWM (the HTTP front and the model
+        instances live there) and the largest VmHWM below it (tritonserver or a stub), in MB."""
+        others = [kib for pid, kib in self.hwm_kib.items() if pid != self.root]
+        return {
+            "tree_peak_pss_mb": round(self.peak_pss_kib / 1024, 1),
+            "serve_process_hwm_mb": round(self.hwm_kib.get(self.root, 0) / 1024, 1),
+            "largest_child_hwm_mb": round(max(others, default=0) / 1024, 1),
+            "processes": len(self.hwm_kib),
+        }
 
 
 def free_port() -> int:

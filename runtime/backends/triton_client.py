@@ -7,17 +7,29 @@ every network or server failure is a one-line ``CxrError`` that the caller recor
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-from cxr.runtime.backends.base import IMAGE, PROBS, Backend, BatchLimits
+from cxr.runtime.backends.base import FEATURES, IMAGE, PROBS, Backend, BatchLimits
 from cxr.runtime.card import Card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.optional import install_hint, require
 
 SCHEMES = ("http", "grpc")
 CONSECUTIVE_FAILURES_TO_GIVE_UP = 3
+SERVER_NAME = "request image"  # how the server names an encoded image in its errors
+
+
+@dataclass(frozen=True)
+class RemoteImage:
+    """One encoded image as the server read it: probabilities, or the error; the warnings either way."""
+
+    probs: np.ndarray | None
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+    ood_score: float | None = None  # the server's gate (None: its bundle has none)
 
 
 def parse_server_url(url: str) -> tuple[str, str]:
@@ -98,6 +110,12 @@ class TritonClientBackend(Backend):
         return self._client, self._module
 
     def _infer(self, model: str, name: str, data: np.ndarray, datatype: str, output: str) -> np.ndarray:
+        return self._call(model, {name: (data, datatype)}, [output])[output]
+
+    def _call(
+        self, model: str, inputs: dict[str, tuple[np.ndarray, str]], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
+        """One inference request; every failure is this request's one-line ``CxrError``."""
         if self.failures >= CONSECUTIVE_FAILURES_TO_GIVE_UP:
             raise CxrError(
                 f"server {self.url}: gave up after {self.failures} failed requests in a row "
@@ -105,11 +123,14 @@ class TritonClientBackend(Backend):
             )
         try:
             client, module = self._connect()
-            request = module.InferInput(name, list(data.shape), datatype)
-            request.set_data_from_numpy(data)
+            requests = []
+            for name, (data, datatype) in inputs.items():
+                requests.append(module.InferInput(name, list(data.shape), datatype))
+                requests[-1].set_data_from_numpy(data)
             extra = {"client_timeout": self.timeout_s} if self.scheme == "grpc" else {}
-            result = client.infer(model, [request], outputs=[module.InferRequestedOutput(output)], **extra)
-            values = result.as_numpy(output)
+            asked = [module.InferRequestedOutput(output) for output in outputs]
+            result = client.infer(model, requests, outputs=asked, **extra)
+            values = {output: result.as_numpy(output) for output in outputs}
         except CxrError:
             raise
         except Exception as exc:  # socket, gevent, grpc and Triton errors all mean "this request failed"
@@ -118,8 +139,9 @@ class TritonClientBackend(Backend):
             self.close()  # a fresh connection for the next try
             raise CxrError(f"server {self.url}: {self.last_error}") from None
         self.failures = 0
-        if values is None:
-            raise CxrError(f"server {self.url}: reply has no {output!r} output")
+        missing = [output for output, value in values.items() if value is None]
+        if missing:
+            raise CxrError(f"server {self.url}: reply has no {missing[0]!r} output")
         return values
 
     def server_card(self) -> dict[str, Any]:
@@ -141,13 +163,46 @@ class TritonClientBackend(Backend):
             raise CxrError(f"server {self.url}: {self.model_name}_card did not reply with a JSON object")
         return info
 
+    @property
+    def features_width(self) -> int | None:
+        width = (self.served or {}).get("features")
+        return int(width) if isinstance(width, int) and width > 0 else None
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        probs = self._infer(
-            self.model_name, IMAGE, np.ascontiguousarray(batch, dtype=np.uint8), "UINT8", PROBS
-        )
+        return self._run_outputs(batch)[0]
+
+    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities and, where the server's graph emits them, the gate's features (this client scores
+        them with its own copy of the bundle's gate)."""
+        outputs = [PROBS] + [FEATURES] * bool(self.features_width)
+        pixels = np.ascontiguousarray(batch, dtype=np.uint8)
+        reply = self._call(self.model_name, {IMAGE: (pixels, "UINT8")}, outputs)
+        probs = reply[PROBS]
         if probs.shape[0] != batch.shape[0]:
             raise CxrError(f"server {self.url}: {probs.shape[0]} results for {batch.shape[0]} images")
-        return probs.astype(np.float32)
+        features = reply.get(FEATURES)
+        return probs.astype(np.float32), None if features is None else features.astype(np.float32)
+
+    def run_encoded(self, sources: list[bytes], names: list[str], strict: bool = False) -> list[RemoteImage]:
+        """Encoded files read, prepared and classified by the server (``NAME_encoded``), with the warnings
+        and errors local predict gives them; ``names`` replace the server's name for an image in its errors,
+        so the records read as local ones. ``strict``: a warning fails the image, as ``--strict`` does. Sent
+        in requests of at most the server's batch."""
+        step = self.limits.max_batch
+        return [
+            image
+            for start in range(0, len(sources), step)
+            for image in self._encoded(sources[start : start + step], names[start : start + step], strict)
+        ]
+
+    def _encoded(self, sources: list[bytes], names: list[str], strict: bool) -> list[RemoteImage]:
+        count = len(sources)
+        data = np.array([[bytes(source)] for source in sources], dtype=object)
+        inputs = {"data": (data, "BYTES"), "strict": (np.full((count, 1), strict, dtype=bool), "BOOL")}
+        reply = self._call(f"{self.model_name}_encoded", inputs, ["probs", "error", "warnings", "ood_score"])
+        if any(len(values) != count for values in reply.values()):
+            raise CxrError(f"server {self.url}: a reply that does not hold {count} images")
+        return [_remote_image(reply, i, name) for i, name in enumerate(names)]
 
     def close(self) -> None:
         if self._client is not None:
@@ -156,3 +211,18 @@ class TritonClientBackend(Backend):
             except Exception:
                 pass
             self._client = None
+
+
+def _remote_image(reply: dict[str, np.ndarray], index: int, name: str) -> RemoteImage:
+    error = bytes(reply["error"].reshape(-1)[index]).decode("utf-8", "replace")
+    try:
+        warnings = tuple(str(w) for w in json.loads(bytes(reply["warnings"].reshape(-1)[index])))
+    except (ValueError, TypeError):
+        warnings = ()
+    score = float(reply["ood_score"].reshape(-1)[index])
+    score = None if not np.isfinite(score) else score
+    if error:
+        if error.startswith(SERVER_NAME):
+            error = name + error[len(SERVER_NAME) :]
+        return RemoteImage(None, warnings, error, score)
+    return RemoteImage(reply["probs"][index].astype(np.float32), warnings, None, score)
