@@ -31,7 +31,8 @@ class FeedReader:
     def __init__(self, feeds: list[dict[str, np.ndarray]], desc: str = "calibrating") -> None:
         self.feeds = feeds
         self._feeds: Iterator[dict[str, np.ndarray]] = iter(feeds)
-        self.bar = tqdm(total=len(feeds), desc=desc, unit="batch", disable=len(feeds) < 2)
+        quiet = not logging.getLogger(__name__).isEnabledFor(logging.INFO)
+        self.bar = tqdm(total=len(feeds), desc=desc, unit="batch", disable=len(feeds) < 2 or quiet)
 
     def __len__(self) -> int:
         return len(self.feeds)

@@ -23,6 +23,7 @@ import fcntl
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,11 +50,17 @@ def bundle_lock(folder: Path, what: str) -> Iterator[None]:
     folder = Path(folder).absolute()
     if not folder.parent.is_dir():
         raise CxrUsageError(f"{folder.parent}: no such folder")
+    flags = (
+        os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    )
     try:
-        fd = os.open(lock_path(folder), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        fd = os.open(lock_path(folder), flags, 0o666)
     except OSError as exc:
         raise CxrError(f"{folder}: cannot take the stage lock ({exc.strerror or exc})") from None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # a planted FIFO, or a hard link to a victim
+            raise CxrError(f"{lock_path(folder)}: not a plain lock file (a link or a device?); remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -97,17 +104,32 @@ def _check_target(folder: Path, fresh: bool) -> None:
         raise CxrError(f"{folder}: refused, the bundle folder is a symbolic link (name the folder itself)")
     if folder.exists() and not folder.is_dir():
         raise CxrUsageError(f"{folder}: not a folder")
-    if not fresh:
-        if not (folder / CARD_NAME).exists():
-            raise CxrError(f"{folder}: no {CARD_NAME} (is this a model bundle folder?)")
+    if not fresh and not (folder / CARD_NAME).exists():
+        raise CxrError(f"{folder}: no {CARD_NAME} (is this a model bundle folder?)")
+    if not folder.is_dir():
         return
-    if folder.is_dir():
-        refuse_links(folder)
-        if any(folder.iterdir()) and not (folder / CARD_NAME).is_file():
-            raise CxrUsageError(
-                f"{folder}: holds files and is not a bundle; export into a new or empty folder (a bundle is "
-                "replaced whole: nothing of what is there now would stay)"
-            )
+    refuse_links(folder)
+    if fresh and any(folder.iterdir()) and not (folder / CARD_NAME).is_file():
+        raise CxrUsageError(
+            f"{folder}: holds files and is not a bundle; export into a new or empty folder (a bundle is "
+            "replaced whole: nothing of what is there now would stay)"
+        )
+    if (folder / "model.pt").exists() or (folder / "split.json").exists():
+        raise CxrUsageError(f"{folder}: a training run (model.pt), not a bundle; export to a new folder")
+    foreign = foreign_files(folder) if (folder / CARD_NAME).exists() else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CxrUsageError(
+            f"{folder}: holds files its card does not list ({shown}); a stage replaces the bundle whole, so "
+            "move them out first (a run folder is never a bundle: export into a new folder)"
+        )
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Names in a bundle folder that are neither its card, its signature nor a file the card lists."""
+    card, _ = read_card_bytes(folder)
+    ours = {CARD_NAME, SIGNATURE_NAME, *card.files}
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir() if p.name not in ours)
 
 
 def _copy_verified(folder: Path, work: Path) -> None:

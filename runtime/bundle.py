@@ -96,6 +96,9 @@ def _warn_if_others_can_write(folder: Path, card: Card) -> None:
         return
     paths = [folder, folder / "card.json"] + [folder / name for name in card.files]
     writable = [p for p in paths if p.exists() and p.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)]
+    parent = folder.absolute().parent.stat().st_mode
+    if parent & (stat.S_IWGRP | stat.S_IWOTH) and not parent & stat.S_ISVTX:  # others could swap the folder
+        writable.append(folder.absolute().parent)
     if writable:
         _warned_writable.add(key)
         names = ", ".join(p.name or str(p) for p in writable[:3]) + (", ..." if len(writable) > 3 else "")

@@ -345,14 +345,42 @@ def read_card_bytes(folder: Path) -> tuple[Card, bytes]:
     refuse_links(Path(folder))
     raw = read_capped(path, MAX_CARD_BYTES, "model card")
     try:
-        data = json.loads(raw.decode())
+        data = json.loads(raw.decode(), object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
         raise CxrError(f"{path}: unreadable card (nested too deeply)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # bad UTF-8 or JSON, a duplicate key, a 5,000-digit number
         raise CxrError(f"{path}: unreadable card ({one_line(exc, 120)})") from None
     if not isinstance(data, dict):
         raise CxrError(f"{path}: card must be a JSON object")
+    if _depth(data) > MAX_CARD_DEPTH:
+        raise CxrError(f"{path}: unreadable card (nested deeper than {MAX_CARD_DEPTH} levels)")
     return Card.from_dict(data), raw
+
+
+MAX_CARD_DEPTH = 32  # a real card nests 5 deep; 900 levels broke every reader after the parser
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One reading of a card: a key given twice (which one counts?) is refused."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice[:40]!r} given twice")
+    return data
+
+
+def _depth(value: Any) -> int:
+    """How deep a parsed JSON value nests, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if level > MAX_CARD_DEPTH:
+            break
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def write_card(folder: Path, card: Card, rehash: bool = True) -> Card:

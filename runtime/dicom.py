@@ -347,6 +347,12 @@ def _modality(pixels: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
         sequence = ds.get("ModalityLUTSequence")
         if sequence:
             _widen_lut_descriptor(sequence[0], notes)
+        elif _zero_slope(ds):  # every pixel would become the intercept: a header fault, not a blank film
+            notes.append("DICOM RescaleSlope = 0 (every pixel would be the intercept): stored values used")
+            for keyword in ("RescaleSlope", "RescaleIntercept"):
+                if keyword in ds:
+                    delattr(ds, keyword)
+            return pixels
         return apply_modality_lut(pixels, ds)
     except Exception as exc:
         cause = one_line(exc, 100)
@@ -362,6 +368,13 @@ def _modality(pixels: np.ndarray, ds: Any, notes: list[str]) -> np.ndarray:
         if keyword in ds:
             delattr(ds, keyword)
     return pixels
+
+
+def _zero_slope(ds: Any) -> bool:
+    try:
+        return "RescaleSlope" in ds and float(ds.RescaleSlope) == 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _widen_lut_descriptor(item: Any, notes: list[str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting with these
@@ -34,8 +35,9 @@ def record_path(path: str | Path) -> str:
 
 
 def csv_cell(value: Any) -> Any:
-    """A value made safe for a spreadsheet: text that would run as a formula gets a leading quote."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+    """A value made safe for a spreadsheet: text that would run as a formula gets a leading quote (and so
+    does text that starts with one, so ``_unquoted`` can always undo it)."""
+    if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")):
         return "'" + value
     return value
 
@@ -97,9 +99,11 @@ def plan_output(
     plan = OutputPlan(target, SUFFIXES[suffix], resume, overwrite)
     parent = target.parent
     if not parent.is_dir():
-        raise CxrUsageError(f"--out: folder {record_path(parent)} does not exist")
+        raise CxrUsageError(f"--out: folder {record_path(parent)} does not exist or cannot be reached")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CxrUsageError(f"--out: folder {record_path(parent)} is not writable")
+    if target.is_symlink() and not target.exists():
+        raise CxrUsageError(f"--out {record_path(target)} is a symbolic link to nothing; name a file")
     try:
         existing = os.stat(target)
     except FileNotFoundError:
@@ -175,8 +179,8 @@ def _cut_partial_line(fd: int) -> None:
 
 
 def _unquoted(cell: str) -> str:
-    """A CSV cell as written before ``csv_cell`` quoted it."""
-    return cell[1:] if cell.startswith("'") and cell[1:2] in FORMULA_STARTS else cell
+    """A CSV cell as it was before ``csv_cell`` quoted it."""
+    return cell[1:] if cell.startswith("'") else cell
 
 
 class RecordWriter:
@@ -191,21 +195,48 @@ class RecordWriter:
         self.plan, self.classes, self.written = plan, classes, 0
         self._fd: int | None = None
         self._stdout: TextIO | None = None
+        self._created: tuple[int, int] | None = None  # (device, inode) of a file this writer made
         if plan.target is None:
+            if sys.stdout is None or sys.stdout.closed:
+                raise CxrError("stdout is closed: name a file with --out")
             self._stdout = sys.stdout
             return
-        self._created = not plan.target.exists()
-        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        if plan.overwrite:
-            flags |= os.O_TRUNC
         try:
-            self._fd = os.open(plan.target, flags, 0o666)  # the umask decides, as for any file a user makes
+            self._open(plan)
+            if plan.format == "csv" and os.fstat(self._fd).st_size == 0:
+                self._append(self._csv_text(None))
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, plan: OutputPlan) -> None:
+        """A new file is made exclusively (a second run, or a link planted since the checks, is refused); an
+        existing one is locked before it is cut or appended to, so two runs never share one ``--out``."""
+        target, name = plan.target, record_path(plan.target)
+        flags = os.O_RDWR | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        new = not (plan.resume or plan.overwrite) or not os.path.lexists(target)
+        try:
+            if new:
+                self._fd = os.open(target, flags | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides
+            else:
+                self._fd = os.open(target, flags | getattr(os, "O_NONBLOCK", 0))
+        except FileExistsError:
+            raise CxrError(f"--out {name} appeared after the run started (another run writing it?)") from None
         except OSError as exc:
-            raise CxrError(f"--out {record_path(plan.target)}: {exc.strerror or exc}") from None
-        if plan.resume:
+            raise CxrError(f"--out {name}: {exc.strerror or exc}") from None
+        info = os.fstat(self._fd)
+        if new:
+            self._created = (info.st_dev, info.st_ino)
+        if not stat.S_ISREG(info.st_mode):
+            raise CxrError(f"--out {name} is not a regular file")
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CxrError(f"--out {name}: another run is writing it; refused") from None
+        if plan.overwrite and not new:
+            os.ftruncate(self._fd, 0)
+        elif plan.resume:
             _cut_partial_line(self._fd)
-        if plan.format == "csv" and os.fstat(self._fd).st_size == 0:
-            self._append(self._csv_text(None))
 
     def _csv_text(self, record: dict[str, Any] | None) -> str:
         buffer = io.StringIO()
@@ -218,8 +249,14 @@ class RecordWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._stdout is not None:
-            self._stdout.write(json.dumps(record) + "\n")
-            self._stdout.flush()
+            try:
+                self._stdout.write(json.dumps(record) + "\n")
+                self._stdout.flush()
+            except BrokenPipeError:
+                raise
+            except (OSError, ValueError) as exc:  # a full disk behind a redirect, a closed stream
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc, 80)
+                raise CxrError(f"stdout: {reason}") from None
         elif self.plan.format == "csv":
             self._append(self._csv_text(record))
         else:
@@ -248,8 +285,13 @@ class RecordWriter:
             pass
         os.close(self._fd)
         self._fd = None
-        if self._created and self.written == 0:
-            Path(self.plan.target).unlink(missing_ok=True)
+        if self._created and self.written == 0:  # ours and empty: removed, if the name still means that file
+            try:
+                info = os.lstat(self.plan.target)
+                if (info.st_dev, info.st_ino) == self._created:
+                    os.unlink(self.plan.target)
+            except OSError:
+                pass
 
     def __enter__(self) -> RecordWriter:
         return self

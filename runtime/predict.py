@@ -7,6 +7,7 @@ first answer comes as early as the slower of the two allows.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -105,9 +106,12 @@ def _record(path: Path, backend: Backend, digest: str) -> dict[str, Any]:
     }
 
 
-def _overlay_name(path: Path, index: int) -> str:
+def overlay_name(path: Path, options: PredictOptions) -> str:
+    """``STEM_HASH.png``: the hash names this input (its absolute path), the bundle and the explanation's
+    settings, so a later run, a resume or another input of the same name never takes over a record's map."""
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", record_path(path.stem))[:80]
-    return f"{index:05d}_{stem}.png"
+    key = os.fsencode(os.path.abspath(path)) + repr((options.bundle_digest, options.explain)).encode()
+    return f"{stem}_{hashlib.sha256(key).hexdigest()[:12]}.png"
 
 
 def fault_line(path: Path | str, exc: BaseException, step: str) -> str:
@@ -297,7 +301,7 @@ def predict_stream(
                             None if record["in_distribution"] is not False else "NOT LIKE THE TRAINING FILMS"
                         )
                         record["explanation"] = _explain(
-                            images[i], chunk[i], start + i, bundle, ready, options, label, note
+                            images[i], chunk[i], bundle, ready, options, label, note
                         )
                     except Exception as exc:  # a map or an overlay that fails costs this input only
                         record["error"] = f"explanation failed: {fault_line(chunk[i], exc, 'explaining')}"
@@ -326,7 +330,6 @@ def label_record(record: dict[str, Any], row: np.ndarray, classes: tuple[str, ..
 def _explain(
     image: np.ndarray,
     path: Path,
-    index: int,
     bundle: Bundle,
     explainer: ExplainerBackend,
     options: PredictOptions,
@@ -340,7 +343,7 @@ def _explain(
     overlay = None
     if options.explain_dir is not None:
         started = time.perf_counter()
-        target = options.explain_dir / _overlay_name(path, index)
+        target = options.explain_dir / overlay_name(path, options)
         if _is_protected(target, options.protected):
             raise CxrError(f"{record_path(target)}: the overlay would replace an input; choose --explain-dir")
         class_name = bundle.card.classes[explanation.label]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 from cxr.runtime.explain import ExplainConfig
 from cxr.runtime.inputs import Discovered, discover, not_images_line
 from cxr.runtime.ood import bundle_gate
@@ -102,7 +102,7 @@ class PredictSummary:
             f"wrote {record_path(self.out)}" if self.out and self.written else "",
             _opening_line(self.first_result_s, self.classifier_open_s, self.explainer_open_s),
         ]
-        return "; ".join(p for p in parts if p)
+        return one_line("; ".join(p for p in parts if p))
 
     def stop_line(self) -> str | None:
         """One line on an early end: what stopped it and what was kept; None when the run finished."""
@@ -115,8 +115,9 @@ class PredictSummary:
         return None
 
 
-class RunInterrupted(Exception):
-    """SIGINT or SIGTERM arrived: stop between records."""
+class RunInterrupted(BaseException):
+    """SIGINT or SIGTERM arrived: stop between records. Not an ``Exception``: no step that turns an input's
+    faults into its record may catch it (an interrupt is never an input's failure)."""
 
 
 class SignalStop:
@@ -166,7 +167,9 @@ def run_predict(job: PredictJob, on_record: Callable[[dict[str, Any]], None] | N
     if not found.inputs:
         raise CxrError(f"nothing to predict: {_nothing_found(found)}")
     plan = plan_output(job.out, found.inputs, bundle.digest, job.resume, job.overwrite)
-    paths = [p for p in found.inputs if record_path(p) not in plan.recorded]
+    if job.explain is not None:
+        _check_explain_dir(_explain_dir(job), job.inputs)
+    paths = unrecorded(found.inputs, plan.recorded)
     summary = PredictSummary(
         inputs=len(paths), resumed=len(found.inputs) - len(paths), not_images=found.not_images, out=job.out
     )
@@ -196,9 +199,7 @@ def _run(
     """Open, then stream every input's record to the writer; a fault of the run (CxrError) ends it here."""
     from cxr.runtime.backends.select import check_validated
 
-    explain_dir = job.explain_dir
-    if job.explain and explain_dir is None:
-        explain_dir = (job.out.parent if job.out else Path(".")) / "explanations"
+    explain_dir = _explain_dir(job) if job.explain else None
     if job.server is not None:
         classifier, summary.backend = _open_server(job, bundle)
         explainer = None
@@ -258,6 +259,35 @@ def _count(record: dict[str, Any], summary: PredictSummary, shown: set[str], sta
         summary.first_result_s = time.perf_counter() - started
 
 
+def _explain_dir(job: PredictJob) -> Path:
+    """Where overlays go: ``--explain-dir``, else explanations/ beside ``--out`` (or here)."""
+    if job.explain_dir is not None:
+        return job.explain_dir
+    return (job.out.parent if job.out else Path(".")) / "explanations"
+
+
+def _check_explain_dir(explain_dir: Path, inputs: list[str]) -> None:
+    """Overlays inside a folder being read would be read as films by the next run (and a resume)."""
+    target = explain_dir.resolve()
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir() and (target == folder.resolve() or folder.resolve() in target.parents):
+            raise CxrUsageError(
+                f"--explain-dir {record_path(explain_dir)} is inside the input folder {record_path(folder)}: "
+                "the next run would read the overlays as films; choose a folder outside it"
+            )
+
+
+def unrecorded(inputs: list[Path], recorded: set[str]) -> list[Path]:
+    """The inputs a resume must still run: those ``--out`` does not record. Two inputs whose names read the
+    same in a record (undecodable bytes shown as ``\\xNN``) are both run again, never skipped on a guess."""
+    names = [record_path(p) for p in inputs]
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return [p for p, name in zip(inputs, names) if name not in recorded or counts[name] > 1]
+
+
 def _check_job(job: PredictJob) -> None:
     from cxr.runtime.segment import SEGMENTERS
 
@@ -306,7 +336,9 @@ def _warn_once(record: dict[str, Any], shown: set[str]) -> None:
         kind = re.sub(r"[\d.]+", "N", text)
         if kind not in shown:
             shown.add(kind)
-            log.warning(f"warning: {record['path']}: {text} (shown once; every record lists its warnings)")
+            log.warning(
+                one_line(f"warning: {record['path']}: {text} (shown once; every record lists its warnings)")
+            )
 
 
 def _opening_line(first_result_s: float | None, classifier_s: float, explainer_s: float | None) -> str:

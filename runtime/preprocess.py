@@ -8,6 +8,8 @@ can record it and go on."""
 from __future__ import annotations
 
 import io
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,10 +87,7 @@ def load_image(
     card's ``preprocessing.dicom_window`` (how a windowed DICOM becomes 8 bits)."""
     path = Path(path)
     try:
-        size = path.stat().st_size if path.is_file() else 0
-        if size > MAX_FILE_BYTES:
-            raise CxrError(f"{path}: {size / 2**30:.1f} GiB file, larger than any image accepted here")
-        data = path.read_bytes()
+        data = _read_regular_file(path)
     except IsADirectoryError:
         raise CxrError(f"{path}: folder contains no images") from None
     except FileNotFoundError:
@@ -96,6 +95,29 @@ def load_image(
     except OSError as exc:
         raise CxrError(f"{path}: cannot read ({exc.strerror or exc})") from None
     return decode(data, str(path), path.suffix, max_pixels, dicom_window=dicom_window)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """A file's bytes, opened once and checked as what was opened: a FIFO or device swapped in for a film
+    (``/dev/zero``, a pipe) is refused, not read for ever; a file larger than any image is refused unread."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise CxrError(f"{path}: not a regular file (a pipe or a device?)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise CxrError(
+                f"{path}: {info.st_size / 2**30:.1f} GiB file, larger than any image accepted here"
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise CxrError(f"{path}: grew beyond {MAX_FILE_BYTES / 2**30:.0f} GiB while being read")
+    return data
 
 
 def read_image(
@@ -237,8 +259,10 @@ def apply_orientation(gray: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def _jpeg_truncated(data: np.ndarray) -> bool:
-    tail = data[-2048:].tobytes().rstrip(b"\x00\r\n ")
-    return not tail.endswith(b"\xff\xd9")
+    """No end-of-image marker after the last start-of-scan (neither marker can occur inside entropy-coded
+    data; an EXIF thumbnail's pair comes before the main scan). Bytes after the end are no truncation."""
+    raw = data.tobytes()
+    return raw.rfind(b"\xff\xd9") < raw.rfind(b"\xff\xda")
 
 
 def to_gray(image: np.ndarray) -> np.ndarray:

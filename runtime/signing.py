@@ -35,6 +35,8 @@ def generate_key(private_path: Path, public_path: Path, force: bool = False) -> 
     """A new Ed25519 key pair as PEM files (the private one readable by its owner only). An existing pair is
     never replaced: every bundle it signed and every bedside ``.pub`` would be orphaned. With ``force`` the
     old pair is moved aside (returned: the folder-free stem it was moved to), never deleted."""
+    if not private_path.parent.is_dir():
+        raise CxrError(f"{private_path.parent}: no such folder for the key pair")
     existing = [p for p in (private_path, public_path) if p.exists() or p.is_symlink()]
     moved = None
     if existing and not force:
@@ -73,6 +75,8 @@ def _load(path: Path, private: bool):
     serialization, private_cls, public_cls, _ = _crypto()
     what = "private key" if private else "public key"
     data = read_capped(path, MAX_KEY_BYTES, what)
+    if private and b"PUBLIC KEY" in data:
+        raise CxrError(f"{path}: a public key; --key needs the private one (the .key file of the pair)")
     if private:
         mode = os.stat(path).st_mode & 0o777
         if mode & 0o077:

@@ -76,3 +76,19 @@ def test_a_card_of_the_wrong_shape_is_one_line_for_every_command(bundle, phantom
     image = str(sorted(phantoms.rglob("*.png"))[0])
     args = ("--model", str(copy)) + ((image,) if command == "predict" else ())
     assert "parity.backends" in one_line_error(cli("cxr-run", command, *args, check=1))
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ('{"classes": ["a", "b"], "classes": ["b", "a"]}', "given twice"),  # which one counts?
+        ('{"classes": ["a", "b"], "format_version": 1' + "0" * 5000 + "}", "unreadable card"),
+        ('{"classes": ["a", "b"], "metrics": ' + "[" * 900 + "]" * 900 + "}", "nested"),
+    ],
+    ids=["duplicate key", "5000-digit number", "900 levels"],
+)
+def test_a_card_that_cannot_be_read_one_way_is_refused_in_one_line(tmp_path, text, words):
+    (tmp_path / "card.json").write_text(text)
+    with pytest.raises(CxrError) as caught:
+        read_card(tmp_path)
+    assert words in str(caught.value) and "\n" not in str(caught.value)

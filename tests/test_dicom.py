@@ -361,3 +361,9 @@ def test_threads_decoding_dicom_leave_the_warnings_machinery_as_it_was(tmp_path)
         thread.join()
     assert (warnings.showwarning, list(warnings.filters)) == before
     assert len(results) == 120 and set(results) == {3}  # each record: the width, SOP class, pydicom's
+
+
+def test_a_zero_rescale_slope_is_a_header_fault_not_a_blank_film(tmp_path):
+    decoded = load_image(_save(tmp_path / "slope0.dcm", _dataset(RescaleSlope=0, RescaleIntercept=100)))
+    assert any("RescaleSlope = 0" in w for w in decoded.warnings)
+    assert decoded.gray[0, 0] == 0 and decoded.gray[0, -1] == 255  # the stored ramp, shown

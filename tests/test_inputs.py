@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import cv2
 import numpy as np
@@ -100,7 +101,10 @@ def test_predict_accounts_for_every_file(bundle, messy_folder, tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     failed = [r for r in records if r["error"]]
     assert len(records) == 10 and len(failed) == 2  # 8 images + broken link + missing file
-    assert "8 predicted; 2 failed" in result.stderr and "1 not image: README.txt" in result.stderr
+    assert re.search(
+        r"8 predicted;( \d+ of them with warnings \(see their 'warnings'\);)? 2 failed", result.stderr
+    )
+    assert "1 not image: README.txt" in result.stderr
     assert any("broken symbolic link" in r["error"] for r in failed)
     assert any("no such file" in r["error"] for r in failed)
 
@@ -192,9 +196,11 @@ def test_not_radiographs_are_warned_and_strict_fails_them(bundle, tmp_path):
     inputs = [str(ct_path) for ct_path in (_pydicom_file("CT_small.dcm"),)] + [str(colour), str(gray_rgb)]
     result = cli("cxr-run", "predict", "--model", str(bundle), *inputs, "--out", str(out))
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [bool(r["warnings"]) for r in records] == [True, True, False]
-    assert "2 of them with warnings" in result.stderr and result.stderr.count("warning: ") == 2
-    strict = cli(
+    gate = "not like the training films"
+    decoding = [[w for w in r["warnings"] if not w.startswith(gate)] for r in records]
+    assert [bool(w) for w in decoding] == [True, True, False]  # the gate may flag all three besides
+    assert "of them with warnings" in result.stderr and result.stderr.count("warning: ") >= 2
+    cli(
         "cxr-run",
         "predict",
         "--model",
@@ -206,7 +212,8 @@ def test_not_radiographs_are_warned_and_strict_fails_them(bundle, tmp_path):
         "--overwrite",
         check=2,
     )
-    assert "1 predicted" in strict.stderr and "2 failed" in strict.stderr
+    strict_records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["error"] for r, w in zip(strict_records, decoding) if w)  # a warning fails it with --strict
 
 
 def test_dicom_errors_name_the_attribute_and_stay_on_one_line(tmp_path):

@@ -97,3 +97,29 @@ def test_info_exits_non_zero_when_no_classifier_runs(bundle, tmp_path):
     result = cli("cxr-run", "info", "--model", str(copy), check=1)
     assert "cannot run" in result.stdout
     assert "no classifier graph of this bundle runs" in one_line_error(result)
+
+
+def test_keygen_into_a_missing_folder_and_signing_with_the_public_key_are_one_line(bundle, tmp_path):
+    assert "no such folder" in one_line_error(
+        cli("cxr-export", "keygen", str(tmp_path / "no" / "site"), check=1)
+    )
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    cli("cxr-export", "keygen", str(tmp_path / "site"))
+    result = cli("cxr-export", "sign", str(copy), "--key", str(tmp_path / "site.pub"), check=1)
+    assert "a public key; --key needs the private one" in one_line_error(result)
+
+
+def test_a_bundle_in_a_folder_others_can_write_is_warned_about(bundle, phantoms, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    copy = shared / "bundle"
+    shutil.copytree(bundle, copy)
+    os.chmod(shared, 0o777)  # anyone could rename the bundle away and put another in its place
+    image = str(next(phantoms.rglob("*.png")))
+    assert (
+        "writable by group or others (shared)"
+        in cli("cxr-run", "predict", image, "--model", str(copy)).stderr
+    )
+    os.chmod(shared, 0o1777)  # the sticky bit: only the owner may rename it
+    assert "writable by group or others" not in cli("cxr-run", "predict", image, "--model", str(copy)).stderr

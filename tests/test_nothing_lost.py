@@ -165,20 +165,20 @@ def test_resume_refuses_records_of_another_bundle(bundle, films, tmp_path):
 SLOW_RUN = """
 import sys, time
 import cxr.runtime.predict as predict
-real = predict.classify
-def classify(*args):
+real = predict.classify_outputs
+def classify_outputs(*args):
     time.sleep(0.4)
     return real(*args)
-predict.classify = classify
+predict.classify_outputs = classify_outputs
 from cxr.runtime.cli import main
 sys.argv = ["cxr-run", *sys.argv[1:]]
 main()
 """
 
 
-def _slow_predict(bundle: Path, films: Path, out: Path, **popen) -> subprocess.Popen:
+def _slow_predict(bundle: Path, films: Path, out: Path, seconds: float = 0.4, **popen) -> subprocess.Popen:
     script = out.parent / "slow_predict.py"
-    script.write_text(SLOW_RUN)
+    script.write_text(SLOW_RUN.replace("time.sleep(0.4)", f"time.sleep({seconds})"))
     return subprocess.Popen(
         [
             sys.executable,
@@ -488,3 +488,233 @@ def test_odd_dicom_headers_in_a_folder_cost_no_other_record(bundle, films, tmp_p
         assert error and "\n" not in error and error.startswith(str(folder / failed)), error
     lines = result.stderr.splitlines()
     assert all(line.startswith(("warning: ", "error: ")) for line in lines), result.stderr
+
+
+SLOW_READ = """
+import sys, time
+import cxr.runtime.predict as predict
+real = predict.prepare
+def prepare(*args, **kwargs):
+    time.sleep(0.4)  # the signal lands while an input is being read
+    return real(*args, **kwargs)
+predict.prepare = prepare
+from cxr.runtime.cli import main
+sys.argv = ["cxr-run", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_signal_is_never_an_inputs_failure(bundle, films, tmp_path):
+    out = tmp_path / "r.jsonl"
+    script = tmp_path / "slow_read.py"
+    script.write_text(SLOW_READ)
+    command = [
+        sys.executable,
+        str(script),
+        "predict",
+        str(films),
+        "--model",
+        str(bundle),
+        "--backend",
+        "onnxruntime",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_records(out, 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert not any("RunInterrupted" in str(r["error"]) or "SIGTERM" in str(r["error"]) for r in _records(out))
+    resumed = cli(
+        "cxr-run", "predict", str(films), "--model", str(bundle), "--out", str(out), "--resume", check=2
+    )
+    paths = [r["path"] for r in _records(out)]
+    assert sorted(paths) == sorted(str(p) for p in films.iterdir()), resumed.stderr  # each input once
+
+
+def test_two_runs_never_share_one_out(bundle, films, tmp_path):
+    from cxr.runtime.errors import CxrError
+    from cxr.runtime.output import RecordWriter, plan_output
+
+    out = tmp_path / "r.jsonl"
+    process = _slow_predict(bundle, films, out, seconds=3)
+    _wait_for_records(out, 1, process)
+    second = cli(
+        "cxr-run", "predict", str(films), "--model", str(bundle), "--out", str(out), "--resume", check=1
+    )
+    assert "another run is writing it" in one_line_error(second)
+    process.terminate()
+    process.communicate(timeout=120)
+    late = tmp_path / "late.jsonl"
+    plan = plan_output(late, [], "sha256:x")  # checked while it did not exist ...
+    late.write_text("someone else's\n")  # ... then made by another run
+    with pytest.raises(CxrError, match="appeared after the run started"):
+        RecordWriter(plan, ("a", "b"))
+    assert late.read_text() == "someone else's\n"
+    mine = tmp_path / "mine.jsonl"
+    writer = RecordWriter(plan_output(mine, [], "sha256:x"), ("a", "b"))
+    os.replace(late, mine)  # the name now means another file: closing empty must not remove it
+    writer.close()
+    assert mine.read_text() == "someone else's\n"
+
+
+def test_overlays_are_named_per_input_and_never_taken_over(bundle, films, tmp_path):
+    first, second = tmp_path / "d1", tmp_path / "d2"
+    first.mkdir(), second.mkdir()
+    shutil.copy(films / "good0.png", first / "x.png")
+    shutil.copy(films / "good1.png", second / "x.png")
+    out, maps = tmp_path / "r.jsonl", tmp_path / "maps"
+    common = (
+        "--model",
+        str(bundle),
+        "--explain",
+        "--samples",
+        "20",
+        "--explain-dir",
+        str(maps),
+        "--out",
+        str(out),
+    )
+    cli("cxr-run", "predict", str(first / "x.png"), *common)
+    before = {p.name: p.read_bytes() for p in maps.iterdir()}
+    cli("cxr-run", "predict", str(first / "x.png"), str(second / "x.png"), *common, "--resume")
+    overlays = [r["explanation"]["overlay"] for r in _records(out)]
+    assert len(set(overlays)) == 2 and all(Path(o).name.startswith("x_") for o in overlays)
+    assert all((maps / name).read_bytes() == data for name, data in before.items())  # the first map kept
+    inside = cli(
+        "cxr-run",
+        "predict",
+        str(first),
+        "--model",
+        str(bundle),
+        "--explain",
+        "--explain-dir",
+        str(first / "maps"),
+        check=2,
+    )
+    assert "inside the input folder" in one_line_error(inside)
+
+
+def test_csv_quoting_is_undone_exactly_on_resume(bundle, films, tmp_path):
+    for name in ("'=a.png", "=a.png"):
+        shutil.copy(films / "good0.png", tmp_path / name)
+    out = tmp_path / "r.csv"
+    run = lambda *names, extra=(): subprocess.run(  # noqa: E731
+        [
+            sys.executable,
+            "-m",
+            "cxr.runtime.cli",
+            "predict",
+            *names,
+            "--model",
+            str(bundle),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert run("'=a.png").returncode == 0
+    resumed = run("'=a.png", "=a.png", extra=("--resume",))
+    assert resumed.returncode == 0 and "1 predicted; 1 already in" in resumed.stderr, resumed.stderr
+
+
+def test_a_csv_header_on_a_full_disk_leaves_no_file(bundle, films, tmp_path):
+    out = tmp_path / "r.csv"
+
+    def tiny_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50, 50))
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr.runtime.cli",
+            "predict",
+            str(films),
+            "--model",
+            str(bundle),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=tiny_files,
+        timeout=300,
+    )
+    assert result.returncode == 1 and not out.exists() and "File too large" in one_line_error(result)
+
+
+def test_stdout_closed_or_full_is_one_line(bundle, films):
+    image = str(films / "good0.png")
+    command = [sys.executable, "-m", "cxr.runtime.cli", "predict", image, "--model", str(bundle)]
+    closed = subprocess.run(
+        command, stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1)
+    )
+    assert closed.returncode == 1 and "stdout is closed" in one_line_error(closed)
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert result.returncode == 1 and "stdout: No space left on device" in one_line_error(result)
+
+
+def test_a_fifo_or_device_in_place_of_a_film_is_refused_not_read(tmp_path):
+    import threading
+
+    from cxr.runtime.errors import CxrError
+    from cxr.runtime.preprocess import load_image
+
+    fifo = tmp_path / "film.png"
+    os.mkfifo(fifo)
+    outcome = {}
+
+    def read(path):
+        try:
+            load_image(path)
+        except CxrError as exc:
+            outcome[str(path)] = str(exc)
+
+    for path in (fifo, Path("/dev/zero")):
+        reader = threading.Thread(target=read, args=(path,), daemon=True)
+        reader.start()
+        reader.join(timeout=30)
+        assert not reader.is_alive() and "not a regular file" in outcome[str(path)]
+
+
+def test_jpeg_end_of_image_is_found_past_trailing_bytes_and_a_thumbnail(tmp_path):
+    import cv2
+    from cxr.runtime.errors import CxrError
+    from cxr.runtime.preprocess import load_image
+    from PIL import Image
+
+    film = np.tile(np.arange(200, dtype=np.uint8), (160, 1))
+    thumb = tmp_path / "thumb.jpg"
+    Image.fromarray(film[::8, ::8]).save(thumb)
+    exif = Image.Exif()
+    path = tmp_path / "film.jpg"
+    Image.fromarray(film).save(path, exif=exif, quality=90)
+    data = path.read_bytes()
+    (tmp_path / "trailing.jpg").write_bytes(data + b"\x00garbage after the end" * 200)
+    assert load_image(tmp_path / "trailing.jpg").gray.shape == (160, 200)
+    ok, encoded = cv2.imencode(".jpg", film)
+    with_thumb = encoded.tobytes()
+    app1 = (
+        b"\xff\xe1" + (len(thumb.read_bytes()) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + thumb.read_bytes()
+    )
+    cut = with_thumb[:2] + app1 + with_thumb[2 : len(with_thumb) // 2]  # a thumbnail's end, then a cut scan
+    (tmp_path / "cut.jpg").write_bytes(cut)
+    with pytest.raises(CxrError, match="truncated JPEG"):
+        load_image(tmp_path / "cut.jpg")
+
+
+def test_control_characters_in_names_never_reach_the_terminal(bundle, films, tmp_path):
+    name = "\x1b[2Jsneaky\x07.png"
+    shutil.copy(films / "good0.png", tmp_path / name)
+    result = cli("cxr-run", "predict", str(tmp_path / name), "--model", str(bundle), "--strict", check=None)
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr

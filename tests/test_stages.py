@@ -58,18 +58,37 @@ def test_a_stage_on_a_bundle_with_a_planted_link_is_refused(bundle, tmp_path):
 
 def test_re_export_replaces_the_bundle_whole_and_keeps_nothing_foreign(trained_run, bundle, tmp_path):
     copy = _copy(bundle, tmp_path)
-    (copy / "stray.onnx").write_bytes(b"another model")
-    cli("cxr-export", "onnx", str(trained_run), "--out", str(copy))
+    cli("cxr-export", "onnx", str(trained_run), "--out", str(copy))  # the old fp16/int8 graphs are not kept
     names = {p.name for p in copy.iterdir()}
-    assert "stray.onnx" not in names and "model.fp16.onnx" not in names and "model.int8.onnx" not in names
+    assert "model.fp16.onnx" not in names and "model.int8.onnx" not in names
     card = json.loads((copy / "card.json").read_text())
     assert set(card["files"]) == names - {"card.json"}
     _intact(copy)
+    (copy / "notes.txt").write_text("mine")  # never listed, never deleted: the stage refuses instead
+    for stage in (("onnx", str(trained_run), "--out", str(copy)), ("fp16", str(copy))):
+        result = cli("cxr-export", *stage, check=2)
+        assert "does not list (notes.txt)" in one_line_error(result) and (copy / "notes.txt").exists()
+    run_copy = tmp_path / "run_copy"
+    shutil.copytree(trained_run, run_copy)  # a run folder has a card.json too
+    result = cli("cxr-export", "onnx", str(trained_run), "--out", str(run_copy), check=2)
+    assert "model.pt" in one_line_error(result) and (run_copy / "model.pt").is_file()
     other = tmp_path / "not_a_bundle"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     result = cli("cxr-export", "onnx", str(trained_run), "--out", str(other), check=2)
     assert "not a bundle" in one_line_error(result) and (other / "notes.txt").read_text() == "mine"
+
+
+def test_a_lock_file_that_is_a_hard_link_or_a_fifo_is_refused(bundle, tmp_path):
+    copy = _copy(bundle, tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.link(victim, tmp_path / ".bundle.lock")
+    result = cli("cxr-export", "fp16", str(copy), check=1)
+    assert "not a plain lock file" in one_line_error(result) and victim.read_text() == "precious"
+    (tmp_path / ".bundle.lock").unlink()
+    os.mkfifo(tmp_path / ".bundle.lock")
+    assert "not a plain lock file" in one_line_error(cli("cxr-export", "fp16", str(copy), check=1))
 
 
 def test_a_second_stage_is_refused_while_one_holds_the_bundle(bundle, tmp_path):
