@@ -220,6 +220,26 @@ def serve_load(
 
 
 @app.command()
+def ood(
+    model: Path = typer.Option(
+        ..., "--model", help="Model bundle folder (with its out-of-distribution gate)."
+    ),
+    run: Path = typer.Option(..., "--run", help="The run the bundle came from (its split.json)."),
+    data: Path = typer.Argument(..., help="The data folder the run was trained on."),
+    out: Path = typer.Option(Path("bench-results/ood"), "--out", help="Folder for ood.json, ood.md, images."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Also fit and measure the candidate gates on the run's training films."
+    ),
+    seed: int = typer.Option(0, help="Seed of the crops and turns of the non-chest images."),
+) -> None:
+    """AUROC and share flagged of the gate per kind of non-chest image (photographs, documents, textures,
+    CT/MR/US frames, other anatomy, rotated films) against the run's validation films, and its cost."""
+    from cxr.bench.ood import run_ood
+
+    run_ood(model, run, data, out, compare, seed)
+
+
+@app.command()
 def report(
     results: List[Path] = typer.Argument(..., help="latency_*.json files (e.g. CPU and GPU machine)."),
 ) -> None:

@@ -30,6 +30,8 @@ RADIOGRAPH_SOP_CLASSES = {  # CR, DX (presentation and processing), digitised fi
     "1.2.840.10008.5.1.4.1.1.1.1.1",
     "1.2.840.10008.5.1.4.1.1.7",
 }
+CHEST_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LAT", "PORT CHEST", "TORAX", "THORAX_CHEST"}
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLO", "RLO"}
 COLOUR_PHOTOMETRICS = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "PALETTE COLOR"}
 PALETTE_CHANNELS = ("Red", "Green", "Blue")
 LUT_BITS_READ_AS_16 = range(10, 16)  # the standard allows 8 or 16 bits a modality LUT entry; devices write 12
@@ -270,6 +272,12 @@ def _dicom_warnings(ds: Any, name: str, notes: list[str]) -> None:
         notes.append(f"DICOM Modality {modality} is not a radiograph (CR/DX)")
     elif sop and sop not in RADIOGRAPH_SOP_CLASSES:
         notes.append(f"DICOM SOP class {getattr(ds.SOPClassUID, 'name', sop)} is not a radiograph")
+    part = _text(ds, "BodyPartExamined", name).upper()
+    if part and part not in CHEST_PARTS:  # a CR of the hip passes the modality check: the header still tells
+        notes.append(f"DICOM BodyPartExamined {part[:16]} is not the chest")
+    view = _text(ds, "ViewPosition", name).upper()
+    if view in LATERAL_VIEWS:
+        notes.append(f"DICOM ViewPosition {view}: a lateral view (the model learned frontal PA/AP films)")
 
 
 def _pixel_array(ds: Any, name: str) -> np.ndarray:

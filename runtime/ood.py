@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from cxr.runtime.errors import CxrError
+from cxr.runtime.errors import CxrError, one_line
 
 GATE_FILE = "ood.npz"
 GATE_VERSION = 1
@@ -43,7 +43,10 @@ def image_stats(gray: np.ndarray, colour: bool = False) -> np.ndarray:
     """Cheap statistics of a decoded film (any size, uint8): what a chest radiograph's picture looks like
     before any network sees it. Photographs, pages and other anatomy differ in several of them."""
     height, width = gray.shape[:2]
-    small = cv2.resize(gray, (STATS_SIDE, STATS_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    step = max(1, min(height, width) // (4 * STATS_SIDE))  # a 3000 px film is thinned first: 0.1 ms, not 5
+    thinned = gray[::step, ::step]
+    small = cv2.resize(thinned, (STATS_SIDE, STATS_SIDE), interpolation=cv2.INTER_AREA)
+    small = small.astype(np.float32) / 255
     hist = np.histogram(small, bins=16, range=(0.0, 1.0))[0] / small.size
     dx, dy = np.diff(small, axis=1), np.diff(small, axis=0)
     edges = float(np.mean(np.abs(dx))) + float(np.mean(np.abs(dy)))
@@ -194,8 +197,9 @@ class Gate:
                 validation_scores=arrays["validation_scores"],
                 feature_layout=tuple((str(n), int(a), int(b)) for n, a, b in meta["feature_layout"]),
             )
-        except (ValueError, KeyError, TypeError, OSError) as exc:
-            raise CxrError(f"{name}: not a readable out-of-distribution gate ({exc})") from None
+        except Exception as exc:  # bytes from a bundle: whatever numpy or zipfile raise means "unreadable"
+            cause = one_line(exc, 120)
+            raise CxrError(f"{name}: not a readable out-of-distribution gate ({cause})") from None
 
 
 _said_no_gate: set[str] = set()
