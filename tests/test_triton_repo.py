@@ -25,7 +25,8 @@ def test_onnx_repository_matches_the_graph(bundle, tmp_path, precision):
     config = read_config(model_dir)
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 32
     assert [(t.name, list(t.dims)) for t in config.input] == [("image", [1, IMAGE_SIZE, IMAGE_SIZE])]
-    assert [(t.name, list(t.dims)) for t in config.output] == [("probs", [4])]
+    assert [(t.name, list(t.dims)) for t in config.output][0] == ("probs", [4])
+    assert [t.name for t in config.output][1:] == ["features"]  # the out-of-distribution gate reads them
     assert config.input[0].data_type == 2 and config.output[0].data_type == 11  # TYPE_UINT8, TYPE_FP32
     assert max(config.dynamic_batching.preferred_batch_size) == 32
     assert config.dynamic_batching.max_queue_delay_microseconds == 2000
@@ -68,7 +69,7 @@ def test_hand_edited_config_is_caught(bundle, tmp_path):
     text = " | ".join(problems)
     assert "TYPE_FP32 but the graph has TYPE_UINT8" in text
     assert "dims [1, 99," in text
-    assert "output names ['scores']" in text
+    assert "output names ['scores', 'features']" in text
     result = cli("cxr-export", "triton-check", str(repo), check=1)
     assert result.stdout.count("problem:") == len(problems) == 3
     path.write_text("max_batch_size: [oops")
