@@ -21,13 +21,15 @@ from typing import Any
 import numpy as np
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.bundle import Bundle
-from cxr.runtime.card import Card
 from cxr.runtime.errors import CxrError, CxrUsageError, one_line
 from cxr.runtime.explain import ExplainConfig, explain_image, explanation_record
-from cxr.runtime.ood import Gate, image_stats
+from cxr.runtime.ood import Gate
 from cxr.runtime.output import record_path
 from cxr.runtime.overlay import save_overlay
-from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS, decode, load_image, preprocess
+from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS
+from cxr.runtime.reading import Prepared, fault_line, prepare, prepared_in_order
+
+__all__ = ["Prepared", "fault_line", "prepare"]  # reading's, used here and by serve
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,25 @@ class PredictOptions:
     bundle_digest: str = ""  # written into every record: what a resume matches
     protected: frozenset[tuple[int, int]] = frozenset()  # (device, inode) of inputs no overlay may replace
     gate: Gate | None = None  # the bundle's out-of-distribution gate (None: a bundle without one)
+    workers: int = 1  # threads reading inputs ahead of the backend (cxr.runtime.reading)
+
+
+@dataclass(kw_only=True)
+class StageTimes:
+    """Seconds spent in each stage of a run: reading (summed over the reading threads, which overlap the
+    backend), and on this thread classifying, explaining and writing."""
+
+    decode_s: float = 0.0
+    preprocess_s: float = 0.0
+    infer_s: float = 0.0
+    explain_s: float = 0.0
+    write_s: float = 0.0
+    images: int = 0
+
+    def per_image_ms(self) -> dict[str, float]:
+        count = max(1, self.images)
+        stages = ("decode_s", "preprocess_s", "infer_s", "explain_s", "write_s")
+        return {name.removesuffix("_s"): round(1000 * getattr(self, name) / count, 3) for name in stages}
 
 
 class OpeningExplainer:
@@ -112,57 +133,6 @@ def overlay_name(path: Path, options: PredictOptions) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]", "_", record_path(path.stem))[:80]
     key = os.fsencode(os.path.abspath(path)) + repr((options.bundle_digest, options.explain)).encode()
     return f"{stem}_{hashlib.sha256(key).hexdigest()[:12]}.png"
-
-
-def fault_line(path: Path | str, exc: BaseException, step: str) -> str:
-    """One input's fault as its record's one line, cause first. Our own errors already read so; any other
-    exception (a decoder's, a bug's) is named by its type, and its traceback goes to the debug log."""
-    if isinstance(exc, CxrError):
-        return one_line(exc)
-    log.debug("%s: %s failed", record_path(path), step, exc_info=exc)
-    return f"{record_path(path)}: {step} failed: {type(exc).__name__}: {one_line(exc, 200)}"
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One input made ready for the network: its image, or the one line that says why it cannot be."""
-
-    image: np.ndarray | None
-    warnings: tuple[str, ...] = ()
-    error: str | None = None
-    stats: np.ndarray | None = None  # the decoded film's statistics (the gate's image part)
-
-
-def prepare(source: Path | bytes, name: str, card: Card, max_pixels: int, strict: bool = False) -> Prepared:
-    """Decode and preprocess a file (a path) or a request's encoded bytes with the card's steps. Whatever goes
-    wrong is this input's fault only: it comes back as ``error``, never raised. ``strict``: a warning (not a
-    radiograph? colour? tiny?) fails the input."""
-    notes: tuple[str, ...] = ()
-    try:
-        window = card.preprocessing.dicom_window
-        if isinstance(source, bytes):
-            decoded = decode(source, name, max_pixels=max_pixels, dicom_window=window)
-        else:
-            decoded = load_image(source, max_pixels, dicom_window=window)
-        notes = decoded.warnings
-        if notes and strict:
-            raise CxrError(f"{name}: {'; '.join(notes)} (--strict)")
-        image = preprocess(decoded.gray, card.input.size, card.preprocessing)
-        return Prepared(image, notes, None, image_stats(decoded.gray, decoded.colour))
-    except Exception as exc:
-        return Prepared(None, notes, fault_line(name, exc, "reading"))
-
-
-def _read(
-    path: Path, record: dict[str, Any], options: PredictOptions, bundle: Bundle, known: dict
-) -> Prepared:
-    """One input prepared, its record's warnings and error set."""
-    if path in known:
-        record["error"] = known[path]
-        return Prepared(None)
-    prepared = prepare(path, record_path(path), bundle.card, options.max_pixels, options.strict)
-    record["warnings"], record["error"] = list(prepared.warnings), prepared.error
-    return prepared
 
 
 Answer = tuple[np.ndarray, np.ndarray | None]  # one image's probabilities and gate features
@@ -257,17 +227,22 @@ def predict_stream(
     options: PredictOptions,
     explainer: ExplainerBackend | OpeningExplainer | None = None,
     known_errors: dict[Path, str] | None = None,
+    times: StageTimes | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs
     that failed before reading (a broken link, an unreadable folder) and the reason each gets in its
     record. Any fault of one input (reading, classifying, explaining, writing its overlay) is that input's
     record; only an explainer that cannot open ends the stream (a fault of the run, not of an input)."""
-    known_errors = known_errors or {}
     classes = bundle.card.classes
     if options.batch_size < 1:
         raise CxrUsageError("--batch-size must be at least 1")
     batch_size = min(options.batch_size, backend.limits.max_batch)
     get_explainer = explainer.get if isinstance(explainer, OpeningExplainer) else lambda: explainer
+    times = times if times is not None else StageTimes()
+    ahead = max(2 * batch_size, options.workers)
+    reading = prepared_in_order(
+        paths, bundle.card, options.max_pixels, options.strict, known_errors, options.workers, ahead
+    )
     bar = tqdm(
         total=len(paths),
         unit="img",
@@ -277,13 +252,20 @@ def predict_stream(
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
+            prepared = [next(reading) for _ in chunk]
             records = [_record(path, backend, options.bundle_digest) for path in chunk]
-            prepared = [_read(p, r, options, bundle, known_errors) for p, r in zip(chunk, records)]
+            for record, item in zip(records, prepared):
+                record["warnings"], record["error"] = list(item.warnings), item.error
+                times.decode_s += item.decode_s
+                times.preprocess_s += item.preprocess_s
             images = [item.image for item in prepared]
             good = [i for i, image in enumerate(images) if image is not None]
+            started = time.perf_counter()
             answers = (
                 classify_outputs(backend, [images[i] for i in good], [chunk[i] for i in good]) if good else []
             )
+            times.infer_s += time.perf_counter() - started
+            times.images += len(chunk)
             rows: dict[int, Answer] = {}
             for i, answer in zip(good, answers):
                 if isinstance(answer, str):
@@ -292,23 +274,36 @@ def predict_stream(
                     rows[i] = answer
             gate_records(options.gate, records, rows, {i: prepared[i].stats for i in rows}, options.strict)
             for i, record in enumerate(records):
-                labelled = i in rows and record["label"] is not None
-                if labelled and explainer is not None and options.explain is not None:
+                if i in rows and record["label"] is not None and explainer is not None and options.explain:
+                    started = time.perf_counter()
                     ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
-                    label = int(np.argmax(rows[i][0]))
-                    try:
-                        note = (
-                            None if record["in_distribution"] is not False else "NOT LIKE THE TRAINING FILMS"
-                        )
-                        record["explanation"] = _explain(
-                            images[i], chunk[i], bundle, ready, options, label, note
-                        )
-                    except Exception as exc:  # a map or an overlay that fails costs this input only
-                        record["error"] = f"explanation failed: {fault_line(chunk[i], exc, 'explaining')}"
+                    _explain_into(
+                        record, images[i], chunk[i], bundle, ready, options, int(np.argmax(rows[i][0]))
+                    )
+                    times.explain_s += time.perf_counter() - started
                 bar.update(1)
                 yield record
     finally:
         bar.close()
+        reading.close()
+
+
+def _explain_into(
+    record: dict[str, Any],
+    image: np.ndarray,
+    path: Path,
+    bundle: Bundle,
+    explainer: ExplainerBackend,
+    options: PredictOptions,
+    label: int,
+) -> None:
+    """The record's explanation, or its error: a map or an overlay that fails costs this input only. An input
+    unlike the training films says so on its overlay."""
+    note = None if record["in_distribution"] is not False else "NOT LIKE THE TRAINING FILMS"
+    try:
+        record["explanation"] = _explain(image, path, bundle, explainer, options, label, note)
+    except Exception as exc:
+        record["error"] = f"explanation failed: {fault_line(path, exc, 'explaining')}"
 
 
 def label_record(record: dict[str, Any], row: np.ndarray, classes: tuple[str, ...], top_k: int = 0) -> bool:

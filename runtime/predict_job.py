@@ -27,8 +27,9 @@ from cxr.runtime.explain import ExplainConfig
 from cxr.runtime.inputs import Discovered, discover, not_images_line
 from cxr.runtime.ood import bundle_gate
 from cxr.runtime.output import OutputPlan, RecordWriter, plan_output, record_path
-from cxr.runtime.predict import OpeningExplainer, PredictOptions, predict_stream
+from cxr.runtime.predict import OpeningExplainer, PredictOptions, StageTimes, predict_stream
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS
+from cxr.runtime.reading import default_workers
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class PredictJob:
     explain: ExplainConfig | None = None
     explain_dir: Path | None = None
     strict: bool = False
+    workers: int | None = None  # threads reading inputs ahead of the backend (None: one per core)
     expect_digest: str | None = None
     trusted_key: Path | None = None
     allow_unvalidated: bool = False
@@ -79,6 +81,12 @@ class PredictSummary:
     first_result_s: float | None = None
     classifier_open_s: float = 0.0
     explainer_open_s: float | None = None
+    run_s: float = 0.0  # from the first input read to the last record written
+    stages: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.stages.images / self.run_s if self.run_s > 0 else 0.0
 
     @property
     def exit_code(self) -> int:
@@ -224,13 +232,19 @@ def _run(
                 bundle_digest=bundle.digest,
                 protected=_inode_keys(paths) if job.explain else frozenset(),
                 gate=bundle_gate(bundle),
+                workers=job.workers if job.workers is not None else default_workers(),
             )
-            records = predict_stream(paths, bundle, classifier, options, explainer, found.errors)
+            records = predict_stream(
+                paths, bundle, classifier, options, explainer, found.errors, summary.stages
+            )
+            loop_started = time.perf_counter()
             with RecordWriter(plan, bundle.card.classes) as writer:
                 try:
                     for record in records:
+                        written_at = time.perf_counter()
                         with stop.deferred():
                             writer.write(record)
+                        summary.stages.write_s += time.perf_counter() - written_at
                         summary.written = writer.written
                         _count(record, summary, shown, started)
                         if on_record is not None:
@@ -243,6 +257,7 @@ def _run(
                 finally:
                     summary.written = writer.written
                     records.close()
+                    summary.run_s = time.perf_counter() - loop_started
         finally:
             if explainer is not None:
                 explainer.close()
@@ -302,6 +317,8 @@ def _check_job(job: PredictJob) -> None:
         raise CxrUsageError("--max-pixels must be at least 1")
     if job.timeout <= 0:
         raise CxrUsageError("--timeout must be above 0 seconds")
+    if job.workers is not None and not 1 <= job.workers <= 64:
+        raise CxrUsageError(f"--workers must be from 1 to 64, got {job.workers}")
 
 
 def _nothing_found(found: Discovered) -> str:

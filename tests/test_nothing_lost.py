@@ -14,10 +14,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from tests.conftest import cli, one_line_error
+
+MARK = 7  # a grey level in the corner of the film whose preprocessing is made to raise
 
 
 def _records(path: Path) -> list[dict]:
@@ -35,7 +38,9 @@ def films(phantoms: Path, tmp_path: Path) -> Path:
     (folder / "truncated.png").write_bytes(good[:300])
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "text.dcm").write_text("not a DICOM at all")
-    (folder / "zzz_raises.png").write_bytes(good)  # made to fail by an injected exception below
+    marked = cv2.imread(str(folder / "good0.png"), cv2.IMREAD_GRAYSCALE)
+    marked[:2, :2] = MARK  # made to fail by an exception injected below, whichever thread reads it
+    cv2.imwrite(str(folder / "zzz_raises.png"), marked)
     return folder
 
 
@@ -46,19 +51,17 @@ def _job(bundle: Path, inputs: list[Path], **options):
 
 
 def test_every_fault_of_one_input_is_that_inputs_record(bundle, films, tmp_path, monkeypatch):
-    import cxr.runtime.predict as predict
+    import cxr.runtime.reading as reading
     from cxr.runtime.predict_job import run_predict
 
-    real_preprocess = predict.preprocess
-    calls = {"n": 0}
+    real_preprocess = reading.preprocess
 
     def preprocess(gray, size, pre=None):  # an unexpected exception deep in one input's preprocessing
-        calls["n"] += 1
-        if calls["n"] == 9:
+        if (gray[:2, :2] == MARK).all():
             raise ZeroDivisionError("injected")
         return real_preprocess(gray, size, pre)
 
-    monkeypatch.setattr(predict, "preprocess", preprocess)
+    monkeypatch.setattr(reading, "preprocess", preprocess)
     out = tmp_path / "r.jsonl"
     summary = run_predict(_job(bundle, [films], out=out, batch_size=4))
     records = {Path(r["path"]).name: r for r in _records(out)}
@@ -492,12 +495,12 @@ def test_odd_dicom_headers_in_a_folder_cost_no_other_record(bundle, films, tmp_p
 
 SLOW_READ = """
 import sys, time
-import cxr.runtime.predict as predict
-real = predict.prepare
+import cxr.runtime.reading as reading
+real = reading.prepare
 def prepare(*args, **kwargs):
     time.sleep(0.4)  # the signal lands while an input is being read
     return real(*args, **kwargs)
-predict.prepare = prepare
+reading.prepare = prepare
 from cxr.runtime.cli import main
 sys.argv = ["cxr-run", *sys.argv[1:]]
 main()
