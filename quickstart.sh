@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash .ci/install
-.venv/bin/cxr-bench quickstart --out quickstart
+.venv/bin/cxr-quickstart --out quickstart

@@ -1,4 +1,6 @@
-"""``cxr-bench``: latency, LIME cost, reports, and the quick start."""
+"""``cxr-bench``: latency, LIME cost and fidelity, serve load, the OOD gate, ablation tables and reports.
+
+The one-question research scripts are not here: they live in ``research/`` (see its README)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,15 @@ import typer
 from cxr.runtime.cli_options import (
     DEFAULT_MAX_BATCH,
     DEFAULT_QUEUE_DELAY_US,
+    BackendName,
     Instances,
     MaxBatch,
     QueueDelayUs,
 )
 from cxr.runtime.cli_util import new_app, parse_int_list, run_app
+from typing_extensions import Annotated
 
-app = new_app("Benchmarks: per-image latency, throughput and LIME cost; reports; the quick start.")
+app = new_app("Benchmarks: per-image latency, throughput and LIME cost; serve load; OOD gate; reports.")
 
 
 @app.command()
@@ -36,10 +40,10 @@ def latency(
     ),
 ) -> None:
     """p50/p95/p99 at batch 1 and img/s per batch size, PyTorch eager as the baseline."""
-    from cxr.bench.latency import run_latency
+    from cxr.bench.latency import format_latency, run_latency
 
     wanted = [b.strip() for b in backends.split(",")] if backends else None
-    run_latency(
+    results = run_latency(
         model,
         out,
         wanted,
@@ -48,6 +52,33 @@ def latency(
         duration_s,
         interleave=interleave,
     )
+    print(format_latency(results))
+
+
+# --fidelity and its own options: --samples auto against the fixed --samples budget
+Fidelity = Annotated[
+    bool,
+    typer.Option(
+        "--fidelity",
+        help="Instead: --samples auto against the --samples budget "
+        "(top-5 overlap, rank correlation, deletion curve, compute saved).",
+    ),
+]
+Repeatability = Annotated[
+    int,
+    typer.Option(
+        "--repeatability",
+        help="With --fidelity: for the first N images also draw a second fixed-budget map with seed + 1, "
+        "to show how far the reference itself moves with the seed.",
+    ),
+]
+Sampler = Annotated[
+    str, typer.Option(help="With --fidelity: the rows of --samples auto, paired (its default) or plain.")
+]
+SettleAgreement = Annotated[
+    float,
+    typer.Option(help="With --fidelity: --samples auto's --settle-agreement (0-1; 0, the default, is off)."),
+]
 
 
 @app.command()
@@ -68,35 +99,19 @@ def lime(
         help="Comma-separated precisions of our explainer, e.g. fp16,fp32 (with --fidelity: one, the "
         "precision of --samples auto; the reference map stays fp32).",
     ),
-    backend: str = typer.Option(
-        "auto", help="auto, tensorrt, onnxruntime or openvino (ours, and stock lime's classifier)."
-    ),
+    backend: BackendName = "auto",  # ours, and stock lime's classifier
     peer: str = typer.Option(
         "stock", help="Comma-separated peers: stock (lime), captum (Captum Lime on PyTorch), none."
     ),
-    fidelity: bool = typer.Option(
-        False,
-        "--fidelity",
-        help="Instead: --samples auto against the --samples budget "
-        "(top-5 overlap, rank correlation, deletion curve, compute saved).",
-    ),
-    repeatability: int = typer.Option(
-        0,
-        "--repeatability",
-        help="With --fidelity: for the first N images also draw a second fixed-budget map with seed + 1, "
-        "to show how far the reference itself moves with the seed.",
-    ),
-    sampler: str = typer.Option(
-        "paired", help="With --fidelity: the rows of --samples auto, paired (its default) or plain."
-    ),
-    settle_agreement: float = typer.Option(
-        0.0, help="With --fidelity: --samples auto's --settle-agreement (0-1; 0, the default, is off)."
-    ),
+    fidelity: Fidelity = False,
+    repeatability: Repeatability = 0,
+    sampler: Sampler = "paired",
+    settle_agreement: SettleAgreement = 0.0,
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for lime.json and lime.png."),
 ) -> None:
     """Seconds per explanation (first image and steady state) for ours per precision, against lime and
     Captum."""
-    from cxr.bench.lime_bench import run_lime_bench
+    from cxr.bench.lime_bench import format_lime, run_lime_bench
     from cxr.runtime.bundle import check_precision
     from cxr.runtime.errors import CxrUsageError
     from cxr.runtime.inputs import expand_inputs
@@ -107,43 +122,52 @@ def lime(
     peers = tuple(p.strip() for p in peer.split(",") if p.strip() and p.strip() != "none")
     paths = expand_inputs(images)[:count] if images else []
     if fidelity:
-        from cxr.bench.lime_fidelity import run_fidelity
-        from cxr.runtime.explain import SAMPLERS
-
-        if len(precisions) != 1:
-            raise CxrUsageError(f"--fidelity takes one --precision, got {precision!r}")
-        if repeatability < 0:
-            raise CxrUsageError("--repeatability must be 0 or more")
-        if sampler not in SAMPLERS or not 0 <= settle_agreement <= 1:
-            raise CxrUsageError(
-                f"--sampler must be one of {', '.join(SAMPLERS)} and --settle-agreement within 0-1, got "
-                f"{sampler!r} and {settle_agreement}"
-            )
-        rule = {"paired": sampler == "paired", "min_agreement": settle_agreement}
-        run_fidelity(
-            model,
-            out,
-            paths,
-            samples,
-            seed,
-            backend,
-            precision=precisions[0],
-            repeatability=repeatability,
-            rule=rule,
-        )
+        rule = _fidelity_rule(precisions, repeatability, sampler, settle_agreement)
+        _lime_fidelity(model, out, paths, samples, seed, backend, precisions[0], repeatability, rule)
         return
-    run_lime_bench(
-        model,
-        out,
-        paths,
-        samples,
-        seed,
-        segmenter,
-        parse_int_list(sweep, "--sweep"),
-        precisions,
-        backend,
-        peers,
+    sample_sweep = parse_int_list(sweep, "--sweep")
+    results = run_lime_bench(
+        model, out, paths, samples, seed, segmenter, sample_sweep, precisions, backend, peers
     )
+    print(format_lime(results))
+
+
+def _fidelity_rule(
+    precisions: tuple[str, ...], repeatability: int, sampler: str, settle_agreement: float
+) -> dict[str, object]:
+    """--fidelity's options checked; the stopping rule of its --samples auto."""
+    from cxr.runtime.errors import CxrUsageError
+    from cxr.runtime.explain import SAMPLERS
+
+    if len(precisions) != 1:
+        raise CxrUsageError(f"--fidelity takes one --precision, got {','.join(precisions)!r}")
+    if repeatability < 0:
+        raise CxrUsageError("--repeatability must be 0 or more")
+    if sampler not in SAMPLERS or not 0 <= settle_agreement <= 1:
+        raise CxrUsageError(
+            f"--sampler must be one of {', '.join(SAMPLERS)} and --settle-agreement within 0-1, got "
+            f"{sampler!r} and {settle_agreement}"
+        )
+    return {"paired": sampler == "paired", "min_agreement": settle_agreement}
+
+
+def _lime_fidelity(
+    model: Path,
+    out: Path,
+    paths: list[Path],
+    samples: int,
+    seed: int,
+    backend: str,
+    precision: str,
+    repeatability: int,
+    rule: dict[str, object],
+) -> None:
+    from cxr.bench.lime_fidelity import format_fidelity, run_fidelity
+
+    summary = run_fidelity(
+        model, out, paths, samples, seed, backend, precision=precision, repeatability=repeatability, rule=rule
+    )
+    print(format_fidelity(summary))
 
 
 @app.command("all")
@@ -154,11 +178,13 @@ def run_all(
     out: Path = typer.Option(Path("bench-results"), "--out", help="Output folder."),
 ) -> None:
     """Latency and LIME, one folder, one summary."""
-    from cxr.bench.latency import run_latency
-    from cxr.bench.lime_bench import run_lime_bench
+    from cxr.bench.latency import format_latency, run_latency
+    from cxr.bench.lime_bench import format_lime, run_lime_bench
 
-    run_latency(model, out, None, [1, 8, 32, 64], 1.0, duration_s)
-    run_lime_bench(model, out, [image] if image else [], 1000, 0, "slic", [250, 500, 1000])
+    print(format_latency(run_latency(model, out, None, [1, 8, 32, 64], 1.0, duration_s)))
+    print(
+        format_lime(run_lime_bench(model, out, [image] if image else [], 1000, 0, "slic", [250, 500, 1000]))
+    )
 
 
 @app.command()
@@ -196,7 +222,7 @@ def serve_load(
 ) -> None:
     """Loopback load test of 'cxr-run serve' vs local predict: per client count throughput, p50/p95/p99,
     failed requests, batch sizes formed, equality; the server's peak memory."""
-    from cxr.bench.serve_load import PROTOCOLS, LoadOptions, run_serve_load
+    from cxr.bench.serve_load import PROTOCOLS, LoadOptions, format_serve_load, run_serve_load
     from cxr.runtime.errors import CxrUsageError
 
     counts = tuple(int(c) for c in clients.split(",") if c.strip().isdigit())
@@ -216,7 +242,7 @@ def serve_load(
         precision=precision,
         protocol=protocol,
     )
-    run_serve_load(model, data, out, options)
+    print(format_serve_load(run_serve_load(model, data, out, options)))
 
 
 @app.command()
@@ -247,18 +273,6 @@ def report(
     from cxr.bench.report import markdown_report
 
     print(markdown_report(results))
-
-
-@app.command()
-def quickstart(
-    out: Path = typer.Option(Path("quickstart"), "--out", help="Folder for data, run, bundle and reports."),
-    arch: str = typer.Option("dpn_se_tiny", help="Architecture (small for CPU)."),
-    epochs: int = typer.Option(8, help="Epochs."),
-) -> int:
-    """The whole pipeline on generated phantoms: train, export, (engine), predict + LIME, parity, latency."""
-    from cxr.quickstart import run_quickstart
-
-    return run_quickstart(out, arch, epochs)
 
 
 def main() -> None:

@@ -42,10 +42,10 @@ find -L "$OUT/val" -type f | sort | shuf -n 40 --random-source=<(yes) > "$OUT/ex
 step parity 180 "$PY" -m cxr.export.cli parity "$OUT/bundle" "$OUT/val" --backends onnx,fp16 --report "$OUT/parity_gpu.json"
 step lime 240 "$PY" -m cxr.bench.cli lime --model "$OUT/bundle" $(head -n 11 "$OUT/explain40.txt") --count 11 \
   --precision fp16,fp32 --peer captum,stock --out "$OUT"
-step predict_explain 200 "$PY" -m cxr.runtime.cli predict --model "$OUT/bundle" $(cat "$OUT/explain40.txt") \
-  --precision fp16 --explain --explain-dir "$OUT/overlays" --out "$OUT/predict_explain_fp16.jsonl"
-step cold_start 150 "$PY" -m cxr.bench.cold_start "$OUT/bundle" "$OUT" "$(head -n 1 "$OUT/explain40.txt")"
-step fp16_variants 150 "$PY" -m cxr.bench.fp16_variants "$OUT/bundle" "$OUT" $(head -n 6 "$OUT/explain40.txt")
+step predict_explain 200 "$PY" -m research.gpu.predict_explain "$OUT/bundle" "$OUT" $(cat "$OUT/explain40.txt") \
+  --precision fp16
+step cold_start 150 "$PY" -m research.gpu.cold_start "$OUT/bundle" "$OUT" "$(head -n 1 "$OUT/explain40.txt")"
+step fp16_variants 150 "$PY" -m research.gpu.fp16_variants "$OUT/bundle" "$OUT" $(head -n 6 "$OUT/explain40.txt")
 step latency 200 "$PY" -m cxr.bench.cli latency --model "$OUT/bundle" --batch-sizes 64 --warmup-s 1 --duration-s 3 \
   --backends pytorch-fp32,pytorch-fp16,onnxruntime-fp32,onnxruntime-fp16,onnxruntime-exhaustive-fp32,onnxruntime-exhaustive-fp16 \
   --out "$OUT"
@@ -53,5 +53,5 @@ step latency_compile 200 "$PY" -m cxr.bench.cli latency --model "$OUT/bundle" --
   --duration-s 3 --backends torch-compile-fp16 --out "$OUT/compile"
 step info 120 "$PY" -m cxr.runtime.cli info --model "$OUT/bundle"
 step gpu_tests 240 "$PY" -m pytest -q -m "gpu or tensorrt" -p no:cacheprovider tests
-step summary 60 "$PY" -m cxr.bench.gpu_summary "$OUT"
+step summary 60 "$PY" -m research.gpu.gpu_summary "$OUT"
 echo "results in $OUT"

@@ -124,15 +124,26 @@ def runners(bundle: Bundle, wanted: list[str] | None) -> list[tuple[str, str, Ca
                 )
     except ImportError:
         pass
-    makers = {"onnxruntime": _ort_runner, "openvino": _ov_runner, "tensorrt": _trt_runner}
     on_cuda = bool(gpu_providers())  # ORT on CUDA: the shipped heuristic search, and exhaustive beside it
     for backend, precision in runnable_here(bundle):
-        found.append((backend, precision, lambda b=backend, p=precision: makers[b](bundle, p)))
+        found.append((backend, precision, lambda b=backend, p=precision: _runner(bundle, b, p)))
         if backend == "onnxruntime" and on_cuda:
             found.append((EXHAUSTIVE, precision, lambda p=precision: _ort_runner(bundle, p, exhaustive=True)))
     if wanted:
         found = [f for f in found if f[0] in wanted or f"{f[0]}-{f[1]}" in wanted]
     return found
+
+
+def _runner(bundle: Bundle, backend: str, precision: str) -> tuple[Runner, Callable[[], None]]:
+    """A registered backend's classifier: through this benchmark's own runner where it has one (up to 1024
+    images in one call), else opened as predict opens it (a backend registered after this file)."""
+    makers = {"onnxruntime": _ort_runner, "openvino": _ov_runner, "tensorrt": _trt_runner}
+    if backend in makers:
+        return makers[backend](bundle, precision)
+    from cxr.runtime.backends.select import open_classifier
+
+    opened, _ = open_classifier(bundle, backend, precision)
+    return opened.run_chunked, opened.close
 
 
 def _ort_runner(
@@ -261,7 +272,6 @@ def run_latency(
     name = f"latency_{bundle.card.arch}_{slug(facts)}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_latency(results, out / f"{name}.png")
-    log.info(format_latency(results))
     log.info(f"wrote {out / (name + '.json')} and {out / (name + '.png')}")
     return results
 

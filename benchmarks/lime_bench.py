@@ -245,7 +245,6 @@ def run_lime_bench(
     out.mkdir(parents=True, exist_ok=True)
     (out / "lime.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_lime(results, out / "lime.png")
-    log.info(format_lime(results))
     log.info(f"wrote {out / 'lime.json'} and {out / 'lime.png'}")
     return results
 

@@ -155,7 +155,6 @@ def run_fidelity(
     atomic_write(out / "lime_fidelity.json", json.dumps(summary, indent=2) + "\n")
     (out / PARTIAL).unlink(missing_ok=True)
     plot_fidelity(summary, out / "lime_fidelity.png")
-    log.info(format_fidelity(summary))
     log.info(f"wrote {out / 'lime_fidelity.json'} and {out / 'lime_fidelity.png'}")
     return summary
 

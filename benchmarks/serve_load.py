@@ -36,7 +36,7 @@ MATCH_ATOL = 1e-5  # batch composition may change float summation order, nothing
 PROTOCOLS = ("http", "grpc")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoadOptions:
     clients: tuple[int, ...] = (8, 32, 64)  # one load level per count, in this order, on one server
     max_requests: int = 2000
@@ -256,7 +256,7 @@ def run_serve_load(bundle_dir: Path, data: list[str], out: Path, options: LoadOp
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_serve_load(results, out / "serve_load.png")
-    log.info(format_serve_load(results))
+    log.info(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.png'}")
     return results
 
 

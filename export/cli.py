@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from cxr.runtime.backends.registry import parity_choices
 from cxr.runtime.cli_options import (
     DEFAULT_MAX_BATCH,
     DEFAULT_QUEUE_DELAY_US,
@@ -175,7 +176,11 @@ def build_engine(
 def parity(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     data: Path = typer.Argument(..., help="Labelled ImageFolder."),
-    backends: str = typer.Option("onnx,fp16,int8,engine", help="Any of onnx, fp16, int8, engine."),
+    backends: str = typer.Option(
+        "onnx,fp16,int8,engine",
+        help=f"Any of {', '.join(parity_choices())}: an ONNX graph on ONNX Runtime, or every file another "
+        "backend runs.",
+    ),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default BUNDLE/parity.json)."),
     run: Optional[Path] = typer.Option(
         None, "--run", help="PyTorch run folder (default: the card's source run)."
@@ -194,20 +199,14 @@ def parity(
 ) -> int:
     """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""
     import cxr.train.models  # noqa: F401
-    from cxr.export.parity import run_parity
-    from cxr.runtime.errors import CxrUsageError
-    from cxr.runtime.formats import ParityRule as Rule
+    from cxr.export.parity import format_parity, parity_rules, report_location, run_parity
 
-    if not 0 < alpha < 1:
-        raise CxrUsageError(f"--alpha must be between 0 and 1, got {alpha}")
-    rules = {
-        "fp32": Rule(1.0, max_abs_dprob=fp32_max_dprob),
-        "fp16": Rule(fp16_agreement, alpha=alpha),
-        "int8": Rule(int8_agreement, alpha=alpha),
-    }
+    rules = parity_rules(fp32_max_dprob, fp16_agreement, int8_agreement, alpha)
     results = run_parity(
         bundle, data, [b.strip() for b in backends.split(",") if b.strip()], rules, report, run
     )
+    print(format_parity(results))
+    print(f"report: {report_location(bundle, report)}")
     print_digest(bundle)
     return 0 if results["passed"] else 1
 
@@ -239,7 +238,15 @@ def triton(
     from cxr.runtime.bundle import Bundle
 
     options = RepoOptions(
-        precision, max_batch, format, kind, instances, max_queue_delay_us, trt_accelerator, name, force
+        precision=precision,
+        max_batch=max_batch,
+        format=format,
+        kind=kind,
+        instances=instances,
+        max_queue_delay_us=max_queue_delay_us,
+        trt_accelerator=trt_accelerator,
+        name=name,
+        force=force,
     )
     model_dir = export_repository(Bundle.open(bundle), out, options)
     print(

@@ -15,7 +15,7 @@ from typing import Any
 
 from cxr.export.known import record_known_answers
 from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
-from cxr.runtime.card import forget_parity, record_files, sha256_file
+from cxr.runtime.card import file_parity_label, forget_parity, record_files, sha256_file
 from cxr.runtime.engine_sidecar import write_sidecar
 from cxr.runtime.errors import CxrError
 from cxr.runtime.onnx_weights import check_weights
@@ -200,5 +200,5 @@ def _build_into(
         log.info(f"built {target} ({len(plan) / 1e6:.1f} MB, TensorRT {version}, {facts['gpu_name']})")
     engines = [name for name in written if name.endswith(".engine")]
     card = record_known_answers(bundle.folder, bundle.card, engines)  # TensorRT's own answers, on this GPU
-    record_files(bundle.folder, forget_parity(card, [f"engine-{precision}"]), written)
+    record_files(bundle.folder, forget_parity(card, [file_parity_label(precision, engine=True)]), written)
     return results

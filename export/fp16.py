@@ -139,17 +139,17 @@ def export_fp16(bundle_dir: Path) -> tuple[list[str], dict[str, Any]]:
 def _write_fp16(opened: Any) -> tuple[list[str], dict[str, Any]]:
     """The fp16 graphs of the (staged) bundle ``opened``, written and recorded in its card."""
     from cxr.export.known import record_known_answers
-    from cxr.runtime.card import forget_parity, record_files
+    from cxr.runtime.bundle import onnx_name
+    from cxr.runtime.card import file_parity_label, forget_parity, record_files
 
     image_feeds, explain_feeds = probe_feeds(opened.card.input.size)
     written, notes = [], {}
     for graph, feeds in (("model", image_feeds), ("explain", explain_feeds)):
-        if opened.has(f"{graph}.onnx"):
-            notes[graph] = convert_fp16(
-                opened.verified(f"{graph}.onnx"), opened.folder / f"{graph}.fp16.onnx", feeds
-            )
-            written.append(f"{graph}.fp16.onnx")
+        source, target = onnx_name(graph, "fp32"), onnx_name(graph, "fp16")
+        if opened.has(source):
+            notes[graph] = convert_fp16(opened.verified(source), opened.folder / target, feeds)
+            written.append(target)
     card = opened.card.replace(provenance={**opened.card.provenance, "fp16": notes})
     card = record_known_answers(opened.folder, card, written)
-    record_files(opened.folder, forget_parity(card, ["fp16"]), written)
+    record_files(opened.folder, forget_parity(card, [file_parity_label("fp16")]), written)
     return written, notes

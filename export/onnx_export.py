@@ -26,6 +26,7 @@ from cxr.export.graphs import (
 )
 from cxr.export.known import record_known_answers
 from cxr.export.stage import bundle_stage
+from cxr.runtime.bundle import onnx_name
 from cxr.runtime.card import Card, graph_metadata, write_card
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.safe_io import atomic_output, atomic_write
@@ -121,8 +122,9 @@ def export_onnx(run: Path, out: Path, opset: int = DEFAULT_OPSET, ood_keep: floa
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with bundle_stage(out, "onnx", fresh=True) as work:
         card, worst = _write_bundle(run, work, card, model, opset, ood_keep)
+    classifier, explainer = onnx_name("model", "fp32"), onnx_name("explain", "fp32")
     log.info(
-        f"wrote {out / 'model.onnx'} and {out / 'explain.onnx'} (ORT vs PyTorch max |dprob| {worst:.1e}); "
+        f"wrote {out / classifier} and {out / explainer} (ORT vs PyTorch max |dprob| {worst:.1e}); "
         f"card: {out / 'card.json'}"
     )
     return card
@@ -139,7 +141,7 @@ def _write_bundle(
     image_feeds = [
         {"image": torch.randint(0, 256, (b, 1, size, size), dtype=torch.uint8, generator=gen)} for b in (1, 3)
     ]
-    classifier_path = out / "model.onnx"
+    classifier_path = out / onnx_name("model", "fp32")
     classifier = FeatureClassifier(model.adapter, model.net).eval()  # probs, and the gate's features
     _torch_export(
         classifier,
@@ -151,7 +153,7 @@ def _write_bundle(
         {"image": {0: "batch"}, "probs": {0: "batch"}, "features": {0: "batch"}},
     )
     explainer = Explainer(model).eval()
-    explain_path = out / "explain.onnx"
+    explain_path = out / onnx_name("explain", "fp32")
     _torch_export(
         explainer,
         example_inputs(size),
@@ -178,7 +180,7 @@ def _write_bundle(
         opset=opset,
         torch=torch.__version__,
         onnx=onnx.__version__,
-        export_check={"model.onnx": diff_classifier, "explain.onnx": diff_explainer},
+        export_check={classifier_path.name: diff_classifier, explain_path.name: diff_explainer},
     )
     card = card.replace(provenance=provenance, known_answers={})  # a new bundle: the run's card has none
     card = copy_gate(Path(run), out, card, ood_keep)

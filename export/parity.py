@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from cxr.export.stage import bundle_stage
+from cxr.runtime.backends import registry
 from cxr.runtime.backends.select import describe, open_classifier, runnable_here
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import record_files
@@ -30,10 +31,20 @@ from cxr.train.run import load_run
 
 log = logging.getLogger(__name__)
 
-PARITY_BACKENDS = ("onnx", "fp16", "int8", "engine", "openvino")
-
-
 DEFAULT_RULES = {precision: fmt.parity for precision, fmt in FORMATS.items()}
+
+
+def parity_rules(
+    fp32_max_dprob: float, fp16_agreement: float, int8_agreement: float, alpha: float
+) -> dict[str, ParityRule]:
+    """The rules ``cxr-export parity`` judges by, from its options (their defaults are ``DEFAULT_RULES``)."""
+    if not 0 < alpha < 1:
+        raise CxrUsageError(f"--alpha must be between 0 and 1, got {alpha}")
+    return {
+        "fp32": ParityRule(1.0, max_abs_dprob=fp32_max_dprob),
+        "fp16": ParityRule(fp16_agreement, alpha=alpha),
+        "int8": ParityRule(int8_agreement, alpha=alpha),
+    }
 
 
 def flip_rate_p(flips: int, n: int, allowed_rate: float) -> float:
@@ -141,18 +152,15 @@ def compare(
 
 def _targets(bundle: Bundle, wanted: list[str]) -> list[tuple[str, str, str]]:
     """(label, backend, precision) for every requested backend this bundle and machine can run: 'onnx',
-    'fp16', 'int8' are ONNX Runtime on that graph, 'engine' every TensorRT engine, 'openvino' OpenVINO on
-    every graph."""
-    unknown = [item for item in wanted if item not in PARITY_BACKENDS]
+    'fp16', 'int8' are ONNX Runtime on that graph, and a registered backend's parity prefix ('engine' for
+    TensorRT, 'openvino') is that backend on each of its files (``registry.parity_choices``)."""
+    choices = registry.parity_choices()
+    unknown = [item for item in wanted if item not in choices]
     if unknown:
-        raise CxrUsageError(f"--backends: unknown {unknown[0]!r}; choose from {', '.join(PARITY_BACKENDS)}")
+        raise CxrUsageError(f"--backends: unknown {unknown[0]!r}; choose from {', '.join(choices)}")
     targets = []
     for backend, precision in runnable_here(bundle):
-        label = {
-            "onnxruntime": "onnx" if precision == "fp32" else precision,
-            "tensorrt": f"engine-{precision}",
-            "openvino": f"openvino-{precision}",
-        }[backend]
+        label = registry.get(backend).parity_label(precision)
         if label in wanted or label.split("-")[0] in wanted:
             targets.append((label, backend, precision))
     order = {item: index for index, item in enumerate(wanted)}
@@ -176,6 +184,17 @@ def run_parity(
         return _run_parity(opened, Path(bundle_dir), data, backends, rules, report_path, run, batch_size)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Reference:
+    """The labelled images as every backend sees them, and the PyTorch model's answers on them."""
+
+    pixels: np.ndarray  # N x 1 x S x S uint8, the card's preprocessing applied
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    probs: np.ndarray
+    report: dict[str, Any]
+
+
 def _run_parity(
     bundle: Bundle,
     bundle_dir: Path,
@@ -188,6 +207,26 @@ def _run_parity(
 ) -> dict[str, Any]:
     """Parity of the (staged) bundle: its card and its report (``parity.json``, listed in the card) are
     written in the staged folder; a report named elsewhere goes there."""
+    reference = _reference(bundle, data, run, batch_size)
+    targets = _targets(bundle, backends)
+    if not targets:
+        raise CxrError(f"none of --backends {','.join(backends)} can run here for {bundle_dir}")
+    results: dict[str, Any] = {
+        "data": str(data),
+        "n": len(reference.pixels),
+        "pytorch": reference.report,
+        "backends": {
+            label: _measure(bundle, backend, precision, reference, rules[precision])
+            for label, backend, precision in targets
+        },
+    }
+    results["passed"] = all(r["passed"] for r in results["backends"].values())
+    _record(bundle, bundle_dir, results, report_path)
+    return results
+
+
+def _reference(bundle: Bundle, data: Path, run: Path | None, batch_size: int) -> _Reference:
+    """The source run's PyTorch answers on ``data``, read through the bundle's own preprocessing."""
     source_run = Path(run or bundle.card.provenance.get("source_run", ""))
     if not str(source_run) or not (source_run / "model.pt").is_file():
         raise CxrError(
@@ -202,57 +241,48 @@ def _run_parity(
     pixels = np.stack(
         [evaluation_view(im, card.input.size, bundle.card.preprocessing) for im in loaded.images]
     )[:, None]
-    reference = predict_probs(model.net, model.adapter, list(pixels[:, 0]), torch.device("cpu"), batch_size)
-    reference_report = classification_report(loaded.labels, reference.argmax(1), classes)
-    results: dict[str, Any] = {
-        "data": str(data),
-        "n": len(pixels),
-        "pytorch": reference_report,
-        "backends": {},
-    }
-    targets = _targets(bundle, backends)
-    if not targets:
-        raise CxrError(f"none of --backends {','.join(backends)} can run here for {bundle_dir}")
-    for label, backend_name, precision in targets:
-        backend, _ = open_classifier(bundle, backend_name, precision, tf32=False)
-        with backend:
-            probs = backend.run_chunked(pixels)
-            runs_on = describe(backend)
-        results["backends"][label] = compare(
-            reference, probs, loaded.labels, classes, reference_report, rules[precision]
-        )
-        results["backends"][label].update(device=backend.device, runs_on=runs_on)
-        if backend.device == "cpu":  # int8 kernels, and so int8 answers, depend on the CPU's instructions
-            results["backends"][label]["cpu_int8"] = cpu_int8_features()
-    results["passed"] = all(r["passed"] for r in results["backends"].values())
+    probs = predict_probs(model.net, model.adapter, list(pixels[:, 0]), torch.device("cpu"), batch_size)
+    report = classification_report(loaded.labels, probs.argmax(1), classes)
+    return _Reference(pixels=pixels, labels=loaded.labels, classes=classes, probs=probs, report=report)
+
+
+def _measure(
+    bundle: Bundle, backend_name: str, precision: str, reference: _Reference, rule: ParityRule
+) -> dict[str, Any]:
+    """One backend's answers on the reference images, compared and judged (TF32 off on CUDA)."""
+    backend, _ = open_classifier(bundle, backend_name, precision, tf32=False)
+    with backend:
+        probs = backend.run_chunked(reference.pixels)
+        runs_on = describe(backend)
+    result = compare(reference.probs, probs, reference.labels, reference.classes, reference.report, rule)
+    result.update(device=backend.device, runs_on=runs_on)
+    if backend.device == "cpu":  # int8 kernels, and so int8 answers, depend on the CPU's instructions
+        result["cpu_int8"] = cpu_int8_features()
+    return result
+
+
+SUMMARY_KEYS = ("passed", "n", "flips", "top1_agreement", "max_abs_dprob", "covid_recall_delta_pt", "runs_on")
+
+
+def _record(bundle: Bundle, bundle_dir: Path, results: dict[str, Any], report_path: Path | None) -> None:
+    """The report (in the bundle, listed in its card, unless named elsewhere) and each backend's summary in
+    the card, beside the results of backends not run now."""
     inside = report_path is None or Path(report_path).absolute() == (bundle_dir / REPORT_NAME).absolute()
     written = bundle.folder / REPORT_NAME if inside else Path(report_path)
     atomic_write(written, json.dumps(results, indent=2) + "\n")
-    report_path = bundle_dir / REPORT_NAME if inside else Path(report_path)
     summary = {
-        label: {
-            k: r[k]
-            for k in (
-                "passed",
-                "n",
-                "flips",
-                "top1_agreement",
-                "max_abs_dprob",
-                "covid_recall_delta_pt",
-                "runs_on",
-                "cpu_int8",
-            )
-            if k in r
-        }
+        label: {k: r[k] for k in (*SUMMARY_KEYS, "cpu_int8") if k in r}
         for label, r in results["backends"].items()
     }
     earlier = bundle.card.parity.get("backends", {})  # results of backends not run now are kept
-    parity = {"data": str(data), "n": len(pixels), "backends": {**earlier, **summary}}
+    parity = {"data": results["data"], "n": results["n"], "backends": {**earlier, **summary}}
     card = bundle.card.replace(parity=parity)
     record_files(bundle.folder, card, [REPORT_NAME] if inside else [])
-    log.info(format_parity(results))
-    log.info(f"report: {report_path}")
-    return results
+
+
+def report_location(bundle_dir: Path, report_path: Path | None) -> Path:
+    """Where ``run_parity`` leaves its report: ``report_path``, else the bundle's parity.json."""
+    return Path(report_path) if report_path is not None else Path(bundle_dir) / REPORT_NAME
 
 
 def format_parity(results: dict[str, Any]) -> str:

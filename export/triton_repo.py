@@ -13,6 +13,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
@@ -41,7 +42,7 @@ class TensorSpec:
     batched: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RepoOptions:
     precision: str = "fp16"
     max_batch: int = 64
@@ -220,43 +221,17 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
     folder."""
     fmt = choose_format(bundle, options)
     _check_options(options, fmt)
-    source = bundle.onnx_path("model", options.precision) if fmt == "onnx" else None
     if fmt == "tensorrt":
-        plan = bundle.folder / engine_name("model", options.precision)
-        plan_bytes = bundle.verified_bytes(plan.name)
-        facts = read_sidecar(plan)
-        if hashlib.sha256(plan_bytes).hexdigest() != facts.get("plan_sha256"):
-            raise CxrError(
-                f"{plan}: sha256 does not match its sidecar {sidecar_path(plan).name}; rebuild the engine"
-            )
-        low, high = profile_max_batch(facts)
-        if options.max_batch > high or low > 1:
-            raise CxrUsageError(
-                f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
-                f"Triton needs 1..max_batch inside it (use --max-batch {high} or rebuild the engine)"
-            )
-        source = bundle.verified(facts.get("source_onnx") or onnx_name("model", options.precision))
+        plan, plan_bytes, source = _checked_plan(bundle, options)
+    else:
+        plan, plan_bytes, source = None, b"", bundle.onnx_path("model", options.precision)
     inputs, outputs = graph_io(source)
     config = build_config(options, fmt, inputs, outputs)
     model_dir, staging = out / options.name, out / f".{options.name}.partial"
-    if (
-        (model_dir.exists() or model_dir.is_symlink())
-        and not options.force
-        and not (model_dir / MARKER).is_file()
-    ):
-        raise CxrError(
-            f"{model_dir}: exists and is not a model folder written by cxr-export (no {MARKER}); "
-            "choose another --name or --out, or pass --force to replace it"
-        )
-    if staging.is_symlink():
-        staging.unlink()
-    elif staging.exists():
-        shutil.rmtree(staging)
-    (staging / "1").mkdir(parents=True)
-    if fmt == "tensorrt":
-        (staging / "1" / MODEL_FILES[fmt]).write_bytes(
-            plan_bytes
-        )  # the bytes that were checked, not the path again
+    _fresh_staging(model_dir, staging, options.force)
+    if plan is not None:
+        # the bytes that were checked, not the path again
+        (staging / "1" / MODEL_FILES[fmt]).write_bytes(plan_bytes)
         shutil.copyfile(sidecar_path(plan), staging / "engine.json")
     else:
         shutil.copyfile(source, staging / "1" / MODEL_FILES[fmt])
@@ -275,6 +250,43 @@ def export_repository(bundle: Bundle, out: Path, options: RepoOptions) -> Path:
         shutil.rmtree(model_dir)
     staging.rename(model_dir)
     return model_dir
+
+
+def _checked_plan(bundle: Bundle, options: RepoOptions) -> tuple[Path, bytes, Path]:
+    """The engine (path and verified bytes) whose sidecar hash matches and whose profile holds
+    1..max_batch, and the ONNX graph it was built from."""
+    plan = bundle.folder / engine_name("model", options.precision)
+    plan_bytes = bundle.verified_bytes(plan.name)
+    facts = read_sidecar(plan)
+    if hashlib.sha256(plan_bytes).hexdigest() != facts.get("plan_sha256"):
+        raise CxrError(
+            f"{plan}: sha256 does not match its sidecar {sidecar_path(plan).name}; rebuild the engine"
+        )
+    low, high = profile_max_batch(facts)
+    if options.max_batch > high or low > 1:
+        raise CxrUsageError(
+            f"--max-batch {options.max_batch}: the engine profile covers batches {low}..{high}; "
+            f"Triton needs 1..max_batch inside it (use --max-batch {high} or rebuild the engine)"
+        )
+    return (
+        plan,
+        plan_bytes,
+        bundle.verified(facts.get("source_onnx") or onnx_name("model", options.precision)),
+    )
+
+
+def _fresh_staging(model_dir: Path, staging: Path, force: bool) -> None:
+    """An empty staging folder (with its version folder 1/) beside a model folder we may replace."""
+    if (model_dir.exists() or model_dir.is_symlink()) and not force and not (model_dir / MARKER).is_file():
+        raise CxrError(
+            f"{model_dir}: exists and is not a model folder written by cxr-export (no {MARKER}); "
+            "choose another --name or --out, or pass --force to replace it"
+        )
+    if staging.is_symlink():
+        staging.unlink()
+    elif staging.exists():
+        shutil.rmtree(staging)
+    (staging / "1").mkdir(parents=True)
 
 
 def read_config(model_dir: Path):
@@ -362,25 +374,10 @@ def validate_repository(repo: Path, name: str, expected_name: str | None = None)
             f"no {MODEL_FILES.get('tensorrt' if config.platform == 'tensorrt_plan' else 'onnx')} "
             f"in a numeric version folder for platform {config.platform!r}"
         ]
-    if config.platform == "onnxruntime_onnx":
-        inputs, outputs = graph_io(model_file)
-    else:
-        facts = (
-            json.loads((model_dir / "engine.json").read_text())
-            if (model_dir / "engine.json").is_file()
-            else {}
-        )
-        if facts:
-            low, high = profile_max_batch(facts)
-            if config.max_batch_size > high or low > 1:
-                problems.append(
-                    f"max_batch_size {config.max_batch_size} outside the engine profile {low}..{high}"
-                )
-        from cxr.runtime.backends.tensorrt import tensorrt_available
-
-        if not tensorrt_available():
-            return problems  # names/dtypes of a plan can only be read by TensorRT
-        inputs, outputs = plan_io(model_file)
+    io = _model_io(model_dir, config, model_file, problems)
+    if io is None:
+        return problems  # names/dtypes of a plan can only be read by TensorRT
+    inputs, outputs = io
     _compare("input", config.input, inputs, problems)
     _compare("output", config.output, outputs, problems)
     if config.max_batch_size > 0 and not all(s.batched for s in inputs + outputs):
@@ -388,10 +385,37 @@ def validate_repository(repo: Path, name: str, expected_name: str | None = None)
     too_big = [b for b in config.dynamic_batching.preferred_batch_size if b > config.max_batch_size]
     if too_big:
         problems.append(f"preferred_batch_size {too_big} above max_batch_size {config.max_batch_size}")
+    return problems + _label_problems(model_dir, config)
+
+
+def _model_io(
+    model_dir: Path, config: Any, model_file: Path, problems: list[str]
+) -> tuple[list, list] | None:
+    """The model file's inputs and outputs (an engine's profile checked against max_batch_size on the way);
+    None for a plan where TensorRT is not installed to read it."""
+    if config.platform == "onnxruntime_onnx":
+        return graph_io(model_file)
+    sidecar = model_dir / "engine.json"
+    facts = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if facts:
+        low, high = profile_max_batch(facts)
+        if config.max_batch_size > high or low > 1:
+            problems.append(
+                f"max_batch_size {config.max_batch_size} outside the engine profile {low}..{high}"
+            )
+    from cxr.runtime.backends.tensorrt import tensorrt_available
+
+    return plan_io(model_file) if tensorrt_available() else None
+
+
+def _label_problems(model_dir: Path, config: Any) -> list[str]:
+    """Each labelled output's labels file must name one class per output column."""
+    problems = []
     for tensor in config.output:
-        labels = model_dir / tensor.label_filename if tensor.label_filename else None
-        if labels is not None:
-            count = len(labels.read_text().split()) if labels.is_file() else 0
-            if count != (tensor.dims[-1] if tensor.dims else 0):
-                problems.append(f"{tensor.label_filename}: {count} labels for {list(tensor.dims)} outputs")
+        if not tensor.label_filename:
+            continue
+        labels = model_dir / tensor.label_filename
+        count = len(labels.read_text().split()) if labels.is_file() else 0
+        if count != (tensor.dims[-1] if tensor.dims else 0):
+            problems.append(f"{tensor.label_filename}: {count} labels for {list(tensor.dims)} outputs")
     return problems

@@ -70,6 +70,7 @@ def bundle_info(bundle: Bundle) -> BundleInfo:
 
 
 def _graph_state(bundle: Bundle, precision: str, graph: str) -> GraphState:
+    from cxr.runtime.backends.registry import runs_engine
     from cxr.runtime.backends.select import int8_cpu_risk, open_classifier, open_explainer
 
     if not bundle.has(onnx_name(graph, precision)):
@@ -82,7 +83,7 @@ def _graph_state(bundle: Bundle, precision: str, graph: str) -> GraphState:
             precision=precision, graph=graph, present=True, reason=f"cannot run: {one_line(exc)}"
         )
     with opened:
-        state = parity_state(bundle.card, precision, opened.name == "tensorrt")
+        state = parity_state(bundle.card, precision, runs_engine(opened))
         risk = int8_cpu_risk(bundle.card, opened) if state == "passed" else None
     if risk:
         state, reason = "not here", f"{reason}; {risk}"

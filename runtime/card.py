@@ -46,7 +46,7 @@ DICOM_WINDOWS = ("minmax", "window")  # how a windowed DICOM becomes 8 bits (cxr
 MAX_BORDER_MASK = 0.25  # a band this wide at every edge would blank half the view
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Preprocessing:
     """Host preprocessing (decode, grayscale, short side -> size, centre crop) and the in-graph
     normalisation. Only what the runtime implements is accepted (``preprocessing_problem``)."""
@@ -66,7 +66,7 @@ class Preprocessing:
     dicom_window: str = "window"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Card:
     """Everything a stage needs to know about a model, plus the sha256 of each bundle file."""
 
@@ -169,6 +169,11 @@ def _is_number(value: Any) -> bool:
 def preprocessing_problem(pre: Preprocessing) -> str | None:
     """Why the runtime cannot do what ``pre`` says, by type and range (None when it can): a value it does not
     implement is refused, never ignored."""
+    return _fixed_steps_problem(pre) or _suppression_problem(pre)
+
+
+def _fixed_steps_problem(pre: Preprocessing) -> str | None:
+    """Resize, interpolation and the normalisation the graphs carry: one way each."""
     fixed = {"resize": RESIZE, "interpolation": INTERPOLATION}
     for key, value in fixed.items():
         if getattr(pre, key) != value:
@@ -182,6 +187,11 @@ def preprocessing_problem(pre: Preprocessing) -> str | None:
             return f"preprocessing.{key} must be 3 finite numbers, got {list(values)!r}"[:160]
     if not all(0 < v <= 10 for v in pre.std) or not all(-10 <= v <= 10 for v in pre.mean):
         return f"preprocessing.std must be in (0, 10] and mean in [-10, 10], got {pre.std} and {pre.mean}"
+    return None
+
+
+def _suppression_problem(pre: Preprocessing) -> str | None:
+    """The shortcut-suppression steps and the DICOM window: switches, a share of the side, a known name."""
     for key in ("thorax_crop", "clahe"):
         if type(getattr(pre, key)) is not bool:
             return f"preprocessing.{key} must be true or false, got {getattr(pre, key)!r}"[:160]
@@ -263,17 +273,26 @@ def _names_path(value: Any) -> bool:
     return isinstance(value, str) and LOCAL_PATH.search(value) is not None
 
 
-PARITY_LABELS = {"fp32": "onnx", "fp16": "fp16", "int8": "int8"}  # parity report label of each ONNX precision
+# The one parity label scheme (the report's keys and the card's parity.backends): each ONNX graph run by ONNX
+# Runtime has its own label; any other runner is PREFIX-precision, TensorRT engines under ENGINE_LABEL.
+PARITY_LABELS = {"fp32": "onnx", "fp16": "fp16", "int8": "int8"}
+ENGINE_LABEL = "engine"
 
 
-def parity_label(precision: str, engine: bool) -> str:
-    return f"engine-{precision}" if engine else PARITY_LABELS[precision]
+def parity_label(precision: str, prefix: str | None = None) -> str:
+    """'onnx', 'fp16', 'int8' for the ONNX graphs; 'engine-fp16', 'openvino-int8' ... for other runners."""
+    return f"{prefix}-{precision}" if prefix else PARITY_LABELS[precision]
+
+
+def file_parity_label(precision: str, engine: bool = False) -> str:
+    """The label whose result says whether the bundle file itself (its graph or its engine) passed parity."""
+    return parity_label(precision, ENGINE_LABEL if engine else None)
 
 
 def parity_state(card: Card, precision: str, engine: bool = False) -> str:
     """'passed', 'failed' or 'not run' for the graph (or engine) of ``precision``. The fp32 ONNX graph is
     checked against PyTorch when it is exported, so it counts as passed until a parity run says otherwise."""
-    result = card.parity.get("backends", {}).get(parity_label(precision, engine))
+    result = card.parity.get("backends", {}).get(file_parity_label(precision, engine))
     if result is not None:
         return "passed" if result.get("passed") else "failed"
     return "passed" if precision == "fp32" and not engine else "not run"

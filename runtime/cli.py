@@ -14,6 +14,7 @@ from cxr.runtime.cli_options import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_QUEUE_DELAY_US,
     AllowUnvalidated,
+    BackendName,
     ExpectDigest,
     Instances,
     MaxBatch,
@@ -38,9 +39,7 @@ def predict(
         ..., help="Image files, folders (searched recursively, files judged by content) or globs."
     ),
     model: Path = typer.Option(..., "--model", help="Model bundle folder (from 'cxr-export onnx')."),
-    backend: str = typer.Option(
-        "auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."
-    ),
+    backend: BackendName = "auto",
     precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8: which graph / engine."),
     batch_size: int = typer.Option(16, help="Images per backend call (capped by the engine profile)."),
     server: Optional[str] = typer.Option(
@@ -88,6 +87,11 @@ def predict(
     segmenter: str = typer.Option("slic", help="slic (default) or quickshift (the paper's)."),
     num_features: int = typer.Option(8, help="Segments painted in the overlay."),
     seed: int = typer.Option(0, help="LIME seed: same image + seed + backend -> same weights."),
+    workers: Optional[int] = typer.Option(
+        None,
+        help="Threads reading and preprocessing inputs ahead of the backend (default: one per core; 1: read "
+        "on the backend's thread).",
+    ),
     strict: bool = typer.Option(
         False,
         "--strict",
@@ -123,6 +127,7 @@ def predict(
         ),
         explain_dir=explain_dir,
         strict=strict,
+        workers=workers,
         expect_digest=expect_digest,
         trusted_key=trusted_key,
         allow_unvalidated=allow_unvalidated,
@@ -161,10 +166,10 @@ def explain_options(
         if not 0 <= agreement <= 1:
             raise CxrUsageError(f"--settle-agreement must be between 0 and 1, got {agreement}")
         return ExplainConfig(
-            max_samples,
-            segmenter,
-            num_features,
-            seed,
+            samples=max_samples,
+            segmenter=segmenter,
+            num_features=num_features,
+            seed=seed,
             adaptive=True,
             min_agreement=agreement,
             paired=paired,
@@ -173,7 +178,9 @@ def explain_options(
         raise CxrUsageError("--settle-agreement applies to --samples auto only")
     if not samples.strip().isdigit():
         raise CxrUsageError(f"--samples must be a whole number or 'auto', got {samples!r}")
-    return ExplainConfig(int(samples), segmenter, num_features, seed, paired=paired)
+    return ExplainConfig(
+        samples=int(samples), segmenter=segmenter, num_features=num_features, seed=seed, paired=paired
+    )
 
 
 @app.command()
@@ -219,9 +226,7 @@ def serve(
     max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
     max_queue: int = typer.Option(0, help="Reject requests beyond this many queued (0: no limit)."),
     instances: Instances = 1,
-    backend: str = typer.Option(
-        "auto", help="auto (engine -> ORT CUDA -> OpenVINO -> ORT CPU), tensorrt, onnxruntime or openvino."
-    ),
+    backend: BackendName = "auto",
     precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),
@@ -239,20 +244,20 @@ def serve(
     from cxr.runtime.serve import serve as run_server
 
     options = ServeOptions(
-        host,
-        http_port,
-        grpc_port,
-        metrics_port,
-        max_batch,
-        max_queue_delay_us,
-        max_queue,
-        instances,
-        backend,
-        precision,
-        max_pixels,
-        name,
-        log_file,
-        allow_unvalidated,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        max_batch=max_batch,
+        max_queue_delay_us=max_queue_delay_us,
+        max_queue=max_queue,
+        instances=instances,
+        backend=backend,
+        precision=precision,
+        max_pixels=max_pixels,
+        name=name,
+        log_file=log_file,
+        allow_unvalidated=allow_unvalidated,
     )
 
     def ready(backend_line: str) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from cxr.runtime.backends.registry import backend_help
 from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS
 from typing_extensions import Annotated
 
@@ -45,12 +46,15 @@ QueueDelayUs = Annotated[
     int, typer.Option(help="Dynamic batching: longest wait for more requests before a batch runs.")
 ]
 Instances = Annotated[int, typer.Option(help="Model instances per device (each its own backend session).")]
+# The choices and auto's order come from the backend registry: a new backend appears here by registering.
+BackendName = Annotated[str, typer.Option("--backend", help=backend_help())]
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_QUEUE_DELAY_US",
     "AllowUnvalidated",
+    "BackendName",
     "ExpectDigest",
     "Instances",
     "MaxBatch",

@@ -112,11 +112,16 @@ def new_app(help_text: str, log_stream: str = "stdout") -> typer.Typer:
         ),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug messages too, with their source."),
     ) -> None:
-        if quiet and verbose:
-            raise CxrUsageError("--quiet and --verbose must not be given together")
-        configure_logging(-1 if quiet else int(verbose), sys.stderr if log_stream == "stderr" else sys.stdout)
+        set_verbosity(quiet, verbose, sys.stderr if log_stream == "stderr" else sys.stdout)
 
     return app
+
+
+def set_verbosity(quiet: bool, verbose: bool, stream: TextIO | None = None) -> None:
+    """--quiet / --verbose as every CLI reads them (one of them at most); messages to ``stream`` (stdout)."""
+    if quiet and verbose:
+        raise CxrUsageError("--quiet and --verbose must not be given together")
+    configure_logging(-1 if quiet else int(verbose), stream or sys.stdout)
 
 
 def usage_line(exc: Exception) -> str:

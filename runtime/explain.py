@@ -33,7 +33,7 @@ SAMPLERS = ("paired", "plain")  # --sampler
 ALL_FEATURES = 100000  # lime's default num_features: every segment gets a weight
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExplainConfig:
     samples: int = 1000  # fixed budget; with adaptive=True the most samples drawn (--max-samples)
     segmenter: str = "slic"
@@ -44,7 +44,7 @@ class ExplainConfig:
     paired: bool | None = None  # each row followed by its complement; None: paired exactly when adaptive
     min_samples: int = 150  # first check
     round_size: int = 50  # samples between checks (two equal fits: the earliest stop is at 200)
-    # the stopping rule's bounds (runtime/settle.py; tuned with cxr.bench.settle_sweep)
+    # the stopping rule's bounds (runtime/settle.py; tuned with research.lime.settle_sweep)
     spread_bound: float = SPREAD_BOUND
     stable_fits: int = STABLE_FITS
     min_agreement: float = MIN_AGREEMENT
@@ -65,7 +65,7 @@ class ExplainConfig:
             raise CxrUsageError(f"--num-features must be at least 1, got {self.num_features}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Explanation:
     label: int
     weights: dict[int, float]
@@ -164,40 +164,8 @@ def explain_image(
     sampled = time.perf_counter()
     bytes_before = backend.bytes_sent
     backend.set_image(image, fill, segments)
-    step = backend.limits.max_batch
-    settling = (
-        Settling(
-            config.num_features,
-            config.seed,
-            config.spread_bound,
-            config.stable_fits,
-            config.min_agreement,
-            paired=bool(config.paired),
-        )
-        if config.adaptive
-        else None
-    )
-    next_check, stopped = config.min_samples, f"fixed budget of {len(rows)} samples"
-    model_seconds, check_seconds, outputs, done_rows = 0.0, 0.0, [], 0
-    while done_rows < len(rows):
-        call = time.perf_counter()
-        outputs.append(backend.run(rows[done_rows : done_rows + step]))
-        model_seconds += time.perf_counter() - call
-        done_rows += len(outputs[-1])
-        if settling is not None and done_rows >= min(next_check, len(rows)):
-            checked = time.perf_counter()
-            probs = np.concatenate(outputs)
-            explained = int(np.argmax(probs[0])) if label is None else label
-            fitted = lime_fit(rows[:done_rows], probs, explained, config.seed)[0]
-            settled = settling.check(fitted, rows[:done_rows], probs, explained)
-            check_seconds += time.perf_counter() - checked
-            if settled:
-                stopped = settling.reason(done_rows)
-                break
-            next_check += config.round_size
-            stopped = f"cap of {len(rows)} samples reached before the map settled"
-    rows = rows[:done_rows]
-    probs = np.concatenate(outputs)
+    run = _model_rows(backend, rows, config, label)
+    rows, probs = rows[: run.done_rows], run.probs
     modelled = time.perf_counter()
     top = int(np.argmax(probs[0]))
     label = top if label is None else label
@@ -206,24 +174,82 @@ def explain_image(
     timing = {
         "segmentation_s": segmented - started,
         "sampling_s": sampled - segmented,
-        "model_s": model_seconds,
-        "settle_checks_s": check_seconds,
+        "model_s": run.model_s,
+        "settle_checks_s": run.check_s,
         "model_loop_s": modelled - sampled,
         "fit_s": done - modelled,
         "total_s": done - started,
     }
     return Explanation(
-        label,
-        weights,
-        intercept,
-        score,
-        segments,
-        probs[0],
-        timing,
-        backend.bytes_sent - bytes_before,
-        len(rows),
-        stopped,
-        top,
+        label=label,
+        weights=weights,
+        intercept=intercept,
+        score=score,
+        segments=segments,
+        probs=probs[0],
+        timing=timing,
+        bytes_sent=backend.bytes_sent - bytes_before,
+        samples=len(rows),
+        stopped=run.stopped,
+        explainer_top=top,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ModelRun:
+    probs: np.ndarray  # one row of class probabilities per row run
+    done_rows: int
+    stopped: str  # why sampling stopped
+    model_s: float  # seconds inside the backend
+    check_s: float  # seconds in the stopping rule's refits
+
+
+def _settling(config: ExplainConfig) -> Settling | None:
+    """The stopping rule's state for ``--samples auto``; None for a fixed budget."""
+    if not config.adaptive:
+        return None
+    return Settling(
+        top_k=config.num_features,
+        seed=config.seed,
+        spread_bound=config.spread_bound,
+        stable_fits=config.stable_fits,
+        min_agreement=config.min_agreement,
+        paired=bool(config.paired),
+    )
+
+
+def _model_rows(
+    backend: ExplainerBackend, rows: np.ndarray, config: ExplainConfig, label: int | None
+) -> _ModelRun:
+    """Run ``rows`` through the explainer one fixed batch at a time; with ``--samples auto``, refit every
+    ``round_size`` rows (from ``min_samples``) and stop once the map is settled."""
+    step, settling = backend.limits.max_batch, _settling(config)
+    next_check, stopped = config.min_samples, f"fixed budget of {len(rows)} samples"
+    model_seconds, check_seconds, outputs, done_rows = 0.0, 0.0, [], 0
+    while done_rows < len(rows):
+        call = time.perf_counter()
+        outputs.append(backend.run(rows[done_rows : done_rows + step]))
+        model_seconds += time.perf_counter() - call
+        done_rows += len(outputs[-1])
+        if settling is None or done_rows < min(next_check, len(rows)):
+            continue
+        checked = time.perf_counter()
+        probs = np.concatenate(outputs)
+        explained = int(np.argmax(probs[0])) if label is None else label
+        fitted = lime_fit(rows[:done_rows], probs, explained, config.seed)[0]
+        settled = settling.check(fitted, rows[:done_rows], probs, explained)
+        check_seconds += time.perf_counter() - checked
+        if settled:
+            stopped = settling.reason(done_rows)
+            break
+        next_check += config.round_size
+        stopped = f"cap of {len(rows)} samples reached before the map settled"
+    return _ModelRun(
+        probs=np.concatenate(outputs),
+        done_rows=done_rows,
+        stopped=stopped,
+        model_s=model_seconds,
+        check_s=check_seconds,
     )
 
 

@@ -47,21 +47,29 @@ class KnownAnswerRule:
     cuda: float  # ONNX Runtime's CUDA EP: TF32 for fp32 (~1e-3 |dprob| on a correct graph), real fp16 kernels
     engine: float  # the same plan again (fixed kernels; allowed a little for nondeterministic reductions)
 
-    def tolerance(self, backend: str, device: str) -> float:
-        if backend == "tensorrt":
+    def tolerance(self, engine: bool, device: str) -> float:
+        """The tolerance for a file run as an engine (``engine``) or as an ONNX graph on ``device``."""
+        if engine:
             return self.engine
         return self.cuda if device == "cuda" else self.cpu
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Format:
     precision: str
     made_by: str  # the command that writes its ONNX graphs
-    backends: tuple[str, ...]  # runtime backends that run it (TensorRT: from an engine built of its graph)
     parity: ParityRule
     known_answers: KnownAnswerRule
     triton_trt_mode: str  # precision_mode of Triton's TensorRT accelerator for the ONNX graph
     note: str
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """The runtime backends that run it, in auto's order (TensorRT: from an engine built of its graph):
+        the backend registry's answer, not a list kept here."""
+        from cxr.runtime.backends.registry import for_precision
+
+        return for_precision(self.precision)
 
     def onnx_name(self, graph: str = "model") -> str:
         return (
@@ -95,31 +103,28 @@ FORMATS: dict[str, Format] = {
     f.precision: f
     for f in (
         Format(
-            "fp32",
-            "cxr-export onnx",
-            ("tensorrt", "onnxruntime", "openvino"),
-            ParityRule(min_agreement=1.0, max_abs_dprob=1e-4),
-            KnownAnswerRule(cpu=1e-5, cuda=5e-3, engine=1e-4),
-            "FP32",
-            "the validated graph, checked against PyTorch at export",
+            precision="fp32",
+            made_by="cxr-export onnx",
+            parity=ParityRule(min_agreement=1.0, max_abs_dprob=1e-4),
+            known_answers=KnownAnswerRule(cpu=1e-5, cuda=5e-3, engine=1e-4),
+            triton_trt_mode="FP32",
+            note="the validated graph, checked against PyTorch at export",
         ),
         Format(
-            "fp16",
-            "cxr-export fp16",
-            ("tensorrt", "onnxruntime", "openvino"),
-            ParityRule(min_agreement=0.995, alpha=0.05),
-            KnownAnswerRule(cpu=5e-3, cuda=2e-2, engine=2e-3),
-            "FP16",
-            "fp16 weights and activations, overflowing nodes kept in fp32",
+            precision="fp16",
+            made_by="cxr-export fp16",
+            parity=ParityRule(min_agreement=0.995, alpha=0.05),
+            known_answers=KnownAnswerRule(cpu=5e-3, cuda=2e-2, engine=2e-3),
+            triton_trt_mode="FP16",
+            note="fp16 weights and activations, overflowing nodes kept in fp32",
         ),
         Format(
-            "int8",
-            "cxr-export int8",
-            ("tensorrt", "onnxruntime", "openvino"),
-            ParityRule(min_agreement=0.98, alpha=0.05),
-            KnownAnswerRule(cpu=2e-2, cuda=5e-2, engine=1e-2),
-            "INT8",
-            "explicit Q/DQ, calibration and float-kept layers chosen on held-out images",
+            precision="int8",
+            made_by="cxr-export int8",
+            parity=ParityRule(min_agreement=0.98, alpha=0.05),
+            known_answers=KnownAnswerRule(cpu=2e-2, cuda=5e-2, engine=1e-2),
+            triton_trt_mode="INT8",
+            note="explicit Q/DQ, calibration and float-kept layers chosen on held-out images",
         ),
     )
 }

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cxr.runtime.backends.base import PROBE_SEGMENTS, ExplainerProbe, grid_segments
+from cxr.runtime.backends.registry import runs_engine
 from cxr.runtime.errors import BundleRefused, CxrError
 from cxr.runtime.formats import get_format
 
@@ -203,7 +204,7 @@ def judge(
     check_pixels(entry, facts, name)
     if probs.shape != expected.shape:
         raise CxrError(f"{what}: the probes gave {_shape(probs)}, the card recorded {_shape(expected)}")
-    tolerance = get_format(opened.precision).known_answers.tolerance(opened.name, opened.device)
+    tolerance = get_format(opened.precision).known_answers.tolerance(runs_engine(opened), opened.device)
     if not np.all(np.isfinite(probs)):
         raise CxrError(
             f"{what}: known answers differ: NaN or Inf where finite outputs were recorded; the graph or the "

@@ -17,6 +17,7 @@ only through ``cxr.runtime.serve_guard``, which checks every request against ``s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -41,8 +42,10 @@ from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS
 from cxr.runtime.serve_guard import GuardedFront
 from cxr.runtime.serve_requests import ModelSpec, TensorSpec
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class ServeOptions:
     host: str = "127.0.0.1"
     http_port: int = 8000
@@ -87,12 +90,10 @@ def python_library_dir() -> str | None:
 def prepare_stub_environment() -> None:
     libdir = python_library_dir()
     if libdir is None:
-        print(
+        log.warning(
             f"warning: {sys.executable} has no shared libpython; Triton's Python stub will use the system's "
             f"libpython{sys.version_info.major}.{sys.version_info.minor}. If models fail to load, make the "
-            "venv "
-            f"from the system Python (e.g. /usr/bin/python3.{sys.version_info.minor} -m venv .venv)",
-            file=sys.stderr,
+            f"venv from the system Python (e.g. /usr/bin/python3.{sys.version_info.minor} -m venv .venv)"
         )
         return
     current = os.environ.get("LD_LIBRARY_PATH", "")
@@ -305,6 +306,21 @@ def _bind_models(
 def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> None:
     """Start Triton, bind the models, block until SIGINT/SIGTERM; every instance is closed on the way out."""
     _import_pytriton()
+    _check_options(options)
+    prepare_stub_environment()
+    instances = _open_instances(bundle, options)
+    try:
+        features = instances[0].backend.features_width
+        card = bundle.card
+        models = served_models(options.name, card.input.size, len(card.classes), options.max_batch, features)
+        _run_triton(instances, options, models, on_ready)
+    finally:
+        for instance in instances:
+            instance.close()
+
+
+def _check_options(options: ServeOptions) -> None:
+    """Batching limits and ports, before anything starts: a busy port would make Triton exit later."""
     if (
         options.max_batch < 1
         or options.instances < 1
@@ -322,11 +338,10 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
             "metrics-port": options.metrics_port,
         },
     )
-    prepare_stub_environment()
-    from pytriton.exceptions import PyTritonError
-    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
-    from tritonclient.utils import InferenceServerException
 
+
+def _open_instances(bundle: Bundle, options: ServeOptions) -> list[ModelInstance]:
+    """One backend per model instance; an unvalidated graph is refused (or, when allowed, warned about)."""
     instances = [ModelInstance(bundle, options) for _ in range(options.instances)]
     try:
         caution = check_validated(bundle, instances[0].backend, options.allow_unvalidated)
@@ -335,11 +350,14 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
             instance.close()
         raise
     if caution:
-        print(f"warning: {caution}", file=sys.stderr, flush=True)
-    inner_port = free_loopback_port()  # Triton's own HTTP, reached only through the guarded front
-    card = bundle.card
-    features = instances[0].backend.features_width
-    models = served_models(options.name, card.input.size, len(card.classes), options.max_batch, features)
+        log.warning(f"warning: {caution}")
+    return instances
+
+
+def _triton_configs(options: ServeOptions, inner_port: int) -> tuple[Any, Any]:
+    """Triton's own config (its HTTP on loopback only, behind the guarded front) and its security config."""
+    from pytriton.triton import TritonConfig, TritonSecurityConfig
+
     triton_config = TritonConfig(
         http_address="127.0.0.1",
         http_port=inner_port,
@@ -355,38 +373,56 @@ def serve(bundle: Bundle, options: ServeOptions, on_ready: Callable[[str], None]
     security = TritonSecurityConfig(
         restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"]
     )
-    try:
-        for attempt in range(1, STARTS + 1):
-            try:
-                with Triton(config=triton_config, security_config=security) as triton:
-                    _bind_models(triton, instances, options, models)
-                    triton.run()
-                    STOP_REQUESTED["value"] = False
-                    signal.signal(
-                        signal.SIGTERM, _interrupt
-                    )  # stop as on Ctrl+C: Triton, proxies, shared memory
-                    signal.signal(signal.SIGINT, _interrupt)
-                    with GuardedFront(options.host, options.http_port, inner_port, models):
-                        if on_ready is not None:
-                            on_ready(
-                                f"{instances[0].backend.name} {options.precision} ({instances[0].reason})"
-                            )
-                        triton.serve()  # returns on Ctrl+C/SIGTERM, and also when tritonserver dies
-                if not STOP_REQUESTED["value"]:
-                    raise CxrError(
-                        f"tritonserver stopped by itself (crashed?); see {triton_log_file(options)}"
-                    )
-                return
-            except (PyTritonError, InferenceServerException) as exc:
-                reason = one_line(exc, 300)
-                if "load failed" not in reason or attempt == STARTS:
-                    raise CxrError(f"Triton failed: {reason} (log: {triton_log_file(options)})") from None
-                print(
-                    f"warning: a model failed to load ({reason[:120]}...); restarting Triton, "
-                    f"try {attempt + 1} of {STARTS}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        for instance in instances:
-            instance.close()
+    return triton_config, security
+
+
+def _run_triton(
+    instances: list[ModelInstance],
+    options: ServeOptions,
+    models: tuple[ModelSpec, ...],
+    on_ready: Callable[[str], None] | None,
+) -> None:
+    """Serve until stopped, restarting Triton (up to STARTS times) when PyTriton loses its load-time race."""
+    from pytriton.exceptions import PyTritonError
+    from tritonclient.utils import InferenceServerException
+
+    inner_port = free_loopback_port()  # Triton's own HTTP, reached only through the guarded front
+    configs = _triton_configs(options, inner_port)
+    for attempt in range(1, STARTS + 1):
+        try:
+            _serve_once(instances, options, models, configs, inner_port, on_ready)
+            return
+        except (PyTritonError, InferenceServerException) as exc:
+            reason = one_line(exc, 300)
+            if "load failed" not in reason or attempt == STARTS:
+                raise CxrError(f"Triton failed: {reason} (log: {triton_log_file(options)})") from None
+            log.warning(
+                f"warning: a model failed to load ({reason[:120]}...); restarting Triton, "
+                f"try {attempt + 1} of {STARTS}"
+            )
+
+
+def _serve_once(
+    instances: list[ModelInstance],
+    options: ServeOptions,
+    models: tuple[ModelSpec, ...],
+    configs: tuple[Any, Any],
+    inner_port: int,
+    on_ready: Callable[[str], None] | None,
+) -> None:
+    """One Triton start: bind, run, open the guarded front, block until Ctrl+C/SIGTERM (or Triton's death)."""
+    from pytriton.triton import Triton
+
+    triton_config, security = configs
+    with Triton(config=triton_config, security_config=security) as triton:
+        _bind_models(triton, instances, options, models)
+        triton.run()
+        STOP_REQUESTED["value"] = False
+        signal.signal(signal.SIGTERM, _interrupt)  # stop as on Ctrl+C: Triton, proxies, shared memory
+        signal.signal(signal.SIGINT, _interrupt)
+        with GuardedFront(options.host, options.http_port, inner_port, models):
+            if on_ready is not None:
+                on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
+            triton.serve()  # returns on Ctrl+C/SIGTERM, and also when tritonserver dies
+    if not STOP_REQUESTED["value"]:
+        raise CxrError(f"tritonserver stopped by itself (crashed?); see {triton_log_file(options)}")

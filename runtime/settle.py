@@ -41,7 +41,7 @@ MIN_AGREEMENT = 0.0
 AGREEMENT_TOP = 5
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Settling:
     """The running state of one adaptive explanation."""
 

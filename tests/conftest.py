@@ -23,6 +23,7 @@ def cli(*args: str, check: int | None = 0) -> subprocess.CompletedProcess:
         "cxr-export": "cxr.export.cli",
         "cxr-run": "cxr.runtime.cli",
         "cxr-bench": "cxr.bench.cli",
+        "cxr-quickstart": "cxr.quickstart",
     }[args[0]]
     result = subprocess.run(
         [sys.executable, "-m", module, *args[1:]], capture_output=True, text=True, timeout=600

@@ -197,3 +197,112 @@ def test_explainer_runs_one_fixed_shape_on_any_segment_count(bundle, phantoms):
             composed = np.where(rows[:, segments] == 1, image, fill)[:, None]
             assert np.abs(explainer.run(rows) - classifier.run(composed)).max() < 1e-5
             assert explainer._values["z"].shape() == [8, 64]
+
+
+# the registry and the explainer contract ------------------------------------------------------------------
+
+
+class _Explainer:
+    """Builds an ExplainerBackend that keeps (or breaks) one duty of the contract."""
+
+    @staticmethod
+    def make(columns: bool = True, counts: bool = True, rows: int | None = None):
+        from cxr.runtime.backends.base import ExplainerBackend
+
+        class Made(ExplainerBackend):
+            name, precision = "made", "fp32"
+
+            def _set_image(self, image, fill, segments):
+                if columns:
+                    self.columns = z_columns(int(segments.max()) + 1)
+                self.bytes_sent = self.bytes_sent + image.nbytes if counts else 0
+
+            def _run(self, z):
+                self.fixed_block(z)
+                return np.zeros((len(z) if rows is None else rows, 2), dtype=np.float32)
+
+        return Made()
+
+
+def _image_and_segments():
+    image = np.zeros((8, 8), dtype=np.uint8)
+    return image, (np.arange(64).reshape(8, 8) // 8).astype(np.int32)  # 8 segments
+
+
+def test_the_explainer_contract_is_enforced_with_the_duty_named():
+    image, segments = _image_and_segments()
+    kept = _Explainer.make()
+    kept.set_image(image, image, segments)
+    assert kept.columns == 64 and kept.segment_count == 8 and kept.bytes_sent == 64
+    assert kept.run(np.ones((3, 8), dtype=np.uint8)).shape == (3, 2) and kept.bytes_sent == 64 + 64 * 64
+    with pytest.raises(TypeError, match="_set_image must set columns"):
+        _Explainer.make(columns=False).set_image(image, image, segments)
+    counting = _Explainer.make(counts=False)
+    counting.bytes_sent = 10
+    with pytest.raises(TypeError, match="must add what it sends to bytes_sent"):
+        counting.set_image(image, image, segments)
+    short = _Explainer.make(rows=1)
+    short.set_image(image, image, segments)
+    with pytest.raises(TypeError, match="one row of probabilities per row of z"):
+        short.run(np.ones((3, 8), dtype=np.uint8))
+    with pytest.raises(RuntimeError, match="set_image"):
+        _Explainer.make().run(np.ones((3, 8), dtype=np.uint8))
+
+
+def test_backends_are_discovered_and_every_list_of_them_is_read_from_the_registry():
+    from cxr.runtime.backends import registry
+    from cxr.runtime.formats import FORMATS
+
+    assert registry.names() == ("onnxruntime", "openvino", "tensorrt")
+    order = [place.label for place in registry.auto_order()]
+    assert order == ["tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime"]
+    assert registry.parity_choices() == ("onnx", "fp16", "int8", "engine", "openvino")
+    assert FORMATS["int8"].backends == ("tensorrt", "onnxruntime", "openvino")
+    assert " -> ".join(order) in registry.backend_help()
+    with pytest.raises(CxrError, match="one of auto, onnxruntime, openvino, tensorrt, got 'tensorrtt'"):
+        registry.get("tensorrtt")
+    with pytest.raises(ValueError, match="taken"):
+        registry.register(registry.get("openvino"))
+
+
+def test_a_new_backend_is_one_registration(monkeypatch):
+    """What adding a backend takes: classes plus one register(); selection, parity, help and the formats
+    table then know it."""
+    from types import SimpleNamespace
+
+    from cxr.runtime.backends import registry
+    from cxr.runtime.backends.base import Backend
+    from cxr.runtime.backends.select import _candidates, runnable_here
+    from cxr.runtime.formats import FORMATS
+
+    class Echo(Backend):
+        name = "echo"
+
+        def _run(self, batch):
+            return np.zeros((len(batch), 2), dtype=np.float32)
+
+    explainer = type(_Explainer.make())  # its name is 'made'
+    spec = registry.BackendSpec(
+        name="echo",
+        title="Echo",
+        runs=registry.ONNX,
+        device="cpu",
+        rank=35,
+        classifier=Echo,
+        explainer=explainer,
+        precisions=("fp32",),
+        parity_prefix="echo",
+    )
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
+    with pytest.raises(ValueError, match="name is 'made', but it registers as 'echo'"):
+        registry.register(spec)
+    monkeypatch.setattr(explainer, "name", "echo")
+    registry.register(spec)
+    bundle = SimpleNamespace(has=lambda name: name in ("model.onnx", "model.fp16.onnx"))
+    assert ("echo", "fp32") in runnable_here(bundle) and ("echo", "fp16") not in runnable_here(bundle)
+    assert registry.parity_choices()[-1] == "echo" and "echo" in FORMATS["fp32"].backends
+    assert "echo" not in FORMATS["fp16"].backends and "openvino -> echo ->" in registry.backend_help()
+    bundle.onnx_path = lambda graph, precision: f"{graph}.onnx"
+    bundle.folder = "b"
+    candidates, _ = _candidates(bundle, "echo", "fp32", "model")
+    assert [label for label, _ in candidates] == ["echo"]

@@ -59,6 +59,7 @@ def test_fit_rejects_bad_options_before_importing_torch(tmp_path):
     assert result.stdout.strip() == "exit 2 False", result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_quiet_hides_library_messages_but_not_results(trained_run, tmp_path):
     loud = cli("cxr-export", "onnx", str(trained_run), "--out", str(tmp_path / "a"))
     quiet = cli("cxr-export", "--quiet", "onnx", str(trained_run), "--out", str(tmp_path / "b"))

@@ -155,6 +155,7 @@ def test_tampered_file_is_refused(bundle, tmp_path):
         record_files(copy, read_card(copy), ["model.fp16.onnx"])
 
 
+@pytest.mark.slow
 def test_parity_passes_then_fails_on_a_perturbed_bundle(bundle, phantoms, tmp_path):
     report, passing = tmp_path / "parity.json", tmp_path / "passing"
     shutil.copytree(

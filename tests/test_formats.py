@@ -1,5 +1,6 @@
 """The formats table: one source for file names, commands, parity rules, and the README's copy of it."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,14 @@ def test_unknown_precision_suggests_the_nearest():
 
 
 def test_parity_defaults_are_the_table_rules():
-    from cxr.export.parity import DEFAULT_RULES
+    """What ``cxr-export parity`` judges by when given no rule option is the table's rules, rule for rule."""
+    import typer.main
+    from cxr.export.cli import app
+    from cxr.export.parity import DEFAULT_RULES, parity_rules
 
-    assert DEFAULT_RULES == {p: f.parity for p, f in FORMATS.items()}
+    options = {p.name: p.default for p in typer.main.get_command(app).commands["parity"].params}
+    names = ("fp32_max_dprob", "fp16_agreement", "int8_agreement", "alpha")
+    assert parity_rules(*(options[name] for name in names)) == DEFAULT_RULES
     assert FORMATS["fp32"].parity.alpha is None and FORMATS["int8"].parity.min_agreement == 0.98
 
 
@@ -44,3 +50,21 @@ def test_optional_imports_name_their_extra():
     ):
         require("no_such_pkg.sub", "signing")
     assert require("json", "reading cards").dumps([1]) == "[1]"
+
+
+def _distribution(requirement: str) -> str:
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_the_extras_table_agrees_with_pyproject():
+    """An install hint names the extra that really brings the module (pydicom once said [dicom]: it is a base
+    dependency; the extra brings its decoders)."""
+    tomllib = pytest.importorskip("tomllib")
+    from cxr.runtime.optional import EXTRAS
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    base = {_distribution(r) for r in project["dependencies"]}
+    for module, known in EXTRAS.items():
+        listed = {_distribution(r) for r in project["optional-dependencies"][known.extra]}
+        assert known.distribution in listed and known.distribution not in base, module
+    assert "pydicom" in base and "pydicom" not in EXTRAS

@@ -135,8 +135,11 @@ def fit(
         ood_gate=ood_gate,
     )  # checked here, before torch is imported
     from cxr.train.fit import fit as run_fit
+    from cxr.train.fit import format_fit
 
-    run_fit(config)
+    metrics = run_fit(config)
+    if metrics is not None:  # rank 0 (the other ranks of a torchrun return None)
+        print(format_fit(metrics))
 
 
 @app.command()
@@ -187,10 +190,12 @@ def evaluate(
 
         raise CxrUsageError("--lime-audit must be 0 or more and --lime-samples at least 10")
     from cxr.train.evaluate import evaluate as run_evaluate
+    from cxr.train.evaluate import format_evaluation
 
-    run_evaluate(
+    result = run_evaluate(
         run, data, out, lime_audit_images=lime_audit, lime_samples=lime_samples, seed=seed, device=device
     )
+    print(format_evaluation(result))
 
 
 @app.command()

@@ -12,7 +12,7 @@ DEVICES = ("auto", "cpu", "cuda")
 BALANCING = ("weights", "sampler", "none")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FitConfig:
     data: Path
     out: Path
@@ -44,6 +44,12 @@ class FitConfig:
     ood_gate: bool = True  # fit the out-of-distribution gate (cxr.train.gate) on the training split
 
     def __post_init__(self) -> None:
+        self._check_recipe()
+        self._check_limits()
+        self._check_sources()
+
+    def _check_recipe(self) -> None:
+        """The training recipe's numbers and choices in range, as one-line usage errors."""
         if self.epochs < 1 or self.batch_size < 1:
             raise CxrUsageError("--epochs and --batch-size must be at least 1")
         if self.lr is not None and not self.lr > 0:
@@ -56,6 +62,9 @@ class FitConfig:
             raise CxrUsageError(f"--warmup must be between 0 and 1, got {self.warmup}")
         if not 0.0 <= self.label_smoothing < 1.0 or not 0.0 <= self.erase_corners <= 1.0:
             raise CxrUsageError("--label-smoothing must be in [0, 1) and --erase-corners in [0, 1]")
+
+    def _check_limits(self) -> None:
+        """The view's border, the budget, regularisation, patience and device."""
         if not 0.0 <= self.border_mask < 0.25:
             raise CxrUsageError(f"--border-mask must be in [0, 0.25), got {self.border_mask}")
         if not self.max_minutes >= 0:
@@ -64,12 +73,15 @@ class FitConfig:
             raise CxrUsageError("--weight-decay and --ema must be 0 (off) or more")
         if self.patience < 0:
             raise CxrUsageError(f"--patience must be 0 (off) or more, got {self.patience}")
+        if self.device not in DEVICES:
+            raise CxrUsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+
+    def _check_sources(self) -> None:
+        """Where the images and starting weights come from: one start, and folders that exist."""
         if self.init is not None and self.pretrained:
             raise CxrUsageError("--init and --pretrained both choose the starting weights: give one")
         if self.init is not None and not (Path(self.init) / "model.pt").is_file():
             raise CxrError(f"{self.init}: not a run folder (no model.pt from 'cxr-train fit' to start from)")
-        if self.device not in DEVICES:
-            raise CxrUsageError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if not Path(self.data).is_dir():
             raise CxrError(f"{self.data}: data folder does not exist (expected one sub-folder per class)")
 

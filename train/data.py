@@ -96,7 +96,7 @@ def split_samples(samples: list[Sample], val_split: float, seed: int) -> tuple[l
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoadedImages:
     """Decoded images at short side = size, with labels, original sizes, and what was skipped."""
 
@@ -154,10 +154,10 @@ def load_images(
     if skipped:
         log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), skipped[0][1])
     return LoadedImages(
-        images,
-        np.array(labels, dtype=np.int64),
-        shapes,
-        kept,
-        skipped,
-        np.array(stats).reshape(len(stats), -1),
+        images=images,
+        labels=np.array(labels, dtype=np.int64),
+        original_shapes=shapes,
+        samples=kept,
+        skipped=skipped,
+        stats=np.array(stats).reshape(len(stats), -1),
     )

@@ -63,6 +63,7 @@ def evaluate(
     report = classification_report(loaded.labels, predicted, classes)
     result: dict[str, Any] = {
         "run": str(run),
+        "arch": card.arch,
         "data": str(data),
         "device": str(on),
         "scope": scope,
@@ -88,30 +89,34 @@ def evaluate(
     plot_evaluation_page(
         result, classes, out.with_suffix(".png"), f"{card.arch} on {Path(data).name}: {scope}"
     )
-    log.info(format_report(report, f"{card.arch} on {data} ({scope})"))
-    if baseline is not None:
-        log.info("")
-        log.info(
-            format_report(
-                result["shortcut_baseline"], "shortcut baseline (image statistics only, same images)"
-            )
-        )
-        log.info(describe_feature_parts(result["shortcut_baseline"]["accuracy_by_features"]))
+    log.info(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """What ``cxr-train evaluate`` shows: the model's report, the shortcut baseline and the gain over it, the
+    LIME audit."""
+    lines = [format_report(result["model"], f"{result['arch']} on {result['data']} ({result['scope']})")]
+    if "shortcut_baseline" in result:
+        baseline = result["shortcut_baseline"]
+        lines += [
+            "",
+            format_report(baseline, "shortcut baseline (image statistics only, same images)"),
+            describe_feature_parts(baseline["accuracy_by_features"]),
+        ]
         gain = result["intervals"]["gain_over_baseline"]
         low, high = gain["interval_points"]
-        log.info(
+        lines.append(
             f"\nthe network adds {gain['points']:+.1f} accuracy points over image statistics alone "
             f"(95 % interval {low:+.1f} to {high:+.1f})"
         )
     if "lime_audit" in result:
         audit = result["lime_audit"]
-        log.info(
+        lines.append(
             f"LIME audit: {100 * audit['positive_weight_outside_body']:.1f} % of positive weight lies "
-            "outside the "
-            f"body ({audit['images']} images, {audit['samples']} samples each)"
+            f"outside the body ({audit['images']} images, {audit['samples']} samples each)"
         )
-    log.info(f"wrote {out} and {out.with_suffix('.png')}")
-    return result
+    return "\n".join(lines)
 
 
 def _baseline_training_samples(

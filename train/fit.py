@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from cxr.runtime.safe_io import atomic_output, atomic_write
 from cxr.runtime.suppress import view_steps
 from cxr.train.augment import CornerErase, PaperAugment, evaluation_view
 from cxr.train.config import FitConfig
-from cxr.train.data import LoadedImages, load_images, scan_image_folder, split_samples
+from cxr.train.data import LoadedImages, Sample, load_images, scan_image_folder, split_samples
 from cxr.train.distributed import DistContext, barrier, init_distributed, shutdown
 from cxr.train.models.adapter import GrayToNet
 from cxr.train.plots import plot_confusion, plot_curves
@@ -79,29 +79,100 @@ def fit(config: FitConfig) -> dict[str, Any] | None:
         shutdown(ctx)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Data:
+    classes: tuple[str, ...]
+    train: LoadedImages
+    val: LoadedImages
+    val_views: list[np.ndarray]  # rank 0's validation views (empty on the other ranks)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Training:
+    """Everything one training step touches, built once before the first epoch."""
+
+    net: nn.Module  # the module itself (validated on rank 0; DDP would wait for the other ranks)
+    model: nn.Module  # what the step calls: ``net``, or DDP around it
+    kept: nn.Module  # the weights that are validated and saved: the moving average, else ``net``
+    ema: Any
+    adapter: GrayToNet
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    sampler: DistributedSampler
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    pacer: BudgetPacer | None
+    loss_fn: nn.Module
+    scaler: Any
+    augment: PaperAugment | None
+    erase: CornerErase
+
+
 def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
-    device, quiet = ctx.device, not ctx.is_main
     torch.manual_seed(config.seed)
     classes, samples = scan_image_folder(config.data)
     train_samples, val_samples = split_samples(samples, config.val_split, config.split_seed_used)
+    net = _build(config, ctx, classes, [s.rel for s in val_samples])
+    data = _load(config, ctx, classes, train_samples, val_samples)
+    parts = _training_parts(config, ctx, net, data)
+    if ctx.is_main:
+        config.out.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"val_macro_f1": -1.0}
+    started = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        losses, seen, train_seconds = _train_epoch(config, ctx, parts, data.train, epoch)
+        if ctx.is_main:
+            row, report = _epoch_row(config, ctx, parts, data, epoch, losses, seen / train_seconds)
+            history.append(row)
+            best = _keep_if_best(config, parts, row, report, best)
+        if _stop_after(config, ctx, parts.pacer, epoch, best):
+            break
+        barrier(ctx)
+    if not ctx.is_main:
+        return None
+    seconds = time.perf_counter() - started
+    return _write_run(config, data, history, best, parts, seconds, ctx)
+
+
+def _build(config: FitConfig, ctx: DistContext, classes: tuple[str, ...], val_rels: list[str]) -> nn.Module:
+    """The network, from ``--init`` when given (warning when its training images are in our validation)."""
     net = build_net(config.arch, len(classes), config.pretrained)
     if config.init is not None:
         load_init_weights(net, config.init, config.arch, classes, config.suppression())
-        seen = init_overlap(config.init, config.data, [s.rel for s in val_samples])
+        seen = init_overlap(config.init, config.data, val_rels)
         if seen and ctx.is_main:
             log.warning(
-                f"{seen} of {len(val_samples)} validation images were training images of --init "
+                f"{seen} of {len(val_rels)} validation images were training images of --init "
                 f"{config.init}: validation scores are optimistic (keep its split: --split-seed or --seed, "
                 "and --val-split)"
             )
     check_image_size(net, config.image_size, config.arch)
-    steps_pre = config.suppression()
+    return net
+
+
+def _load(
+    config: FitConfig,
+    ctx: DistContext,
+    classes: tuple[str, ...],
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+) -> _Data:
+    """Both splits read and preprocessed as the card will say (suppression steps included)."""
+    quiet, steps_pre = not ctx.is_main, config.suppression()
     train = load_images(train_samples, config.image_size, "loading train", disable=quiet, pre=steps_pre)
     val = load_images(val_samples, config.image_size, "loading val", disable=quiet, pre=steps_pre)
     if len(train.images) == 0 or len(val.images) == 0:
         raise CxrError(
             f"{config.data}: no readable images left after skipping {len(train.skipped) + len(val.skipped)}"
         )
+    views = [evaluation_view(im, config.image_size, steps_pre) for im in val.images] if ctx.is_main else []
+    return _Data(classes=classes, train=train, val=val, val_views=views)
+
+
+def _training_parts(config: FitConfig, ctx: DistContext, net: nn.Module, data: _Data) -> _Training:
+    """Model on its device (DDP across ranks), optimiser, schedule, weight average, loss and augmentation."""
+    device = ctx.device
     mean, std = net_mean_std(net)
     adapter = GrayToNet(mean, std).to(device)
     net.to(device)
@@ -113,118 +184,166 @@ def _fit(config: FitConfig, ctx: DistContext) -> dict[str, Any] | None:
         else net
     )
     sampler = DistributedSampler(
-        range(len(train.images)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=config.seed
+        range(len(data.train.images)),
+        num_replicas=ctx.world_size,
+        rank=ctx.rank,
+        shuffle=True,
+        seed=config.seed,
     )
     lr = config.lr or (3e-4 if config.pretrained or config.init else 1e-3)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, int(np.ceil(len(sampler) / config.batch_size)))
-    steps = config.epochs * steps_per_epoch
     # only rank 0 validates and saves, so only it keeps the average (the other ranks would copy and update it
     # for nothing)
     ema = weight_average(net, config.ema if ctx.is_main else 0.0, steps_per_epoch)
-    kept = ema.module if ema is not None else net  # the weights that are validated and saved
-    schedule = one_cycle(optimizer, lr, steps, config.warmup)
-    weights = class_weights(train.labels, len(classes)).to(device) if config.balance == "weights" else None
-    loss_fn = nn.CrossEntropyLoss(weight=weights, label_smoothing=config.label_smoothing)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    augment = PaperAugment(config.image_size) if config.augment else None
-    erase = CornerErase(config.erase_corners)
-    val_views = (
-        [evaluation_view(im, config.image_size, steps_pre) for im in val.images] if ctx.is_main else []
+    weights = class_weights(data.train.labels, len(data.classes)).to(device)
+    return _Training(
+        net=net,
+        model=model,
+        kept=ema.module if ema is not None else net,
+        ema=ema,
+        adapter=adapter,
+        mean=mean,
+        std=std,
+        sampler=sampler,
+        optimizer=optimizer,
+        schedule=one_cycle(optimizer, lr, config.epochs * steps_per_epoch, config.warmup),
+        pacer=BudgetPacer(ctx, config.max_minutes) if config.max_minutes > 0 else None,
+        loss_fn=nn.CrossEntropyLoss(
+            weight=weights if config.balance == "weights" else None, label_smoothing=config.label_smoothing
+        ),
+        scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
+        augment=PaperAugment(config.image_size) if config.augment else None,
+        erase=CornerErase(config.erase_corners),
     )
-    if ctx.is_main:
-        config.out.mkdir(parents=True, exist_ok=True)
 
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"val_macro_f1": -1.0}
-    started = time.perf_counter()
-    pacer = BudgetPacer(ctx, config.max_minutes) if config.max_minutes > 0 else None
-    for epoch in range(1, config.epochs + 1):
-        sampler.set_epoch(epoch)
-        order = np.fromiter(sampler, dtype=np.int64)
-        if config.balance == "sampler":
-            order = balanced_order(train.labels, np.random.default_rng([config.seed, epoch]))[
-                ctx.rank :: ctx.world_size
-            ]
-        rng = np.random.default_rng([config.seed, epoch, ctx.rank])
-        model.train()
-        losses, seen, epoch_start = [], 0, time.perf_counter()
-        bar = tqdm(
-            range(0, len(order), config.batch_size),
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="batch",
-            disable=quiet,
-        )
-        for start in bar:
-            idx = order[start : start + config.batch_size]
-            views = [
-                view_steps(erase(augment(train.images[i], rng), rng), steps_pre)
-                if augment
-                else evaluation_view(train.images[i], config.image_size, steps_pre)
-                for i in idx
-            ]
-            pixels = to_batch(views, device)
-            target = torch.from_numpy(train.labels[idx]).to(device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(model(adapter(pixels)), target)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            if pacer is None:
-                schedule.step()
-            elif pacer.step(schedule) and ctx.is_main:
-                log.info(
-                    f"the --max-minutes budget ({config.max_minutes:g} min) ends before epoch "
-                    f"{config.epochs}: the learning rate now follows the clock, to anneal by its end"
-                )
-            if ema is not None:
-                ema.update(net, step=schedule.last_epoch)  # the scheduler counts steps taken
-            losses.append(float(loss.detach()))
-            seen += len(idx)
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}")
-        train_seconds = time.perf_counter() - epoch_start
-        if ctx.is_main:
-            row, report = _validate(kept, adapter, val_views, val, classes, config, device)
-            if ema is not None:  # the raw weights' scores, to see what the average adds
-                raw, _ = _validate(net, adapter, val_views, val, classes, config, device)
-                row.update({f"{key}_raw": value for key, value in raw.items()})
-            row.update(
-                epoch=epoch,
-                train_loss=float(np.mean(losses)),
-                train_images_per_s=seen * ctx.world_size / train_seconds,
-                lr=float(schedule.get_last_lr()[0]),
-                paced_by_budget=pacer is not None and pacer.paced,
-            )
-            history.append(row)
-            log.info(
-                f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
-                f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)"
-                + (f"  raw weights: macro-F1 {row['val_macro_f1_raw']:.3f}" if ema is not None else "")
-            )
-            if report["macro_f1"] > best["val_macro_f1"]:
-                best = {**row, "report": report}
-                with atomic_output(config.out / MODEL_FILE) as tmp:
-                    torch.save({k: v.detach().cpu() for k, v in kept.state_dict().items()}, tmp)
-        out_of_time = pacer is not None and pacer.spent() >= 1.0
-        if should_stop(ctx, config.patience, epoch, best, out_of_time):
-            if ctx.is_main:
-                why = (
-                    f"the --max-minutes budget ({config.max_minutes:g} min) is spent"
-                    if out_of_time
-                    else f"no better validation macro-F1 for {config.patience} epochs"
-                )
-                log.info(f"stopped after epoch {epoch}: {why}; the best epoch is kept")
-                best["stopped_early_after"] = epoch
-                best["stop_reason"] = "time budget" if out_of_time else "patience"
-            break
-        barrier(ctx)
-    if not ctx.is_main:
-        return None
-    return _write_run(
-        config, classes, train, val, history, best, mean, std, time.perf_counter() - started, ctx
+
+def _epoch_order(
+    config: FitConfig, ctx: DistContext, parts: _Training, labels: np.ndarray, epoch: int
+) -> np.ndarray:
+    """This rank's image order for the epoch: its shard of the sampler, or class-balanced draws."""
+    parts.sampler.set_epoch(epoch)
+    order = np.fromiter(parts.sampler, dtype=np.int64)
+    if config.balance == "sampler":
+        draws = balanced_order(labels, np.random.default_rng([config.seed, epoch]))
+        order = draws[ctx.rank :: ctx.world_size]
+    return order
+
+
+def _train_epoch(
+    config: FitConfig, ctx: DistContext, parts: _Training, train: LoadedImages, epoch: int
+) -> tuple[list[float], int, float]:
+    """One epoch of steps on this rank: (losses, images seen, seconds)."""
+    order = _epoch_order(config, ctx, parts, train.labels, epoch)
+    rng = np.random.default_rng([config.seed, epoch, ctx.rank])
+    parts.model.train()
+    losses, seen, epoch_start = [], 0, time.perf_counter()
+    bar = tqdm(
+        range(0, len(order), config.batch_size),
+        desc=f"epoch {epoch}/{config.epochs}",
+        unit="batch",
+        disable=not ctx.is_main,
     )
+    for start in bar:
+        idx = order[start : start + config.batch_size]
+        losses.append(_step(config, ctx, parts, _views(config, parts, train, idx, rng), train.labels[idx]))
+        seen += len(idx)
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+    return losses, seen, time.perf_counter() - epoch_start
+
+
+def _views(
+    config: FitConfig, parts: _Training, train: LoadedImages, idx: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The batch's training views: the paper's augmentation and corner erasing, or the evaluation view."""
+    steps_pre = config.suppression()
+    if parts.augment is None:
+        return [evaluation_view(train.images[i], config.image_size, steps_pre) for i in idx]
+    return [view_steps(parts.erase(parts.augment(train.images[i], rng), rng), steps_pre) for i in idx]
+
+
+def _step(
+    config: FitConfig, ctx: DistContext, parts: _Training, views: list[np.ndarray], labels: np.ndarray
+) -> float:
+    """One optimiser step (mixed precision on CUDA), the schedule or the budget pacer, the weight average."""
+    device = ctx.device
+    pixels = to_batch(views, device)
+    target = torch.from_numpy(labels).to(device)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        loss = parts.loss_fn(parts.model(parts.adapter(pixels)), target)
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.scaler.scale(loss).backward()
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    if parts.pacer is None:
+        parts.schedule.step()
+    elif parts.pacer.step(parts.schedule) and ctx.is_main:
+        log.info(
+            f"the --max-minutes budget ({config.max_minutes:g} min) ends before epoch "
+            f"{config.epochs}: the learning rate now follows the clock, to anneal by its end"
+        )
+    if parts.ema is not None:
+        parts.ema.update(parts.net, step=parts.schedule.last_epoch)  # the scheduler counts steps taken
+    return float(loss.detach())
+
+
+def _epoch_row(
+    config: FitConfig,
+    ctx: DistContext,
+    parts: _Training,
+    data: _Data,
+    epoch: int,
+    losses: list[float],
+    rank_images_per_s: float,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rank 0: the epoch's line in metrics.json, logged, and the report of the weights it validated."""
+    row, report = _validate(parts.kept, parts.adapter, data, config, ctx.device)
+    if parts.ema is not None:  # the raw weights' scores, to see what the average adds
+        raw, _ = _validate(parts.net, parts.adapter, data, config, ctx.device)
+        row.update({f"{key}_raw": value for key, value in raw.items()})
+    row.update(
+        epoch=epoch,
+        train_loss=float(np.mean(losses)),
+        train_images_per_s=rank_images_per_s * ctx.world_size,
+        lr=float(parts.schedule.get_last_lr()[0]),
+        paced_by_budget=parts.pacer is not None and parts.pacer.paced,
+    )
+    log.info(
+        f"epoch {epoch}: loss {row['train_loss']:.3f}  val acc {row['val_accuracy']:.3f}  "
+        f"val macro-F1 {row['val_macro_f1']:.3f}  ({row['train_images_per_s']:.1f} img/s)"
+        + (f"  raw weights: macro-F1 {row['val_macro_f1_raw']:.3f}" if parts.ema is not None else "")
+    )
+    return row, report
+
+
+def _keep_if_best(
+    config: FitConfig, parts: _Training, row: dict[str, Any], report: dict[str, Any], best: dict[str, Any]
+) -> dict[str, Any]:
+    """The better of this epoch and the best so far; a better epoch's weights are saved at once."""
+    if report["macro_f1"] <= best["val_macro_f1"]:
+        return best
+    with atomic_output(config.out / MODEL_FILE) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in parts.kept.state_dict().items()}, tmp)
+    return {**row, "report": report}
+
+
+def _stop_after(
+    config: FitConfig, ctx: DistContext, pacer: BudgetPacer | None, epoch: int, best: dict[str, Any]
+) -> bool:
+    """Early stopping or a spent budget (decided together across ranks); rank 0 says why in ``best``."""
+    out_of_time = pacer is not None and pacer.spent() >= 1.0
+    if not should_stop(ctx, config.patience, epoch, best, out_of_time):
+        return False
+    if ctx.is_main:
+        why = (
+            f"the --max-minutes budget ({config.max_minutes:g} min) is spent"
+            if out_of_time
+            else f"no better validation macro-F1 for {config.patience} epochs"
+        )
+        log.info(f"stopped after epoch {epoch}: {why}; the best epoch is kept")
+        best["stopped_early_after"] = epoch
+        best["stop_reason"] = "time budget" if out_of_time else "patience"
+    return True
 
 
 def weight_average(net: nn.Module, epochs: float, steps_per_epoch: int) -> Any:
@@ -262,38 +381,28 @@ def should_stop(
 
 
 def _validate(
-    net: nn.Module,
-    adapter: GrayToNet,
-    views: list[np.ndarray],
-    val: LoadedImages,
-    classes: tuple[str, ...],
-    config: FitConfig,
-    device: torch.device,
+    net: nn.Module, adapter: GrayToNet, data: _Data, config: FitConfig, device: torch.device
 ) -> tuple[dict[str, Any], dict]:
     """Rank 0 only, on the unwrapped module (DDP's forward would wait for the other ranks)."""
-    probs = predict_probs(net, adapter, views, device, config.batch_size)
-    val_loss = float(
-        nn.functional.nll_loss(torch.log(torch.from_numpy(probs) + 1e-12), torch.from_numpy(val.labels))
-    )
-    report = classification_report(val.labels, probs.argmax(1), classes)
+    probs = predict_probs(net, adapter, data.val_views, device, config.batch_size)
+    labels = torch.from_numpy(data.val.labels)
+    val_loss = float(nn.functional.nll_loss(torch.log(torch.from_numpy(probs) + 1e-12), labels))
+    report = classification_report(data.val.labels, probs.argmax(1), data.classes)
     row = {"val_loss": val_loss, "val_accuracy": report["accuracy"], "val_macro_f1": report["macro_f1"]}
     return row, report
 
 
 def _write_run(
     config: FitConfig,
-    classes: tuple[str, ...],
-    train: LoadedImages,
-    val: LoadedImages,
+    data: _Data,
     history: list[dict[str, Any]],
     best: dict[str, Any],
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    parts: _Training,
     seconds: float,
     ctx: DistContext,
 ) -> dict[str, Any]:
-    out = config.out
-    report = best["report"]
+    """The run folder beside the best epoch's model.pt: split, metrics, plots, card, and the OOD gate."""
+    out, report, train, val = config.out, best["report"], data.train, data.val
     split = {"train": [s.rel for s in train.samples], "val": [s.rel for s in val.samples]}
     atomic_write(out / SPLIT_FILE, json.dumps(split, indent=1) + "\n")
     skipped = train.skipped + val.skipped
@@ -306,25 +415,52 @@ def _write_run(
         "skipped": [{"file": f, "error": e} for f, e in skipped],
     }
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    plot_confusion(report["confusion"], classes, out / "confusion.png", f"validation, epoch {best['epoch']}")
+    plot_confusion(
+        report["confusion"], data.classes, out / "confusion.png", f"validation, epoch {best['epoch']}"
+    )
     plot_curves(history, out / "curves.png")
+    write_card(out, _run_card(config, data, parts, best, seconds, ctx))
+    if config.ood_gate:
+        from cxr.train.gate import fit_run_gate
+        from cxr.train.run import load_run
+
+        best_card, best_model = load_run(out)  # the best epoch's weights, as saved
+        fit_run_gate(out, best_card, best_model.to(ctx.device), train, val, ctx.device, config.batch_size)
+    if skipped:
+        log.info(f"skipped {len(skipped)} unreadable image(s); see metrics.json")
+    log.info(f"run written to {out}: {MODEL_FILE}, card.json, metrics.json, confusion.png, curves.png")
+    return metrics
+
+
+def format_fit(metrics: dict[str, Any]) -> str:
+    """What ``cxr-train fit`` shows at the end: the best epoch's validation report."""
+    return format_report(
+        metrics["val"], f"best epoch {metrics['best_epoch']} (validation, {metrics['val']['n']} images)"
+    )
+
+
+def _run_card(
+    config: FitConfig, data: _Data, parts: _Training, best: dict[str, Any], seconds: float, ctx: DistContext
+) -> Card:
+    """The run's card: what it was trained on and how, its preprocessing, the best epoch's scores."""
+    report = best["report"]
     training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
     training.update(
         data=str(Path(config.data).resolve()),
         best_epoch=best["epoch"],
-        n_train=len(train.images),
-        n_val=len(val.images),
-        skipped=len(skipped),
+        n_train=len(data.train.images),
+        n_val=len(data.val.images),
+        skipped=len(data.train.skipped + data.val.skipped),
         seconds=round(seconds, 1),
         device=str(ctx.device),
         world_size=ctx.world_size,
         torch=torch.__version__,
     )
-    card = Card(
-        classes=classes,
+    return Card(
+        classes=data.classes,
         arch=config.arch,
         input=InputSpec(size=config.image_size),
-        preprocessing=replace(config.suppression(), mean=mean, std=std),
+        preprocessing=replace(config.suppression(), mean=parts.mean, std=parts.std),
         training=training,
         metrics={
             "val_accuracy": report["accuracy"],
@@ -333,15 +469,3 @@ def _write_run(
         },
         provenance={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stage": "cxr-train fit"},
     )
-    write_card(out, card)
-    if config.ood_gate:
-        from cxr.train.gate import fit_run_gate
-        from cxr.train.run import load_run
-
-        best_card, best_model = load_run(out)  # the best epoch's weights, as saved
-        fit_run_gate(out, best_card, best_model.to(ctx.device), train, val, ctx.device, config.batch_size)
-    log.info(format_report(report, f"best epoch {best['epoch']} (validation, {len(val.images)} images)"))
-    if skipped:
-        log.info(f"skipped {len(skipped)} unreadable image(s); see metrics.json")
-    log.info(f"run written to {out}: {MODEL_FILE}, card.json, metrics.json, confusion.png, curves.png")
-    return metrics

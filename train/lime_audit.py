@@ -44,6 +44,7 @@ class TorchExplainer(ExplainerBackend):
             "segments": np.ascontiguousarray(segments, dtype=np.int32),
         }
         self.feeds = {name: torch.from_numpy(array).to(self.device) for name, array in feeds.items()}
+        self.bytes_sent += sum(array.nbytes for array in feeds.values())
 
     def _run(self, z: np.ndarray) -> np.ndarray:
         block = self.fixed_block(z)

@@ -187,7 +187,12 @@ class ExplainerBackend(_Contract):
     """LIME: ``set_image`` sends image, fill and segment map once; ``run(z)`` sends only on/off rows.
 
     ``run`` takes at most ``limits.max_batch`` rows and always executes that fixed batch (padded). Inputs are
-    checked here for every backend, which implements ``_set_image`` and ``_run``.
+    checked here for every backend, which implements ``_set_image`` and ``_run`` and owes, checked here too:
+    - ``_set_image`` sets ``columns``, the width of the padded on/off rows for this image (at least
+      ``segment_count``, which is set before it is called; ``z_columns`` gives the usual width);
+    - both add to ``bytes_sent`` every byte they send to the device, never reset it (``fixed_block`` counts
+      the rows), so a report can say what an explanation moved;
+    - ``_run`` returns one row of class probabilities per row of ``z``.
     """
 
     bytes_sent: int = 0
@@ -195,6 +200,26 @@ class ExplainerBackend(_Contract):
     segment_count: int = 0
 
     def set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
+        self._check_inputs(image, fill, segments)
+        self.segment_count = int(segments.max()) + 1
+        self.columns, sent = 0, self.bytes_sent
+        self._set_image(image, fill, segments)
+        if self.columns < self.segment_count:
+            raise TypeError(
+                f"{type(self).__name__}._set_image must set columns, the width of its on/off rows (at least "
+                f"the image's {self.segment_count} segments; z_columns() gives it), got {self.columns}"
+            )
+        self._check_bytes(sent, "_set_image")
+
+    def _check_bytes(self, before: int, step: str) -> None:
+        if not isinstance(self.bytes_sent, (int, np.integer)) or self.bytes_sent < before:
+            raise TypeError(
+                f"{type(self).__name__}.{step} must add what it sends to bytes_sent, never reset it "
+                f"({before} before, {self.bytes_sent!r} after)"
+            )
+
+    @staticmethod
+    def _check_inputs(image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None:
         _check_uint8(image, "the image", 2)
         _check_uint8(fill, "the fill image", 2)
         if fill.shape != image.shape or getattr(segments, "shape", None) != image.shape:
@@ -204,8 +229,6 @@ class ExplainerBackend(_Contract):
             )
         if not np.issubdtype(segments.dtype, np.integer) or segments.min() < 0:
             raise ValueError("segments must be non-negative integer labels")
-        self.segment_count = int(segments.max()) + 1
-        self._set_image(image, fill, segments)
 
     def run(self, z: np.ndarray) -> np.ndarray:
         _check_uint8(z, "on/off rows z", 2)
@@ -213,7 +236,15 @@ class ExplainerBackend(_Contract):
             raise RuntimeError("set_image() must come before run()")
         if not 1 <= len(z) <= self.limits.max_batch or z.shape[1] > self.columns:
             raise ValueError(f"z of shape {z.shape} does not fit 1..{self.limits.max_batch} x {self.columns}")
-        return self._run(z)
+        sent = self.bytes_sent
+        probs = self._run(z)
+        if getattr(probs, "ndim", 0) != 2 or len(probs) != len(z):
+            raise TypeError(
+                f"{type(self).__name__}._run must return one row of probabilities per row of z ({len(z)}), "
+                f"got shape {getattr(probs, 'shape', None)}"
+            )
+        self._check_bytes(sent, "_run")
+        return probs
 
     @abstractmethod
     def _set_image(self, image: np.ndarray, fill: np.ndarray, segments: np.ndarray) -> None: ...

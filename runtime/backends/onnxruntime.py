@@ -29,6 +29,7 @@ from cxr.runtime.backends.base import (
     pad_rows,
     z_columns,
 )
+from cxr.runtime.backends.registry import ONNX, BackendSpec, Place, register
 from cxr.runtime.errors import CxrError, one_line
 
 log = logging.getLogger(__name__)
@@ -318,3 +319,33 @@ class OrtExplainer(ExplainerBackend):
             except Exception as exc:  # capture refused at run time: same session without a graph
                 self._drop_graph(one_line(exc))
         return super().warm_up(size, runs, probe)
+
+
+register(
+    BackendSpec(
+        name="onnxruntime",
+        title="ONNX Runtime",
+        runs=ONNX,
+        device="cuda or cpu",
+        rank=20,
+        classifier=OrtBackend,
+        explainer=OrtExplainer,
+        requires="onnxruntime",
+        places=(  # auto: CUDA (where a GPU provider loads) before OpenVINO, the CPU after it
+            Place(
+                label="onnxruntime-cuda",
+                rank=20,
+                device="cuda",
+                when=lambda: bool(gpu_providers()),
+                providers=lambda: gpu_providers() + [CPU_EP],
+            ),
+            Place(label="onnxruntime", rank=40, providers=lambda: [CPU_EP]),
+        ),
+        open_classifier=lambda f: OrtBackend(
+            f.path, f.precision, f.providers, cuda=replace(CLASSIFIER_CUDA, tf32=f.tf32), data=f.data
+        ),
+        open_explainer=lambda f: OrtExplainer(
+            f.path, f.precision, f.providers, data=f.data, cuda=explainer_cuda(f.images)
+        ),
+    )
+)

@@ -42,6 +42,7 @@ from cxr.runtime.backends.base import (
     pad_rows,
     z_columns,
 )
+from cxr.runtime.backends.registry import ONNX, BackendSpec, register
 from cxr.runtime.errors import CxrError, one_line
 from cxr.runtime.onnx_meta import onnx_metadata
 from cxr.runtime.optional import require
@@ -247,3 +248,19 @@ class OvExplainer(ExplainerBackend):
         if agree and self.streams > 1:
             self.graph.forget({name: value.shape for name, value in feeds.items()})
         return agree
+
+
+register(
+    BackendSpec(
+        name="openvino",
+        title="OpenVINO",
+        runs=ONNX,
+        device="cpu",
+        rank=30,
+        classifier=OvBackend,
+        explainer=OvExplainer,
+        available=lambda: openvino_available(),
+        requires="openvino",
+        parity_prefix="openvino",
+    )
+)

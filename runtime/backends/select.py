@@ -1,5 +1,5 @@
-"""``--backend auto``: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO -> ONNX Runtime CPU, each chosen only
-after it ran.
+"""``--backend auto``: every registered backend (``cxr.runtime.backends.registry``) in its rank's order, today
+TensorRT engine -> ONNX Runtime CUDA -> OpenVINO -> ONNX Runtime CPU, each chosen only after it ran.
 
 Every candidate must reproduce the card's known answers (its outputs on fixed probe films, recorded when the
 file was written) before it is used; what was tried and why it was skipped is one line (the reason shown to
@@ -9,26 +9,22 @@ the user), never an error block. A backend named explicitly gets no fallback.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
+from cxr.runtime.backends import registry
 from cxr.runtime.backends.base import Backend, ExplainerBackend
-from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
+from cxr.runtime.backends.registry import AUTO, ENGINE, BackendSpec, OpenFile, Place
+from cxr.runtime.bundle import Bundle, check_precision
 from cxr.runtime.card import Card, metadata_mismatch, parity_state
 from cxr.runtime.cpu_features import NO_INT8_DOT, saturating_int8_cpu
-from cxr.runtime.errors import BundleRefused, CxrError, CxrUsageError, one_line
+from cxr.runtime.errors import BundleRefused, CxrError, one_line
 from cxr.runtime.formats import FORMATS
 from cxr.runtime.known_answers import check_classifier, check_explainer
 from cxr.runtime.optional import install_hint
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino")
 Opened = TypeVar("Opened", Backend, ExplainerBackend)
-
-
-def _engine_path(bundle: Bundle, graph: str, precision: str) -> Path | None:
-    name = engine_name(graph, precision)
-    return bundle.folder / name if bundle.has(name) else None
+Candidate = tuple[str, Callable[[], Opened]]
 
 
 def describe(backend: Backend | ExplainerBackend) -> str:
@@ -37,76 +33,78 @@ def describe(backend: Backend | ExplainerBackend) -> str:
     return f"{backend.name} {backend.precision}{where}"
 
 
-@dataclass(frozen=True)
-class Openers:
-    """How to open each backend kind for one graph: (path, verified bytes[, ORT providers]) -> backend."""
+def _source(bundle: Bundle, spec: BackendSpec, graph: str, precision: str) -> Path | None:
+    """The bundle file ``spec`` runs; None for a missing engine (built on the target, so often absent). A
+    missing ONNX graph is the bundle's fault: ``onnx_path`` says which command makes it."""
+    if spec.runs != ENGINE:
+        return bundle.onnx_path(graph, precision)  # checks it is there and listed
+    name = spec.file_name(graph, precision)
+    return bundle.folder / name if bundle.has(name) else None
 
-    tensorrt: Callable[[Path, bytes], Opened]
-    onnxruntime: Callable[[Path, bytes, list[str] | None], Opened]
-    openvino: Callable[[Path, bytes], Opened]
+
+def _opener(
+    bundle: Bundle, spec: BackendSpec, place: Place, graph: str, path: Path, file: dict
+) -> Callable[[], Opened]:
+    """Opens ``spec`` at ``place`` on ``path``, reading its verified bytes when (and each time) it opens."""
+
+    def open_() -> Opened:
+        providers = place.providers() if place.providers is not None else None
+        opened = spec.open(
+            graph, OpenFile(path=path, data=bundle.verified_bytes(path.name), providers=providers, **file)
+        )
+        if place.device is not None and opened.device != place.device:
+            opened.close()  # e.g. an ONNX Runtime session asked for CUDA that came up on the CPU only
+            raise CxrError(f"{place.label} came up on the {opened.device} (see the warning above)")
+        return opened
+
+    return open_
+
+
+def _named(bundle: Bundle, spec: BackendSpec, precision: str, graph: str, file: dict) -> list[Candidate]:
+    """``--backend NAME``: that backend alone, or one line saying why it cannot run here."""
+    path = _source(bundle, spec, graph, precision)
+    if path is None:
+        raise CxrError(
+            f"--backend {spec.name}: no {spec.file_name(graph, precision)} in the bundle; build it on this "
+            f"machine: 'cxr-export build-engine {bundle.folder} --precision {precision}'"
+        )
+    if not spec.available():
+        hint = install_hint(spec.requires)
+        raise CxrError(f"--backend {spec.name}: {spec.title} is not installed ({hint})")
+    return [(spec.name, _opener(bundle, spec, Place(label=spec.name, rank=0), graph, path, file))]
+
+
+def _auto(bundle: Bundle, precision: str, graph: str, file: dict) -> tuple[list[Candidate], list[str]]:
+    """Every registered backend's places in auto's order, and why the others were not even tried."""
+    ranked: list[tuple[int, Candidate]] = []
+    skipped: list[str] = []
+    for spec in sorted(registry.backends(), key=lambda s: s.rank):
+        if precision not in spec.precisions:
+            continue
+        path = _source(bundle, spec, graph, precision)
+        if path is None:
+            skipped.append(f"{spec.name}: no {spec.file_name(graph, precision)} in the bundle")
+        elif not spec.available():
+            skipped.append(f"{spec.name}: {spec.title} not installed ({install_hint(spec.requires)})")
+        else:
+            ranked += [
+                (place.rank, (place.label, _opener(bundle, spec, place, graph, path, file)))
+                for place in spec.auto_places
+                if place.when()
+            ]
+    return [candidate for _, candidate in sorted(ranked, key=lambda item: item[0])], skipped
 
 
 def _candidates(
-    bundle: Bundle, backend: str, precision: str, graph: str, open_: Openers
-) -> tuple[list[tuple[str, Callable[[], Opened]]], list[str]]:
-    """(name, opener) pairs to try in order, and the reasons others were not even tried.
-
-    auto: TensorRT engine -> ONNX Runtime CUDA -> OpenVINO (CPU) -> ONNX Runtime CPU."""
-    from cxr.runtime.backends.onnxruntime import CPU_EP, gpu_providers
-    from cxr.runtime.backends.openvino import openvino_available
-    from cxr.runtime.backends.tensorrt import tensorrt_available
-
+    bundle: Bundle, backend: str, precision: str, graph: str, **file: object
+) -> tuple[list[Candidate], list[str]]:
+    """(label, opener) pairs to try in order, and the reasons others were not even tried. ``file``: the
+    options ``OpenFile`` carries to the backend (tf32, images)."""
     check_precision(precision)
-    if backend not in BACKENDS:
-        raise CxrUsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    skipped: list[str] = []
-    found: list[tuple[str, Callable[[], Opened]]] = []
-    if backend in ("auto", "tensorrt"):
-        engine = _engine_path(bundle, graph, precision)
-        if engine is None:
-            skipped.append(f"tensorrt: no {engine_name(graph, precision)} in the bundle")
-        elif not tensorrt_available():
-            skipped.append(f"tensorrt: TensorRT/cuda-python not installed ({install_hint('tensorrt')})")
-        else:
-            found.append(("tensorrt", lambda: open_.tensorrt(engine, bundle.verified_bytes(engine.name))))
-        if backend == "tensorrt" and not found:
-            hint = (
-                f"; build it on this machine: 'cxr-export build-engine {bundle.folder} --precision "
-                f"{precision}'"
-                if engine is None
-                else ""
-            )
-            raise CxrError(f"--backend {skipped[0]}{hint}")
-    if backend == "tensorrt":
-        return found, skipped
-    path = bundle.onnx_path(
-        graph, precision
-    )  # checks it is there and listed; loaded below from verified bytes
-    data = lambda: bundle.verified_bytes(path.name)  # noqa: E731  (read when, and each time, a candidate opens)
-    if backend == "onnxruntime":
-        found.append(("onnxruntime", lambda: open_.onnxruntime(path, data(), None)))
-        return found, skipped
-    if backend == "auto" and gpu_providers():
-        found.append(
-            ("onnxruntime-cuda", lambda: _on_gpu(open_.onnxruntime(path, data(), gpu_providers() + [CPU_EP])))
-        )
-    if openvino_available():
-        found.append(("openvino", lambda: open_.openvino(path, data())))
-    elif backend == "openvino":
-        raise CxrError(f"--backend openvino: OpenVINO is not installed ({install_hint('openvino')})")
-    else:
-        skipped.append(f"openvino: not installed ({install_hint('openvino')})")
-    if backend == "auto":
-        found.append(("onnxruntime", lambda: open_.onnxruntime(path, data(), [CPU_EP])))
-    return found, skipped
-
-
-def _on_gpu(opened: Opened) -> Opened:
-    """An ONNX Runtime session asked for CUDA that came up on the CPU only is not the CUDA candidate."""
-    if opened.device != "cuda":
-        opened.close()
-        raise CxrError("the CUDA EP could not start (see the warning above)")
-    return opened
+    file = {**file, "precision": precision}
+    if backend == AUTO:
+        return _auto(bundle, precision, graph, file)
+    return _named(bundle, registry.get(backend), precision, graph, file), []
 
 
 def _first_that_runs(
@@ -144,10 +142,10 @@ def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
 def check_validated(bundle: Bundle, backend: Backend, allow_unvalidated: bool) -> str | None:
     """Refuse a graph or engine that failed parity or never ran it, unless allowed; returns the warning to
     show when allowed. (The fp32 ONNX graph counts as validated: export compares it with PyTorch.)"""
-    engine = backend.name == "tensorrt"
+    if registry.find(backend.name) is None:
+        return None  # not a bundle file run here (a server answers for its own)
+    engine = registry.runs_engine(backend)
     state = parity_state(bundle.card, backend.precision, engine)
-    if backend.name not in ("tensorrt", "onnxruntime", "openvino"):
-        return None
     what = f"the {backend.precision} {'engine' if engine else 'graph'}"
     if state == "passed":
         risk = int8_cpu_risk(bundle.card, backend)
@@ -185,31 +183,18 @@ def int8_cpu_risk(card: Card, backend: Backend, flags: set[str] | None = None) -
 
 def file_name(opened: Backend | ExplainerBackend, graph: str) -> str:
     """The bundle file ``opened`` runs: its engine for TensorRT, else its ONNX graph."""
-    if opened.name == "tensorrt":
-        return engine_name(graph, opened.precision)
-    return onnx_name(graph, opened.precision)
+    return registry.get(opened.name).file_name(graph, opened.precision)
 
 
 def open_classifier(
-    bundle: Bundle, backend: str = "auto", precision: str = "fp32", tf32: bool = True
+    bundle: Bundle, backend: str = AUTO, precision: str = "fp32", tf32: bool = True
 ) -> tuple[Backend, str]:
     """The first backend that reproduces the card's known answers (``cxr.runtime.known_answers``), and the
     line that says what runs and what was skipped.
 
     ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs).
     """
-    from cxr.runtime.backends.onnxruntime import CLASSIFIER_CUDA, OrtBackend
-    from cxr.runtime.backends.openvino import OvBackend
-    from cxr.runtime.backends.tensorrt import TrtBackend
-
-    openers = Openers(
-        tensorrt=lambda plan, data: TrtBackend(plan, precision, data),
-        onnxruntime=lambda path, data, providers: OrtBackend(
-            path, precision, providers, cuda=replace(CLASSIFIER_CUDA, tf32=tf32), data=data
-        ),
-        openvino=lambda path, data: OvBackend(path, precision, data),
-    )
-    candidates, skipped = _candidates(bundle, backend, precision, "model", openers)
+    candidates, skipped = _candidates(bundle, backend, precision, "model", tf32=tf32)
 
     def probe(opened: Backend) -> None:
         check_meaning(opened, bundle.card)
@@ -219,26 +204,15 @@ def open_classifier(
 
 
 def open_explainer(
-    bundle: Bundle, backend: str = "auto", precision: str = "fp32", images: int | None = None
+    bundle: Bundle, backend: str = AUTO, precision: str = "fp32", images: int | None = None
 ) -> tuple[ExplainerBackend, str]:
     """The LIME explainer, warmed up (its fixed batch shape searched once) before the first image on the
     known-answer probe, whose answers must be the card's; the host side warms up beside it. ``images``: how
     many the job will explain, when known (a short job opens with a quicker cuDNN search on CUDA:
     ``explainer_cuda``)."""
-    from cxr.runtime.backends.onnxruntime import OrtExplainer, explainer_cuda
-    from cxr.runtime.backends.openvino import OvExplainer
-    from cxr.runtime.backends.tensorrt import TrtExplainer
     from cxr.runtime.explain import warm_host_beside
 
-    cuda = explainer_cuda(images)
-    openers = Openers(
-        tensorrt=lambda plan, data: TrtExplainer(plan, precision, data),
-        onnxruntime=lambda path, data, providers: OrtExplainer(
-            path, precision, providers, data=data, cuda=cuda
-        ),
-        openvino=lambda path, data: OvExplainer(path, precision, data),
-    )
-    candidates, skipped = _candidates(bundle, backend, precision, "explain", openers)
+    candidates, skipped = _candidates(bundle, backend, precision, "explain", images=images)
 
     def probe(opened: ExplainerBackend) -> None:
         check_meaning(opened, bundle.card)
@@ -248,18 +222,12 @@ def open_explainer(
 
 
 def runnable_here(bundle: Bundle, graph: str = "model") -> list[tuple[str, str]]:
-    """(backend, precision) for every file of ``graph`` in the bundle whose runtime is installed here: ONNX
-    Runtime and OpenVINO for each ONNX graph, TensorRT for each engine. (Installed, not probed: ``open_*``
-    probes.)"""
-    from cxr.runtime.backends.openvino import openvino_available
-    from cxr.runtime.backends.tensorrt import tensorrt_available
-
-    found = []
-    for precision, fmt in FORMATS.items():
-        if bundle.has(fmt.onnx_name(graph)):
-            found.append(("onnxruntime", precision))
-            if openvino_available():
-                found.append(("openvino", precision))
-        if bundle.has(fmt.engine_name(graph)) and tensorrt_available():
-            found.append(("tensorrt", precision))
-    return found
+    """(backend, precision) for every file of ``graph`` in the bundle whose backend is installed here, by
+    precision, then by backend name: each registered backend on each file of the kind it runs. (Installed,
+    not probed: ``open_*`` probes.)"""
+    return [
+        (spec.name, precision)
+        for precision in FORMATS
+        for spec in registry.backends()
+        if precision in spec.precisions and bundle.has(spec.file_name(graph, precision)) and spec.available()
+    ]

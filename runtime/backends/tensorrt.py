@@ -25,6 +25,8 @@ from cxr.runtime.backends.base import (
     pad_rows,
     z_columns,
 )
+from cxr.runtime.backends.registry import ENGINE, BackendSpec, register
+from cxr.runtime.card import ENGINE_LABEL
 from cxr.runtime.engine_sidecar import check_sidecar, read_sidecar
 from cxr.runtime.errors import CxrError
 from cxr.runtime.optional import require
@@ -263,3 +265,19 @@ class TrtExplainer(ExplainerBackend):
 
     def close(self) -> None:
         self.engine.close()
+
+
+register(
+    BackendSpec(
+        name="tensorrt",
+        title="TensorRT/cuda-python",
+        runs=ENGINE,
+        device="cuda",
+        rank=10,
+        classifier=TrtBackend,
+        explainer=TrtExplainer,
+        available=lambda: tensorrt_available(),  # looked up when called: tests stand a fake TensorRT in
+        requires="tensorrt",
+        parity_prefix=ENGINE_LABEL,
+    )
+)

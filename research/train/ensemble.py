@@ -3,7 +3,7 @@ optionally a horizontally flipped view), then scores each run and the average ag
 with the project's paired bootstrap. A probe for issue 15, not a feature: a deployed ensemble costs one
 network per member.
 
-Usage (repository root): python ensemble.py ../shared/data/cxr4-train RUN [RUN ...]
+Usage (repository root): python -m research.train.ensemble ../shared/data/cxr4-train RUN [RUN ...]
 """
 
 import json

@@ -2,7 +2,8 @@
 
 Forms: NNCF on the ONNX graph with unsigned activations (NNCF's own) or signed (what cxr-export ships, for
 TensorRT), each with the first layer's or every layer's overflow fix; and NNCF on OpenVINO's own IR.
-Usage: python ov_int8.py BUNDLE/model.onnx OUT_DIR [ROUNDS]  (calibration: 48 images of ../shared cxr4-dev)
+Usage (repository root): python -m research.int8.ov_int8 BUNDLE/model.onnx OUT_DIR [ROUNDS]
+(calibration: 48 images of ../shared cxr4-dev)
 """
 
 import glob

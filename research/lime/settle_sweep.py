@@ -15,7 +15,7 @@ Tune on images other than those the fidelity benchmark reports on. The sweep rep
 budget's, which the fp32 reference map is drawn from. Paired rows (``--samples auto``'s default) settle
 sooner under the same rule; ``cxr-bench lime --fidelity --sampler`` measures both.
 
-    python -m cxr.bench.settle_sweep BUNDLE IMAGES... --precision int8 --tapes tapes/ --out sweep.json
+    python -m research.lime.settle_sweep BUNDLE IMAGES... --precision int8 --tapes tapes/ --out sweep.json
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def open_tape(tapes: Path, image: Path) -> tuple[dict[str, np.ndarray], dict[str
     """The sweep's tape of ``image`` in ``tapes`` and its settings; a clear error when there is none."""
     taped = read_tape(tapes / tape_name(str(image)))
     if taped is None:
-        raise CxrError(f"{image}: no tape in {tapes}; run cxr.bench.settle_sweep --tapes {tapes} first")
+        raise CxrError(f"{image}: no tape in {tapes}; run research.lime.settle_sweep --tapes {tapes} first")
     return taped, json.loads(str(taped["settings"]))
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import read_tape, tape_name, tape_reference
 from cxr.runtime.explain import lime_fit
 from cxr.runtime.settle import Settling
+
+from research.lime.settle_sweep import read_tape, tape_name, tape_reference
 
 tapes = Path(sys.argv[1])
 folder = Path(sys.argv[4])

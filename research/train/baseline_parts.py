@@ -1,6 +1,6 @@
 """Which image statistics carry the shortcut baseline, per feature group (seed-0 patient-disjoint split).
 
-Usage: python baseline_parts.py ../shared/data/cxr4-train
+Usage (repository root): python -m research.train.baseline_parts ../shared/data/cxr4-train
 """
 
 import sys

@@ -1,8 +1,8 @@
 """How much of a low-precision LIME map is the precision's own error, and can a few fp32 rows correct it?
 
-    python -m cxr.bench.lime_noise BUNDLE IMAGES... --tapes DIR --fp32-rows 160 --out noise.json
+    python -m research.lime.lime_noise BUNDLE IMAGES... --tapes DIR --fp32-rows 160 --out noise.json
 
-Reads the tapes that ``python -m cxr.bench.settle_sweep --tapes DIR`` kept (the low-precision explainer's
+Reads the tapes that ``python -m research.lime.settle_sweep --tapes DIR`` kept (the low-precision explainer's
 answer to each of the fixed budget's rows, and the fp32 fixed-budget map), runs the fp32 explainer on the
 first ``fp32-rows`` of the same rows, and reports per image:
 
@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import open_tape, tape_reference
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
@@ -36,6 +35,8 @@ from cxr.runtime.explain import ExplainConfig, lime_fit
 from cxr.runtime.inputs import expand_inputs
 from cxr.runtime.safe_io import atomic_write
 from cxr.runtime.segment import segment, segment_means
+
+from research.lime.settle_sweep import open_tape, tape_reference
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,15 @@
-"""``python -m cxr.bench.gpu_summary OUT``: the headline numbers of ``gpu_check.sh`` in one ``summary.json``.
+"""``python -m research.gpu.gpu_summary OUT``: the headline numbers of ``gpu_check.sh`` in one
+``summary.json``.
 
-Every figure is read from a file the same run wrote (lime.json, latency_*.json, parity_gpu.json, the predict
-records, steps.txt); a step that failed leaves its keys null, never a guess.
-"""
+Every figure is read from a file the same run wrote (lime.json, latency_*.json, parity_gpu.json,
+predict_explain.json, steps.txt); a step that failed leaves its keys null, never a guess."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import re
-import sys
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 
 def _read(path: Path) -> Any:
@@ -27,46 +24,6 @@ def _steps(out: Path) -> dict[str, dict[str, int]]:
             name, rc, seconds = line.split()
             steps[name] = {"rc": int(rc.removeprefix("rc=")), "seconds": int(seconds.removesuffix("s"))}
     return steps
-
-
-def predict_explain_timing(records_path: Path) -> dict[str, Any] | None:
-    """Per image after the first: explanation + overlay time of ``predict --explain`` (from its own
-    records)."""
-    if not records_path.is_file():
-        return None
-    records = [json.loads(line) for line in records_path.read_text().splitlines() if line.strip()]
-    explained = [r for r in records if r.get("explanation")]
-    if len(explained) < 2:
-        return None
-    per_image = [
-        r["explanation"]["timing"]["total_s"] + r["explanation"]["timing"].get("overlay_s", 0.0)
-        for r in explained
-    ]
-    return {
-        "images": len(records),
-        "explained": len(explained),
-        "errors": sum(r["error"] is not None for r in records),
-        "first_s": per_image[0],
-        "steady_s_per_image": float(np.mean(per_image[1:])),
-        "steady_p95_s": float(np.percentile(per_image[1:], 95)),
-    }
-
-
-def predict_opening(log_path: Path) -> dict[str, float] | None:
-    """From the closing line of ``predict``: seconds from start to the first record, and to open each
-    graph."""
-    found = re.search(
-        r"first result ([\d.]+) s after start \(classifier open ([\d.]+) s(?:, explainer ([\d.]+) s)?",
-        log_path.read_text(errors="replace") if log_path.is_file() else "",
-    )
-    if not found:
-        return None
-    first, classifier, explainer = found.groups()
-    return {
-        "first_result_s": float(first),
-        "classifier_open_s": float(classifier),
-        "explainer_open_s": float(explainer) if explainer else None,
-    }
 
 
 def throughput(latency: dict[str, Any] | None, backend: str, batch: str = "64") -> float | None:
@@ -85,7 +42,7 @@ def summarise(out: Path) -> dict[str, Any]:
     parity = _read(out / "parity_gpu.json")
     fit = _read(out / "run" / "metrics.json")
     ours = lime.get("ours", {})
-    predict = predict_explain_timing(out / "predict_explain_fp16.jsonl")
+    predict = _read(out / "predict_explain.json") or {}  # research.gpu.predict_explain: run_predict's values
     steps = _steps(out)
     env = (lime or latency or {}).get("environment", {})
     summary = {
@@ -97,8 +54,8 @@ def summarise(out: Path) -> dict[str, Any]:
         "captum_lime_s_per_image": lime.get("captum", {}).get("steady_s_per_image"),
         "speedup_vs_captum": lime.get("speedup_vs_captum"),
         "stock_lime_s_per_image": lime.get("stock_lime", {}).get("total_s"),
-        "predict_explain_fp16": predict,
-        "predict_explain_fp16_opening": predict_opening(out / "predict_explain.log"),
+        "predict_explain_fp16": predict.get("timing"),
+        "predict_explain_fp16_opening": predict.get("opening"),
         "predict_explain_fp16_step_s": steps.get("predict_explain", {}).get("seconds"),
         "ort_fp16_b64_img_s": throughput(latency, "onnxruntime-fp16"),
         "ort_fp32_b64_img_s": throughput(latency, "onnxruntime-fp32"),
@@ -140,9 +97,12 @@ def summarise(out: Path) -> dict[str, Any]:
     return summary
 
 
-def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
-    print(json.dumps(summarise(out), indent=2))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", type=Path, nargs="?", default=Path("."), help="gpu_check.sh's OUT_DIR")
+    print(json.dumps(summarise(parser.parse_args(argv).out), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""``python -m cxr.bench.fp16_variants BUNDLE OUT IMAGE...``: shipped fp16 graphs against the earlier export.
+"""``python -m research.gpu.fp16_variants BUNDLE OUT IMAGE...``: shipped fp16 graphs against the earlier
+export.
 
 Earlier exports kept every SE gate's spatial mean as an fp32 ReduceMean, with a Cast pair around it; the
 shipped ones pool it in fp16 (``export/fp16.py``). Both are measured in one process on the same GPU: the
@@ -10,20 +11,20 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cxr.bench.explain_variants import timed_explanations
 from cxr.bench.latency import measure as classifier_latency
 from cxr.export.fp16 import convert_fp16, probe_feeds
 from cxr.runtime.backends.onnxruntime import OrtBackend, OrtExplainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import warm_host
 from cxr.runtime.preprocess import load_and_preprocess
+
+from research.gpu.explain_variants import bundle_out_images, timed_explanations
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ def compare(bundle: Bundle, scratch: Path, images: list[np.ndarray]) -> dict[str
     return results
 
 
-def main() -> None:
-    bundle_dir, out, *paths = sys.argv[1:]
+def main(argv: list[str] | None = None) -> None:
+    bundle_dir, out, paths = bundle_out_images(__doc__, argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bundle = Bundle.open(bundle_dir)
     out_dir = Path(out)

@@ -1,5 +1,5 @@
-"""``python -m cxr.bench.ov_streams BUNDLE IMAGE [SAMPLES] [REPEATS]``: the OpenVINO explainer with one stream
-against parallel streams, interleaved in one process on one real image.
+"""``python -m research.lime.ov_streams BUNDLE IMAGE [SAMPLES] [REPEATS]``: the OpenVINO explainer with one
+stream against parallel streams, interleaved in one process on one real image.
 
 The host's speed drifts by ±20 % over minutes, so the two settings alternate and the medians are compared: the
 evidence behind ``explain_streams`` in ``runtime/backends/openvino.py``.
@@ -7,8 +7,8 @@ evidence behind ``explain_streams`` in ``runtime/backends/openvino.py``.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -53,7 +53,17 @@ def compare_streams(bundle_dir: Path, image_path: Path, samples: int = 320, repe
     }
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("image", type=Path)
+    parser.add_argument("samples", nargs="?", type=int, default=320)
+    parser.add_argument("repeats", nargs="?", type=int, default=3)
+    args = parser.parse_args(argv)
+    print(json.dumps(compare_streams(args.bundle, args.image, args.samples, args.repeats), indent=2))
+
+
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    result = compare_streams(Path(arguments[0]), Path(arguments[1]), *(int(a) for a in arguments[2:4]))
-    print(json.dumps(result, indent=2))
+    main()

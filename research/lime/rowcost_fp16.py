@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 from cxr.bench.lime_bench import load_images
-from cxr.bench.settle_sweep import read_tape, tape_name
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import ExplainConfig
 from cxr.runtime.segment import segment, segment_means
+
+from research.lime.settle_sweep import read_tape, tape_name
 
 bundle = Bundle.open(Path(sys.argv[1]))
 image_path = Path(sys.argv[2])

@@ -1,18 +1,18 @@
 """Paired against plain LIME rows, scored on rows the reference map never saw.
 
-    python -m cxr.bench.sampler_compare BUNDLE IMAGES... --tapes DIR --rows 400 --seed 1 --out compare.json
+    python -m research.lime.sampler_compare BUNDLE IMAGES... --tapes DIR --rows 400 --seed 1 --out c.json
 
-The reference is each image's fp32 fixed-budget map kept by ``python -m cxr.bench.settle_sweep --tapes DIR``
-(lime's plain rows at the sweep's seed). Here the fp32 explainer answers ``--rows`` plain rows and ``--rows``
-paired rows (``runtime/explain.py``), both drawn at ``--seed``: another seed, so neither shares a row with the
-reference (a prefix of the reference's own pass would flatter every stop). Per sampler, it reports
+The reference is each image's fp32 fixed-budget map kept by ``python -m research.lime.settle_sweep --tapes
+DIR`` (lime's plain rows at the sweep's seed). Here the fp32 explainer answers ``--rows`` plain rows and
+``--rows`` paired rows (``runtime/explain.py``), both drawn at ``--seed``: another seed, so neither shares a
+row with the reference (a prefix of the reference's own pass would flatter every stop). Per sampler, it
+reports
 
 - the map on the first n rows (every 50) against the reference: top-5 overlap and Spearman;
 - each stopping rule replayed on those rows through ``explain_image`` itself (a tape, as the sweep replays),
   capped at ``--rows``: where it stops and its top-5 overlap.
 
-The table and ``<out>.png`` (overlap and Spearman against rows, per sampler) are written after every image.
-"""
+The table and ``<out>.png`` (overlap and Spearman against rows, per sampler) are written after every image."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import Rule, Tape, open_tape, replay_stop, tape_reference
 from cxr.runtime.backends.base import ExplainerBackend
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
@@ -34,6 +33,8 @@ from cxr.runtime.explain import SAMPLERS, ExplainConfig, explain_image, lime_fit
 from cxr.runtime.inputs import expand_inputs
 from cxr.runtime.safe_io import atomic_write
 from cxr.runtime.settle import SPREAD_BOUND
+
+from research.lime.settle_sweep import Rule, Tape, open_tape, replay_stop, tape_reference
 
 log = logging.getLogger(__name__)
 

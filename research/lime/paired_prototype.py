@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 from cxr.bench.lime_bench import load_images
 from cxr.bench.lime_fidelity import compare_weights
-from cxr.bench.settle_sweep import read_tape, tape_name, tape_reference
 from cxr.runtime.backends.select import open_explainer
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.explain import ExplainConfig, lime_fit, sample_rows
 from cxr.runtime.segment import segment, segment_means
+
+from research.lime.settle_sweep import read_tape, tape_name, tape_reference
 
 bundle = Bundle.open(Path(sys.argv[1]))
 paths = [Path(p) for p in Path(sys.argv[2]).read_text().split()]

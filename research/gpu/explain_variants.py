@@ -1,5 +1,5 @@
-"""``python -m cxr.bench.explain_variants BUNDLE OUT IMAGE...``: the explainer's GPU settings, measured side
-by side.
+"""``python -m research.gpu.explain_variants BUNDLE OUT IMAGE...``: the explainer's GPU settings, measured
+side by side.
 
 Batch size and convolution layout (NCHW / NHWC) of the ONNX Runtime CUDA explainer, per precision, on the same
 images in one process: the evidence behind the defaults in ``runtime/backends/onnxruntime.py``.
@@ -7,9 +7,9 @@ images in one process: the evidence behind the defaults in ``runtime/backends/on
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,18 @@ def measure(
         }
 
 
-def main() -> None:
-    bundle_dir, out, *paths = sys.argv[1:]
+def bundle_out_images(doc: str, argv: list[str] | None) -> tuple[Path, Path, list[Path]]:
+    """BUNDLE OUT IMAGE...: the arguments of the GPU scripts that time a bundle on a few images."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("images", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    return args.bundle, args.out, args.images
+
+
+def main(argv: list[str] | None = None) -> None:
+    bundle_dir, out, paths = bundle_out_images(__doc__, argv)
     bundle = Bundle.open(bundle_dir)
     images = [
         load_and_preprocess(Path(p), bundle.card.input.size, pre=bundle.card.preprocessing) for p in paths

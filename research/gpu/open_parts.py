@@ -1,7 +1,7 @@
 """Where the explainer's open goes, in a fresh process (run on the H100 in session 8, once per variant):
-``python open_parts.py default|heuristic|nograph BUNDLE BATCH IMAGE`` prints import, session and warm-up
-seconds, then the first and steady explanation (1000 samples). The host was not warmed up in this probe, so
-its first explanation carries the skimage/lime/sklearn imports."""
+``python -m research.gpu.open_parts default|heuristic|nograph BUNDLE BATCH IMAGE`` prints import, session and
+warm-up seconds, then the first and steady explanation (1000 samples). The host was not warmed up in this
+probe, so its first explanation carries the skimage/lime/sklearn imports."""
 
 import json
 import sys
@@ -12,11 +12,12 @@ started = time.perf_counter()
 import onnxruntime  # noqa: E402, F401  (timed: the import is part of the open)
 
 imported = time.perf_counter()
-from cxr.bench.explain_variants import timed_explanations  # noqa: E402
 from cxr.runtime.backends.onnxruntime import CudaOptions, OrtExplainer  # noqa: E402
 from cxr.runtime.bundle import Bundle  # noqa: E402
 from cxr.runtime.explain import ExplainConfig  # noqa: E402
 from cxr.runtime.preprocess import load_and_preprocess  # noqa: E402
+
+from research.gpu.explain_variants import timed_explanations  # noqa: E402
 
 variant, bundle_dir, batch, image_path = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 options = {

@@ -1,5 +1,5 @@
-"""``python -m cxr.bench.cold_start BUNDLE OUT IMAGE [VARIANTS] [ROUNDS]``: the first explanation in a fresh
-process, per explainer precision and batch.
+"""``python -m research.gpu.cold_start BUNDLE OUT IMAGE [VARIANTS] [ROUNDS]`` (repository root): the first
+explanation in a fresh process, per explainer precision and batch.
 
 What a user waits for before the first map: interpreter start, imports, CUDA and cuDNN loading, the session,
 the warm-up (cuDNN's exhaustive search runs once per shape, and costs more at a larger batch) and one
@@ -11,6 +11,7 @@ process gives the steady time. VARIANTS: ``fp16:256:heuristic,fp16:256,fp16:128,
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cxr.runtime.errors import CxrUsageError
 
 DEFAULT_VARIANTS = "fp16:256:heuristic,fp16:256,fp16:128,fp32:256"
 MARK = "cold-start-result "
+REPO = Path(__file__).resolve().parents[2]  # the child runs as ``-m research.gpu.cold_start`` from here
 
 
 def child(
@@ -37,11 +40,12 @@ def child(
     """Runs inside the fresh process: open, warm up and explain the image twice. ``launched``: the parent's
     wall clock when it started this process."""
     started = time.perf_counter()
-    from cxr.bench.explain_variants import timed_explanations
     from cxr.runtime.backends.onnxruntime import EXPLAINER_CUDA, OrtExplainer
     from cxr.runtime.bundle import Bundle
     from cxr.runtime.explain import ExplainConfig, warm_host_beside
     from cxr.runtime.preprocess import load_and_preprocess
+
+    from research.gpu.explain_variants import timed_explanations
 
     bundle = Bundle.open(Path(bundle_dir))
     image = load_and_preprocess(Path(image_path), bundle.card.input.size, pre=bundle.card.preprocessing)
@@ -75,10 +79,11 @@ def run_variant(
     """One fresh process; ``first_image_s`` is from its launch to the first map."""
     arguments = [str(bundle), str(image), precision, str(batch), str(samples), repr(time.time()), search]
     done = subprocess.run(
-        [sys.executable, "-m", "cxr.bench.cold_start", "--child", *arguments],
+        [sys.executable, "-m", "research.gpu.cold_start", "--child", *arguments],
         capture_output=True,
         text=True,
         check=False,
+        cwd=REPO,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
     if done.returncode or not lines:
@@ -92,15 +97,13 @@ def parse_variant(text: str) -> tuple[str, str, int, str]:
     parts = text.strip().split(":")
     search = parts[2].lower() if len(parts) == 3 else "exhaustive"
     if len(parts) not in (2, 3) or not parts[1].isdigit() or search not in ("exhaustive", "heuristic"):
-        raise SystemExit(
-            f"error: variant {text!r}: write precision:batch[:exhaustive|heuristic], e.g. fp16:256"
-        )
+        raise CxrUsageError(f"variant {text!r}: write precision:batch[:exhaustive|heuristic], e.g. fp16:256")
     return text.strip(), parts[0], int(parts[1]), search
 
 
 def cold_start(
     bundle: Path, image: Path, variants: str = DEFAULT_VARIANTS, rounds: int = 2, samples: int = 1000
-):
+) -> dict[str, Any]:
     """Every variant ``rounds`` times, in forward then reverse order; medians per variant."""
     parsed = [parse_variant(v) for v in variants.split(",")]
     runs: dict[str, list[dict[str, Any]]] = {key: [] for key, *_ in parsed}
@@ -120,25 +123,42 @@ def cold_start(
     return {"image": str(image), "samples": samples, "rounds": rounds, "variants": summary}
 
 
-def main() -> None:
-    arguments = sys.argv[1:]
-    if arguments[0] == "--child":
+def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["--child"]:  # the fresh process run_variant starts
         bundle, image, precision, batch, samples, launched, search = arguments[1:]
         result = child(bundle, image, precision, int(batch), int(samples), float(launched), search)
         print(MARK + json.dumps(result))
         return
-    bundle, out, image, *rest = arguments
-    result = cold_start(Path(bundle), Path(image), *(rest[:1] or [DEFAULT_VARIANTS]), *map(int, rest[1:2]))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("image", type=Path)
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help="precision:batch[:search],...")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(arguments)
+    try:
+        result = cold_start(args.bundle, args.image, args.variants, args.rounds)
+    except CxrUsageError as exc:
+        parser.error(str(exc))
+    print(format_cold_start(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cold_start.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def format_cold_start(result: dict[str, Any]) -> str:
+    lines = []
     for key, value in result["variants"].items():
         if value["median_first_image_s"] is None:
-            print(f"{key:>18}: failed: {value['runs'][0].get('error')}")
+            lines.append(f"{key:>18}: failed: {value['runs'][0].get('error')}")
             continue
-        print(
+        lines.append(
             f"{key:>18}: first image {value['median_first_image_s']:.2f} s after launch (open "
             f"{value['median_open_s']:.2f} s), then {value['median_steady_s']:.3f} s per image"
         )
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "cold_start.json").write_text(json.dumps(result, indent=2) + "\n")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
