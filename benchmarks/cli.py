@@ -260,9 +260,29 @@ def ood(
 ) -> None:
     """AUROC and share flagged of the gate per kind of non-chest image (photographs, documents, textures,
     CT/MR/US frames, other anatomy, rotated films) against the run's validation films, and its cost."""
-    from cxr.bench.ood import run_ood
+    from cxr.bench.ood import markdown, run_ood
 
-    run_ood(model, run, data, out, compare, seed)
+    print(markdown(run_ood(model, run, data, out, compare, seed)), end="")
+
+
+@app.command()
+def pipeline(
+    model: Path = typer.Option(..., "--model", help="Model bundle folder."),
+    inputs: List[str] = typer.Argument(..., help="Images, folders or globs (mixed sizes make the point)."),
+    backend: str = typer.Option("auto", help="The backend for both measurements."),
+    precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
+    batch_size: int = typer.Option(16, help="Images per backend call, for both."),
+    workers: str = typer.Option("1,2", help="Reading-thread counts to measure predict with."),
+    limit: Optional[int] = typer.Option(None, help="Use at most this many images."),
+    out: Path = typer.Option(Path("bench-results/pipeline"), "--out", help="Folder for pipeline.json/.md."),
+) -> None:
+    """End-to-end img/s of predict on a folder against the backend alone at the same batch, in one run,
+    with the time per stage (decode, preprocess, infer, write)."""
+    from cxr.bench.pipeline import markdown, run_pipeline
+
+    counts = tuple(parse_int_list(workers, "--workers"))
+    report = run_pipeline(model, inputs, out, backend, precision, batch_size, counts, limit)
+    print(markdown(report), end="")
 
 
 @app.command()

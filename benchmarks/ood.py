@@ -39,7 +39,7 @@ CANDIDATES = {  # name -> gate parts ("msp": the maximum softmax probability, no
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Encoded:
     """Probabilities, features and image statistics of a list of images (unreadable ones left out)."""
 
@@ -265,5 +265,4 @@ def run_ood(
             report["comparison"] = compare_methods(train, labels, val, kinds, gate, gate.keep)
     (out / "ood.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "ood.md").write_text(markdown(report))
-    log.info(markdown(report))
     return report

@@ -227,7 +227,8 @@ def _write_int8(
     from cxr.export.compose import explainer_from_classifier
     from cxr.export.int8_tune import tune
     from cxr.export.known import record_known_answers
-    from cxr.runtime.card import forget_parity, record_files
+    from cxr.runtime.bundle import onnx_name
+    from cxr.runtime.card import file_parity_label, forget_parity, record_files
 
     size, pre = opened.card.input.size, opened.card.preprocessing
     drawn = samples + (check if check_data is None else 0)
@@ -247,7 +248,7 @@ def _write_int8(
             f"{source}; int8 needs at least 8 held-out images to choose the calibration by measurement "
             "(or --check 0 to skip choosing)"
         )
-    src, dst = opened.verified("model.onnx"), opened.folder / "model.int8.onnx"
+    src, dst = opened.verified(onnx_name("model", "fp32")), opened.folder / onnx_name("model", "int8")
     feeds = classifier_feeds(calib_images)
     if check_images:
         log(
@@ -266,21 +267,21 @@ def _write_int8(
         }
     else:
         model_notes = quantize_int8(src, dst, feeds, methods[0])
-    written, notes = ["model.int8.onnx"], {"model": model_notes}
-    if opened.has("explain.onnx"):
-        explainer_from_classifier(dst, opened.folder / "explain.int8.onnx", size)
+    written, notes = [dst.name], {"model": model_notes}
+    if opened.has(onnx_name("explain", "fp32")):
+        explainer_from_classifier(dst, opened.folder / onnx_name("explain", "int8"), size)
         notes["explain"] = {
-            "graph": "model.int8.onnx behind the in-graph LIME composer (cxr.export.compose)",
+            "graph": f"{dst.name} behind the in-graph LIME composer (cxr.export.compose)",
             "calibration": model_notes["calibration"],
         }
-        written.append("explain.int8.onnx")
+        written.append(onnx_name("explain", "int8"))
     from cxr.export.int8_tune import cpu_speed
 
     speed = cpu_speed(src, dst, np.ascontiguousarray(calib_images[0][None, None]))
     notes["speed_cpu"] = speed
     provenance = {**opened.card.provenance, "int8": {**notes, "images": len(calib_images)}}
     card = record_known_answers(opened.folder, opened.card.replace(provenance=provenance), written)
-    record_files(opened.folder, forget_parity(card, ["int8"]), written)
+    record_files(opened.folder, forget_parity(card, [file_parity_label("int8")]), written)
     return written, notes
 
 

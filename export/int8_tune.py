@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 FASTER_RATIO = 0.7  # int8 b1 p50 must be at most this share of fp32 to be called worth having
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trial:
     """One quantised graph: how it was made and how well it agrees with fp32 on the check images."""
 
@@ -40,7 +40,7 @@ class Trial:
     max_abs_dprob: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TuneResult:
     method: str
     reduce_range: bool
@@ -143,14 +143,29 @@ def tune(
             for reduce in (False, True):
                 path = candidates[method, reduce] = Path(tmp) / f"{method}{'-7bit' if reduce else ''}.onnx"
                 quantize(src, path, calib, method, [], caches[method], reduce)
-                trials.append(Trial(method, reduce, [], *score(path, reference, check)))
+                agreement, dprob = score(path, reference, check)
+                trials.append(
+                    Trial(
+                        method=method,
+                        reduce_range=reduce,
+                        excluded=[],
+                        agreement=agreement,
+                        max_abs_dprob=dprob,
+                    )
+                )
                 log(
                     f"  {method}{', 7-bit weights' if reduce else ''}: agreement {trials[-1].agreement:.3f} "
                     f"on {len(reference)} held-out images"
                 )
         best = max(trials, key=lambda t: (t.agreement, -t.max_abs_dprob, not t.reduce_range))
         chosen = candidates[best.method, best.reduce_range]
-        result = TuneResult(best.method, best.reduce_range, [], best.agreement, trials)
+        result = TuneResult(
+            method=best.method,
+            reduce_range=best.reduce_range,
+            excluded=[],
+            agreement=best.agreement,
+            trials=trials,
+        )
         ranked = ranking_graph(trials, candidates, best)
         if best.agreement < target and ranked is None:
             log("  no ONNX Runtime candidate to rank tensors by: nothing kept in float")
@@ -165,7 +180,14 @@ def tune(
                 quantize(
                     src, trial_path, calib, best.method, excluded, caches[best.method], best.reduce_range
                 )
-                trial = Trial(best.method, best.reduce_range, excluded, *score(trial_path, reference, check))
+                agreement, dprob = score(trial_path, reference, check)
+                trial = Trial(
+                    method=best.method,
+                    reduce_range=best.reduce_range,
+                    excluded=excluded,
+                    agreement=agreement,
+                    max_abs_dprob=dprob,
+                )
                 trials.append(trial)
                 log(
                     f"  {best.method}, {count} most sensitive tensor(s) kept in float ({len(excluded)} "

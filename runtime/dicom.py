@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 from cxr.runtime.card import DICOM_WINDOWS
 from cxr.runtime.errors import CxrError, one_line
+from cxr.runtime.optional import install_hint
 
 DEFLATED_SYNTAX = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: zlib over the whole dataset
 RADIOGRAPH_MODALITIES = {"CR", "DX"}
@@ -299,7 +300,7 @@ def _decode_failure(ds: Any, exc: Exception) -> str:
     except Exception:  # pydicom raises for a UID it does not know as a transfer syntax
         compressed = False
     if compressed and not tried and "plugin" in text.lower():
-        return f"no decoder here for DICOM transfer syntax {name}: pip install 'cxr-edge[dicom]'"
+        return f"no decoder here for DICOM transfer syntax {name}: {install_hint('pylibjpeg')}"
     return (
         f"cannot decode DICOM pixel data (transfer syntax {name}; corrupt or unsupported): "
         f"{type(exc).__name__}: {text[:160]}"

@@ -61,7 +61,7 @@ def csv_row(record: dict[str, Any], classes: tuple[str, ...]) -> dict[str, Any]:
     return {key: csv_cell(value) for key, value in row.items()}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OutputPlan:
     """What ``--out`` will be, decided before any work: its format, and the inputs a resume skips."""
 
@@ -90,38 +90,14 @@ def plan_output(
     if target is None:
         if resume:
             raise CxrUsageError("--resume needs --out (the file whose records it continues)")
-        return OutputPlan(None)
-    if target.is_dir():
-        raise CxrUsageError(f"--out {record_path(target)} is a folder; name a file (e.g. results.jsonl)")
-    suffix = target.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise CxrUsageError(f"--out must end in .jsonl or .csv, got {record_path(target.name)!r}")
-    plan = OutputPlan(target, SUFFIXES[suffix], resume, overwrite)
-    parent = target.parent
-    if not parent.is_dir():
-        raise CxrUsageError(f"--out: folder {record_path(parent)} does not exist or cannot be reached")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CxrUsageError(f"--out: folder {record_path(parent)} is not writable")
-    if target.is_symlink() and not target.exists():
-        raise CxrUsageError(f"--out {record_path(target)} is a symbolic link to nothing; name a file")
+        return OutputPlan(target=None)
+    plan = OutputPlan(target=target, format=_format_of(target), resume=resume, overwrite=overwrite)
+    _check_folder(target)
     try:
         existing = os.stat(target)
     except FileNotFoundError:
         return plan  # a resume of a run that never wrote a record starts it
-    if stat.S_ISDIR(existing.st_mode):
-        raise CxrUsageError(f"--out {record_path(target)} is a folder; name a file (e.g. results.jsonl)")
-    if not stat.S_ISREG(existing.st_mode):
-        raise CxrUsageError(f"--out {record_path(target)} is not a regular file")
-    for path in inputs:
-        try:
-            if _same_file(existing, os.stat(path)):
-                raise CxrUsageError(
-                    f"--out {record_path(target)} is one of the inputs: results would replace that film"
-                )
-        except OSError:
-            continue
-    if not os.access(target, os.W_OK):
-        raise CxrUsageError(f"--out {record_path(target)} is not writable")
+    _check_existing(target, existing, inputs)
     if resume:
         plan.recorded = recorded_inputs(target, plan.format, digest)
     elif not overwrite:
@@ -130,6 +106,45 @@ def plan_output(
             "--overwrite replaces it"
         )
     return plan
+
+
+def _format_of(target: Path) -> str:
+    if target.is_dir():
+        raise CxrUsageError(f"--out {record_path(target)} is a folder; name a file (e.g. results.jsonl)")
+    suffix = target.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise CxrUsageError(f"--out must end in .jsonl or .csv, got {record_path(target.name)!r}")
+    return SUFFIXES[suffix]
+
+
+def _check_folder(target: Path) -> None:
+    """The folder must be there and writable; a link to nothing is no file to write."""
+    parent = target.parent
+    if not parent.is_dir():
+        raise CxrUsageError(f"--out: folder {record_path(parent)} does not exist or cannot be reached")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CxrUsageError(f"--out: folder {record_path(parent)} is not writable")
+    if target.is_symlink() and not target.exists():
+        raise CxrUsageError(f"--out {record_path(target)} is a symbolic link to nothing; name a file")
+
+
+def _check_existing(target: Path, existing: os.stat_result, inputs: list[Path]) -> None:
+    """An existing ``--out``: a regular file we may write that is none of the inputs."""
+    if stat.S_ISDIR(existing.st_mode):
+        raise CxrUsageError(f"--out {record_path(target)} is a folder; name a file (e.g. results.jsonl)")
+    if not stat.S_ISREG(existing.st_mode):
+        raise CxrUsageError(f"--out {record_path(target)} is not a regular file")
+    for path in inputs:
+        try:
+            same = _same_file(existing, os.stat(path))
+        except OSError:
+            continue
+        if same:
+            raise CxrUsageError(
+                f"--out {record_path(target)} is one of the inputs: results would replace that film"
+            )
+    if not os.access(target, os.W_OK):
+        raise CxrUsageError(f"--out {record_path(target)} is not writable")
 
 
 def recorded_inputs(target: Path, kind: str, digest: str) -> set[str]:

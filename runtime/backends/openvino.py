@@ -9,7 +9,7 @@ classifier per power-of-two batch bucket, the explainer for its one padded LIME 
 
 The explainer's batch is split over parallel OpenVINO streams (throughput mode): on the 2-core EPYC, a
 dpn92_se explanation with 2 streams took 0.86x the time of one 2-thread stream, same weights, interleaved in
-one process (``benchmarks/ov_streams.py``, ``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224``).
+one process (``research/lime/ov_streams.py``, ``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224``).
 The classifier keeps latency mode: one image at a time is what a bedside request needs.
 
 Parallel streams must give one stream's numbers. On the 2-core AVX2 EPYC (no VNNI, OpenVINO 2026.4), an int8
