@@ -47,7 +47,7 @@ def image_stats(gray: np.ndarray, colour: bool = False) -> np.ndarray:
     thinned = gray[::step, ::step]
     small = cv2.resize(thinned, (STATS_SIDE, STATS_SIDE), interpolation=cv2.INTER_AREA)
     small = small.astype(np.float32) / 255
-    hist = np.histogram(small, bins=16, range=(0.0, 1.0))[0] / small.size
+    hist = np.bincount(np.minimum((small * 16).astype(np.int64).ravel(), 15), minlength=16) / small.size
     dx, dy = np.diff(small, axis=1), np.diff(small, axis=0)
     edges = float(np.mean(np.abs(dx))) + float(np.mean(np.abs(dy)))
     mirrored = small[:, ::-1]
@@ -97,7 +97,7 @@ class GaussianPart:
         distances = []
         for centre in self.class_means:
             d = z - centre
-            distances.append(np.einsum("ij,jk,ik->i", d, self.precision, d))
+            distances.append(np.sum((d @ self.precision) * d, axis=1))  # BLAS: einsum's 3-operand form is not
         score = np.min(np.stack(distances, axis=1), axis=1)
         if self.residual_scale > 0:
             residual = np.sum((x - z @ self.components) ** 2, axis=1)
