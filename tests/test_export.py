@@ -273,9 +273,9 @@ def test_sensitivity_is_ranked_on_an_ort_graph_when_nncf_wins(tmp_path):
     from cxr.export.int8_tune import Trial, ranking_graph
 
     trials = [
-        Trial("minmax", False, [], 0.90, 0.2),
-        Trial("percentile", True, [], 0.95, 0.1),
-        Trial("nncf", False, [], 0.97, 0.1),
+        Trial(method="minmax", reduce_range=False, excluded=[], agreement=0.90, max_abs_dprob=0.2),
+        Trial(method="percentile", reduce_range=True, excluded=[], agreement=0.95, max_abs_dprob=0.1),
+        Trial(method="nncf", reduce_range=False, excluded=[], agreement=0.97, max_abs_dprob=0.1),
     ]
     paths = {(t.method, t.reduce_range): tmp_path / f"{t.method}{t.reduce_range}.onnx" for t in trials}
     assert ranking_graph(trials, paths, trials[1]) == paths["percentile", True]
