@@ -177,7 +177,7 @@ def parity(
     bundle: Path = typer.Argument(..., help="Bundle folder."),
     data: Path = typer.Argument(..., help="Labelled ImageFolder."),
     backends: str = typer.Option(
-        "onnx,fp16,int8,engine",
+        "onnx,fp16,int8,engine,openvino-bf16",
         help=f"Any of {', '.join(parity_choices())}: an ONNX graph on ONNX Runtime, or every file another "
         "backend runs.",
     ),
@@ -187,14 +187,15 @@ def parity(
     ),
     fp32_max_dprob: float = typer.Option(FORMATS["fp32"].parity.max_abs_dprob, help="fp32: max |dprob|."),
     fp16_agreement: float = typer.Option(
-        FORMATS["fp16"].parity.min_agreement, help="fp16: the agreement the flip rate is tested against."
+        FORMATS["fp16"].parity.min_agreement,
+        help="fp16 and bf16: the agreement the flip rate is tested against.",
     ),
     int8_agreement: float = typer.Option(
         FORMATS["int8"].parity.min_agreement, help="int8: the agreement the flip rate is tested against."
     ),
     alpha: float = typer.Option(
         FORMATS["fp16"].parity.alpha,
-        help="fp16/int8: significance of the flip-rate and per-class McNemar tests.",
+        help="fp16/int8/bf16: significance of the flip-rate and per-class McNemar tests.",
     ),
 ) -> int:
     """Compare every available backend with PyTorch on the same labelled images; exit 1 on failure."""

@@ -19,7 +19,7 @@ from cxr.runtime.backends import registry
 from cxr.runtime.backends.select import describe, open_classifier, runnable_here
 from cxr.runtime.bundle import Bundle
 from cxr.runtime.card import record_files
-from cxr.runtime.cpu_features import cpu_int8_features
+from cxr.runtime.cpu_features import cpu_bf16_features, cpu_int8_features
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.formats import FORMATS, ParityRule
 from cxr.runtime.metrics import classification_report
@@ -44,6 +44,7 @@ def parity_rules(
         "fp32": ParityRule(1.0, max_abs_dprob=fp32_max_dprob),
         "fp16": ParityRule(fp16_agreement, alpha=alpha),
         "int8": ParityRule(int8_agreement, alpha=alpha),
+        "bf16": ParityRule(fp16_agreement, alpha=alpha),  # a 16-bit float: fp16's rule
     }
 
 
@@ -258,6 +259,8 @@ def _measure(
     result.update(device=backend.device, runs_on=runs_on)
     if backend.device == "cpu":  # int8 kernels, and so int8 answers, depend on the CPU's instructions
         result["cpu_int8"] = cpu_int8_features()
+    if precision == "bf16":
+        result["cpu_bf16"] = cpu_bf16_features()
     return result
 
 
@@ -271,7 +274,7 @@ def _record(bundle: Bundle, bundle_dir: Path, results: dict[str, Any], report_pa
     written = bundle.folder / REPORT_NAME if inside else Path(report_path)
     atomic_write(written, json.dumps(results, indent=2) + "\n")
     summary = {
-        label: {k: r[k] for k in (*SUMMARY_KEYS, "cpu_int8") if k in r}
+        label: {k: r[k] for k in (*SUMMARY_KEYS, "cpu_int8", "cpu_bf16") if k in r}
         for label, r in results["backends"].items()
     }
     earlier = bundle.card.parity.get("backends", {})  # results of backends not run now are kept

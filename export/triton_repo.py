@@ -20,6 +20,7 @@ from cxr.runtime.bundle import Bundle, check_precision, engine_name, onnx_name
 from cxr.runtime.card import Card
 from cxr.runtime.engine_sidecar import read_sidecar, sidecar_path
 from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.formats import FORMATS as FORMATS_TABLE
 from cxr.runtime.formats import get_format
 from cxr.runtime.optional import require
 
@@ -113,7 +114,9 @@ def choose_format(bundle: Bundle, options: RepoOptions) -> str:
 
 
 def _check_options(options: RepoOptions, fmt: str) -> None:
-    check_precision(options.precision)
+    if not get_format(check_precision(options.precision)).triton_trt_mode:
+        served = ", ".join(p for p, f in FORMATS_TABLE.items() if f.triton_trt_mode)
+        raise CxrUsageError(f"--precision {options.precision}: a Triton repository serves {served}")
     if options.kind not in KINDS:
         raise CxrUsageError(f"--kind must be one of {', '.join(KINDS)}, got {options.kind!r}")
     if options.max_batch < 1 or options.instances < 1 or options.max_queue_delay_us < 0:

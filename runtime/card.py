@@ -275,7 +275,8 @@ def _names_path(value: Any) -> bool:
 
 # The one parity label scheme (the report's keys and the card's parity.backends): each ONNX graph run by ONNX
 # Runtime has its own label; any other runner is PREFIX-precision, TensorRT engines under ENGINE_LABEL.
-PARITY_LABELS = {"fp32": "onnx", "fp16": "fp16", "int8": "int8"}
+# bf16 is OpenVINO's compute mode of the fp32 graph, so its file's result is OpenVINO's own.
+PARITY_LABELS = {"fp32": "onnx", "fp16": "fp16", "int8": "int8", "bf16": "openvino-bf16"}
 ENGINE_LABEL = "engine"
 
 

@@ -13,6 +13,7 @@ from cxr.runtime.cli_options import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_PIXELS,
     DEFAULT_QUEUE_DELAY_US,
+    PRECISION_HELP,
     AllowUnvalidated,
     BackendName,
     ExpectDigest,
@@ -40,7 +41,7 @@ def predict(
     ),
     model: Path = typer.Option(..., "--model", help="Model bundle folder (from 'cxr-export onnx')."),
     backend: BackendName = "auto",
-    precision: Optional[str] = typer.Option(None, help="fp32 (default), fp16 or int8: which graph / engine."),
+    precision: Optional[str] = typer.Option(None, help=PRECISION_HELP),
     batch_size: int = typer.Option(16, help="Images per backend call (capped by the engine profile)."),
     server: Optional[str] = typer.Option(
         None,
@@ -227,7 +228,7 @@ def serve(
     max_queue: int = typer.Option(0, help="Reject requests beyond this many queued (0: no limit)."),
     instances: Instances = 1,
     backend: BackendName = "auto",
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
     max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
     name: str = typer.Option("cxr", help="Model name (also NAME_encoded and NAME_card)."),
     log_file: Optional[Path] = typer.Option(

@@ -48,6 +48,10 @@ QueueDelayUs = Annotated[
 Instances = Annotated[int, typer.Option(help="Model instances per device (each its own backend session).")]
 # The choices and auto's order come from the backend registry: a new backend appears here by registering.
 BackendName = Annotated[str, typer.Option("--backend", help=backend_help())]
+PRECISION_HELP = (
+    "fp32 (default), fp16, int8, bf16 (OpenVINO, on CPUs with AVX512-BF16 or AMX-BF16) or auto: the fastest "
+    "this machine runs whose parity passed (on a CPU of this kind for int8)."
+)
 
 __all__ = [
     "DEFAULT_MAX_BATCH",
@@ -55,6 +59,7 @@ __all__ = [
     "DEFAULT_QUEUE_DELAY_US",
     "AllowUnvalidated",
     "BackendName",
+    "PRECISION_HELP",
     "ExpectDigest",
     "Instances",
     "MaxBatch",

@@ -14,6 +14,8 @@ from pathlib import Path
 
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 NO_INT8_DOT = "no VNNI/AMX int8 instructions"
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # what OpenVINO's CPU plugin computes bf16 with
+NO_BF16 = "no AVX512-BF16/AMX-BF16 instructions"
 VECTOR_ISAS = ("avx512f", "avx2", "sse4_2", "asimd")  # widest first
 
 
@@ -32,6 +34,24 @@ def cpu_int8_features(flags: set[str] | None = None) -> str:
         return "unknown"
     found = [flag for flag in INT8_DOT_FLAGS if flag in flags]
     return ", ".join(found) if found else NO_INT8_DOT
+
+
+def cpu_bf16_features(flags: set[str] | None = None) -> str:
+    """The CPU's bf16 instructions, or NO_BF16, or 'unknown' (not Linux: no flags to read)."""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return "unknown"
+    found = [flag for flag in BF16_FLAGS if flag in flags]
+    return ", ".join(found) if found else NO_BF16
+
+
+def bf16_refusal(flags: set[str] | None = None) -> str | None:
+    """Why bf16 cannot run on this CPU (OpenVINO would quietly compute f32 instead), or None."""
+    found = cpu_bf16_features(flags)
+    if found in (NO_BF16, "unknown"):
+        has = "unknown instructions" if found == "unknown" else found
+        return f"bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one has {has}"
+    return None
 
 
 def cpu_vector_isa(flags: set[str] | None = None) -> str:

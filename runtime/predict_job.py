@@ -414,6 +414,6 @@ def _open_server(job: PredictJob, bundle: Bundle) -> tuple[Any, str]:
     mismatch = model_mismatch(bundle.card, served)
     if mismatch:
         raise CxrError(f"server {job.server} serves another model than {bundle.folder} ({mismatch})")
-    if job.precision and job.precision != remote.precision:
+    if job.precision not in (None, "auto", remote.precision):
         raise CxrUsageError(f"--precision {job.precision}: server {job.server} runs {remote.precision}")
     return remote, f"server {job.server}, model {job.server_model}"

@@ -25,7 +25,7 @@ import sys
 import sysconfig
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,10 @@ def _check_options(options: ServeOptions) -> None:
 
 def _open_instances(bundle: Bundle, options: ServeOptions) -> list[ModelInstance]:
     """One backend per model instance; an unvalidated graph is refused (or, when allowed, warned about)."""
-    instances = [ModelInstance(bundle, options) for _ in range(options.instances)]
+    first = ModelInstance(bundle, options)
+    # every instance runs what the first chose (--backend auto or --precision auto decide once)
+    same = replace(options, backend=first.backend.name, precision=first.backend.precision)
+    instances = [first] + [ModelInstance(bundle, same) for _ in range(options.instances - 1)]
     try:
         caution = check_validated(bundle, instances[0].backend, options.allow_unvalidated)
     except CxrError:
@@ -422,7 +425,8 @@ def _serve_once(
         signal.signal(signal.SIGINT, _interrupt)
         with GuardedFront(options.host, options.http_port, inner_port, models):
             if on_ready is not None:
-                on_ready(f"{instances[0].backend.name} {options.precision} ({instances[0].reason})")
+                first = instances[0].backend
+                on_ready(f"{first.name} {first.precision} ({instances[0].reason})")
             triton.serve()  # returns on Ctrl+C/SIGTERM, and also when tritonserver dies
     if not STOP_REQUESTED["value"]:
         raise CxrError(f"tritonserver stopped by itself (crashed?); see {triton_log_file(options)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -256,7 +257,7 @@ def test_backends_are_discovered_and_every_list_of_them_is_read_from_the_registr
     assert registry.names() == ("onnxruntime", "openvino", "tensorrt")
     order = [place.label for place in registry.auto_order()]
     assert order == ["tensorrt", "onnxruntime-cuda", "openvino", "onnxruntime"]
-    assert registry.parity_choices() == ("onnx", "fp16", "int8", "engine", "openvino")
+    assert registry.parity_choices() == ("onnx", "fp16", "int8", "openvino-bf16", "engine", "openvino")
     assert FORMATS["int8"].backends == ("tensorrt", "onnxruntime", "openvino")
     assert " -> ".join(order) in registry.backend_help()
     with pytest.raises(CxrError, match="one of auto, onnxruntime, openvino, tensorrt, got 'tensorrtt'"):
@@ -297,6 +298,8 @@ def test_a_new_backend_is_one_registration(monkeypatch):
     with pytest.raises(ValueError, match="name is 'made', but it registers as 'echo'"):
         registry.register(spec)
     monkeypatch.setattr(explainer, "name", "echo")
+    with pytest.raises(ValueError, match=r"unknown precisions \['int8'\]"):  # auto's order: its own only
+        registry.register(replace(spec, fastest_first=("int8", "fp32")))
     registry.register(spec)
     bundle = SimpleNamespace(has=lambda name: name in ("model.onnx", "model.fp16.onnx"))
     assert ("echo", "fp32") in runnable_here(bundle) and ("echo", "fp16") not in runnable_here(bundle)

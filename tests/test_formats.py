@@ -24,8 +24,10 @@ def test_file_names_come_from_the_table():
 def test_unknown_precision_suggests_the_nearest():
     with pytest.raises(CxrUsageError, match=r"got 'fp61' \(did you mean fp16\?\)"):
         get_format("fp61")
-    with pytest.raises(CxrUsageError, match="one of fp32, fp16, int8, got 'bf16'"):
-        get_format("bf16")
+    with pytest.raises(CxrUsageError, match="one of fp32, fp16, int8, bf16, got 'fp8'"):
+        get_format("fp8")
+    assert get_format("bf16").onnx_name("explain") == "explain.onnx"  # a compute mode of the fp32 graphs
+    assert get_format("bf16").backends == ("openvino",) and "| none |" in markdown_table()
 
 
 def test_parity_defaults_are_the_table_rules():

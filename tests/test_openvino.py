@@ -188,3 +188,79 @@ def test_every_openvino_compile_asks_for_f32_compute(bundle):
         ex.run(np.ones((3, 8), dtype=np.uint8))
     assert len(asked) == 2 and all(config["INFERENCE_PRECISION_HINT"] == "f32" for config in asked)
     assert {config["PERFORMANCE_HINT"] for config in asked} == {"LATENCY", "THROUGHPUT"}
+
+
+def test_bf16_is_refused_on_a_cpu_without_the_instructions(bundle, monkeypatch):
+    from cxr.runtime import cpu_features
+    from cxr.runtime.backends.openvino import OvBackend
+    from cxr.runtime.backends.select import open_classifier, runnable_here
+    from cxr.runtime.errors import CxrError
+
+    assert cpu_features.bf16_refusal({"avx2", "fma"}).endswith(cpu_features.NO_BF16)
+    assert cpu_features.bf16_refusal({"avx512f", "avx512_bf16"}) is None
+    assert cpu_features.bf16_refusal({"amx_bf16"}) is None
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: {"avx2"})
+    with pytest.raises(CxrError, match="bf16 needs a CPU with AVX512-BF16 or AMX-BF16"):
+        OvBackend(bundle / "model.onnx", "bf16")
+    with pytest.raises(CxrError, match="--backend openvino: bf16 needs"):
+        open_classifier(Bundle.open(bundle), "openvino", "bf16")
+    with pytest.raises(CxrError, match="--backend onnxruntime: onnxruntime does not run bf16 .*openvino"):
+        open_classifier(Bundle.open(bundle), "onnxruntime", "bf16")
+    assert ("openvino", "bf16") not in runnable_here(Bundle.open(bundle))
+
+
+@pytest.mark.skipif(
+    __import__("cxr.runtime.cpu_features").runtime.cpu_features.bf16_refusal() is not None,
+    reason="this CPU has no AVX512-BF16/AMX-BF16",
+)
+def test_bf16_runs_the_fp32_graph_in_bf16_after_its_own_parity_and_auto_picks_it(bundle, phantoms, tmp_path):
+    import shutil
+
+    from cxr.runtime.backends.openvino import OvBackend
+
+    pixels = np.random.default_rng(3).integers(0, 256, (4, 1, 64, 64), dtype=np.uint8)
+    with OvBackend(bundle / "model.onnx", "fp32") as f32, OvBackend(bundle / "model.onnx", "bf16") as bf16:
+        assert bf16.provider.endswith("CPU bf16") and f32.provider.endswith("CPU f32")
+        gap = np.abs(bf16.run(pixels) - f32.run(pixels)).max()
+    assert 0 < gap < 1e-2  # computed in bf16 (not silently f32), and close to fp32
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    image = str(sorted((phantoms / "normal").glob("*.png"))[0])
+    base = ("cxr-run", "predict", "--model", str(copy), image)
+    assert "the bf16 graph has never run parity" in one_line_error(cli(*base, "--precision", "bf16", check=1))
+    report = tmp_path / "parity.json"
+    run_parity(copy, phantoms, "openvino-bf16", report)
+    result = json.loads(report.read_text())["backends"]["openvino-bf16"]
+    assert result["passed"] and result["runs_on"].endswith("CPU bf16)") and "bf16" in result["cpu_bf16"]
+    ran = cli(*base, "--precision", "bf16")
+    assert json.loads(ran.stdout)["precision"] == "bf16" and "backend: openvino bf16 on cpu" in ran.stderr
+    picked = cli(*base, "--precision", "auto")  # int8 is faster but has not run parity on this copy
+    assert json.loads(picked.stdout)["precision"] == "bf16"
+    assert "openvino int8: parity not run" in picked.stderr
+
+
+def test_precision_auto_picks_the_fastest_validated_file_of_each_backend(bundle, phantoms, tmp_path):
+    """OpenVINO's int8 once its parity passed (ONNX Runtime CPU's int8 is slower than its fp32: never)."""
+    import shutil
+
+    from cxr.runtime.backends.select import open_classifier
+    from cxr.runtime.errors import CxrError
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    before, reason = open_classifier(Bundle.open(copy), "openvino", "auto")
+    with before:
+        assert before.precision in ("bf16", "fp32") and "openvino int8: parity not run" in reason
+    run_parity(copy, phantoms, "int8", tmp_path / "parity.json")
+    for backend, wanted in (("openvino", "int8"), ("onnxruntime", "fp32"), ("auto", "int8")):
+        opened, reason = open_classifier(Bundle.open(copy), backend, "auto")
+        with opened:
+            assert (opened.name, opened.precision) == ("openvino" if backend == "auto" else backend, wanted)
+    card = json.loads((copy / "card.json").read_text())
+    card["parity"]["backends"]["int8"]["passed"] = False
+    card["parity"]["backends"]["onnx"] = {"passed": False}
+    (copy / "card.json").write_text(json.dumps(card))
+    with pytest.raises(
+        CxrError, match="--precision auto: nothing validated runs here .*onnxruntime fp32: parity failed"
+    ):
+        open_classifier(Bundle.open(copy), "onnxruntime", "auto")

@@ -19,7 +19,7 @@ from pathlib import Path
 from cxr.runtime.backends.base import Backend, ExplainerBackend
 from cxr.runtime.card import parity_label
 from cxr.runtime.errors import CxrUsageError
-from cxr.runtime.formats import PRECISIONS, get_format
+from cxr.runtime.formats import COMMON_PRECISIONS, PRECISIONS, get_format
 
 AUTO = "auto"
 ONNX, ENGINE = "onnx", "engine"  # the kinds of bundle file a backend runs
@@ -43,6 +43,10 @@ def _always() -> bool:
     return True
 
 
+def _runs_every(precision: str) -> str | None:
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Place:
     """One way ``--backend auto`` tries a backend: its label (in the line saying what was skipped), its rank
@@ -54,6 +58,7 @@ class Place:
     device: str | None = None
     providers: Callable[[], list[str]] | None = None
     when: Callable[[], bool] = _always
+    fastest_first: tuple[str, ...] | None = None  # --precision auto's order here (None: the backend's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,7 +76,11 @@ class BackendSpec:
     explainer: type[ExplainerBackend]
     available: Callable[[], bool] = _always
     requires: str = ""
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = COMMON_PRECISIONS
+    # --precision auto: the precisions it may pick here, fastest first as measured (``cxr-bench latency``); a
+    # precision slower than another that passed parity is left out
+    fastest_first: tuple[str, ...] = ("fp32",)
+    refuses: Callable[[str], str | None] = _runs_every  # why this host cannot run a precision, or None
     places: tuple[Place, ...] = ()  # default: one place, its name at its rank
     parity_prefix: str | None = None  # parity label PREFIX-precision; None: the ONNX graph's own label
     # how its classes open a file; default: classifier(path, precision, data=...), the same for explainer
@@ -81,6 +90,10 @@ class BackendSpec:
     @property
     def auto_places(self) -> tuple[Place, ...]:
         return self.places or (Place(label=self.name, rank=self.rank),)
+
+    def speed_order(self, place: Place) -> tuple[str, ...]:
+        """The precisions ``--precision auto`` tries at ``place``, fastest first."""
+        return place.fastest_first or self.fastest_first
 
     def file_name(self, graph: str, precision: str) -> str:
         """The bundle file this backend runs for ``graph`` at ``precision``."""
@@ -116,6 +129,7 @@ def register(spec: BackendSpec) -> BackendSpec:
         if cls.name != spec.name:
             raise ValueError(f"{cls.__name__}.name is {cls.name!r}, but it registers as {spec.name!r}")
     unknown = set(spec.precisions) - set(PRECISIONS)
+    unknown |= {p for place in spec.auto_places for p in spec.speed_order(place)} - set(spec.precisions)
     if unknown:
         raise ValueError(f"{spec.name}: unknown precisions {sorted(unknown)}")
     _REGISTERED[spec.name] = spec

@@ -62,6 +62,9 @@ def _opener(
 
 def _named(bundle: Bundle, spec: BackendSpec, precision: str, graph: str, file: dict) -> list[Candidate]:
     """``--backend NAME``: that backend alone, or one line saying why it cannot run here."""
+    why = _cannot_run(spec, precision)
+    if why:
+        raise CxrError(f"--backend {spec.name}: {why}")
     path = _source(bundle, spec, graph, precision)
     if path is None:
         raise CxrError(
@@ -74,6 +77,14 @@ def _named(bundle: Bundle, spec: BackendSpec, precision: str, graph: str, file: 
     return [(spec.name, _opener(bundle, spec, Place(label=spec.name, rank=0), graph, path, file))]
 
 
+def _cannot_run(spec: BackendSpec, precision: str) -> str | None:
+    """Why ``spec`` never runs ``precision`` on this host (not one of its precisions, or refused here)."""
+    if precision not in spec.precisions:
+        others = ", ".join(registry.for_precision(precision)) or "no backend"
+        return f"{spec.name} does not run {precision} ({precision} runs on {others})"
+    return spec.refuses(precision)
+
+
 def _auto(bundle: Bundle, precision: str, graph: str, file: dict) -> tuple[list[Candidate], list[str]]:
     """Every registered backend's places in auto's order, and why the others were not even tried."""
     ranked: list[tuple[int, Candidate]] = []
@@ -82,7 +93,9 @@ def _auto(bundle: Bundle, precision: str, graph: str, file: dict) -> tuple[list[
         if precision not in spec.precisions:
             continue
         path = _source(bundle, spec, graph, precision)
-        if path is None:
+        if spec.refuses(precision):
+            skipped.append(f"{spec.name}: {spec.refuses(precision)}")
+        elif path is None:
             skipped.append(f"{spec.name}: no {spec.file_name(graph, precision)} in the bundle")
         elif not spec.available():
             skipped.append(f"{spec.name}: {spec.title} not installed ({install_hint(spec.requires)})")
@@ -100,11 +113,55 @@ def _candidates(
 ) -> tuple[list[Candidate], list[str]]:
     """(label, opener) pairs to try in order, and the reasons others were not even tried. ``file``: the
     options ``OpenFile`` carries to the backend (tf32, images)."""
+    if precision == AUTO:
+        return _fastest_validated(bundle, backend, graph, file)
     check_precision(precision)
     file = {**file, "precision": precision}
     if backend == AUTO:
         return _auto(bundle, precision, graph, file)
     return _named(bundle, registry.get(backend), precision, graph, file), []
+
+
+def _fastest_validated(
+    bundle: Bundle, backend: str, graph: str, file: dict
+) -> tuple[list[Candidate], list[str]]:
+    """``--precision auto``: at each place of ``backend`` (every backend for auto) in auto's order, its
+    precisions fastest first (``BackendSpec.fastest_first``), each only where the bundle has the file, this
+    host can run it and its parity passed here (int8: on a CPU of this kind). The first that opens wins."""
+    specs = registry.backends() if backend == AUTO else [registry.get(backend)]
+    places = sorted(
+        ((place, spec) for spec in specs for place in spec.auto_places), key=lambda ps: ps[0].rank
+    )
+    ranked: list[Candidate] = []
+    skipped: list[str] = []
+    for place, spec in places:
+        if not (spec.available() and place.when()):
+            continue
+        for precision in spec.speed_order(place):
+            why = spec.refuses(precision) or _not_validated_here(bundle, spec, precision, place.device)
+            if why is None and _source(bundle, spec, graph, precision) is None:
+                why = f"no {spec.file_name(graph, precision)}"
+            if why:
+                skipped.append(f"{place.label} {precision}: {why}")
+                continue
+            path = _source(bundle, spec, graph, precision)
+            opener = _opener(bundle, spec, place, graph, path, {**file, "precision": precision})
+            ranked.append((f"{place.label} {precision}", opener))
+    if not ranked:
+        raise CxrError(
+            f"--precision auto: nothing validated runs here ({'; '.join(skipped) or 'no backend'})"
+        )
+    return ranked, skipped
+
+
+def _not_validated_here(bundle: Bundle, spec: BackendSpec, precision: str, device: str | None) -> str | None:
+    """Why ``precision`` on ``spec`` is not one ``--precision auto`` may pick, or None."""
+    if not bundle.has(spec.file_name("model", precision)):
+        return f"no {spec.file_name('model', precision)}"
+    state = parity_state(bundle.card, precision, spec.runs == ENGINE)
+    if state != "passed":
+        return f"parity {state}"
+    return int8_precision_risk(bundle.card, precision, device or spec.device)
 
 
 def _first_that_runs(
@@ -167,7 +224,12 @@ def int8_cpu_risk(card: Card, backend: Backend, flags: set[str] | None = None) -
     """Why an int8 graph's passed parity does not hold on this CPU, or None: its weights use the full int8
     range, its parity ran on a CPU with VNNI/AMX (or on one not recorded), and this x86 CPU has neither, so
     its int8 sums can saturate (``cxr.runtime.cpu_features``)."""
-    if backend.precision != "int8" or backend.device != "cpu" or not saturating_int8_cpu(flags):
+    return int8_precision_risk(card, backend.precision, backend.device, flags)
+
+
+def int8_precision_risk(card: Card, precision: str, device: str, flags: set[str] | None = None) -> str | None:
+    """``int8_cpu_risk`` before anything is opened: for ``precision`` run on ``device``."""
+    if precision != "int8" or device != "cpu" or not saturating_int8_cpu(flags):
         return None
     weights = str(card.provenance.get("int8", {}).get("model", {}).get("weights", ""))
     if "7-bit" in weights:
@@ -229,5 +291,8 @@ def runnable_here(bundle: Bundle, graph: str = "model") -> list[tuple[str, str]]
         (spec.name, precision)
         for precision in FORMATS
         for spec in registry.backends()
-        if precision in spec.precisions and bundle.has(spec.file_name(graph, precision)) and spec.available()
+        if precision in spec.precisions
+        and bundle.has(spec.file_name(graph, precision))
+        and spec.available()
+        and spec.refuses(precision) is None
     ]

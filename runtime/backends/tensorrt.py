@@ -279,5 +279,6 @@ register(
         available=lambda: tensorrt_available(),  # looked up when called: tests stand a fake TensorRT in
         requires="tensorrt",
         parity_prefix=ENGINE_LABEL,
+        fastest_first=("int8", "fp16", "fp32"),
     )
 )
