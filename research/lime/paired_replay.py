@@ -30,7 +30,9 @@ rules = [
 
 
 def stop_at(rows, probs, label, rule, paired, cap):
-    s = Settling(top_k=8, seed=0, spread_bound=rule[0], stable_fits=rule[1], min_agreement=rule[2], paired=paired)
+    s = Settling(
+        top_k=8, seed=0, spread_bound=rule[0], stable_fits=rule[1], min_agreement=rule[2], paired=paired
+    )
     done, next_check = 0, rule[3]
     while done < cap:
         done = min(done + 32, cap)
