@@ -216,7 +216,7 @@ def serve_load(
     max_batch: MaxBatch = DEFAULT_MAX_BATCH,
     max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
     instances: Instances = 1,
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8 (server and local alike)."),
+    precision: str = typer.Option("fp32", help="fp32, fp16, int8 or bf16 (server and local alike)."),
     protocol: str = typer.Option("http", help="http (through the guarded front) or grpc (Triton directly)."),
     out: Path = typer.Option(Path("bench-results"), "--out", help="Folder for serve_load.json and .png."),
 ) -> None:
@@ -270,7 +270,9 @@ def pipeline(
     model: Path = typer.Option(..., "--model", help="Model bundle folder."),
     inputs: List[str] = typer.Argument(..., help="Images, folders or globs (mixed sizes make the point)."),
     backend: str = typer.Option("auto", help="The backend for both measurements."),
-    precision: str = typer.Option("fp32", help="fp32, fp16 or int8."),
+    precision: str = typer.Option(
+        "fp32", help="fp32, fp16, int8 or bf16 (OpenVINO on AVX512-BF16/AMX-BF16 CPUs)."
+    ),
     batch_size: int = typer.Option(16, help="Images per backend call, for both."),
     workers: str = typer.Option("1,2", help="Reading-thread counts to measure predict with."),
     limit: Optional[int] = typer.Option(None, help="Use at most this many images."),

@@ -222,6 +222,11 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     http_port: int = typer.Option(8000, help="HTTP/REST port (KServe v2 protocol)."),
     grpc_port: int = typer.Option(8001, help="gRPC port."),
+    grpc_host: str = typer.Option(
+        "127.0.0.1",
+        help="Address gRPC listens on. Triton parses gRPC itself (the guarded front covers HTTP only), so it "
+        "stays on loopback unless named here.",
+    ),
     metrics_port: int = typer.Option(8002, help="Prometheus metrics port (/metrics)."),
     max_batch: MaxBatch = DEFAULT_MAX_BATCH,
     max_queue_delay_us: QueueDelayUs = DEFAULT_QUEUE_DELAY_US,
@@ -248,6 +253,7 @@ def serve(
         host=host,
         http_port=http_port,
         grpc_port=grpc_port,
+        grpc_host=grpc_host,
         metrics_port=metrics_port,
         max_batch=max_batch,
         max_queue_delay_us=max_queue_delay_us,
@@ -263,7 +269,7 @@ def serve(
 
     def ready(backend_line: str) -> None:
         print(
-            f"serving {name} on http://{host}:{http_port} (gRPC {host}:{grpc_port}, metrics "
+            f"serving {name} on http://{host}:{http_port} (gRPC {grpc_host}:{grpc_port}, metrics "
             f"http://{host}:{metrics_port}/metrics) with {backend_line}; Triton log: "
             f"{triton_log_file(options)}; "
             "Ctrl+C stops",

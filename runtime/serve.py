@@ -50,6 +50,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 8001
+    # Triton's gRPC parses requests itself (the guarded front covers HTTP only): loopback unless named
+    grpc_host: str = "127.0.0.1"
     metrics_port: int = 8002
     max_batch: int = 64
     max_queue_delay_us: int = 2000
@@ -330,14 +332,10 @@ def _check_options(options: ServeOptions) -> None:
         raise CxrUsageError(
             "--max-batch and --instances must be at least 1; --max-queue and --max-queue-delay-us 0 or more"
         )
-    check_ports_free(
-        options.host,
-        {
-            "http-port": options.http_port,
-            "grpc-port": options.grpc_port,
-            "metrics-port": options.metrics_port,
-        },
-    )
+    check_ports_free(options.host, {"http-port": options.http_port, "metrics-port": options.metrics_port})
+    check_ports_free(options.grpc_host, {"grpc-port": options.grpc_port})
+    if options.grpc_port in (options.http_port, options.metrics_port):
+        raise CxrError(f"the HTTP, gRPC and metrics ports must differ, got {options.grpc_port} twice")
 
 
 def _open_instances(bundle: Bundle, options: ServeOptions) -> list[ModelInstance]:
@@ -364,7 +362,7 @@ def _triton_configs(options: ServeOptions, inner_port: int) -> tuple[Any, Any]:
     triton_config = TritonConfig(
         http_address="127.0.0.1",
         http_port=inner_port,
-        grpc_address=options.host,
+        grpc_address=options.grpc_host,
         grpc_port=options.grpc_port,
         metrics_address=options.host,
         metrics_port=options.metrics_port,

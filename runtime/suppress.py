@@ -47,9 +47,14 @@ def body_mask(gray: np.ndarray) -> np.ndarray | None:
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     if not MIN_BODY_SHARE * small.size <= stats[largest, cv2.CC_STAT_AREA] <= MAX_BODY_SHARE * small.size:
         return None  # too small to be a body, or the whole frame (a flat or blown-out film): nothing to find
-    points = cv2.findNonZero((labels == largest).astype(np.uint8))
+    # the hull of the component's outer contour is the hull of all its pixels (the same mask on all
+    # 1,499 cxr4-train films), found 27x faster: 0.07 ms against 1.9 ms from every pixel, which was
+    # most of predict's host time per film
+    contours, _ = cv2.findContours(
+        (labels == largest).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     hull = np.zeros_like(small)
-    cv2.fillPoly(hull, [cv2.convexHull(points)], 255)
+    cv2.fillPoly(hull, [cv2.convexHull(np.concatenate(contours))], 255)
     return cv2.resize(hull, (width, height), interpolation=cv2.INTER_NEAREST) > 0
 
 

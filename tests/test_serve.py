@@ -438,3 +438,13 @@ def test_serve_exits_non_zero_when_tritonserver_dies(bundle):
         dying.process.wait(timeout=120)
         assert dying.process.returncode == 1
         assert "tritonserver stopped by itself" in dying.tail(40)
+
+
+def test_grpc_listens_on_loopback_unless_named():
+    """Triton's gRPC is not behind the guarded front: --host 0.0.0.0 opens HTTP (guarded) but not gRPC."""
+    from cxr.runtime.serve import ServeOptions, _triton_configs
+
+    public, _ = _triton_configs(ServeOptions(host="0.0.0.0"), free_port())
+    assert (public.http_address, public.grpc_address) == ("127.0.0.1", "127.0.0.1")
+    named, _ = _triton_configs(ServeOptions(host="0.0.0.0", grpc_host="0.0.0.0"), free_port())
+    assert named.grpc_address == "0.0.0.0"

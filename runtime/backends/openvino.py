@@ -87,6 +87,8 @@ class _Compiled:
         if refusal:
             raise CxrError(f"{path.name}: {refusal}")
         self.compute = COMPUTE.get(precision, "f32")
+        # what the provider string says: an int8 graph's quantised layers run in int8, the rest in f32
+        self.computes = "int8 + f32" if precision == "int8" else self.compute
         self.ov = import_openvino()
         self.core = self.ov.Core()
         data = path.read_bytes() if data is None else data
@@ -182,7 +184,7 @@ class OvBackend(Backend):
     def __init__(self, path: Path, precision: str, data: bytes | None = None, max_batch: int = 64) -> None:
         self.graph = _Compiled(path, data, precision)
         self.precision = precision
-        self.provider = f"OpenVINO {self.graph.ov.__version__.split('-')[0]} {DEVICE} {self.graph.compute}"
+        self.provider = f"OpenVINO {self.graph.ov.__version__.split('-')[0]} {DEVICE} {self.graph.computes}"
         self.metadata = self.graph.metadata
         self.input_name = self.graph.model.inputs[0].get_any_name()
         self.limits = BatchLimits(1, max_batch)
@@ -229,7 +231,7 @@ class OvExplainer(ExplainerBackend):
         version = self.graph.ov.__version__.split("-")[0]
         plural = "s" * (self.streams > 1)
         self.provider = (
-            f"OpenVINO {version} {DEVICE} {self.graph.compute}, {self.streams} stream{plural}{why}"
+            f"OpenVINO {version} {DEVICE} {self.graph.computes}, {self.streams} stream{plural}{why}"
         )
 
     def image_size(self) -> int:
