@@ -383,7 +383,7 @@ def _open_local(job: PredictJob, bundle: Bundle, images: int) -> tuple[Any, str,
         else None
     )
     try:
-        classifier, reason = open_classifier(bundle, job.backend, precision)
+        classifier, reason = open_classifier(bundle, job.backend, precision, maps=job.explain)
     except BaseException:
         if explainer is not None:
             explainer.close()

@@ -256,6 +256,9 @@ def test_precision_auto_picks_the_fastest_validated_file_of_each_backend(bundle,
         opened, reason = open_classifier(Bundle.open(copy), backend, "auto")
         with opened:
             assert (opened.name, opened.precision) == ("openvino" if backend == "auto" else backend, wanted)
+    explaining, reason = open_classifier(Bundle.open(copy), "openvino", "auto", maps=True)
+    with explaining:  # a job that explains keeps to precisions whose maps hold the fp32 map's top 5
+        assert explaining.precision != "int8" and "openvino int8: its LIME maps keep under 90 %" in reason
     card = json.loads((copy / "card.json").read_text())
     card["parity"]["backends"]["int8"]["passed"] = False
     card["parity"]["backends"]["onnx"] = {"passed": False}

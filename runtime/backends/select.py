@@ -109,12 +109,13 @@ def _auto(bundle: Bundle, precision: str, graph: str, file: dict) -> tuple[list[
 
 
 def _candidates(
-    bundle: Bundle, backend: str, precision: str, graph: str, **file: object
+    bundle: Bundle, backend: str, precision: str, graph: str, maps: bool = False, **file: object
 ) -> tuple[list[Candidate], list[str]]:
     """(label, opener) pairs to try in order, and the reasons others were not even tried. ``file``: the
-    options ``OpenFile`` carries to the backend (tf32, images)."""
+    options ``OpenFile`` carries to the backend (tf32, images); ``maps``: the job explains (``--precision
+    auto`` then skips precisions whose maps are not faithful)."""
     if precision == AUTO:
-        return _fastest_validated(bundle, backend, graph, file)
+        return _fastest_validated(bundle, backend, graph, file, maps)
     check_precision(precision)
     file = {**file, "precision": precision}
     if backend == AUTO:
@@ -123,11 +124,13 @@ def _candidates(
 
 
 def _fastest_validated(
-    bundle: Bundle, backend: str, graph: str, file: dict
+    bundle: Bundle, backend: str, graph: str, file: dict, maps: bool = False
 ) -> tuple[list[Candidate], list[str]]:
     """``--precision auto``: at each place of ``backend`` (every backend for auto) in auto's order, its
     precisions fastest first (``BackendSpec.fastest_first``), each only where the bundle has the file, this
-    host can run it and its parity passed here (int8: on a CPU of this kind). The first that opens wins."""
+    host can run it and its parity passed here (int8: on a CPU of this kind); for a job that explains
+    (``maps``), only precisions whose maps are faithful (``Format.faithful_maps``). The first that opens
+    wins."""
     specs = registry.backends() if backend == AUTO else [registry.get(backend)]
     places = sorted(
         ((place, spec) for spec in specs for place in spec.auto_places), key=lambda ps: ps[0].rank
@@ -139,6 +142,8 @@ def _fastest_validated(
             continue
         for precision in spec.speed_order(place):
             why = spec.refuses(precision) or _not_validated_here(bundle, spec, precision, place.device)
+            if why is None and maps and not FORMATS[precision].faithful_maps:
+                why = "its LIME maps keep under 90 % of the fp32 map's top 5"
             if why is None and _source(bundle, spec, graph, precision) is None:
                 why = f"no {spec.file_name(graph, precision)}"
             if why:
@@ -249,14 +254,15 @@ def file_name(opened: Backend | ExplainerBackend, graph: str) -> str:
 
 
 def open_classifier(
-    bundle: Bundle, backend: str = AUTO, precision: str = "fp32", tf32: bool = True
+    bundle: Bundle, backend: str = AUTO, precision: str = "fp32", tf32: bool = True, maps: bool = False
 ) -> tuple[Backend, str]:
     """The first backend that reproduces the card's known answers (``cxr.runtime.known_answers``), and the
     line that says what runs and what was skipped.
 
-    ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs).
+    ``tf32=False`` keeps ONNX Runtime's CUDA fp32 at full fp32 precision (parity runs); ``maps``: the job
+    explains its labels (``--precision auto`` then keeps to precisions with faithful maps).
     """
-    candidates, skipped = _candidates(bundle, backend, precision, "model", tf32=tf32)
+    candidates, skipped = _candidates(bundle, backend, precision, "model", maps=maps, tf32=tf32)
 
     def probe(opened: Backend) -> None:
         check_meaning(opened, bundle.card)
@@ -274,7 +280,7 @@ def open_explainer(
     ``explainer_cuda``)."""
     from cxr.runtime.explain import warm_host_beside
 
-    candidates, skipped = _candidates(bundle, backend, precision, "explain", images=images)
+    candidates, skipped = _candidates(bundle, backend, precision, "explain", maps=True, images=images)
 
     def probe(opened: ExplainerBackend) -> None:
         check_meaning(opened, bundle.card)
