@@ -190,7 +190,7 @@ def _first_that_runs(
             continue
         reason = describe(opened) + (f"; skipped {'; '.join(skipped)}" if skipped else "")
         return opened, reason
-    raise CxrError("no backend to try")
+    raise CxrError(f"no backend can run it here ({'; '.join(skipped) or 'none registered'})")
 
 
 def check_meaning(backend: Backend | ExplainerBackend, card: Card) -> None:
