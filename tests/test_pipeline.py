@@ -49,5 +49,9 @@ def test_bench_pipeline_compares_predict_with_the_backend_alone(bundle, phantoms
     )
     report = json.loads((tmp_path / "out" / "pipeline.json").read_text())
     assert report["backend_alone"]["images"] == 24 and [r["workers"] for r in report["end_to_end"]] == [1, 2]
+    runs = report["backend_alone"][
+        "runs_images_per_s"
+    ]  # before and after predict; the ratio is to their mean
+    assert len(runs) == 2 and abs(report["backend_alone"]["images_per_s"] - sum(runs) / 2) < 1e-9
     assert all(r["images"] == 24 and r["failed"] == 0 for r in report["end_to_end"])
     assert "| predict, 2 reading thread(s) |" in result.stdout
