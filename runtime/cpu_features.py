@@ -27,22 +27,23 @@ def cpu_flags() -> set[str] | None:
         return None
 
 
-def cpu_int8_features(flags: set[str] | None = None) -> str:
-    """The CPU's int8 dot-product instructions, or NO_INT8_DOT, or 'unknown'."""
+def _present(wanted: tuple[str, ...], none: str, flags: set[str] | None) -> str:
+    """Which of ``wanted`` the CPU reports, comma-separated; ``none`` if none; 'unknown' without flags."""
     flags = cpu_flags() if flags is None else flags
     if flags is None:
         return "unknown"
-    found = [flag for flag in INT8_DOT_FLAGS if flag in flags]
-    return ", ".join(found) if found else NO_INT8_DOT
+    found = [flag for flag in wanted if flag in flags]
+    return ", ".join(found) if found else none
+
+
+def cpu_int8_features(flags: set[str] | None = None) -> str:
+    """The CPU's int8 dot-product instructions, or NO_INT8_DOT, or 'unknown'."""
+    return _present(INT8_DOT_FLAGS, NO_INT8_DOT, flags)
 
 
 def cpu_bf16_features(flags: set[str] | None = None) -> str:
     """The CPU's bf16 instructions, or NO_BF16, or 'unknown' (not Linux: no flags to read)."""
-    flags = cpu_flags() if flags is None else flags
-    if flags is None:
-        return "unknown"
-    found = [flag for flag in BF16_FLAGS if flag in flags]
-    return ", ".join(found) if found else NO_BF16
+    return _present(BF16_FLAGS, NO_BF16, flags)
 
 
 def bf16_refusal(flags: set[str] | None = None) -> str | None:

@@ -92,9 +92,10 @@ def _auto(bundle: Bundle, precision: str, graph: str, file: dict) -> tuple[list[
     for spec in sorted(registry.backends(), key=lambda s: s.rank):
         if precision not in spec.precisions:
             continue
-        path = _source(bundle, spec, graph, precision)
-        if spec.refuses(precision):
-            skipped.append(f"{spec.name}: {spec.refuses(precision)}")
+        refused = spec.refuses(precision)
+        path = None if refused else _source(bundle, spec, graph, precision)  # hashes the file: once
+        if refused:
+            skipped.append(f"{spec.name}: {refused}")
         elif path is None:
             skipped.append(f"{spec.name}: no {spec.file_name(graph, precision)} in the bundle")
         elif not spec.available():
@@ -137,6 +138,7 @@ def _fastest_validated(
     )
     ranked: list[Candidate] = []
     skipped: list[str] = []
+    sources: dict[tuple[str, str], Path | None] = {}  # each file hashed once, whatever the places sharing it
     for place, spec in places:
         if not (spec.available() and place.when()):
             continue
@@ -144,12 +146,15 @@ def _fastest_validated(
             why = spec.refuses(precision) or _not_validated_here(bundle, spec, precision, place.device)
             if why is None and maps and not FORMATS[precision].faithful_maps:
                 why = "its LIME maps keep under 90 % of the fp32 map's top 5"
-            if why is None and _source(bundle, spec, graph, precision) is None:
-                why = f"no {spec.file_name(graph, precision)}"
+            if why is None:
+                key = (spec.name, precision)
+                if key not in sources:
+                    sources[key] = _source(bundle, spec, graph, precision)
+                path = sources[key]
+                why = None if path is not None else f"no {spec.file_name(graph, precision)}"
             if why:
                 skipped.append(f"{place.label} {precision}: {why}")
                 continue
-            path = _source(bundle, spec, graph, precision)
             opener = _opener(bundle, spec, place, graph, path, {**file, "precision": precision})
             ranked.append((f"{place.label} {precision}", opener))
     if not ranked:
