@@ -52,7 +52,8 @@ class PredictOptions:
 @dataclass(kw_only=True)
 class StageTimes:
     """Seconds spent in each stage of a run: reading (summed over the reading threads, which overlap the
-    backend), and on this thread classifying, explaining and writing."""
+    backend), and on this thread classifying (starting a batch and waiting for its answers), explaining and
+    writing."""
 
     decode_s: float = 0.0
     preprocess_s: float = 0.0
@@ -141,13 +142,56 @@ Answer = tuple[np.ndarray, np.ndarray | None]  # one image's probabilities and g
 def classify_outputs(backend: Backend, images: list[np.ndarray], paths: list[Path]) -> list[Answer | str]:
     """Probabilities and features (or the error) of each image: one backend call for the batch; when it
     fails, each image alone, so one image that breaks a call costs only its own record."""
-    try:
-        probs, features = backend.run_outputs(np.stack(images)[:, None])
-        return [(row, None if features is None else features[i]) for i, row in enumerate(probs)]
-    except Exception as exc:
-        if len(images) == 1:
-            return [_backend_fault(exc, paths[0])]
-        log.debug("a batch of %d failed (%s); retrying image by image", len(images), one_line(exc, 200))
+    return Classifying(backend, images, paths).answers()
+
+
+class Classifying:
+    """A batch started on the backend (``Backend.start_outputs``): ``answers()`` waits for it, a fault of
+    the batch (starting or running) retried image by image; ``drop()`` only waits, so the backend is never
+    closed under a running batch."""
+
+    def __init__(self, backend: Backend, images: list[np.ndarray], paths: list[Path]) -> None:
+        self.backend, self.images, self.paths = backend, images, paths
+        self._wait: Callable[[], tuple[np.ndarray, np.ndarray | None]] | None = None
+        self._fault: Exception | None = None
+        if images:
+            try:
+                self._wait = backend.start_outputs(np.stack(images)[:, None])
+            except Exception as exc:
+                self._fault = exc
+
+    def _take(self) -> Callable[[], tuple[np.ndarray, np.ndarray | None]] | None:
+        wait, self._wait = self._wait, None  # a started batch is waited for once
+        return wait
+
+    def answers(self) -> list[Answer | str]:
+        wait = self._take()
+        if wait is not None:
+            try:
+                probs, features = wait()
+                return [(row, None if features is None else features[i]) for i, row in enumerate(probs)]
+            except Exception as exc:
+                self._fault = exc
+        if self._fault is None:
+            return []
+        return _one_by_one(self.backend, self.images, self.paths, self._fault)
+
+    def drop(self) -> None:
+        wait = self._take()
+        if wait is not None:
+            try:
+                wait()
+            except Exception:  # noqa: S110  (its records are not written: the run is ending)
+                pass
+
+
+def _one_by_one(
+    backend: Backend, images: list[np.ndarray], paths: list[Path], fault: Exception
+) -> list[Answer | str]:
+    """After a batch's ``fault``: each image alone, so one image that breaks a call costs only its record."""
+    if len(images) == 1:
+        return [_backend_fault(fault, paths[0])]
+    log.debug("a batch of %d failed (%s); retrying image by image", len(images), one_line(fault, 200))
     results: list[Answer | str] = []
     for image, path in zip(images, paths):
         try:
@@ -156,11 +200,6 @@ def classify_outputs(backend: Backend, images: list[np.ndarray], paths: list[Pat
         except Exception as exc:
             results.append(_backend_fault(exc, path))
     return results
-
-
-def classify(backend: Backend, images: list[np.ndarray], paths: list[Path]) -> list[np.ndarray | str]:
-    """``classify_outputs`` without the features: the probabilities (or the error) of each image."""
-    return [a if isinstance(a, str) else a[0] for a in classify_outputs(backend, images, paths)]
 
 
 def gate_records(
@@ -220,6 +259,16 @@ def _backend_fault(exc: Exception, path: Path) -> str:
     return fault_line(path, exc, "classifying")
 
 
+@dataclass(kw_only=True)
+class _Batch:
+    """One batch from its start on the backend to its records."""
+
+    paths: list[Path]
+    prepared: list[Prepared]
+    records: list[dict[str, Any]]
+    classifying: Classifying
+
+
 def predict_stream(
     paths: list[Path],
     bundle: Bundle,
@@ -229,15 +278,18 @@ def predict_stream(
     known_errors: dict[Path, str] | None = None,
     times: StageTimes | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Yields records in input order; memory holds one batch of images at a time. ``known_errors``: inputs
+    """Yields records in input order; memory holds two batches of images at most. ``known_errors``: inputs
     that failed before reading (a broken link, an unreadable folder) and the reason each gets in its
     record. Any fault of one input (reading, classifying, explaining, writing its overlay) is that input's
-    record; only an explainer that cannot open ends the stream (a fault of the run, not of an input)."""
-    classes = bundle.card.classes
+    record; only an explainer that cannot open ends the stream (a fault of the run, not of an input).
+
+    On a backend that ``runs_ahead`` (OpenVINO's parallel streams) a job without explanations starts each
+    batch before it collects the one before: the backend's cores never wait for the host between batches
+    (dpn92_se int8 at batch 8 beside the reading threads, 2-core Xeon: 62-64 img/s against 59-61 collected
+    batch by batch; ``research/pipeline/ov_classifier_streams.py``)."""
     if options.batch_size < 1:
         raise CxrUsageError("--batch-size must be at least 1")
     batch_size = min(options.batch_size, backend.limits.max_batch)
-    get_explainer = explainer.get if isinstance(explainer, OpeningExplainer) else lambda: explainer
     times = times if times is not None else StageTimes()
     ahead = max(2 * batch_size, options.workers)
     reading = prepared_in_order(
@@ -249,43 +301,81 @@ def predict_stream(
         desc="explain" if explainer else "predict",
         disable=len(paths) < 2 or not log.isEnabledFor(logging.INFO),
     )
+    overlap = backend.runs_ahead and not (explainer is not None and options.explain)
+    in_flight: _Batch | None = None
     try:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            prepared = [next(reading) for _ in chunk]
-            records = [_record(path, backend, options.bundle_digest) for path in chunk]
-            for record, item in zip(records, prepared):
-                record["warnings"], record["error"] = list(item.warnings), item.error
-                times.decode_s += item.decode_s
-                times.preprocess_s += item.preprocess_s
-            images = [item.image for item in prepared]
-            good = [i for i, image in enumerate(images) if image is not None]
-            started = time.perf_counter()
-            answers = (
-                classify_outputs(backend, [images[i] for i in good], [chunk[i] for i in good]) if good else []
-            )
-            times.infer_s += time.perf_counter() - started
-            times.images += len(chunk)
-            rows: dict[int, Answer] = {}
-            for i, answer in zip(good, answers):
-                if isinstance(answer, str):
-                    records[i]["error"] = answer
-                elif label_record(records[i], answer[0], classes, options.top_k):
-                    rows[i] = answer
-            gate_records(options.gate, records, rows, {i: prepared[i].stats for i in rows}, options.strict)
-            for i, record in enumerate(records):
-                if i in rows and record["label"] is not None and explainer is not None and options.explain:
-                    started = time.perf_counter()
-                    ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
-                    _explain_into(
-                        record, images[i], chunk[i], bundle, ready, options, int(np.argmax(rows[i][0]))
-                    )
-                    times.explain_s += time.perf_counter() - started
-                bar.update(1)
-                yield record
+            previous, in_flight = in_flight, _start_batch(chunk, reading, backend, options, times)
+            if previous is not None:
+                yield from _finish_batch(previous, bundle, options, explainer, times, bar)
+            if not overlap:
+                current, in_flight = in_flight, None
+                yield from _finish_batch(current, bundle, options, explainer, times, bar)
+        if in_flight is not None:
+            last, in_flight = in_flight, None
+            yield from _finish_batch(last, bundle, options, explainer, times, bar)
     finally:
+        if in_flight is not None:
+            in_flight.classifying.drop()
         bar.close()
         reading.close()
+
+
+def _start_batch(
+    chunk: list[Path],
+    reading: Iterator[Prepared],
+    backend: Backend,
+    options: PredictOptions,
+    times: StageTimes,
+) -> _Batch:
+    """Read a batch (from the reading threads) and start it on the backend."""
+    prepared = [next(reading) for _ in chunk]
+    records = [_record(path, backend, options.bundle_digest) for path in chunk]
+    for record, item in zip(records, prepared):
+        record["warnings"], record["error"] = list(item.warnings), item.error
+        times.decode_s += item.decode_s
+        times.preprocess_s += item.preprocess_s
+    good = [i for i, item in enumerate(prepared) if item.image is not None]
+    started = time.perf_counter()
+    classifying = Classifying(backend, [prepared[i].image for i in good], [chunk[i] for i in good])
+    times.infer_s += time.perf_counter() - started
+    return _Batch(paths=chunk, prepared=prepared, records=records, classifying=classifying)
+
+
+def _finish_batch(
+    batch: _Batch,
+    bundle: Bundle,
+    options: PredictOptions,
+    explainer: ExplainerBackend | OpeningExplainer | None,
+    times: StageTimes,
+    bar: tqdm,
+) -> Iterator[dict[str, Any]]:
+    """Wait for a batch's answers, label, gate and explain its records, and yield them in order."""
+    started = time.perf_counter()
+    answers = batch.classifying.answers()
+    times.infer_s += time.perf_counter() - started
+    times.images += len(batch.paths)
+    good = [i for i, item in enumerate(batch.prepared) if item.image is not None]
+    records, classes = batch.records, bundle.card.classes
+    rows: dict[int, Answer] = {}
+    for i, answer in zip(good, answers):
+        if isinstance(answer, str):
+            records[i]["error"] = answer
+        elif label_record(records[i], answer[0], classes, options.top_k):
+            rows[i] = answer
+    gate_records(options.gate, records, rows, {i: batch.prepared[i].stats for i in rows}, options.strict)
+    get_explainer = explainer.get if isinstance(explainer, OpeningExplainer) else lambda: explainer
+    for i, record in enumerate(records):
+        if i in rows and record["label"] is not None and explainer is not None and options.explain:
+            started = time.perf_counter()
+            ready = get_explainer()  # outside the try: an explainer that cannot open stops the run
+            image = batch.prepared[i].image
+            label = int(np.argmax(rows[i][0]))
+            _explain_into(record, image, batch.paths[i], bundle, ready, options, label)
+            times.explain_s += time.perf_counter() - started
+        bar.update(1)
+        yield record
 
 
 def _explain_into(

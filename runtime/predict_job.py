@@ -373,7 +373,8 @@ def _open_local(job: PredictJob, bundle: Bundle, images: int) -> tuple[Any, str,
     """The classifier, and with an explanation the explainer opening beside it from the start: its warm-up
     (the cuDNN search on a GPU) is the longest part of the first answer, so it overlaps the classifier's open
     and the first batch. Once the classifier is open the explainer must match its backend and precision.
-    ``images``: the job's size (a short one opens the explainer with a quicker search)."""
+    ``images``: the job's size (a short one opens the explainer with a quicker search). The classifier is
+    made ready for the job's batches as part of its open."""
     from cxr.runtime.backends.select import open_classifier, open_explainer
 
     precision = job.precision or "fp32"
@@ -382,12 +383,17 @@ def _open_local(job: PredictJob, bundle: Bundle, images: int) -> tuple[Any, str,
         if job.explain
         else None
     )
+    classifier = None
     try:
         classifier, reason = open_classifier(bundle, job.backend, precision, maps=job.explain)
+        ready = classifier.ready_for(min(job.batch_size, images))  # the first batch's compile, paid here
     except BaseException:
+        if classifier is not None:
+            classifier.close()
         if explainer is not None:
             explainer.close()
         raise
+    reason += f"; {ready}" if ready else ""
     if explainer is not None:
         explainer.match(
             classifier.name,

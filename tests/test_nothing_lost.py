@@ -168,11 +168,11 @@ def test_resume_refuses_records_of_another_bundle(bundle, films, tmp_path):
 SLOW_RUN = """
 import sys, time
 import cxr.runtime.predict as predict
-real = predict.classify_outputs
-def classify_outputs(*args):
+real = predict.Classifying.answers
+def answers(self):
     time.sleep(0.4)
-    return real(*args)
-predict.classify_outputs = classify_outputs
+    return real(self)
+predict.Classifying.answers = answers
 from cxr.runtime.cli import main
 sys.argv = ["cxr-run", *sys.argv[1:]]
 main()

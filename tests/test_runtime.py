@@ -223,8 +223,8 @@ def test_batches_stream_within_the_backend_limit(bundle, phantoms):
     opened = Bundle.open(bundle)
     backend = OrtBackend(opened.onnx_path("model", "fp32"), "fp32", max_batch=4)
     sizes = []
-    original = backend.run_outputs
-    backend.run_outputs = lambda batch: sizes.append(len(batch)) or original(batch)
+    original = backend.start_outputs
+    backend.start_outputs = lambda batch: sizes.append(len(batch)) or original(batch)
     paths = sorted(phantoms.rglob("*.png"))[:11]
     records = list(predict_stream(paths, opened, backend, PredictOptions(batch_size=16)))
     assert sizes == [4, 4, 3] and [r["path"] for r in records] == [str(p) for p in paths]

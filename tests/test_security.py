@@ -67,13 +67,13 @@ def test_nan_probabilities_are_an_error_not_covid(bundle, phantoms, monkeypatch)
 
     opened = Bundle.open(bundle)
     backend = OrtBackend(opened.onnx_path("model", "fp32"), "fp32")
-    real = backend.run_outputs
+    real = backend._run_outputs  # what run_outputs and start_outputs both call
 
     def half_nan(batch):
         probs, features = real(batch)
         return np.where(np.arange(len(batch))[:, None] == 1, np.nan, probs), features
 
-    monkeypatch.setattr(backend, "run_outputs", half_nan)
+    monkeypatch.setattr(backend, "_run_outputs", half_nan)
     paths = sorted((phantoms / "normal").glob("*.png"))[:3]
     records = list(predict_stream(paths, opened, backend, PredictOptions()))
     assert [r["label"] is None for r in records] == [False, True, False]

@@ -7,6 +7,7 @@ graphs), so the helpers here keep shapes fixed: a short batch is padded and the 
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,18 +146,34 @@ class Backend(_Contract):
     """Classifier: ``run(N x 1 x S x S uint8) -> N x classes float32``, N within ``limits``; checked here once
     for every backend, which implements ``_run``."""
 
+    runs_ahead: bool = False  # start_outputs returns while the batch runs: predict keeps one in flight
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.run_outputs(batch)[0]
 
     def run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Probabilities and, where the graph emits them, the out-of-distribution gate's features (else
         None), from one call."""
+        self._check_batch(batch)
+        return self._run_outputs(batch)
+
+    def start_outputs(self, batch: np.ndarray) -> Callable[[], tuple[np.ndarray, np.ndarray | None]]:
+        """``run_outputs`` started: the returned call waits for and gives its outputs (and raises its
+        fault). A backend that can run a batch while the host reads the next (OpenVINO's parallel streams)
+        returns at once; the others have run it before returning."""
+        self._check_batch(batch)
+        return self._start_outputs(batch)
+
+    def _start_outputs(self, batch: np.ndarray) -> Callable[[], tuple[np.ndarray, np.ndarray | None]]:
+        outputs = self._run_outputs(batch)
+        return lambda: outputs
+
+    def _check_batch(self, batch: np.ndarray) -> None:
         _check_uint8(batch, "a classifier batch", 4)
         if batch.shape[1] != 1 or batch.shape[2] != batch.shape[3]:
             raise ValueError(f"a classifier batch is N x 1 x S x S, got {batch.shape}")
         if not 1 <= len(batch) <= self.limits.max_batch:
             raise ValueError(f"{len(batch)} images exceed this backend's batch of 1..{self.limits.max_batch}")
-        return self._run_outputs(batch)
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray: ...
@@ -181,6 +198,12 @@ class Backend(_Contract):
     def features_width(self) -> int | None:
         """How many gate features the graph emits per image (None: a graph exported before them)."""
         return None
+
+    def ready_for(self, batch: int) -> str:
+        """Make calls of ``batch`` images ready before the first input, so a job's open pays for what its
+        first batch would (OpenVINO compiles each batch shape); returns what the run's backend line should
+        add ('' for nothing)."""
+        return ""
 
 
 class ExplainerBackend(_Contract):

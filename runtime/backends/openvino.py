@@ -7,23 +7,32 @@ where ONNX Runtime's own int8 is slower than its fp32.
 read from their verified bytes and compiled for fixed shapes, one compiled model per shape, kept: the
 classifier per power-of-two batch bucket, the explainer for its one padded LIME batch.
 
-The explainer's batch is split over parallel OpenVINO streams (throughput mode): on the 2-core EPYC, a
-dpn92_se explanation with 2 streams took 0.86x the time of one 2-thread stream, same weights, interleaved in
-one process (``research/lime/ov_streams.py``, ``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224``).
-The classifier keeps latency mode: one image at a time is what a bedside request needs.
+Batches are split over parallel OpenVINO streams (throughput mode). The explainer's:
+on the 2-core EPYC, a dpn92_se explanation with 2 streams took 0.86x the time of one 2-thread stream, same
+weights, interleaved in one process (``research/lime/ov_streams.py``,
+``benchmarks/results/cpu-2core/lime-auto/dpn92_se-224``). The classifier's, when each stream gets at
+least ``MIN_STREAM_ROWS`` images: on the 2-core Xeon with AMX, int8 dpn92_se at batch 8 ran 67-69 img/s on 2
+streams (the batch in 4 parts) against 54-60 on one 2-thread stream, and beside predict's reading threads
+62-64 img/s with the next batch started before the last is collected against 53-55 (interleaved, one
+process: ``research/pipeline/ov_classifier_streams.py``,
+``benchmarks/results/cpu-2core-amx/issue35/pipeline-ahead/``). One image, a bedside request, keeps latency
+mode.
 
 Parallel streams must give one stream's numbers. On the 2-core AVX2 EPYC (no VNNI, OpenVINO 2026.4), an int8
 explainer compiled for 2 streams came out wrong in 1 to 2 process starts of 6-8, more often under load:
 every row off by up to 0.37 (dpn92_se) or 0.98 (the test model) in probability against ONNX Runtime, for the
-whole life of that compile, while one stream matched ONNX Runtime every time; fp32 never did this. So int8
-runs one stream, and for the other precisions the open runs one probe batch both ways and keeps the streams
-only if they agree (``STREAMS_AGREE``), else it runs one stream; the provider string says which.
+whole life of that compile, while one stream matched ONNX Runtime every time; fp32 never did this. So the
+int8 explainer runs one stream. Every other split compile, the classifier's int8 included, runs one probe
+batch both ways when it is made and is kept only if the streams give one stream's answers
+(``STREAMS_AGREE``), else that batch size runs one stream; the provider string (explainer) or the run's
+backend line (classifier) says which. (On the Xeon with AMX the two agree bit for bit at every precision.)
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +66,14 @@ EXPLAIN_STREAMS_MAX = 4
 # precision: f32, except for the bf16 format (the fp32 graph in bf16, held to its own parity result), which is
 # refused on CPUs without the instructions and checked on the compiled model.
 COMPUTE = {"bf16": "bf16"}  # precision -> INFERENCE_PRECISION_HINT; every other precision computes f32
+# a classifier call's probabilities, and the gate's features where the graph has them
+Outputs = tuple[np.ndarray, np.ndarray | None]
 STREAMS_AGREE = 1e-4  # largest probability difference allowed between parallel streams and one stream
+MIN_STREAM_ROWS = 4  # a classifier batch is split over streams only when each stream gets this many images
+# A parallel compile that disagrees with one stream is compiled anew up to this many times in all: each
+# compile is right or wrong for its whole life, and under load about half of int8's were wrong (2-core Xeon)
+STREAM_COMPILES = 3
+JOBS_PER_STREAM = 2  # ... in twice as many parts as streams (2 images a request ran as fast as 4: Xeon, int8)
 
 
 def openvino_available() -> bool:
@@ -68,15 +84,21 @@ def import_openvino() -> Any:
     return require("openvino", "the OpenVINO backend")
 
 
-def explain_streams(cores: int | None = None, batch: int = EXPLAIN_BATCH) -> int:
-    """Parallel streams for LIME batches: the largest power of two within the usable cores, at most
-    EXPLAIN_STREAMS_MAX (each stream keeps a few threads and several rows), and dividing ``batch``."""
+def parallel_streams(rows: int, cores: int | None = None, min_rows: int = 1) -> int:
+    """Streams for a batch of ``rows``: the largest power of two within the usable cores, at most
+    EXPLAIN_STREAMS_MAX (each stream keeps a few threads), giving each stream at least ``min_rows`` rows, and
+    dividing ``rows``."""
     if cores is None:  # the cores this process may use (no affinity call on macOS or Windows)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    streams = 1 << (max(1, min(cores, EXPLAIN_STREAMS_MAX, batch)).bit_length() - 1)
-    while batch % streams:
+    streams = 1 << (max(1, min(cores, EXPLAIN_STREAMS_MAX, rows // min_rows)).bit_length() - 1)
+    while rows % streams:
         streams //= 2
     return streams
+
+
+def explain_streams(cores: int | None = None, batch: int = EXPLAIN_BATCH) -> int:
+    """Parallel streams for LIME batches (``parallel_streams`` of the fixed batch)."""
+    return parallel_streams(batch, cores)
 
 
 class _Compiled:
@@ -99,7 +121,9 @@ class _Compiled:
         self.metadata = onnx_metadata(data)
         self.output_names = {name for output in self.model.outputs for name in output.get_names()}
         self.path = path
-        self._requests: dict[tuple, Any] = {}
+        self._requests: dict[tuple, Any] = {}  # shapes -> the latency-mode compile's request
+        # (streams, parts, shapes) -> a throughput-mode compile and its idle request sets, one request a part
+        self._parallel: dict[tuple, tuple[Any, list[list[Any]]]] = {}
 
     def _compile(self, shapes: dict[str, tuple[int, ...]], config: dict[str, str]) -> Any:
         model = self.model.clone()
@@ -133,53 +157,95 @@ class _Compiled:
         """Drop the latency-mode compile for ``shapes`` (its memory), if there is one."""
         self._requests.pop(self._latency_key(shapes), None)
 
-    def queue(self, shapes: dict[str, tuple[int, ...]], streams: int) -> Any:
-        """An AsyncInferQueue of ``streams`` requests on a throughput-mode model with that many streams."""
-        key = (streams, *sorted(shapes.items()))
-        if key not in self._requests:
+    def forget_parallel(self, shapes: dict[str, tuple[int, ...]], streams: int, jobs: int) -> None:
+        """Drop the parallel compile for ``shapes`` (a part's), if there is one."""
+        self._parallel.pop((streams, jobs, *sorted(shapes.items())), None)
+
+    def _request_set(self, shapes: dict[str, tuple[int, ...]], streams: int, jobs: int) -> tuple[tuple, list]:
+        """An idle set of ``jobs`` requests of the throughput-mode compile with ``streams`` streams for
+        ``shapes`` (compiled once; a new set when every set is busy with a batch still running)."""
+        key = (streams, jobs, *sorted(shapes.items()))
+        if key not in self._parallel:
             config = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(streams)}
-            self._requests[key] = self.ov.AsyncInferQueue(self._compile(shapes, config), streams)
-        return self._requests[key]
+            self._parallel[key] = (self._compile(shapes, config), [])
+        compiled, idle = self._parallel[key]
+        return key, idle.pop() if idle else [compiled.create_infer_request() for _ in range(jobs)]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.run_outputs(feeds)[0]
 
-    def run_outputs(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _features_index(self) -> int | None:
+        """Which output is the gate's features (None: a graph exported before them)."""
+        return next(
+            (i for i, output in enumerate(self.model.outputs) if FEATURES in output.get_names()), None
+        )
+
+    def run_outputs(self, feeds: dict[str, np.ndarray]) -> Outputs:
         """The first output and, where the graph has it, the features output (copies: the request reuses
         its buffers)."""
         request = self.request({name: value.shape for name, value in feeds.items()})
-        results = request.infer(feeds)
-        first = np.array(results[0], dtype=np.float32)
-        if FEATURES not in self.output_names:
+        request.infer(feeds)
+        return self._outputs_of(request)
+
+    def _outputs_of(self, request: Any) -> Outputs:
+        first = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+        index = self._features_index()
+        if index is None:
             return first, None
-        features = next(value for port, value in results.items() if FEATURES in port.get_names())
-        return first, np.array(features, dtype=np.float32)
+        return first, np.array(request.get_output_tensor(index).data, dtype=np.float32)
 
     def run_split(self, feeds: dict[str, np.ndarray], split: str, streams: int) -> np.ndarray:
-        """``feeds[split]`` cut into ``streams`` equal parts, run side by side; outputs in row order."""
-        if streams == 1:
-            return self.run(feeds)
-        parts = np.split(feeds[split], streams)
-        queue = self.queue({**{n: v.shape for n, v in feeds.items()}, split: parts[0].shape}, streams)
-        outputs: list[np.ndarray | None] = [None] * streams
+        return self.run_split_outputs(feeds, split, streams)[0]
 
-        def keep(request: Any, index: int) -> None:
-            outputs[index] = np.array(request.get_output_tensor(0).data, dtype=np.float32)
+    def run_split_outputs(
+        self, feeds: dict[str, np.ndarray], split: str, streams: int, jobs: int | None = None
+    ) -> Outputs:
+        """``start_split`` and wait for it."""
+        return self.start_split(feeds, split, streams, jobs)()
 
-        queue.set_callback(keep)
-        for index, part in enumerate(parts):
-            queue.start_async({**feeds, split: part}, index)
-        queue.wait_all()
-        if any(output is None for output in outputs):
-            raise CxrError(f"{self.path}: an OpenVINO stream returned no output")
-        return np.concatenate(outputs)
+    def start_split(
+        self, feeds: dict[str, np.ndarray], split: str, streams: int, jobs: int | None = None
+    ) -> Callable[[], Outputs]:
+        """Start ``feeds[split]`` cut into ``jobs`` (default ``streams``) equal parts on ``streams`` parallel
+        streams; the returned call waits and gives the outputs in row order. More parts than streams
+        balance the streams: one that a reading thread slowed takes fewer parts, instead of the other's core
+        idling at the end of the batch; and a batch started before the last is collected keeps both busy
+        across batches."""
+        jobs = jobs or streams
+        if jobs == 1:
+            outputs = self.run_outputs(feeds)
+            return lambda: outputs
+        parts = np.split(feeds[split], jobs)
+        key, requests = self._request_set(
+            {**{n: v.shape for n, v in feeds.items()}, split: parts[0].shape}, streams, jobs
+        )
+        # no completion callback: a Python callback needs the GIL, which a reading thread may hold for a
+        # switch interval (5 ms) while the stream waits
+        for request, part in zip(requests, parts):
+            request.start_async({**feeds, split: part})
+
+        def outputs() -> Outputs:
+            try:
+                for request in requests:
+                    request.wait()
+                done = [self._outputs_of(request) for request in requests]
+            finally:
+                if key in self._parallel:
+                    self._parallel[key][1].append(requests)
+            features = [f for _, f in done]
+            joined = None if any(f is None for f in features) else np.concatenate(features)
+            return np.concatenate([p for p, _ in done]), joined
+
+        return outputs
 
 
 class OvBackend(Backend):
-    """Classifier; a short batch runs at a power-of-two bucket, each bucket compiled once."""
+    """Classifier; a short batch runs at a power-of-two bucket, each bucket compiled once; a bucket with at
+    least ``MIN_STREAM_ROWS`` images a stream runs on parallel streams once they gave one stream's answers."""
 
     name = "openvino"
     device = "cpu"
+    runs_ahead = True
 
     def __init__(self, path: Path, precision: str, data: bytes | None = None, max_batch: int = 64) -> None:
         self.graph = _Compiled(path, data, precision)
@@ -188,6 +254,7 @@ class OvBackend(Backend):
         self.metadata = self.graph.metadata
         self.input_name = self.graph.model.inputs[0].get_any_name()
         self.limits = BatchLimits(1, max_batch)
+        self._streams: dict[int, tuple[int, int, str]] = {}  # rows -> (streams, parts, why one stream)
 
     @property
     def features_width(self) -> int | None:
@@ -196,15 +263,76 @@ class OvBackend(Backend):
         shape = self.graph.model.output(FEATURES).get_partial_shape()
         return int(shape[-1].get_length()) if shape[-1].is_static else None
 
+    def ready_for(self, batch: int) -> str:
+        """Compile (and check) what batches of ``batch`` images run on, before the first input."""
+        rows = bucket(min(batch, self.limits.max_batch), self.limits)
+        self._run_outputs(np.zeros((rows, 1, *self._image_shape()), dtype=np.uint8))
+        streams, _, why = self._streams[rows]
+        plural = "s" * (streams > 1)
+        return f"batches of {rows} on {streams} stream{plural}{why}"
+
+    def _image_shape(self) -> tuple[int, int]:
+        shape = self.graph.model.inputs[0].get_partial_shape()
+        if not (shape[-1].is_static and shape[-2].is_static):
+            raise CxrError(f"{self.graph.path}: the classifier's image input has no fixed size ({shape})")
+        return int(shape[-2].get_length()), int(shape[-1].get_length())
+
+    def streams_for(self, rows: int) -> tuple[int, int]:
+        """(streams, parts) for a call of ``rows`` images, decided the first time by a probe batch both
+        ways."""
+        if rows not in self._streams:
+            streams = parallel_streams(rows, min_rows=MIN_STREAM_ROWS)
+            parts = streams * JOBS_PER_STREAM
+            jobs = parts if streams > 1 and rows % parts == 0 else streams
+            differ = None
+            for _ in range(STREAM_COMPILES if streams > 1 else 0):
+                differ = self._streams_differ(rows, streams, jobs)
+                if differ is None:
+                    break
+                job_shape = (rows // jobs, 1, *self._image_shape())
+                self.graph.forget_parallel({self.input_name: job_shape}, streams, jobs)  # compile anew
+            self._streams[rows] = (streams, jobs, "") if differ is None else (1, 1, f" ({differ})")
+        return self._streams[rows][:2]
+
+    def _streams_differ(self, rows: int, streams: int, jobs: int, seed: int = 0) -> str | None:
+        """A seeded random batch of ``rows`` on the parallel streams and, one image at a time, on the one
+        stream the open's known answers ran on: None if no probability or feature differs by more than
+        STREAMS_AGREE (features relative to their largest value), else what differed."""
+        rng = np.random.default_rng(seed)
+        pixels = rng.integers(0, 256, (rows, 1, *self._image_shape()), dtype=np.uint8)
+        parallel = self.graph.run_split_outputs({self.input_name: pixels}, self.input_name, streams, jobs)
+        singles = [self.graph.run_outputs({self.input_name: image[None]}) for image in pixels]
+        probs = np.abs(parallel[0] - np.concatenate([p for p, _ in singles])).max()
+        features = 0.0
+        if parallel[1] is not None:
+            single_features = np.concatenate([f for _, f in singles])
+            scale = max(1.0, float(np.abs(single_features).max()))
+            features = float(np.abs(parallel[1] - single_features).max()) / scale
+        if probs <= STREAMS_AGREE and features <= STREAMS_AGREE:
+            return None
+        return (
+            f"{streams} parallel streams disagreed with one stream on a probe batch in {STREAM_COMPILES} "
+            f"compiles, the last by max |dprob| {probs:.2g}, features {features:.2g} of their largest"
+        )
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
         return self._run_outputs(batch)[0]
 
-    def _run_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _run_outputs(self, batch: np.ndarray) -> Outputs:
+        return self._start_outputs(batch)()
+
+    def _start_outputs(self, batch: np.ndarray) -> Callable[[], Outputs]:
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         count = len(batch)
         padded = pad_rows(batch, bucket(count, self.limits))
-        probs, features = self.graph.run_outputs({self.input_name: padded})
-        return probs[:count], None if features is None else features[:count]
+        streams, jobs = self.streams_for(len(padded))
+        wait = self.graph.start_split({self.input_name: padded}, self.input_name, streams, jobs)
+
+        def outputs() -> Outputs:
+            probs, features = wait()
+            return probs[:count], None if features is None else features[:count]
+
+        return outputs
 
 
 class OvExplainer(ExplainerBackend):
