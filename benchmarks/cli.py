@@ -276,6 +276,9 @@ def pipeline(
     batch_size: int = typer.Option(16, help="Images per backend call, for both."),
     workers: str = typer.Option("1,2", help="Reading-thread counts to measure predict with."),
     limit: Optional[int] = typer.Option(None, help="Use at most this many images."),
+    rounds: int = typer.Option(
+        1, help="Rounds of predict runs, the backend alone measured between them (a shared host drifts)."
+    ),
     out: Path = typer.Option(Path("bench-results/pipeline"), "--out", help="Folder for pipeline.json/.md."),
 ) -> None:
     """End-to-end img/s of predict on a folder against the backend alone at the same batch, in one run,
@@ -283,7 +286,7 @@ def pipeline(
     from cxr.bench.pipeline import markdown, run_pipeline
 
     counts = tuple(parse_int_list(workers, "--workers"))
-    report = run_pipeline(model, inputs, out, backend, precision, batch_size, counts, limit)
+    report = run_pipeline(model, inputs, out, backend, precision, batch_size, counts, limit, rounds)
     print(markdown(report), end="")
 
 

@@ -44,14 +44,24 @@ def test_bench_pipeline_compares_predict_with_the_backend_alone(bundle, phantoms
         "1,2",
         "--batch-size",
         "8",
+        "--rounds",
+        "2",
         "--out",
         str(tmp_path / "out"),
     )
     report = json.loads((tmp_path / "out" / "pipeline.json").read_text())
-    assert report["backend_alone"]["images"] == 24 and [r["workers"] for r in report["end_to_end"]] == [1, 2]
-    runs = report["backend_alone"][
-        "runs_images_per_s"
-    ]  # before and after predict; the ratio is to their mean
-    assert len(runs) == 2 and abs(report["backend_alone"]["images_per_s"] - sum(runs) / 2) < 1e-9
-    assert all(r["images"] == 24 and r["failed"] == 0 for r in report["end_to_end"])
-    assert "| predict, 2 reading thread(s) |" in result.stdout
+    rows = report["end_to_end"]
+    assert report["backend_alone"]["images"] == 24
+    assert [(r["workers"], r["round"]) for r in rows] == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    alone = report["backend_alone"]["runs_images_per_s"]  # before, between and after the rounds
+    assert len(alone) == 3 and abs(report["backend_alone"]["images_per_s"] - sum(alone) / 3) < 1e-9
+    for row in rows:  # each run against the backend alone just before and after its round
+        around = (alone[row["round"]] + alone[row["round"] + 1]) / 2
+        assert abs(row["vs_backend"] - row["images_per_s"] / around) < 1e-9
+    assert all(r["images"] == 24 and r["failed"] == 0 for r in rows)
+    for summary in report["summary"]:
+        ratios = sorted(r["vs_backend"] for r in rows if r["workers"] == summary["workers"])
+        assert summary["rounds"] == 2 and abs(summary["median_vs_backend"] - sum(ratios) / 2) < 1e-9
+        assert (summary["min_vs_backend"], summary["max_vs_backend"]) == (ratios[0], ratios[1])
+    assert "| predict, 2 reading thread(s), round 2 |" in result.stdout
+    assert "| reading threads | rounds | median vs backend | range |" in result.stdout
