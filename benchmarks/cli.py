@@ -257,12 +257,18 @@ def ood(
         False, "--compare", help="Also fit and measure the candidate gates on the run's training films."
     ),
     seed: int = typer.Option(0, help="Seed of the crops and turns of the non-chest images."),
+    precision: str = typer.Option(
+        "fp32",
+        "--precision",
+        help="The graph whose features the gate reads (int8: the parts its export kept).",
+    ),
 ) -> None:
     """AUROC and share flagged of the gate per kind of non-chest image (photographs, documents, textures,
     CT/MR/US frames, other anatomy, rotated films) against the run's validation films, and its cost."""
     from cxr.bench.ood import markdown, run_ood
+    from cxr.runtime.bundle import check_precision
 
-    print(markdown(run_ood(model, run, data, out, compare, seed)), end="")
+    print(markdown(run_ood(model, run, data, out, compare, seed, check_precision(precision))), end="")
 
 
 @app.command()

@@ -187,7 +187,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Out-of-distribution gate: {report['gate']['method']}",
         "",
-        f"Bundle `{report['bundle']}`, {report['cpu']}; threshold {report['gate']['threshold']:.3g} "
+        f"Bundle `{report['bundle']}` at {report.get('precision', 'fp32')}, {report['cpu']}; "
+        f"threshold {report['gate']['threshold']:.3g} "
         f"(keeps {report['gate']['keep']:.0%} of the validation films in sample).",
         "",
         "| kind | n | AUROC | flagged |",
@@ -223,7 +224,13 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def run_ood(
-    bundle_dir: Path, run: Path, data: Path, out: Path, compare: bool = False, seed: int = 0
+    bundle_dir: Path,
+    run: Path,
+    data: Path,
+    out: Path,
+    compare: bool = False,
+    seed: int = 0,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """The whole benchmark; writes ``ood.json`` and ``ood.md`` into ``out`` and returns the report."""
     from cxr.bench.environment import environment
@@ -233,9 +240,9 @@ def run_ood(
     from cxr.train.run import read_split
 
     bundle = Bundle.open(bundle_dir)
-    gate = bundle_gate(bundle)
+    gate = bundle_gate(bundle, precision)
     if gate is None:
-        raise CxrError(f"{bundle_dir}: no out-of-distribution gate to measure")
+        raise CxrError(f"{bundle_dir}: no out-of-distribution gate to measure at {precision}")
     split = read_split(run)
     if split is None:
         raise CxrError(f"{run}: no split.json (the run's validation films are the in-distribution set)")
@@ -245,7 +252,7 @@ def run_ood(
     out.mkdir(parents=True, exist_ok=True)
     sets = write_ood_sets(out / "ood_images", seed)
     sets["rotated_chest"] = write_rotated(val_paths[:60], out / "ood_images", seed)
-    backend, reason = open_classifier(bundle, "auto", "fp32")
+    backend, reason = open_classifier(bundle, "auto", precision)
     with backend:
         val = encode(val_paths, bundle, backend, "validation films")
         kinds = {kind: encode(paths, bundle, backend, kind) for kind, paths in sets.items()}
@@ -253,7 +260,8 @@ def run_ood(
             "bundle": str(bundle_dir),
             "backend": reason,
             "cpu": f"{environment()['cpu']} ({environment()['cpu_vector']})",
-            "gate": bundle.card.ood,
+            "gate": {**bundle.card.ood, "method": gate.method, "threshold": gate.threshold},
+            "precision": precision,
             "shipped": kind_table(gate_scorer(gate), gate.threshold, val, kinds, gate.keep),
             "cost": gate_cost(gate, val),
         }

@@ -11,13 +11,17 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
-from cxr.runtime.card import Preprocessing
+from cxr.runtime.card import Card, Preprocessing
 from cxr.runtime.errors import CxrError, CxrUsageError
+from cxr.runtime.ood import GATE_FILE
+from cxr.runtime.reading import Prepared
 from cxr.runtime.safe_io import atomic_output
 from tqdm import tqdm
+
+T = TypeVar("T")
 
 
 class FeedReader:
@@ -158,19 +162,42 @@ def draw_images(
     folder: Path, size: int, count: int, seed: int, pre: Preprocessing | None = None
 ) -> list[np.ndarray]:
     """Up to ``count`` readable images from ``folder`` in a seeded random order (unreadable files skipped)."""
-    from cxr.runtime.inputs import expand_inputs
     from cxr.runtime.preprocess import load_and_preprocess
 
-    paths = expand_inputs([str(folder)])
-    images: list[np.ndarray] = []
-    for index in np.random.default_rng(seed).permutation(len(paths)):
+    def read(path: Path) -> np.ndarray | None:
         try:
-            images.append(load_and_preprocess(paths[index], size, pre=pre))
+            return load_and_preprocess(path, size, pre=pre)
         except CxrError:
+            return None
+
+    return _draw(folder, count, seed, read)
+
+
+def draw_films(folder: Path, card: Card, count: int, seed: int) -> list[Prepared]:
+    """``draw_images``'s films, read as predict reads them: each image with the statistics the gate reads."""
+    from cxr.runtime.preprocess import DEFAULT_MAX_PIXELS
+    from cxr.runtime.reading import prepare
+
+    def read(path: Path) -> Prepared | None:
+        film = prepare(path, str(path), card, DEFAULT_MAX_PIXELS)
+        return film if film.image is not None else None
+
+    return _draw(folder, count, seed, read)
+
+
+def _draw(folder: Path, count: int, seed: int, read: Callable[[Path], T | None]) -> list[T]:
+    from cxr.runtime.inputs import expand_inputs
+
+    paths = expand_inputs([str(folder)])
+    drawn: list[T] = []
+    for index in np.random.default_rng(seed).permutation(len(paths)):
+        item = read(paths[index])
+        if item is None:
             continue
-        if len(images) == count:
+        drawn.append(item)
+        if len(drawn) == count:
             break
-    return images
+    return drawn
 
 
 def export_int8(
@@ -230,14 +257,16 @@ def _write_int8(
     from cxr.runtime.bundle import onnx_name
     from cxr.runtime.card import file_parity_label, forget_parity, record_files
 
-    size, pre = opened.card.input.size, opened.card.preprocessing
+    size = opened.card.input.size
     drawn = samples + (check if check_data is None else 0)
-    images = draw_images(calib, size, drawn, seed, pre)
-    if not images:
+    films = draw_films(calib, opened.card, drawn, seed)
+    if not films:
         raise CxrError(f"{calib}: no readable calibration images")
-    calib_images, check_images = images[:samples], images[samples:]
+    calib_films, check_films = films[:samples], films[samples:]
     if check_data is not None and check:
-        check_images = draw_images(check_data, size, check, seed, pre)
+        check_films = draw_films(check_data, opened.card, check, seed)
+    images = [film.image for film in films]
+    calib_images, check_images = [f.image for f in calib_films], [f.image for f in check_films]
     if check and len(check_images) < 8:
         source = (
             f"{check_data}: {len(check_images)} readable images"
@@ -280,9 +309,45 @@ def _write_int8(
     speed = cpu_speed(src, dst, np.ascontiguousarray(calib_images[0][None, None]))
     notes["speed_cpu"] = speed
     provenance = {**opened.card.provenance, "int8": {**notes, "images": len(calib_images)}}
-    card = record_known_answers(opened.folder, opened.card.replace(provenance=provenance), written)
+    card = opened.card.replace(provenance=provenance)
+    if opened.has(GATE_FILE):
+        card = card.replace(ood=gate_at_int8(opened, src, dst, check_films or calib_films, log))
+    card = record_known_answers(opened.folder, card, written)
     record_files(opened.folder, forget_parity(card, [file_parity_label("int8")]), written)
     return written, notes
+
+
+def gate_at_int8(opened: Any, fp32: Path, int8: Path, films: list[Prepared], log: Any) -> dict[str, Any]:
+    """The card's ``ood`` section with what int8 does to the gate, measured on ``films`` through both graphs
+    (``cxr.runtime.ood_precision``): the parts int8 keeps, how far each moved, how often it still decides
+    alike."""
+    from cxr.runtime.backends.onnxruntime import CPU_EP, OrtBackend
+    from cxr.runtime.ood import Gate
+    from cxr.runtime.ood_precision import precision_entry
+
+    gate = Gate.from_bytes(opened.verified_bytes(GATE_FILE), GATE_FILE)
+    batch = np.stack([film.image for film in films])[:, None]
+    outputs = {}
+    for path, precision in ((fp32, "fp32"), (int8, "int8")):
+        with OrtBackend(path, precision, providers=[CPU_EP]) as backend:
+            outputs[precision] = backend.run_outputs_chunked(batch)[1]
+    if outputs["fp32"] is None or outputs["int8"] is None:
+        entry: dict[str, Any] = {"parts": None, "why": "the graphs emit no features"}
+    else:
+        entry = precision_entry(gate, outputs["fp32"], outputs["int8"], np.stack([f.stats for f in films]))
+    if entry["parts"]:
+        left = [name for name in entry["drift_p95"] if name not in entry["parts"]]
+        log(
+            f"out-of-distribution gate with int8: reads {' + '.join(entry['parts'])}"
+            + (f" ({', '.join(left)} moved too far under int8)" if left else "")
+            + f"; decides as on fp32 features for {entry['agreement']:.0%} of {entry['films']} held-out films"
+        )
+    else:
+        log(
+            f"out-of-distribution gate with int8: none ({entry['why']}); int8 records will carry no ood_score"
+        )
+    precisions = {**(opened.card.ood.get("precisions") or {}), "int8": entry}
+    return {**opened.card.ood, "precisions": precisions}
 
 
 def speed_verdict(speed: dict[str, Any]) -> str:

@@ -34,6 +34,7 @@ STATS_NAMES = tuple(
     + ["mean", "std", "dark", "bright", "edges", "symmetry", "top_bottom", "border", "aspect", "colour"]
 )
 MAX_COMPONENTS = 64
+RESIDUAL_FLOOR = 1e-6  # of a standardised film's squared norm (one per feature): below it, no residual term
 DEFAULT_KEEP = 0.95
 ALL_LAYERS = "mahalanobis:all"  # one Mahalanobis part per block of pooled features (every stage and final)
 DEFAULT_PARTS = (ALL_LAYERS, "image")  # chosen by measurement: see README, "Is this a chest film?"
@@ -139,11 +140,18 @@ class Gate:
     keep: float = DEFAULT_KEEP
     validation_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     feature_layout: tuple[tuple[str, int, int], ...] = ()  # (name, start, stop) of every feature block
+    # each validation film's score per part (columns: part_names), so a gate on fewer parts can be thresholded
+    # (a reduced precision reads only the parts its features keep: cxr.runtime.ood_precision); empty in gates
+    # fitted before it
+    part_scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    @property
+    def part_names(self) -> list[str]:
+        return [p.name for p in self.parts] + (["image"] if self.image is not None else [])
 
     @property
     def method(self) -> str:
-        names = [p.name for p in self.parts] + (["image"] if self.image is not None else [])
-        return " + ".join(names)
+        return " + ".join(self.part_names)
 
     def scores(self, features: np.ndarray | None, stats: np.ndarray | None) -> np.ndarray:
         """The score of each input (higher = less like the training films)."""
@@ -163,8 +171,32 @@ class Gate:
         """The same gate with the threshold that lets ``keep`` of the validation films pass."""
         return _replace(self, keep=keep, threshold=threshold_for(self.validation_scores, keep))
 
+    def only(self, names: list[str]) -> Gate:
+        """The gate on the named parts alone, thresholded anew on the validation films at the same keep
+        rate."""
+        columns = self.part_names
+        unknown = [name for name in names if name not in columns]
+        if unknown or not names:
+            raise CxrError(
+                f"the gate has no part {unknown[0] if unknown else '(none named)'!r} (its parts: {columns})"
+            )
+        if self.part_scores.shape != (len(self.validation_scores), len(columns)):
+            raise CxrError("the gate keeps no per-part validation scores (fitted before them): refit it")
+        kept = [i for i, name in enumerate(columns) if name in names]
+        part_scores = self.part_scores[:, kept]
+        return _replace(
+            self,
+            parts=tuple(p for p in self.parts if p.name in names),
+            image=self.image if "image" in names else None,
+            part_scores=part_scores,
+            validation_scores=part_scores.sum(axis=1),
+        ).with_keep(self.keep)
+
     def to_bytes(self) -> bytes:
-        arrays: dict[str, np.ndarray] = {"validation_scores": self.validation_scores}
+        arrays: dict[str, np.ndarray] = {
+            "validation_scores": self.validation_scores,
+            "part_scores": self.part_scores,
+        }
         meta = {
             "version": GATE_VERSION,
             "threshold": self.threshold,
@@ -196,6 +228,7 @@ class Gate:
                 keep=float(meta["keep"]),
                 validation_scores=arrays["validation_scores"],
                 feature_layout=tuple((str(n), int(a), int(b)) for n, a, b in meta["feature_layout"]),
+                part_scores=arrays.get("part_scores", np.zeros((0, 0))),
             )
         except Exception as exc:  # bytes from a bundle: whatever numpy or zipfile raise means "unreadable"
             cause = one_line(exc, 120)
@@ -205,8 +238,10 @@ class Gate:
 _said_no_gate: set[str] = set()
 
 
-def bundle_gate(bundle: object) -> Gate | None:
-    """The bundle's gate, read from its verified bytes; None (said once per bundle) when it has none."""
+def bundle_gate(bundle: object, precision: str | None = None) -> Gate | None:
+    """The bundle's gate, read from its verified bytes; None (said once per bundle) when it has none. With a
+    ``precision`` whose features move (int8), the gate on the parts that precision was checked to keep, or
+    None (said once) when it was never checked (``cxr.runtime.ood_precision``)."""
     import logging
 
     if not bundle.has(GATE_FILE):
@@ -218,7 +253,12 @@ def bundle_gate(bundle: object) -> Gate | None:
                 "without one): records carry no ood_score; 'cxr-train gate RUN DATA' fits one, then export"
             )
         return None
-    return Gate.from_bytes(bundle.verified_bytes(GATE_FILE), f"{bundle.folder}/{GATE_FILE}")
+    gate = Gate.from_bytes(bundle.verified_bytes(GATE_FILE), f"{bundle.folder}/{GATE_FILE}")
+    if precision is None:
+        return gate
+    from cxr.runtime.ood_precision import gate_for_precision
+
+    return gate_for_precision(gate, bundle, precision)
 
 
 def _replace(gate: Gate, **changes: object) -> Gate:
@@ -289,7 +329,9 @@ def fit_gaussian(
     precision = np.linalg.pinv(LedoitWolf().fit(centred).covariance_)
     residuals = np.sum((x - z @ components) ** 2, axis=1)
     residual_scale = float(np.median(residuals)) if residual and k < x.shape[1] else 0.0
-    if residual_scale <= 1e-12:
+    if residual_scale <= RESIDUAL_FLOOR * x.shape[1]:
+        # the components span the training films (fewer films than components): what is left is rounding,
+        # and dividing by it would turn fp16's or another backend's rounding into distance
         residual_scale = 0.0
     return GaussianPart(
         name=name,
@@ -353,5 +395,8 @@ def fit_gate(
         else:
             raise CxrError(f"unknown gate part {spec!r} (known: image, energy, mahalanobis:<layer>)")
     gate = Gate(parts=tuple(fitted), image=image, feature_layout=feature_layout)
-    validation = gate.scores(val_features, val_stats)
-    return _replace(gate, validation_scores=validation).with_keep(keep)
+    columns = [part.score(np.asarray(val_features, np.float64)) for part in fitted]
+    if image is not None:
+        columns.append(image.score(np.asarray(val_stats, np.float64)))
+    part_scores = np.stack(columns, axis=1)
+    return _replace(gate, validation_scores=part_scores.sum(axis=1), part_scores=part_scores).with_keep(keep)

@@ -231,7 +231,7 @@ def _run(
                 strict=job.strict,
                 bundle_digest=bundle.digest,
                 protected=_inode_keys(paths) if job.explain else frozenset(),
-                gate=bundle_gate(bundle),
+                gate=bundle_gate(bundle, classifier.precision),
                 workers=job.workers if job.workers is not None else default_workers(),
             )
             records = predict_stream(

@@ -115,7 +115,7 @@ class ModelInstance:
 
         self.bundle, self.options = bundle, options
         self.backend, self.reason = open_classifier(bundle, options.backend, options.precision)
-        self.gate = bundle_gate(bundle)
+        self.gate = bundle_gate(bundle, self.backend.precision)
 
     def pixels(self, image: np.ndarray) -> dict[str, np.ndarray]:
         probs, features = self.backend.run_outputs_chunked(np.ascontiguousarray(image, dtype=np.uint8))

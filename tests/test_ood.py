@@ -18,6 +18,18 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def chest_passed_strangers_flagged(out: Path, films: list[Path]) -> tuple[list[dict], list[dict]]:
+    """The records of a run over ``films`` and the strangers: every one scored, most films passed, every
+    stranger flagged."""
+    records = {Path(r["path"]).name: r for r in _records(out)}
+    chest = [records[f.name] for f in films]
+    others = [r for name, r in records.items() if name not in {f.name for f in films}]
+    assert all(isinstance(r["ood_score"], float) for r in chest + others)
+    assert np.mean([r["in_distribution"] for r in chest]) >= 0.8
+    assert all(r["in_distribution"] is False for r in others)
+    return chest, others
+
+
 @pytest.fixture(scope="module")
 def strangers(tmp_path_factory) -> Path:
     """A few images that are no chest film: a photograph, a page of text, a CT slice, a hand phantom."""
@@ -63,12 +75,7 @@ def test_every_record_says_how_far_its_input_is_and_strangers_are_flagged(
         str(out),
         check=None,
     )
-    records = {Path(r["path"]).name: r for r in _records(out)}
-    chest = [records[f.name] for f in films]
-    others = [r for name, r in records.items() if name not in {f.name for f in films}]
-    assert all(isinstance(r["ood_score"], float) for r in chest + others)
-    assert np.mean([r["in_distribution"] for r in chest]) >= 0.8
-    assert all(r["in_distribution"] is False for r in others)
+    chest, others = chest_passed_strangers_flagged(out, films)
     assert all(any("is this a chest film?" in w for w in r["warnings"]) for r in others)
     assert min(r["ood_score"] for r in others) > max(r["ood_score"] for r in chest if r["in_distribution"])
     strict = tmp_path / "strict.jsonl"
