@@ -194,3 +194,15 @@ def test_predict_explain_times_the_run_from_its_own_values(bundle, phantoms, tmp
     (tmp_path / "predict_explain.json").write_text(json.dumps(result))
     summary = summarise(tmp_path)
     assert summary["predict_explain_fp16"] == timing and summary["predict_explain_fp16_opening"] == opening
+
+
+def test_gate_precision_finds_what_int8_moves_and_the_gate_the_runtime_reads(bundle, phantoms):
+    from research.ood.gate_precision import measure
+
+    result = measure(bundle, phantoms, 40)
+    rows = {(r["backend"], r["precision"]): r for r in result["rows"] if "drift_p95" in r}
+    assert result["films"] == 40 and ("onnxruntime", "fp32") in rows and ("onnxruntime", "int8") in rows
+    assert max(rows["onnxruntime", "fp32"]["drift_p95"].values()) == 0
+    int8 = rows["onnxruntime", "int8"]
+    assert int8["gate_read"] != rows["onnxruntime", "fp32"]["gate_read"]  # int8 moved a part: left out
+    assert int8["flagged_gate_read"] <= 0.2 < int8["flagged_whole_gate"]
