@@ -23,10 +23,13 @@ from cxr.runtime.cpu_features import cpu_bf16_features, cpu_int8_features
 from cxr.runtime.errors import CxrError, CxrUsageError
 from cxr.runtime.formats import FORMATS, ParityRule
 from cxr.runtime.metrics import classification_report
+from cxr.runtime.ood import GATE_FILE, Gate, bundle_gate
+from cxr.runtime.ood_precision import gate_decisions
 from cxr.runtime.safe_io import atomic_write
 from cxr.train.augment import evaluation_view
 from cxr.train.data import load_images, scan_image_folder
 from cxr.train.fit import predict_probs
+from cxr.train.ood_features import FeatureClassifier, extract
 from cxr.train.run import load_run
 
 log = logging.getLogger(__name__)
@@ -194,6 +197,8 @@ class _Reference:
     classes: tuple[str, ...]
     probs: np.ndarray
     report: dict[str, Any]
+    features: np.ndarray | None = None  # the PyTorch model's gate features (a bundle with a gate)
+    stats: np.ndarray | None = None  # each film's image statistics (the gate's image part)
 
 
 def _run_parity(
@@ -244,7 +249,19 @@ def _reference(bundle: Bundle, data: Path, run: Path | None, batch_size: int) ->
     )[:, None]
     probs = predict_probs(model.net, model.adapter, list(pixels[:, 0]), torch.device("cpu"), batch_size)
     report = classification_report(loaded.labels, probs.argmax(1), classes)
-    return _Reference(pixels=pixels, labels=loaded.labels, classes=classes, probs=probs, report=report)
+    features = None
+    if bundle.has(GATE_FILE):
+        with_features = FeatureClassifier(model.adapter, model.net)
+        _, features = extract(with_features, list(pixels[:, 0]), torch.device("cpu"), batch_size)
+    return _Reference(
+        pixels=pixels,
+        labels=loaded.labels,
+        classes=classes,
+        probs=probs,
+        report=report,
+        features=features,
+        stats=loaded.stats,
+    )
 
 
 def _measure(
@@ -253,15 +270,44 @@ def _measure(
     """One backend's answers on the reference images, compared and judged (TF32 off on CUDA)."""
     backend, _ = open_classifier(bundle, backend_name, precision, tf32=False)
     with backend:
-        probs = backend.run_chunked(reference.pixels)
+        probs, features = backend.run_outputs_chunked(reference.pixels)
         runs_on = describe(backend)
     result = compare(reference.probs, probs, reference.labels, reference.classes, reference.report, rule)
     result.update(device=backend.device, runs_on=runs_on)
+    _judge_gate(result, bundle_gate(bundle, precision), reference, features, rule)
     if backend.device == "cpu":  # int8 kernels, and so int8 answers, depend on the CPU's instructions
         result["cpu_int8"] = cpu_int8_features()
     if precision == "bf16":
         result["cpu_bf16"] = cpu_bf16_features()
     return result
+
+
+GATE_DISAGREEMENT = 0.02  # the share of films on which the deployed gate may decide otherwise than PyTorch's
+
+
+def _judge_gate(
+    result: dict[str, Any],
+    gate: Gate | None,
+    reference: _Reference,
+    features: np.ndarray | None,
+    rule: ParityRule,
+) -> None:
+    """The out-of-distribution gate the runtime reads at this precision, on the backend's features against
+    the PyTorch model's: a failure when it decides otherwise on significantly more than GATE_DISAGREEMENT
+    of the films (binomial test at the rule's alpha, 0.05 for fp32)."""
+    if gate is None or features is None or reference.features is None:
+        return
+    decided = gate_decisions(gate, reference.features, features, reference.stats)
+    result["gate"] = decided
+    alpha = rule.alpha if rule.alpha is not None else 0.05
+    p = flip_rate_p(decided["disagree"], decided["n"], GATE_DISAGREEMENT)
+    if p < alpha:
+        result["failures"].append(
+            f"the out-of-distribution gate decided otherwise on {decided['disagree']} of {decided['n']} "
+            f"films (significantly more than {GATE_DISAGREEMENT:.0%}, binomial p={p:.3g}; "
+            f"it reads {gate.method})"
+        )
+        result["passed"] = False
 
 
 SUMMARY_KEYS = ("passed", "n", "flips", "top1_agreement", "max_abs_dprob", "covid_recall_delta_pt", "runs_on")
@@ -274,7 +320,10 @@ def _record(bundle: Bundle, bundle_dir: Path, results: dict[str, Any], report_pa
     written = bundle.folder / REPORT_NAME if inside else Path(report_path)
     atomic_write(written, json.dumps(results, indent=2) + "\n")
     summary = {
-        label: {k: r[k] for k in (*SUMMARY_KEYS, "cpu_int8", "cpu_bf16") if k in r}
+        label: {
+            **{k: r[k] for k in (*SUMMARY_KEYS, "cpu_int8", "cpu_bf16") if k in r},
+            **({"gate_agreement": r["gate"]["agreement"]} if "gate" in r else {}),
+        }
         for label, r in results["backends"].items()
     }
     earlier = bundle.card.parity.get("backends", {})  # results of backends not run now are kept
@@ -288,18 +337,24 @@ def report_location(bundle_dir: Path, report_path: Path | None) -> Path:
     return Path(report_path) if report_path is not None else Path(bundle_dir) / REPORT_NAME
 
 
+def _gate_cell(result: dict[str, Any]) -> str:
+    """How often the deployed gate decided as PyTorch's ('-': no gate at this precision)."""
+    return f"{result['gate']['agreement']:.1%}" if "gate" in result else "-"
+
+
 def format_parity(results: dict[str, Any]) -> str:
     lines = [
         f"parity vs PyTorch on {results['n']} images (PyTorch accuracy {results['pytorch']['accuracy']:.3f})",
         f"{'backend':<12}{'agree':>8}{'flips':>7}{'max|dp|':>10}{'mean|dp|':>10}{'acc':>7}{'dacc pt':>9}"
-        f"{'dCOVIDrec':>10}  result",
+        f"{'dCOVIDrec':>10}{'gate':>7}  result",
     ]
     for label, r in results["backends"].items():
         covid = r["covid_recall_delta_pt"]
         lines.append(
             f"{label:<12}{r['top1_agreement']:>8.2%}{r['flips']:>7}{r['max_abs_dprob']:>10.2e}{r['mean_abs_dprob']:>10.2e}"
             f"{r['metrics']['accuracy']:>7.3f}{r['deltas_pt']['accuracy']:>+9.2f}"
-            f"{'' if covid is None else f'{covid:+.2f}':>10}  "
+            f"{'' if covid is None else f'{covid:+.2f}':>10}"
+            f"{_gate_cell(r):>7}  "
             f"{'PASS' if r['passed'] else 'FAIL: ' + '; '.join(r['failures'])}"
             f"  [{r['runs_on']}]"
         )

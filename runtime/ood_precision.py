@@ -57,15 +57,31 @@ def precision_entry(
         reduced = gate.only(kept)
     except CxrError as exc:
         return {**entry, "parts": None, "why": one_line(exc, 200)}
-    on_reference = reduced.scores(reference, stats) > reduced.threshold
-    on_features = reduced.scores(features, stats) > reduced.threshold
+    decided = gate_decisions(reduced, reference, features, stats)
     return {
         **entry,
         "parts": kept,
         "threshold": round(reduced.threshold, 6),
+        "agreement": decided["agreement"],
+        "flagged": decided["flagged"],
+        "flagged_fp32_whole_gate": round(float(np.mean(gate.scores(reference, stats) > gate.threshold)), 4),
+    }
+
+
+def gate_decisions(
+    gate: Gate, reference: np.ndarray, features: np.ndarray, stats: np.ndarray
+) -> dict[str, Any]:
+    """How often ``gate`` decides alike on ``features`` and on the ``reference`` features of the same films
+    (parity: the deployed graph's against the PyTorch model's)."""
+    on_reference = gate.scores(reference, stats) > gate.threshold
+    on_features = gate.scores(features, stats) > gate.threshold
+    return {
+        "n": len(on_reference),
+        "reads": gate.method,
+        "disagree": int(np.sum(on_reference != on_features)),
         "agreement": round(float(np.mean(on_reference == on_features)), 4),
         "flagged": round(float(np.mean(on_features)), 4),
-        "flagged_fp32_whole_gate": round(float(np.mean(gate.scores(reference, stats) > gate.threshold)), 4),
+        "flagged_reference": round(float(np.mean(on_reference)), 4),
     }
 
 

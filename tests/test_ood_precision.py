@@ -3,13 +3,14 @@ gate on those parts only (int8's noise in the early stages' features flagged eve
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import cli, run_parity
 from tests.test_ood import _records, chest_passed_strangers_flagged, strangers  # noqa: F401  (its fixture)
 
 
@@ -134,3 +135,27 @@ def test_fp16_and_another_backend_move_no_part_of_the_gate(bundle, phantoms):
     drift = score_drift(gate, reference, fp16)
     assert max(drift.values()) <= GATE_DRIFT / 4, drift
     assert all(part.residual_scale == 0 or part.residual_scale > 1e-3 for part in gate.parts)
+
+
+def test_parity_judges_the_gate_each_backend_reads(bundle, phantoms, tmp_path):
+    from cxr.runtime.card import read_card, write_card
+    from cxr.runtime.ood import Gate
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    report = tmp_path / "parity.json"
+    run_parity(copy, phantoms, "onnx,int8", report)
+    results = json.loads(report.read_text())["backends"]
+    kept = read_card(copy).ood["precisions"]["int8"]["parts"]
+    gate = Gate.from_bytes((copy / "ood.npz").read_bytes())
+    assert results["onnx"]["gate"]["reads"] == gate.method and results["onnx"]["gate"]["disagree"] == 0
+    int8 = results["int8"]["gate"]
+    assert int8["reads"] == " + ".join(kept) and int8["agreement"] >= 0.9
+    assert read_card(copy).parity["backends"]["int8"]["gate_agreement"] == int8["agreement"]
+    # a card claiming int8 keeps every part (what every int8 graph read before the check): parity fails it
+    card = read_card(copy)
+    claimed = {**card.ood["precisions"]["int8"], "parts": gate.part_names}
+    write_card(copy, card.replace(ood={**card.ood, "precisions": {"int8": claimed}}))
+    failed = run_parity(copy, phantoms, "int8", report, check=1)
+    assert "the out-of-distribution gate decided otherwise on" in failed.stdout + failed.stderr
+    assert json.loads(report.read_text())["backends"]["int8"]["passed"] is False
