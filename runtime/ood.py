@@ -155,17 +155,21 @@ class Gate:
 
     def scores(self, features: np.ndarray | None, stats: np.ndarray | None) -> np.ndarray:
         """The score of each input (higher = less like the training films)."""
-        total = None
+        return self.part_scores_of(features, stats).sum(axis=1)
+
+    def part_scores_of(self, features: np.ndarray | None, stats: np.ndarray | None) -> np.ndarray:
+        """Each input's score per part (columns: ``part_names``); ``scores`` is their sum."""
+        columns = []
         if self.parts:
             if features is None:
                 raise CxrError("the out-of-distribution gate needs the graph's features output")
-            total = sum(part.score(np.asarray(features, np.float64)) for part in self.parts)
+            values = np.asarray(features, np.float64)
+            columns += [part.score(values) for part in self.parts]
         if self.image is not None:
             if stats is None:
                 raise CxrError("the out-of-distribution gate needs each image's statistics")
-            image = self.image.score(np.atleast_2d(np.asarray(stats, np.float64)))
-            total = image if total is None else total + image
-        return np.asarray(total, dtype=np.float64)
+            columns.append(self.image.score(np.atleast_2d(np.asarray(stats, np.float64))))
+        return np.stack(columns, axis=1)
 
     def with_keep(self, keep: float) -> Gate:
         """The same gate with the threshold that lets ``keep`` of the validation films pass."""
@@ -395,8 +399,5 @@ def fit_gate(
         else:
             raise CxrError(f"unknown gate part {spec!r} (known: image, energy, mahalanobis:<layer>)")
     gate = Gate(parts=tuple(fitted), image=image, feature_layout=feature_layout)
-    columns = [part.score(np.asarray(val_features, np.float64)) for part in fitted]
-    if image is not None:
-        columns.append(image.score(np.asarray(val_stats, np.float64)))
-    part_scores = np.stack(columns, axis=1)
+    part_scores = gate.part_scores_of(val_features, val_stats)
     return _replace(gate, validation_scores=part_scores.sum(axis=1), part_scores=part_scores).with_keep(keep)
