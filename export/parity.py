@@ -247,12 +247,12 @@ def _reference(bundle: Bundle, data: Path, run: Path | None, batch_size: int) ->
     pixels = np.stack(
         [evaluation_view(im, card.input.size, bundle.card.preprocessing) for im in loaded.images]
     )[:, None]
-    probs = predict_probs(model.net, model.adapter, list(pixels[:, 0]), torch.device("cpu"), batch_size)
+    views, cpu = list(pixels[:, 0]), torch.device("cpu")
+    if bundle.has(GATE_FILE):  # one pass for both: the same forward, the stages' outputs caught on the way
+        probs, features = extract(FeatureClassifier(model.adapter, model.net), views, cpu, batch_size)
+    else:
+        probs, features = predict_probs(model.net, model.adapter, views, cpu, batch_size), None
     report = classification_report(loaded.labels, probs.argmax(1), classes)
-    features = None
-    if bundle.has(GATE_FILE):
-        with_features = FeatureClassifier(model.adapter, model.net)
-        _, features = extract(with_features, list(pixels[:, 0]), torch.device("cpu"), batch_size)
     return _Reference(
         pixels=pixels,
         labels=loaded.labels,
