@@ -120,6 +120,10 @@ class _Compiled:
             raise CxrError(f"{path}: OpenVINO cannot read it: {one_line(exc, 200)}") from None
         self.metadata = onnx_metadata(data)
         self.output_names = {name for output in self.model.outputs for name in output.get_names()}
+        # which output is the gate's features (None: a graph exported before them)
+        self._features_at = next(
+            (i for i, output in enumerate(self.model.outputs) if FEATURES in output.get_names()), None
+        )
         self.path = path
         self._requests: dict[tuple, Any] = {}  # shapes -> the latency-mode compile's request
         # (streams, parts, shapes) -> a throughput-mode compile and its idle request sets, one request a part
@@ -174,12 +178,6 @@ class _Compiled:
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.run_outputs(feeds)[0]
 
-    def _features_index(self) -> int | None:
-        """Which output is the gate's features (None: a graph exported before them)."""
-        return next(
-            (i for i, output in enumerate(self.model.outputs) if FEATURES in output.get_names()), None
-        )
-
     def run_outputs(self, feeds: dict[str, np.ndarray]) -> Outputs:
         """The first output and, where the graph has it, the features output (copies: the request reuses
         its buffers)."""
@@ -189,10 +187,9 @@ class _Compiled:
 
     def _outputs_of(self, request: Any) -> Outputs:
         first = np.array(request.get_output_tensor(0).data, dtype=np.float32)
-        index = self._features_index()
-        if index is None:
+        if self._features_at is None:
             return first, None
-        return first, np.array(request.get_output_tensor(index).data, dtype=np.float32)
+        return first, np.array(request.get_output_tensor(self._features_at).data, dtype=np.float32)
 
     def run_split(self, feeds: dict[str, np.ndarray], split: str, streams: int) -> np.ndarray:
         return self.run_split_outputs(feeds, split, streams)[0]
