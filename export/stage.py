@@ -141,6 +141,8 @@ def _copy_verified(folder: Path, work: Path) -> None:
         try:
             os.link(source, target, follow_symlinks=False)
         except OSError:
+            if not source.is_file():  # listed but gone since: one line, as every reader of bundles says
+                raise CxrError(f"{source}: missing from the bundle") from None
             shutil.copyfile(source, target, follow_symlinks=False)
         verify_file(work, card, name)
     (work / CARD_NAME).write_bytes(raw)

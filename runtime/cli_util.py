@@ -7,6 +7,7 @@ convention; a bare command prints its help and exits 2. A command may return its
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -131,6 +132,11 @@ def usage_line(exc: Exception) -> str:
     return f"error: {one_line(exc.format_message())}{where}"
 
 
+# a full disk, a quota, or a file-size limit: the machine's fault, one line, whatever step wrote (each export
+# stage builds in a work folder, so the bundle is left as it was)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def run_app(app: typer.Typer, args: list[str] | None = None) -> None:
     """Run a Typer app; user errors print one line (no traceback), internal errors keep theirs."""
     try:
@@ -138,6 +144,15 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> None:
     except CxrError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, CxrUsageError) else 1)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(
+            f"error: {where}no space left to write ({exc.strerror}); free some and run it again",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     except EXITS as exc:
         sys.exit(exc.exit_code)
     except NO_ARGS as exc:  # a bare command: its help, as click shows it

@@ -280,6 +280,39 @@ def test_a_full_disk_keeps_the_whole_records_and_says_so(bundle, films, tmp_path
     assert f"{len(records)} record(s) kept in {out}" in line and "rerun with --resume" in line
 
 
+def test_a_full_disk_during_an_export_stage_is_one_line_and_the_bundle_stays(bundle, phantoms, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+
+    def small_files() -> None:  # the int8 graph cannot be written, as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = max(p.stat().st_size for p in copy.iterdir() if p.name == "card.json") * 2
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = ("int8", str(copy), "--calib", str(phantoms), "--samples", "8")
+    result = subprocess.run(
+        [sys.executable, "-m", "cxr.export.cli", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "no space left to write" in one_line_error(result)
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before  # the stage's work folder is gone too
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".bundle.lock") == ["bundle"]
+
+
+def test_an_export_stage_on_a_bundle_missing_a_listed_file_is_one_line(bundle, phantoms, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    (copy / "model.fp16.onnx").unlink()
+    result = cli("cxr-export", "int8", str(copy), "--calib", str(phantoms), check=1)
+    assert one_line_error(result).endswith("model.fp16.onnx: missing from the bundle")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".bundle.lock") == ["bundle"]
+
+
 def test_an_overlay_that_cannot_be_written_is_that_records_error(bundle, films, tmp_path):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the overlay folder should be")
